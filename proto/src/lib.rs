@@ -1,1 +1,24 @@
-//! placeholder
+//! PPL/1, the backend protocol between PowerMail's frontends (powersmtp,
+//! powerpop, ppadmin) and its message store (pplistener).
+//!
+//! Everything both sides must agree on lives here, in one place: what a valid
+//! mailbox name and message id are ([`names`]), the requests ([`request`]),
+//! the replies ([`reply`]), the authentication ([`auth`]), the server-side
+//! incremental [`Decoder`], and the blocking client [`BackendConn`]. The
+//! protocol itself is documented in `storage-engine/PROTOCOL.md`.
+
+pub mod auth;
+pub mod client;
+pub mod decoder;
+pub mod names;
+pub mod reply;
+pub mod request;
+
+pub use client::{BackendConn, BackendError, ListEntry, PutReceipt};
+pub use decoder::{Decoder, Event, Fatal, Limits};
+pub use names::{MailboxName, MessageId, NameError};
+pub use reply::{ErrorCode, Reply};
+pub use request::{Request, RequestError};
+
+/// The protocol version, first word of every greeting.
+pub const VERSION: &str = "PPL/1";

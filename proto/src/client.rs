@@ -1,0 +1,367 @@
+//! A blocking client of one backend connection, for the threaded frontends,
+//! `ppadmin` and the tests.
+//!
+//! [`BackendConn`] owns the framing of the client side: callers deal in
+//! mailboxes, ids and bytes, never in protocol lines. Every read of a reply
+//! line is bounded, so even a misbehaving backend cannot make a frontend
+//! buffer without limit.
+
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use crate::names::{MailboxName, MessageId};
+use crate::reply::{ErrorCode, Reply};
+use crate::request::Request;
+
+/// Longest reply line a client accepts.
+pub const REPLY_LINE_MAX_BYTES: usize = 4096;
+
+/// Why a backend call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The connection failed or timed out: treat the backend as down.
+    #[error("backend I/O: {0}")]
+    Io(#[from] io::Error),
+    /// The backend answered `-ERR`.
+    #[error("backend refused [{}]: {text}", code.map(|c| c.as_str()).unwrap_or("?"))]
+    Refused {
+        /// The reply code, if known to this build.
+        code: Option<ErrorCode>,
+        /// The human text.
+        text: String,
+    },
+    /// The backend said something that is not PPL/1.
+    #[error("backend protocol error: {0}")]
+    Protocol(String),
+}
+
+impl BackendError {
+    /// The `-ERR` code, if this is a refusal.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            BackendError::Refused { code, .. } => *code,
+            _ => None,
+        }
+    }
+}
+
+/// Result of a backend call.
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// What a backend said after storing a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutReceipt {
+    /// Body size stored, in bytes.
+    pub size_bytes: u64,
+    /// New links made (mailboxes that already held the id are not counted).
+    pub links_created: u64,
+}
+
+/// One entry of a mailbox listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListEntry {
+    /// The message id.
+    pub msgid: MessageId,
+    /// Its size in bytes.
+    pub size_bytes: u64,
+}
+
+/// An authenticated connection to one backend.
+#[derive(Debug)]
+pub struct BackendConn {
+    reader: BufReader<TcpStream>,
+    writer: BufWriter<TcpStream>,
+    backend_name: String,
+    peer: SocketAddr,
+}
+
+impl BackendConn {
+    /// Connects, reads the greeting, checks the protocol version and
+    /// authenticates with `secret`. `timeout` bounds the connect and every
+    /// later read and write.
+    pub fn connect(
+        addr: impl ToSocketAddrs,
+        secret: &[u8],
+        timeout: Duration,
+    ) -> Result<BackendConn> {
+        let addr = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address"))?;
+        let stream = TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.set_nodelay(true)?;
+        let mut conn = BackendConn {
+            reader: BufReader::with_capacity(64 << 10, stream.try_clone()?),
+            writer: BufWriter::with_capacity(64 << 10, stream),
+            backend_name: String::new(),
+            peer: addr,
+        };
+        let greeting = conn.reply()?;
+        let mut words = greeting.split_ascii_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some(v), Some(name), Some(nonce)) if v == crate::VERSION => {
+                conn.backend_name = name.to_string();
+                let proof = crate::auth::proof(secret, nonce);
+                conn.command(&Request::Auth { proof })?;
+                Ok(conn)
+            }
+            _ => Err(BackendError::Protocol(format!(
+                "unexpected greeting {greeting:?}"
+            ))),
+        }
+    }
+
+    /// The backend's name from its greeting.
+    pub fn backend_name(&self) -> &str {
+        &self.backend_name
+    }
+
+    /// The backend's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Changes the time-out for reads and writes (e.g. a long one for a big GET).
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<()> {
+        self.writer.get_ref().set_read_timeout(Some(timeout))?;
+        self.writer.get_ref().set_write_timeout(Some(timeout))?;
+        Ok(())
+    }
+
+    fn read_line(&mut self) -> Result<String> {
+        let mut line = Vec::new();
+        let n = (&mut self.reader)
+            .take(REPLY_LINE_MAX_BYTES as u64)
+            .read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "backend closed").into());
+        }
+        if line.last() != Some(&b'\n') {
+            return Err(BackendError::Protocol("reply line too long".into()));
+        }
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        String::from_utf8(line).map_err(|_| BackendError::Protocol("reply not UTF-8".into()))
+    }
+
+    /// Reads one reply line: the text after `+OK`, or the refusal.
+    fn reply(&mut self) -> Result<String> {
+        let line = self.read_line()?;
+        match Reply::parse(&line) {
+            Some(Reply::Ok(text)) => Ok(text),
+            Some(Reply::Err(code, text)) => Err(BackendError::Refused { code, text }),
+            None => Err(BackendError::Protocol(format!("unexpected reply {line:?}"))),
+        }
+    }
+
+    /// Sends one request and reads its one-line reply.
+    fn command(&mut self, req: &Request) -> Result<String> {
+        self.writer.write_all(req.encode().as_bytes())?;
+        self.writer.flush()?;
+        self.reply()
+    }
+
+    /// Reads the lines of a multi-line reply up to the terminating `.`.
+    fn lines(&mut self, max_lines: usize) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        loop {
+            let line = self.read_line()?;
+            if line == "." {
+                return Ok(out);
+            }
+            if out.len() >= max_lines {
+                return Err(BackendError::Protocol("too many lines".into()));
+            }
+            out.push(line);
+        }
+    }
+
+    /// Starts a PUT: sends the header and the mailbox lines. Follow with
+    /// [`put_chunk`](Self::put_chunk)s and [`put_end`](Self::put_end) or
+    /// [`put_abort`](Self::put_abort), then [`put_reply`](Self::put_reply).
+    pub fn put_begin(&mut self, msgid: &MessageId, mailboxes: &[MailboxName]) -> Result<()> {
+        assert!(!mailboxes.is_empty(), "a PUT needs at least one mailbox");
+        let req = Request::Put {
+            msgid: msgid.clone(),
+            mailboxes: mailboxes.to_vec(),
+        };
+        self.writer.write_all(req.encode().as_bytes())?;
+        Ok(())
+    }
+
+    /// Sends the next body bytes (buffered; empty `data` sends nothing).
+    pub fn put_chunk(&mut self, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        write!(self.writer, "{}\r\n", data.len())?;
+        self.writer.write_all(data)?;
+        Ok(())
+    }
+
+    /// Ends the body and flushes: the backend now makes the message durable.
+    pub fn put_end(&mut self) -> Result<()> {
+        self.writer.write_all(b"0\r\n")?;
+        self.writer.flush()?;
+        Ok(())
+    }
+
+    /// Abandons the PUT being sent; its reply is `-ERR [ABORTED]`.
+    pub fn put_abort(&mut self) -> Result<()> {
+        self.writer.write_all(b"ABORT\r\n")?;
+        self.writer.flush()?;
+        Ok(())
+    }
+
+    /// Reads the reply to a finished PUT: `Ok` only once the message is durable.
+    pub fn put_reply(&mut self) -> Result<PutReceipt> {
+        let text = self.reply()?;
+        let mut w = text.split_ascii_whitespace().skip(1).map(str::parse::<u64>);
+        match (w.next(), w.next()) {
+            (Some(Ok(size_bytes)), Some(Ok(links_created))) => Ok(PutReceipt {
+                size_bytes,
+                links_created,
+            }),
+            _ => Err(BackendError::Protocol(format!("bad PUT reply {text:?}"))),
+        }
+    }
+
+    /// Stores `body` as `msgid` in every mailbox, in one call.
+    pub fn put(
+        &mut self,
+        msgid: &MessageId,
+        mailboxes: &[MailboxName],
+        body: &[u8],
+    ) -> Result<PutReceipt> {
+        self.put_begin(msgid, mailboxes)?;
+        for chunk in body.chunks(256 << 10) {
+            self.put_chunk(chunk)?;
+        }
+        self.put_end()?;
+        self.put_reply()
+    }
+
+    /// Lists a mailbox (at most `max_messages` entries are accepted).
+    pub fn list(&mut self, mailbox: &MailboxName, max_messages: usize) -> Result<Vec<ListEntry>> {
+        self.command(&Request::List {
+            mailbox: mailbox.clone(),
+        })?;
+        let lines = self.lines(max_messages)?;
+        lines
+            .iter()
+            .map(|l| {
+                let mut w = l.split(' ');
+                let id = w.next().and_then(|s| MessageId::parse(s).ok());
+                let size = w.next().and_then(|s| s.parse::<u64>().ok());
+                match (id, size, w.next()) {
+                    (Some(msgid), Some(size_bytes), None) => Ok(ListEntry { msgid, size_bytes }),
+                    _ => Err(BackendError::Protocol(format!("bad LIST line {l:?}"))),
+                }
+            })
+            .collect()
+    }
+
+    /// Sends GET and returns the size announced; exactly that many body
+    /// bytes must then be read with [`read_body`](Self::read_body).
+    pub fn get_begin(&mut self, mailbox: &MailboxName, msgid: &MessageId) -> Result<u64> {
+        let text = self.command(&Request::Get {
+            mailbox: mailbox.clone(),
+            msgid: msgid.clone(),
+        })?;
+        text.trim()
+            .parse::<u64>()
+            .map_err(|_| BackendError::Protocol(format!("bad GET reply {text:?}")))
+    }
+
+    /// Copies exactly `size_bytes` body bytes of a GET to `out`.
+    pub fn read_body<W: Write>(&mut self, size_bytes: u64, out: &mut W) -> Result<()> {
+        let copied = io::copy(&mut (&mut self.reader).take(size_bytes), out)?;
+        if copied != size_bytes {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short GET body").into());
+        }
+        Ok(())
+    }
+
+    /// Fetches one message into memory (tests and tools; frontends stream).
+    pub fn get(&mut self, mailbox: &MailboxName, msgid: &MessageId) -> Result<Vec<u8>> {
+        let size = self.get_begin(mailbox, msgid)?;
+        let mut body = Vec::with_capacity(size.min(64 << 20) as usize);
+        self.read_body(size, &mut body)?;
+        Ok(body)
+    }
+
+    /// Removes `msgid` from `mailbox`.
+    pub fn del(&mut self, mailbox: &MailboxName, msgid: &MessageId) -> Result<()> {
+        self.command(&Request::Del {
+            mailbox: mailbox.clone(),
+            msgid: msgid.clone(),
+        })
+        .map(drop)
+    }
+
+    /// `(messages, bytes)` of a mailbox on this backend.
+    pub fn usage(&mut self, mailbox: &MailboxName) -> Result<(u64, u64)> {
+        let text = self.command(&Request::Usage {
+            mailbox: mailbox.clone(),
+        })?;
+        let mut w = text.split_ascii_whitespace().map(str::parse::<u64>);
+        match (w.next(), w.next()) {
+            (Some(Ok(m)), Some(Ok(b))) => Ok((m, b)),
+            _ => Err(BackendError::Protocol(format!("bad USAGE reply {text:?}"))),
+        }
+    }
+
+    /// Removes a whole mailbox from this backend; returns the messages removed.
+    pub fn nuke(&mut self, mailbox: &MailboxName) -> Result<u64> {
+        let text = self.command(&Request::Nuke {
+            mailbox: mailbox.clone(),
+        })?;
+        text.trim()
+            .parse()
+            .map_err(|_| BackendError::Protocol(format!("bad NUKE reply {text:?}")))
+    }
+
+    /// The mailboxes this backend holds (at most `max_mailboxes`).
+    pub fn dir(&mut self, max_mailboxes: usize) -> Result<Vec<MailboxName>> {
+        self.command(&Request::Dir)?;
+        self.lines(max_mailboxes)?
+            .iter()
+            .map(|l| MailboxName::parse(l).map_err(|e| BackendError::Protocol(e.to_string())))
+            .collect()
+    }
+
+    /// The backend's status line as `key=value` pairs.
+    pub fn status(&mut self) -> Result<Vec<(String, String)>> {
+        let text = self.command(&Request::Status)?;
+        Ok(text
+            .split_ascii_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect())
+    }
+
+    /// Switches the backend to read-only (`true`) or read-write.
+    pub fn set_readonly(&mut self, readonly: bool) -> Result<()> {
+        let req = if readonly {
+            Request::ReadOnly
+        } else {
+            Request::ReadWrite
+        };
+        self.command(&req).map(drop)
+    }
+
+    /// Liveness check.
+    pub fn ping(&mut self) -> Result<()> {
+        self.command(&Request::Ping).map(drop)
+    }
+
+    /// Says goodbye (errors ignored: the connection is being dropped anyway).
+    pub fn quit(mut self) {
+        let _ = self.command(&Request::Quit);
+    }
+}
