@@ -1,0 +1,119 @@
+//! Per-operation latency histograms.
+//!
+//! One HdrHistogram per operation name, in microseconds, so that p99.9 and
+//! max are exact to three significant digits whatever the load. Owners keep
+//! a `Latencies` where they record (a glommio executor keeps its own, with no
+//! lock) and hand a clone or a merged copy to the admin thread.
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+
+/// Largest latency recorded, in microseconds (longer ones are clamped).
+pub const LATENCY_MAX_US: u64 = 600_000_000;
+
+/// Histograms of operation latencies, keyed by operation name.
+#[derive(Clone, Debug, Default)]
+pub struct Latencies {
+    by_op: BTreeMap<&'static str, Histogram<u64>>,
+}
+
+impl Latencies {
+    /// An empty set.
+    pub fn new() -> Latencies {
+        Latencies::default()
+    }
+
+    /// Records one `op` that took `latency_us` microseconds.
+    pub fn record(&mut self, op: &'static str, latency_us: u64) {
+        let h = self.by_op.entry(op).or_insert_with(|| {
+            Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("static histogram bounds are valid")
+        });
+        h.saturating_record(latency_us.clamp(1, LATENCY_MAX_US));
+    }
+
+    /// Adds every histogram of `other` into this one.
+    pub fn merge(&mut self, other: &Latencies) {
+        for (op, h) in &other.by_op {
+            match self.by_op.get_mut(op) {
+                Some(mine) => {
+                    // Same bounds on both sides: cannot fail.
+                    let _ = mine.add(h);
+                }
+                None => {
+                    self.by_op.insert(op, h.clone());
+                }
+            }
+        }
+    }
+
+    /// The histogram of one operation, if it was ever recorded.
+    pub fn get(&self, op: &str) -> Option<&Histogram<u64>> {
+        self.by_op.get(op)
+    }
+
+    /// `{op: {count, p50_us, p90_us, p99_us, p999_us, max_us}}`.
+    pub fn summary(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        for (op, h) in &self.by_op {
+            out.insert(
+                op.to_string(),
+                serde_json::json!({
+                    "count": h.len(),
+                    "p50_us": h.value_at_quantile(0.50),
+                    "p90_us": h.value_at_quantile(0.90),
+                    "p99_us": h.value_at_quantile(0.99),
+                    "p999_us": h.value_at_quantile(0.999),
+                    "max_us": h.max(),
+                }),
+            );
+        }
+        serde_json::Value::Object(out)
+    }
+
+    /// Writes every histogram as a Prometheus summary named `name` with an
+    /// `op` label (and the extra `labels`, e.g. `backend="0"`).
+    pub fn write_prometheus(&self, p: &mut Prometheus, name: &str, labels: &str) {
+        p.header(name, "summary", "operation latency in seconds");
+        for (op, h) in &self.by_op {
+            let sep = if labels.is_empty() { "" } else { "," };
+            for q in [0.5, 0.9, 0.99, 0.999] {
+                p.sample(
+                    name,
+                    &format!("{labels}{sep}op=\"{op}\",quantile=\"{q}\""),
+                    h.value_at_quantile(q) as f64 / 1e6,
+                );
+            }
+            p.sample(&format!("{name}_count"), &format!("{labels}{sep}op=\"{op}\""), h.len() as f64);
+        }
+    }
+}
+
+use crate::Prometheus;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_and_merge() {
+        let mut a = Latencies::new();
+        for us in 1..=1000 {
+            a.record("PUT", us);
+        }
+        let mut b = Latencies::new();
+        b.record("PUT", 5000);
+        b.record("GET", 7);
+        a.merge(&b);
+        let s = a.summary();
+        assert_eq!(s["PUT"]["count"], 1001);
+        assert_eq!(s["GET"]["count"], 1);
+        let p50 = s["PUT"]["p50_us"].as_u64().unwrap();
+        assert!((495..=505).contains(&p50), "p50 {p50}");
+        assert!(s["PUT"]["max_us"].as_u64().unwrap() >= 4995);
+        let mut p = Prometheus::new();
+        a.write_prometheus(&mut p, "pm_latency_seconds", "backend=\"0\"");
+        let text = p.finish();
+        assert!(text.contains("pm_latency_seconds_count{backend=\"0\",op=\"PUT\"} 1001"), "{text}");
+    }
+}
