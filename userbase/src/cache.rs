@@ -1,0 +1,350 @@
+//! A bounded, time-limited cache in front of any [`Userbase`].
+//!
+//! Every SMTP `RCPT TO` and every POP3 login asks the userbase; most ask about the same
+//! few addresses within seconds. [`CachedUserbase`] answers those from memory: found
+//! mailboxes for `positive_ttl`, absent ones for `negative_ttl` (shorter, so a freshly
+//! added mailbox starts receiving soon), at most `max_entries` entries (least recently used
+//! evicted first). Failures ([`UserbaseError::Unavailable`]) are never cached: the next
+//! caller asks the database again.
+//!
+//! Changes made through the cache clear it; changes made elsewhere (SQL, another host's
+//! `ppadmin`) become visible after at most the TTL.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::{
+    is_catch_all, normalise_address, password, Mailbox, Userbase, UserbaseError, VirtualServer,
+};
+
+/// Where the cache gets the time from; tests inject a manual clock.
+pub trait Clock: Send + Sync {
+    /// The current instant.
+    fn now(&self) -> Instant;
+}
+
+/// The real monotonic clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// Cache limits. A zero TTL disables caching of that kind of answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// How long a found mailbox or domain is served from memory (default 30 s).
+    pub positive_ttl: Duration,
+    /// How long "no such mailbox/domain" is served from memory (default 5 s).
+    pub negative_ttl: Duration,
+    /// Most entries held; the least recently used is evicted beyond it (default 10,000).
+    pub max_entries: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            positive_ttl: Duration::from_secs(30),
+            negative_ttl: Duration::from_secs(5),
+            max_entries: 10_000,
+        }
+    }
+}
+
+/// Hit and miss counters since creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheStats {
+    /// Answers served from memory.
+    pub hits: u64,
+    /// Answers that went to the database (including failures).
+    pub misses: u64,
+}
+
+/// What was asked.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Lookup(String),
+    Exact(String),
+    Listen(SocketAddr),
+}
+
+/// What the database answered.
+#[derive(Debug, Clone)]
+enum Value {
+    Mailbox(Option<Mailbox>),
+    Domain(Option<String>),
+}
+
+struct Entry {
+    value: Value,
+    expires: Instant,
+    /// Position in [`State::recency`]; larger is more recent.
+    tick: u64,
+}
+
+/// The map plus an index by recency for O(log n) LRU eviction.
+#[derive(Default)]
+struct State {
+    entries: HashMap<Key, Entry>,
+    recency: BTreeMap<u64, Key>,
+    next_tick: u64,
+}
+
+impl State {
+    fn remove(&mut self, key: &Key) {
+        if let Some(entry) = self.entries.remove(key) {
+            self.recency.remove(&entry.tick);
+        }
+    }
+
+    fn touch(&mut self, key: &Key) -> Option<&Entry> {
+        let tick = self.next_tick;
+        let entry = self.entries.get_mut(key)?;
+        self.next_tick += 1;
+        let old = std::mem::replace(&mut entry.tick, tick);
+        self.recency.remove(&old);
+        self.recency.insert(tick, key.clone());
+        self.entries.get(key)
+    }
+
+    fn insert(&mut self, key: Key, value: Value, expires: Instant, max_entries: usize) {
+        self.remove(&key);
+        let tick = self.next_tick;
+        self.next_tick += 1;
+        self.recency.insert(tick, key.clone());
+        self.entries.insert(
+            key,
+            Entry {
+                value,
+                expires,
+                tick,
+            },
+        );
+        while self.entries.len() > max_entries {
+            let Some((_, oldest)) = self.recency.pop_first() else {
+                break;
+            };
+            self.entries.remove(&oldest);
+        }
+        debug_assert_eq!(self.entries.len(), self.recency.len());
+    }
+}
+
+/// A [`Userbase`] that remembers answers for a while; see the module documentation.
+pub struct CachedUserbase {
+    inner: Box<dyn Userbase>,
+    config: CacheConfig,
+    clock: Arc<dyn Clock>,
+    state: Mutex<State>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl CachedUserbase {
+    /// Wraps `inner` with the real clock.
+    pub fn new(inner: Box<dyn Userbase>, config: CacheConfig) -> Self {
+        Self::with_clock(inner, config, Arc::new(SystemClock))
+    }
+
+    /// Wraps `inner` with an injected clock (for tests).
+    pub fn with_clock(
+        inner: Box<dyn Userbase>,
+        config: CacheConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        CachedUserbase {
+            inner,
+            config,
+            clock,
+            state: Mutex::new(State::default()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// Forgets every cached answer.
+    pub fn invalidate_all(&self) {
+        let mut state = self.lock();
+        state.entries.clear();
+        state.recency.clear();
+    }
+
+    /// Number of entries held (expired ones included until next touched).
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// True if nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Hit and miss counters.
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The wrapped userbase, for callers that must bypass the cache.
+    pub fn inner(&self) -> &dyn Userbase {
+        self.inner.as_ref()
+    }
+
+    /// The cache state; every update is completed before the lock is released, so a
+    /// poisoned lock still guards consistent data.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Serves `key` from memory if fresh, else asks `fetch` and remembers a successful
+    /// answer. The database is queried without holding the lock.
+    fn cached(
+        &self,
+        key: Key,
+        fetch: impl FnOnce() -> Result<Value, UserbaseError>,
+    ) -> Result<Value, UserbaseError> {
+        let now = self.clock.now();
+        {
+            let mut state = self.lock();
+            let fresh = state.entries.get(&key).map(|entry| entry.expires > now);
+            match fresh {
+                Some(true) => {
+                    if let Some(entry) = state.touch(&key) {
+                        self.hits.fetch_add(1, Ordering::Relaxed);
+                        return Ok(entry.value.clone());
+                    }
+                }
+                Some(false) => state.remove(&key),
+                None => {}
+            }
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let value = fetch()?;
+        let found = match &value {
+            Value::Mailbox(mailbox) => mailbox.is_some(),
+            Value::Domain(domain) => domain.is_some(),
+        };
+        let ttl = if found {
+            self.config.positive_ttl
+        } else {
+            self.config.negative_ttl
+        };
+        if !ttl.is_zero() && self.config.max_entries > 0 {
+            self.lock()
+                .insert(key, value.clone(), now + ttl, self.config.max_entries);
+        }
+        Ok(value)
+    }
+
+    fn cached_mailbox(
+        &self,
+        key: Key,
+        fetch: impl FnOnce() -> Result<Option<Mailbox>, UserbaseError>,
+    ) -> Result<Option<Mailbox>, UserbaseError> {
+        match self.cached(key, || fetch().map(Value::Mailbox))? {
+            Value::Mailbox(mailbox) => Ok(mailbox),
+            Value::Domain(_) => Err(UserbaseError::Data("cache key/value kind mismatch".into())),
+        }
+    }
+
+    /// Runs a change on the inner userbase, then forgets everything cached.
+    fn changed<T>(&self, result: Result<T, UserbaseError>) -> Result<T, UserbaseError> {
+        self.invalidate_all();
+        result
+    }
+}
+
+impl Userbase for CachedUserbase {
+    fn lookup(&self, address: &str) -> Result<Option<Mailbox>, UserbaseError> {
+        let name = normalise_address(address)?;
+        self.cached_mailbox(Key::Lookup(name.clone()), || self.inner.lookup(&name))
+    }
+
+    fn get_mailbox(&self, name: &str) -> Result<Option<Mailbox>, UserbaseError> {
+        let name = normalise_address(name)?;
+        self.cached_mailbox(Key::Exact(name.clone()), || self.inner.get_mailbox(&name))
+    }
+
+    fn authenticate(
+        &self,
+        address: &str,
+        password: &str,
+    ) -> Result<Option<Mailbox>, UserbaseError> {
+        let name = match normalise_address(address) {
+            Ok(name) if !is_catch_all(&name) => name,
+            _ => return Ok(None),
+        };
+        Ok(self.get_mailbox(&name)?.filter(|mailbox| {
+            mailbox.enabled && password::verify(&mailbox.password_hash, password)
+        }))
+    }
+
+    fn virtual_domain(&self, listen: &SocketAddr) -> Result<Option<String>, UserbaseError> {
+        match self.cached(Key::Listen(*listen), || {
+            self.inner.virtual_domain(listen).map(Value::Domain)
+        })? {
+            Value::Domain(domain) => Ok(domain),
+            Value::Mailbox(_) => Err(UserbaseError::Data("cache key/value kind mismatch".into())),
+        }
+    }
+
+    fn add_mailbox(
+        &self,
+        name: &str,
+        password: &str,
+        quota_bytes: u64,
+    ) -> Result<Mailbox, UserbaseError> {
+        self.changed(self.inner.add_mailbox(name, password, quota_bytes))
+    }
+
+    fn delete_mailbox(&self, name: &str) -> Result<(), UserbaseError> {
+        self.changed(self.inner.delete_mailbox(name))
+    }
+
+    fn set_password(&self, name: &str, password: &str) -> Result<(), UserbaseError> {
+        self.changed(self.inner.set_password(name, password))
+    }
+
+    fn set_quota(&self, name: &str, quota_bytes: u64) -> Result<(), UserbaseError> {
+        self.changed(self.inner.set_quota(name, quota_bytes))
+    }
+
+    fn set_forwards(
+        &self,
+        name: &str,
+        forwards: Vec<String>,
+        keep_local_copy: bool,
+    ) -> Result<(), UserbaseError> {
+        self.changed(self.inner.set_forwards(name, forwards, keep_local_copy))
+    }
+
+    fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), UserbaseError> {
+        self.changed(self.inner.set_enabled(name, enabled))
+    }
+
+    fn list_mailboxes(&self) -> Result<Vec<Mailbox>, UserbaseError> {
+        self.inner.list_mailboxes()
+    }
+
+    fn add_virtual_server(&self, listen: &SocketAddr, domain: &str) -> Result<(), UserbaseError> {
+        self.changed(self.inner.add_virtual_server(listen, domain))
+    }
+
+    fn delete_virtual_server(&self, listen: &SocketAddr) -> Result<(), UserbaseError> {
+        self.changed(self.inner.delete_virtual_server(listen))
+    }
+
+    fn list_virtual_servers(&self) -> Result<Vec<VirtualServer>, UserbaseError> {
+        self.inner.list_virtual_servers()
+    }
+}
