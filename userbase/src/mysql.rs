@@ -154,10 +154,10 @@ impl MysqlConfig {
             return self.url.clone();
         };
         match rest.split_once('@') {
-            Some((credentials, host)) => {
-                let user = credentials.split(':').next().unwrap_or("");
-                format!("{scheme}://{user}:***@{host}")
-            }
+            Some((credentials, host)) => match credentials.split_once(':') {
+                Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+                None => format!("{scheme}://{credentials}@{host}"),
+            },
             None => self.url.clone(),
         }
     }
