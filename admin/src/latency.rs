@@ -27,7 +27,8 @@ impl Latencies {
     /// Records one `op` that took `latency_us` microseconds.
     pub fn record(&mut self, op: &'static str, latency_us: u64) {
         let h = self.by_op.entry(op).or_insert_with(|| {
-            Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("static histogram bounds are valid")
+            Histogram::new_with_bounds(1, LATENCY_MAX_US, 3)
+                .expect("static histogram bounds are valid")
         });
         h.saturating_record(latency_us.clamp(1, LATENCY_MAX_US));
     }
@@ -84,7 +85,11 @@ impl Latencies {
                     h.value_at_quantile(q) as f64 / 1e6,
                 );
             }
-            p.sample(&format!("{name}_count"), &format!("{labels}{sep}op=\"{op}\""), h.len() as f64);
+            p.sample(
+                &format!("{name}_count"),
+                &format!("{labels}{sep}op=\"{op}\""),
+                h.len() as f64,
+            );
         }
     }
 }
@@ -114,6 +119,9 @@ mod tests {
         let mut p = Prometheus::new();
         a.write_prometheus(&mut p, "pm_latency_seconds", "backend=\"0\"");
         let text = p.finish();
-        assert!(text.contains("pm_latency_seconds_count{backend=\"0\",op=\"PUT\"} 1001"), "{text}");
+        assert!(
+            text.contains("pm_latency_seconds_count{backend=\"0\",op=\"PUT\"} 1001"),
+            "{text}"
+        );
     }
 }

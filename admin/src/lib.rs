@@ -54,19 +54,39 @@ impl AdminServer {
     }
 }
 
+/// Starts `env_logger` so that the admin port's `loglevel` switch works at
+/// run time: the logger itself lets everything through and `log`'s global
+/// maximum level (initially from `RUST_LOG`, default `info`) does the
+/// filtering, which `POST /control/loglevel?level=debug` changes.
+pub fn init_logging() {
+    let initial = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<log::LevelFilter>().ok())
+        .unwrap_or(log::LevelFilter::Info);
+    let _ = env_logger::Builder::new()
+        .filter_level(log::LevelFilter::Trace)
+        .format_timestamp_micros()
+        .try_init();
+    log::set_max_level(initial);
+}
+
 /// Longest request body accepted on the admin port.
 const BODY_MAX_BYTES: u64 = 64 << 10;
 
 /// Starts the admin port on `listen`, requiring `token` on every request.
-pub fn spawn(listen: &str, token: &str, handler: Arc<dyn AdminHandler>) -> Result<AdminServer, AdminError> {
+pub fn spawn(
+    listen: &str,
+    token: &str,
+    handler: Arc<dyn AdminHandler>,
+) -> Result<AdminServer, AdminError> {
     let server = tiny_http::Server::http(listen).map_err(|e| AdminError {
         listen: listen.to_string(),
         reason: e.to_string(),
     })?;
-    let local_addr = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| AdminError { listen: listen.to_string(), reason: "not an IP address".into() })?;
+    let local_addr = server.server_addr().to_ip().ok_or_else(|| AdminError {
+        listen: listen.to_string(),
+        reason: "not an IP address".into(),
+    })?;
     let token = token.to_string();
     thread::Builder::new()
         .name("admin".into())
@@ -77,7 +97,10 @@ pub fn spawn(listen: &str, token: &str, handler: Arc<dyn AdminHandler>) -> Resul
                 Err(e) => log::warn!("admin: accept failed: {e}"),
             }
         })
-        .map_err(|e| AdminError { listen: listen.to_string(), reason: e.to_string() })?;
+        .map_err(|e| AdminError {
+            listen: listen.to_string(),
+            reason: e.to_string(),
+        })?;
     log::info!("admin port listening on {local_addr}");
     Ok(AdminServer { local_addr })
 }
@@ -85,7 +108,8 @@ pub fn spawn(listen: &str, token: &str, handler: Arc<dyn AdminHandler>) -> Resul
 fn authorised(req: &tiny_http::Request, token: &str) -> bool {
     let want = format!("Bearer {token}");
     req.headers().iter().any(|h| {
-        h.field.equiv("Authorization") && constant_time_eq(h.value.as_str().as_bytes(), want.as_bytes())
+        h.field.equiv("Authorization")
+            && constant_time_eq(h.value.as_str().as_bytes(), want.as_bytes())
     })
 }
 
@@ -112,7 +136,10 @@ fn serve(mut req: tiny_http::Request, token: &str, handler: &dyn AdminHandler) {
         (401, "text/plain", "admin token required\n".to_string())
     } else {
         // Drain a bounded body so keep-alive works; its content is unused.
-        let _ = std::io::copy(&mut req.as_reader().take(BODY_MAX_BYTES), &mut std::io::sink());
+        let _ = std::io::copy(
+            &mut req.as_reader().take(BODY_MAX_BYTES),
+            &mut std::io::sink(),
+        );
         let method = req.method().clone();
         let (path, params) = split_url(req.url());
         route(&method, path, &params, handler)
@@ -174,7 +201,10 @@ mod tests {
     fn urls_split_into_path_and_params() {
         let (p, q) = split_url("/control/readonly?backend=1&x");
         assert_eq!(p, "/control/readonly");
-        assert_eq!(q, vec![("backend".into(), "1".into()), ("x".into(), String::new())]);
+        assert_eq!(
+            q,
+            vec![("backend".into(), "1".into()), ("x".into(), String::new())]
+        );
         assert_eq!(split_url("/stats").1, vec![]);
     }
 

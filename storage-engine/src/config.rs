@@ -1,0 +1,226 @@
+//! pplistener's configuration: one TOML file, every knob named with its unit
+//! and a default, so an operator can read the whole behaviour off the file.
+//! See `examples/pplistener.toml` for a commented sample.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The shared secret frontends prove they know (see PROTOCOL.md).
+    /// Either this or `secret_file`.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// A file holding the secret (trailing whitespace ignored).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Admin HTTP port (stats, metrics, runtime switches). None: no admin port.
+    #[serde(default)]
+    pub admin_listen: Option<String>,
+    /// Token required on the admin port (`Authorization: Bearer ...`).
+    /// Defaults to the backend secret.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// Limits shared by every backend of this process.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Threads per backend for blocking file-system calls (link, readdir,
+    /// sendfile); bounds how many GETs one backend streams at once.
+    #[serde(default = "default_blocking_threads")]
+    pub blocking_threads: usize,
+    /// The backends. When empty, one per online CPU is made from
+    /// `data_root` and `listen_base`.
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendConfig>,
+    /// With no `[[backend]]` tables: backend N stores under `data_root/disks/N`.
+    #[serde(default)]
+    pub data_root: Option<PathBuf>,
+    /// With no `[[backend]]` tables: backend N listens on this port + N.
+    #[serde(default)]
+    pub listen_base: Option<SocketAddr>,
+    /// With no `[[backend]]` tables: how many backends (default: online CPUs).
+    #[serde(default)]
+    pub backend_count: Option<usize>,
+}
+
+/// Limits, each answered with a clear protocol error when exceeded.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Concurrent connections per backend; beyond it `-ERR [LIMIT]` and close.
+    pub connections_per_backend_max: usize,
+    /// Largest message body, in bytes (`-ERR [TOOBIG]` and close).
+    pub message_max_bytes: u64,
+    /// Longest command line, in bytes.
+    pub line_max_bytes: usize,
+    /// Most mailboxes in one PUT.
+    pub mailboxes_per_put_max: usize,
+    /// Largest PUT body chunk, in bytes.
+    pub chunk_max_bytes: usize,
+    /// A connection silent for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Most entries returned by one LIST.
+    pub list_max_entries: usize,
+    /// Below this many free bytes the backend turns read-only by itself.
+    pub free_bytes_min: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> LimitsConfig {
+        LimitsConfig {
+            connections_per_backend_max: 1024,
+            message_max_bytes: 64 << 20,
+            line_max_bytes: 1024,
+            mailboxes_per_put_max: 10_000,
+            chunk_max_bytes: 1 << 20,
+            idle_timeout_ms: 300_000,
+            list_max_entries: 100_000,
+            free_bytes_min: 256 << 20,
+        }
+    }
+}
+
+/// One backend: a data directory (ideally its own disk), a port, a CPU.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Name shown in the greeting, logs and stats (default `b<index>`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Where messages live.
+    pub data_dir: PathBuf,
+    /// Address of the backend protocol port.
+    pub listen: SocketAddr,
+    /// CPU to pin the executor to (default: spread over the online CPUs).
+    #[serde(default)]
+    pub cpu: Option<usize>,
+}
+
+fn default_blocking_threads() -> usize {
+    8
+}
+
+/// A backend with every default resolved.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// Name.
+    pub name: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Port.
+    pub listen: SocketAddr,
+    /// CPU it is pinned to.
+    pub cpu: usize,
+}
+
+impl Config {
+    /// Parses a TOML text.
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// The secret bytes, from `secret` or `secret_file`.
+    pub fn secret(&self) -> anyhow::Result<Vec<u8>> {
+        let s = match (&self.secret, &self.secret_file) {
+            (Some(s), None) => s.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map_err(|e| anyhow::anyhow!("secret_file {}: {e}", f.display()))?
+                .trim_end()
+                .to_string(),
+            _ => anyhow::bail!("exactly one of secret and secret_file must be set"),
+        };
+        anyhow::ensure!(s.len() >= 16, "the secret must be at least 16 bytes");
+        Ok(s.into_bytes())
+    }
+
+    /// The backends with names, CPUs and (when none are listed) the
+    /// one-per-CPU defaults filled in. `online_cpus` must not be empty.
+    pub fn resolve_backends(&self, online_cpus: &[usize]) -> anyhow::Result<Vec<Backend>> {
+        anyhow::ensure!(!online_cpus.is_empty(), "no online CPU");
+        let listed: Vec<BackendConfig> = if self.backends.is_empty() {
+            let (Some(root), Some(base)) = (&self.data_root, self.listen_base) else {
+                anyhow::bail!("no [[backend]] tables and no data_root + listen_base");
+            };
+            let n = self.backend_count.unwrap_or(online_cpus.len());
+            (0..n)
+                .map(|i| BackendConfig {
+                    name: None,
+                    data_dir: root.join("disks").join(i.to_string()),
+                    listen: SocketAddr::new(base.ip(), base.port() + i as u16),
+                    cpu: None,
+                })
+                .collect()
+        } else {
+            self.backends.clone()
+        };
+        anyhow::ensure!(!listed.is_empty(), "no backends configured");
+        let mut out = Vec::with_capacity(listed.len());
+        for (index, b) in listed.into_iter().enumerate() {
+            let cpu = b.cpu.unwrap_or(online_cpus[index % online_cpus.len()]);
+            anyhow::ensure!(
+                online_cpus.contains(&cpu),
+                "backend {index}: CPU {cpu} is not online"
+            );
+            let name = b.name.unwrap_or_else(|| format!("b{index}"));
+            anyhow::ensure!(
+                !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'),
+                "backend name {name:?}: use letters, digits, - and _"
+            );
+            out.push(Backend {
+                name,
+                data_dir: b.data_dir,
+                listen: b.listen,
+                cpu,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_make_one_backend_per_cpu() {
+        let c = Config::parse(
+            "secret = \"0123456789abcdef\"\ndata_root = \"/d\"\nlisten_base = \"127.0.0.1:7000\"\n",
+        )
+        .unwrap();
+        let b = c.resolve_backends(&[0, 1]).unwrap();
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[1].listen.port(), 7001);
+        assert_eq!(b[1].data_dir, PathBuf::from("/d/disks/1"));
+        assert_eq!(b[1].cpu, 1);
+        assert_eq!(c.limits.message_max_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn more_backends_than_cpus_share_them() {
+        let c = Config::parse(
+            "secret = \"0123456789abcdef\"\ndata_root = \"/d\"\nlisten_base = \"127.0.0.1:7000\"\nbackend_count = 3\n",
+        )
+        .unwrap();
+        let b = c.resolve_backends(&[0, 1]).unwrap();
+        assert_eq!(b.iter().map(|b| b.cpu).collect::<Vec<_>>(), vec![0, 1, 0]);
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        assert!(Config::parse("nonsense = 1").is_err());
+        let c = Config::parse("secret = \"short\"").unwrap();
+        assert!(c.secret().is_err());
+        let c = Config::parse(
+            "secret = \"0123456789abcdef\"\n[[backend]]\ndata_dir = \"/d\"\nlisten = \"127.0.0.1:1\"\ncpu = 99\n",
+        )
+        .unwrap();
+        assert!(c.resolve_backends(&[0, 1]).is_err());
+    }
+}

@@ -1,0 +1,505 @@
+//! One client connection: the thin I/O loop around the pure
+//! [`Decoder`](powermail_proto::Decoder).
+//!
+//! [`Connection`] owns the socket and its buffers (reads are bounded by the
+//! buffer, replies are queued and flushed before the next read, so pipelined
+//! requests share one write). [`serve`] authenticates and then applies each
+//! request against the [`Store`](crate::store::Store). A body is written as it
+//! arrives; `+OK` for a PUT is sent only once the body is durable and linked
+//! into every mailbox, with the links durable too.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use powermail_admin::Latencies;
+use powermail_proto::reply::{err_line, ok_line};
+use powermail_proto::{
+    auth, Decoder, ErrorCode, Event, Fatal, Limits, MailboxName, MessageId, Request,
+};
+
+use crate::config::LimitsConfig;
+use crate::stats::{add, BackendShared};
+use crate::store::Store;
+use crate::writer::BodyWriter;
+
+/// Size of a connection's read buffer; it must hold a full line.
+const READ_BUF_BYTES: usize = 64 << 10;
+
+/// Aligned unit in which bodies are written.
+const WRITE_UNIT_BYTES: usize = 128 << 10;
+
+/// What one backend's connections share (all on the same executor).
+pub struct Ctx {
+    /// Shared with the admin thread.
+    pub shared: Arc<BackendShared>,
+    /// The on-disk store.
+    pub store: Store,
+    /// The backend secret.
+    pub secret: Vec<u8>,
+    /// Limits.
+    pub limits: LimitsConfig,
+    /// This executor's latency histograms (published by a timer).
+    pub latencies: RefCell<Latencies>,
+}
+
+/// The socket and its buffers.
+struct Connection {
+    stream: TcpStream,
+    rbuf: Vec<u8>,
+    start: usize,
+    end: usize,
+    wbuf: Vec<u8>,
+}
+
+impl Connection {
+    fn pending(&self) -> &[u8] {
+        &self.rbuf[self.start..self.end]
+    }
+
+    /// Reads more bytes; `Ok(0)` at end of stream.
+    async fn fill(&mut self) -> io::Result<usize> {
+        if self.start > 0 {
+            self.rbuf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        // The decoder consumes any full line or body run, so a full buffer
+        // here would mean a line longer than the buffer: the line limit is
+        // far below it.
+        assert!(self.end < self.rbuf.len(), "read buffer full");
+        let n = self.stream.read(&mut self.rbuf[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    fn queue(&mut self, s: &str) {
+        self.wbuf.extend_from_slice(s.as_bytes());
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+}
+
+/// A PUT whose body is arriving.
+enum Put {
+    Writing {
+        writer: BodyWriter,
+        msgid: MessageId,
+        mailboxes: Vec<MailboxName>,
+        started: Instant,
+    },
+    Refused {
+        code: ErrorCode,
+        text: String,
+    },
+}
+
+/// Serves one accepted connection until it closes, errs or idles out.
+pub async fn serve(ctx: Rc<Ctx>, stream: TcpStream) {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let idle = Duration::from_millis(ctx.limits.idle_timeout_ms);
+    if let Err(e) = stream
+        .set_read_timeout(Some(idle))
+        .and(stream.set_write_timeout(Some(idle)))
+    {
+        log::warn!(
+            "backend={} client={peer}: cannot set time-outs: {e}",
+            ctx.shared.name
+        );
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let mut conn = Connection {
+        stream,
+        rbuf: vec![0; READ_BUF_BYTES],
+        start: 0,
+        end: 0,
+        wbuf: Vec::new(),
+    };
+    match session(&ctx, &mut conn, &peer).await {
+        Ok(()) => log::debug!("backend={} client={peer} closed", ctx.shared.name),
+        Err(e) => log::info!("backend={} client={peer} dropped: {e}", ctx.shared.name),
+    }
+}
+
+fn decoder_limits(l: &LimitsConfig) -> Limits {
+    Limits {
+        line_max_bytes: l.line_max_bytes.min(READ_BUF_BYTES / 2),
+        mailboxes_per_put_max: l.mailboxes_per_put_max,
+        chunk_max_bytes: l.chunk_max_bytes,
+        message_max_bytes: l.message_max_bytes,
+    }
+}
+
+async fn session(ctx: &Ctx, conn: &mut Connection, peer: &str) -> io::Result<()> {
+    let nonce = auth::new_nonce();
+    conn.queue(&ok_line(&format!(
+        "{} {} {nonce}",
+        powermail_proto::VERSION,
+        ctx.shared.name
+    )));
+    conn.flush().await?;
+    let mut authed = false;
+    let mut decoder = Decoder::new(decoder_limits(&ctx.limits));
+    let mut put: Option<Put> = None;
+    loop {
+        let (event, used) = match decoder.decode(conn.pending()) {
+            Err(fatal) => {
+                add(&ctx.shared.counters.protocol_errors, 1);
+                let code = match fatal {
+                    Fatal::MessageTooBig => ErrorCode::TooBig,
+                    Fatal::BadPut(powermail_proto::RequestError::TooManyMailboxes) => {
+                        ErrorCode::Limit
+                    }
+                    _ => ErrorCode::Proto,
+                };
+                if let Some(Put::Writing { writer, .. }) = put.take() {
+                    writer.discard().await;
+                }
+                log::info!("backend={} client={peer} error={fatal}", ctx.shared.name);
+                conn.queue(&err_line(code, &format!("{fatal}; closing")));
+                return conn.flush().await;
+            }
+            Ok((Some(Event::Body(data)), used)) => {
+                // Body bytes go straight from the read buffer to the DMA buffer.
+                if let Some(Put::Writing { writer, .. }) = &mut put {
+                    if let Err(e) = writer.write(data).await {
+                        put = Some(refuse_after_io_error(ctx, put.take(), e).await);
+                    }
+                }
+                conn.start += used;
+                continue;
+            }
+            Ok((None, 0)) => {
+                conn.flush().await?;
+                if conn.fill().await? == 0 {
+                    if let Some(Put::Writing { writer, .. }) = put.take() {
+                        writer.discard().await;
+                    }
+                    return Ok(());
+                }
+                continue;
+            }
+            Ok((event, used)) => (event.map(owned_event), used),
+        };
+        conn.start += used;
+        let Some(event) = event else { continue };
+        if !authed {
+            match event {
+                Owned::Request(Request::Auth { proof })
+                    if auth::verify(&ctx.secret, &nonce, &proof) =>
+                {
+                    authed = true;
+                    conn.queue(&ok_line("authenticated"));
+                    continue;
+                }
+                Owned::Request(Request::Quit) => {
+                    conn.queue(&ok_line("bye"));
+                    return conn.flush().await;
+                }
+                _ => {
+                    add(&ctx.shared.counters.auth_failures, 1);
+                    log::warn!("backend={} client={peer} auth=failed", ctx.shared.name);
+                    conn.queue(&err_line(
+                        ErrorCode::Auth,
+                        "authentication required; closing",
+                    ));
+                    return conn.flush().await;
+                }
+            }
+        }
+        match event {
+            Owned::Request(Request::Quit) => {
+                conn.queue(&ok_line("bye"));
+                return conn.flush().await;
+            }
+            Owned::Request(req) => {
+                let started = Instant::now();
+                let verb = req.verb();
+                apply(ctx, conn, req).await?;
+                ctx.latencies
+                    .borrow_mut()
+                    .record(verb, started.elapsed().as_micros() as u64);
+            }
+            Owned::Invalid(e) => {
+                add(&ctx.shared.counters.protocol_errors, 1);
+                let code = match e {
+                    powermail_proto::RequestError::BadName(_) => ErrorCode::BadName,
+                    _ => ErrorCode::Proto,
+                };
+                conn.queue(&err_line(code, &e.to_string()));
+            }
+            Owned::PutStart(header) => put = Some(start_put(ctx, header).await),
+            Owned::PutEnd => {
+                let reply = match put.take() {
+                    Some(p) => finish_put(ctx, p, peer).await,
+                    None => err_line(ErrorCode::Proto, "no PUT in progress"),
+                };
+                conn.queue(&reply);
+            }
+            Owned::PutAbort => {
+                if let Some(Put::Writing { writer, .. }) = put.take() {
+                    writer.discard().await;
+                }
+                add(&ctx.shared.counters.put_errors, 1);
+                conn.queue(&err_line(ErrorCode::Aborted, "PUT aborted by client"));
+            }
+        }
+    }
+}
+
+/// An event with no borrow of the read buffer (bodies are handled apart).
+enum Owned {
+    Request(Request),
+    Invalid(powermail_proto::RequestError),
+    PutStart(Result<(MessageId, Vec<MailboxName>), powermail_proto::RequestError>),
+    PutEnd,
+    PutAbort,
+}
+
+fn owned_event(e: Event<'_>) -> Owned {
+    match e {
+        Event::Request(r) => Owned::Request(r),
+        Event::Invalid(e) => Owned::Invalid(e),
+        Event::PutStart(p) => Owned::PutStart(p),
+        Event::PutEnd => Owned::PutEnd,
+        Event::PutAbort => Owned::PutAbort,
+        Event::Body(_) => unreachable!("bodies are handled before conversion"),
+    }
+}
+
+async fn start_put(
+    ctx: &Ctx,
+    header: Result<(MessageId, Vec<MailboxName>), powermail_proto::RequestError>,
+) -> Put {
+    let (msgid, mailboxes) = match header {
+        Ok(h) => h,
+        Err(e) => {
+            return Put::Refused {
+                code: ErrorCode::BadName,
+                text: e.to_string(),
+            }
+        }
+    };
+    if ctx.shared.readonly() {
+        return Put::Refused {
+            code: ErrorCode::ReadOnly,
+            text: format!("backend is read-only ({})", ctx.shared.mode()),
+        };
+    }
+    match BodyWriter::create(ctx.store.temp_path(&msgid), WRITE_UNIT_BYTES).await {
+        Ok(writer) => Put::Writing {
+            writer,
+            msgid,
+            mailboxes,
+            started: Instant::now(),
+        },
+        Err(e) => {
+            note_io_error(ctx, &e);
+            Put::Refused {
+                code: ErrorCode::Temp,
+                text: format!("cannot create body file: {e}"),
+            }
+        }
+    }
+}
+
+async fn refuse_after_io_error(ctx: &Ctx, put: Option<Put>, e: io::Error) -> Put {
+    if let Some(Put::Writing { writer, .. }) = put {
+        writer.discard().await;
+    }
+    note_io_error(ctx, &e);
+    Put::Refused {
+        code: ErrorCode::Temp,
+        text: format!("write failed: {e}"),
+    }
+}
+
+/// A full disk turns the backend read-only by itself.
+fn note_io_error(ctx: &Ctx, e: &io::Error) {
+    if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+        ctx.shared
+            .auto_readonly
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        log::error!("backend={} disk full: now read-only", ctx.shared.name);
+    }
+}
+
+async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
+    let c = &ctx.shared.counters;
+    let (writer, msgid, mailboxes, started) = match put {
+        Put::Writing {
+            writer,
+            msgid,
+            mailboxes,
+            started,
+        } => (writer, msgid, mailboxes, started),
+        Put::Refused { code, text } => {
+            add(&c.put_errors, 1);
+            return err_line(code, &text);
+        }
+    };
+    let (tmp, size_bytes) = match writer.finish().await {
+        Ok(done) => done,
+        Err(e) => {
+            note_io_error(ctx, &e);
+            add(&c.put_errors, 1);
+            return err_line(ErrorCode::Temp, &format!("sync failed: {e}"));
+        }
+    };
+    let store = ctx.store.clone();
+    let (id, boxes) = (msgid.clone(), mailboxes.clone());
+    let tmp_for_link = tmp.clone();
+    let linked = glommio::executor()
+        .spawn_blocking(move || store.link_into(&tmp_for_link, &id, &boxes))
+        .await;
+    match linked {
+        Ok(out) => {
+            add(&c.puts, 1);
+            add(&c.bytes_in, size_bytes);
+            add(&c.links_created, out.created);
+            let us = started.elapsed().as_micros() as u64;
+            ctx.latencies.borrow_mut().record("PUT", us);
+            log::debug!(
+                "backend={} client={peer} put msgid={msgid} size={size_bytes} mailboxes={} created={} existing={} copies={} us={us}",
+                ctx.shared.name, mailboxes.len(), out.created, out.existing, out.extra_copies
+            );
+            ok_line(&format!("{msgid} {size_bytes} {}", out.created))
+        }
+        Err(e) => {
+            note_io_error(ctx, &e);
+            add(&c.put_errors, 1);
+            let _ = std::fs::remove_file(&tmp);
+            log::error!(
+                "backend={} put msgid={msgid} link failed: {e}",
+                ctx.shared.name
+            );
+            err_line(ErrorCode::Temp, &format!("link failed: {e}"))
+        }
+    }
+}
+
+/// Runs `f` against the store on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    ctx: &Ctx,
+    f: impl FnOnce(&Store) -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    let store = ctx.store.clone();
+    glommio::executor().spawn_blocking(move || f(&store)).await
+}
+
+fn io_err_line(e: &io::Error) -> String {
+    if e.kind() == io::ErrorKind::NotFound {
+        err_line(ErrorCode::NotFound, "no such message")
+    } else {
+        err_line(ErrorCode::Temp, &e.to_string())
+    }
+}
+
+async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()> {
+    let c = &ctx.shared.counters;
+    let max = ctx.limits.list_max_entries;
+    match req {
+        Request::List { mailbox } => {
+            add(&c.lists, 1);
+            match blocking(ctx, move |s| s.list(&mailbox, max)).await {
+                Ok(list) => {
+                    conn.queue(&ok_line(&list.len().to_string()));
+                    for (id, size) in list {
+                        conn.queue(&format!("{id} {size}\r\n"));
+                    }
+                    conn.queue(".\r\n");
+                }
+                Err(e) => conn.queue(&io_err_line(&e)),
+            }
+        }
+        Request::Get { mailbox, msgid } => {
+            match blocking(ctx, move |s| s.open_message(&mailbox, &msgid)).await {
+                Ok((file, size)) => {
+                    conn.queue(&ok_line(&size.to_string()));
+                    conn.flush().await?;
+                    let sock = conn.stream.as_raw_fd();
+                    let timeout = Duration::from_millis(ctx.limits.idle_timeout_ms);
+                    glommio::executor()
+                        .spawn_blocking(move || {
+                            crate::zerocopy::sendfile_all(sock, &file, size, timeout)
+                        })
+                        .await?;
+                    add(&c.gets, 1);
+                    add(&c.bytes_out, size);
+                }
+                Err(e) => conn.queue(&io_err_line(&e)),
+            }
+        }
+        Request::Del { mailbox, msgid } => {
+            match blocking(ctx, move |s| s.delete(&mailbox, &msgid)).await {
+                Ok(()) => {
+                    add(&c.dels, 1);
+                    conn.queue(&ok_line("deleted"));
+                }
+                Err(e) => conn.queue(&io_err_line(&e)),
+            }
+        }
+        Request::Usage { mailbox } => match blocking(ctx, move |s| s.usage(&mailbox)).await {
+            Ok((n, bytes)) => conn.queue(&ok_line(&format!("{n} {bytes}"))),
+            Err(e) => conn.queue(&io_err_line(&e)),
+        },
+        Request::Nuke { mailbox } => match blocking(ctx, move |s| s.nuke(&mailbox)).await {
+            Ok(n) => conn.queue(&ok_line(&n.to_string())),
+            Err(e) => conn.queue(&io_err_line(&e)),
+        },
+        Request::Dir => match blocking(ctx, move |s| s.mailboxes(max)).await {
+            Ok(list) => {
+                conn.queue(&ok_line(&list.len().to_string()));
+                for m in list {
+                    conn.queue(&format!("{m}\r\n"));
+                }
+                conn.queue(".\r\n");
+            }
+            Err(e) => conn.queue(&io_err_line(&e)),
+        },
+        Request::Status => {
+            let s = &ctx.shared;
+            let l = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            conn.queue(&ok_line(&format!(
+                "name={} mode={} free_bytes={} total_bytes={} connections={} puts={} version={}",
+                s.name,
+                s.mode(),
+                l(&s.free_bytes),
+                l(&s.total_bytes),
+                l(&c.connections),
+                l(&c.puts),
+                powermail_proto::VERSION
+            )));
+        }
+        Request::ReadOnly | Request::ReadWrite => {
+            let on = matches!(req, Request::ReadOnly);
+            let shared = ctx.shared.clone();
+            match glommio::executor()
+                .spawn_blocking(move || shared.set_operator_readonly(on))
+                .await
+            {
+                Ok(()) => conn.queue(&ok_line(ctx.shared.mode())),
+                Err(e) => conn.queue(&err_line(ErrorCode::Temp, &e.to_string())),
+            }
+        }
+        Request::Ping => conn.queue(&ok_line("PONG")),
+        Request::Auth { .. } => conn.queue(&err_line(ErrorCode::Proto, "already authenticated")),
+        Request::Put { .. } | Request::Quit => unreachable!("handled by the session loop"),
+    }
+    Ok(())
+}

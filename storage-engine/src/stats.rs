@@ -1,0 +1,315 @@
+//! What each backend shares with the admin thread: counters (atomics, so the
+//! executor never takes a lock to count), the read-only switches, and a
+//! latency snapshot the executor publishes once a second from its own
+//! lock-free histograms.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use powermail_admin::{AdminHandler, Latencies, Prometheus};
+
+/// Counters of one backend.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Connections open now.
+    pub connections: AtomicU64,
+    /// Connections accepted since start.
+    pub connections_total: AtomicU64,
+    /// Connections refused by the connection limit.
+    pub connections_refused: AtomicU64,
+    /// Failed authentications.
+    pub auth_failures: AtomicU64,
+    /// Messages stored.
+    pub puts: AtomicU64,
+    /// PUTs refused or failed.
+    pub put_errors: AtomicU64,
+    /// Links created by PUTs.
+    pub links_created: AtomicU64,
+    /// Body bytes stored.
+    pub bytes_in: AtomicU64,
+    /// Messages sent by GET.
+    pub gets: AtomicU64,
+    /// Body bytes sent by GET.
+    pub bytes_out: AtomicU64,
+    /// LIST requests.
+    pub lists: AtomicU64,
+    /// Messages deleted.
+    pub dels: AtomicU64,
+    /// Protocol errors (bad lines, fatal framing errors).
+    pub protocol_errors: AtomicU64,
+}
+
+/// Adds `n` to a counter.
+pub fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Relaxed);
+}
+
+/// One backend as the admin thread sees it.
+#[derive(Debug)]
+pub struct BackendShared {
+    /// Name.
+    pub name: String,
+    /// Address.
+    pub listen: std::net::SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// CPU.
+    pub cpu: usize,
+    /// An operator made it read-only (persisted by a marker file).
+    pub operator_readonly: AtomicBool,
+    /// Free space fell under the floor or a write hit ENOSPC.
+    pub auto_readonly: AtomicBool,
+    /// Free bytes at the last check.
+    pub free_bytes: AtomicU64,
+    /// Total bytes at the last check.
+    pub total_bytes: AtomicU64,
+    /// Counters.
+    pub counters: Counters,
+    /// Latencies as last published by the executor.
+    pub latencies: Mutex<Latencies>,
+    /// Marker file for the operator switch.
+    pub readonly_marker: PathBuf,
+}
+
+impl BackendShared {
+    /// Whether PUT is refused now.
+    pub fn readonly(&self) -> bool {
+        self.operator_readonly.load(Relaxed) || self.auto_readonly.load(Relaxed)
+    }
+
+    /// `rw`, `ro` (operator) or `ro-auto` (disk space).
+    pub fn mode(&self) -> &'static str {
+        if self.operator_readonly.load(Relaxed) {
+            "ro"
+        } else if self.auto_readonly.load(Relaxed) {
+            "ro-auto"
+        } else {
+            "rw"
+        }
+    }
+
+    /// Sets the operator switch and persists it, so a restart keeps it.
+    pub fn set_operator_readonly(&self, on: bool) -> std::io::Result<()> {
+        if on {
+            std::fs::write(&self.readonly_marker, b"read-only set by operator\n")?;
+        } else if let Err(e) = std::fs::remove_file(&self.readonly_marker) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(e);
+            }
+        }
+        if let Some(dir) = self.readonly_marker.parent() {
+            crate::store::sync_dir(dir)?;
+        }
+        self.operator_readonly.store(on, Relaxed);
+        log::warn!("backend={} mode={} (operator)", self.name, self.mode());
+        Ok(())
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Relaxed);
+        serde_json::json!({
+            "name": self.name,
+            "listen": self.listen.to_string(),
+            "data_dir": self.data_dir.display().to_string(),
+            "cpu": self.cpu,
+            "mode": self.mode(),
+            "free_bytes": l(&self.free_bytes),
+            "total_bytes": l(&self.total_bytes),
+            "connections": l(&c.connections),
+            "connections_total": l(&c.connections_total),
+            "connections_refused": l(&c.connections_refused),
+            "auth_failures": l(&c.auth_failures),
+            "puts": l(&c.puts),
+            "put_errors": l(&c.put_errors),
+            "links_created": l(&c.links_created),
+            "bytes_in": l(&c.bytes_in),
+            "gets": l(&c.gets),
+            "bytes_out": l(&c.bytes_out),
+            "lists": l(&c.lists),
+            "dels": l(&c.dels),
+            "protocol_errors": l(&c.protocol_errors),
+            "latency": self.latencies.lock().map(|l| l.summary()).unwrap_or_default(),
+        })
+    }
+}
+
+/// The admin view of the whole pplistener process.
+pub struct Process {
+    /// Every backend.
+    pub backends: Vec<Arc<BackendShared>>,
+    /// Effective configuration (no secrets).
+    pub config: serde_json::Value,
+}
+
+impl Process {
+    fn find(&self, params: &[(String, String)]) -> Result<Vec<&Arc<BackendShared>>, String> {
+        match params.iter().find(|(k, _)| k == "backend") {
+            None => Ok(self.backends.iter().collect()),
+            Some((_, want)) => {
+                let found: Vec<_> = self
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, b)| &b.name == want || &i.to_string() == want)
+                    .map(|(_, b)| b)
+                    .collect();
+                if found.is_empty() {
+                    Err(format!("no backend {want:?}"))
+                } else {
+                    Ok(found)
+                }
+            }
+        }
+    }
+}
+
+impl AdminHandler for Process {
+    fn stats(&self) -> serde_json::Value {
+        serde_json::json!({
+            "daemon": "pplistener",
+            "version": env!("CARGO_PKG_VERSION"),
+            "backends": self.backends.iter().map(|b| b.stats()).collect::<Vec<_>>(),
+        })
+    }
+
+    fn metrics(&self) -> String {
+        let mut p = Prometheus::new();
+        for b in &self.backends {
+            let labels = format!("backend=\"{}\"", b.name);
+            let c = &b.counters;
+            let l = |a: &AtomicU64| a.load(Relaxed) as f64;
+            for (name, kind, help, v) in [
+                (
+                    "pplistener_connections",
+                    "gauge",
+                    "open connections",
+                    l(&c.connections),
+                ),
+                (
+                    "pplistener_connections_total",
+                    "counter",
+                    "accepted connections",
+                    l(&c.connections_total),
+                ),
+                (
+                    "pplistener_connections_refused_total",
+                    "counter",
+                    "connections over the limit",
+                    l(&c.connections_refused),
+                ),
+                (
+                    "pplistener_auth_failures_total",
+                    "counter",
+                    "failed authentications",
+                    l(&c.auth_failures),
+                ),
+                (
+                    "pplistener_puts_total",
+                    "counter",
+                    "messages stored",
+                    l(&c.puts),
+                ),
+                (
+                    "pplistener_put_errors_total",
+                    "counter",
+                    "PUTs refused or failed",
+                    l(&c.put_errors),
+                ),
+                (
+                    "pplistener_links_created_total",
+                    "counter",
+                    "mailbox links created",
+                    l(&c.links_created),
+                ),
+                (
+                    "pplistener_bytes_in_total",
+                    "counter",
+                    "body bytes stored",
+                    l(&c.bytes_in),
+                ),
+                (
+                    "pplistener_gets_total",
+                    "counter",
+                    "messages sent",
+                    l(&c.gets),
+                ),
+                (
+                    "pplistener_bytes_out_total",
+                    "counter",
+                    "body bytes sent",
+                    l(&c.bytes_out),
+                ),
+                (
+                    "pplistener_lists_total",
+                    "counter",
+                    "LIST requests",
+                    l(&c.lists),
+                ),
+                (
+                    "pplistener_dels_total",
+                    "counter",
+                    "messages deleted",
+                    l(&c.dels),
+                ),
+                (
+                    "pplistener_protocol_errors_total",
+                    "counter",
+                    "protocol errors",
+                    l(&c.protocol_errors),
+                ),
+                (
+                    "pplistener_free_bytes",
+                    "gauge",
+                    "free bytes on the data file system",
+                    l(&b.free_bytes),
+                ),
+                (
+                    "pplistener_total_bytes",
+                    "gauge",
+                    "size of the data file system",
+                    l(&b.total_bytes),
+                ),
+                (
+                    "pplistener_readonly",
+                    "gauge",
+                    "1 when PUT is refused",
+                    if b.readonly() { 1.0 } else { 0.0 },
+                ),
+            ] {
+                p.metric(name, kind, help, &labels, v);
+            }
+            if let Ok(lat) = b.latencies.lock() {
+                lat.write_prometheus(&mut p, "pplistener_latency_seconds", &labels);
+            }
+        }
+        p.finish()
+    }
+
+    fn config(&self) -> serde_json::Value {
+        self.config.clone()
+    }
+
+    fn control(&self, action: &str, params: &[(String, String)]) -> Result<String, String> {
+        let on = match action {
+            "readonly" => true,
+            "readwrite" => false,
+            _ => {
+                return Err(format!(
+                    "unknown action {action:?} (readonly, readwrite, loglevel)"
+                ))
+            }
+        };
+        let targets = self.find(params)?;
+        for b in &targets {
+            b.set_operator_readonly(on)
+                .map_err(|e| format!("{}: {e}", b.name))?;
+        }
+        Ok(targets
+            .iter()
+            .map(|b| format!("{} {}", b.name, b.mode()))
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+}

@@ -1,0 +1,353 @@
+//! The on-disk layout of one backend, and every file-system call made on it
+//! apart from the message body write (see [`crate::writer`]).
+//!
+//! ```text
+//! DATA/.probe                     4 KiB, opened first by the executor (glommio probe workaround)
+//! DATA/readonly                   present = an operator made this backend read-only
+//! DATA/tmp/<msgid>.<random>       bodies being written; removed at start-up
+//! DATA/mbox/<h1>/<h2>/<mailbox>/<msgid>   one hard link per mailbox holding the message
+//! ```
+//!
+//! `h1/h2` are the first two bytes of SHA-256(mailbox) in hex, so no
+//! directory grows past ~65k entries of mailboxes. Mailbox names and message
+//! ids reach a path only as [`MailboxName`] / [`MessageId`], which are
+//! validated. The functions here block (link, readdir, fsync of directories):
+//! the executor calls them through its blocking thread pool.
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use powermail_proto::{MailboxName, MessageId};
+use sha2::{Digest, Sha256};
+
+/// Size of the probe file (the glommio start-up probe needs >= 4 KiB).
+const PROBE_BYTES: usize = 4096;
+
+/// One backend's directory tree.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+    tmp: PathBuf,
+    mbox: PathBuf,
+}
+
+/// What linking a stored body into its mailboxes did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LinkOutcome {
+    /// New links made.
+    pub created: u64,
+    /// Mailboxes that already held this id (a retried PUT): left as they were.
+    pub existing: u64,
+    /// Extra copies made because one inode hit the file system's link limit.
+    pub extra_copies: u64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the tree under `root`, removes temporaries
+    /// left by a crash, and makes sure the probe file exists.
+    pub fn open(root: &Path) -> io::Result<(Store, usize)> {
+        let store = Store {
+            root: root.to_path_buf(),
+            tmp: root.join("tmp"),
+            mbox: root.join("mbox"),
+        };
+        fs::create_dir_all(&store.tmp)?;
+        fs::create_dir_all(&store.mbox)?;
+        let mut removed = 0;
+        for entry in fs::read_dir(&store.tmp)? {
+            fs::remove_file(entry?.path())?;
+            removed += 1;
+        }
+        if removed > 0 {
+            sync_dir(&store.tmp)?;
+        }
+        let probe = store.probe_path();
+        if fs::metadata(&probe)
+            .map(|m| m.len() < PROBE_BYTES as u64)
+            .unwrap_or(true)
+        {
+            fs::write(&probe, vec![0u8; PROBE_BYTES])?;
+        }
+        sync_dir(root)?;
+        Ok((store, removed))
+    }
+
+    /// The probe file the executor opens first.
+    pub fn probe_path(&self) -> PathBuf {
+        self.root.join(".probe")
+    }
+
+    /// The marker whose presence means "an operator set read-only".
+    pub fn readonly_marker(&self) -> PathBuf {
+        self.root.join("readonly")
+    }
+
+    /// A fresh temporary path for a body being written.
+    pub fn temp_path(&self, msgid: &MessageId) -> PathBuf {
+        let nonce: u64 = rand::random();
+        self.tmp.join(format!("{msgid}.{nonce:016x}"))
+    }
+
+    /// The directory of one mailbox.
+    pub fn mailbox_dir(&self, mailbox: &MailboxName) -> PathBuf {
+        let h = Sha256::digest(mailbox.as_str().as_bytes());
+        self.mbox
+            .join(format!("{:02x}", h[0]))
+            .join(format!("{:02x}", h[1]))
+            .join(mailbox.as_str())
+    }
+
+    /// Links the durable body at `tmp` into every mailbox as `msgid`, makes
+    /// the links durable (directory fsyncs), and removes `tmp`.
+    ///
+    /// Mailboxes that already hold `msgid` are left alone (PUT is idempotent:
+    /// ids are unique and bodies immutable). On `EMLINK` a second copy of the
+    /// body is made and linking goes on from it.
+    pub fn link_into(
+        &self,
+        tmp: &Path,
+        msgid: &MessageId,
+        mailboxes: &[MailboxName],
+    ) -> io::Result<LinkOutcome> {
+        let mut out = LinkOutcome::default();
+        let mut source = tmp.to_path_buf();
+        let mut extra: Vec<PathBuf> = Vec::new();
+        for mailbox in mailboxes {
+            let dir = self.mailbox_dir(mailbox);
+            self.ensure_dir(&dir)?;
+            let target = dir.join(msgid.as_str());
+            loop {
+                match fs::hard_link(&source, &target) {
+                    Ok(()) => out.created += 1,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => out.existing += 1,
+                    Err(e) if e.raw_os_error() == Some(libc::EMLINK) => {
+                        let copy = self.temp_path(msgid);
+                        fs::copy(&source, &copy)?;
+                        File::open(&copy)?.sync_data()?;
+                        extra.push(copy.clone());
+                        source = copy;
+                        out.extra_copies += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+                break;
+            }
+            sync_dir(&dir)?;
+        }
+        for t in std::iter::once(tmp.to_path_buf()).chain(extra) {
+            fs::remove_file(t)?;
+        }
+        Ok(out)
+    }
+
+    /// Creates `dir` and any missing parents under `mbox/`, fsyncing the
+    /// parent of every directory it creates so the new entry is durable.
+    fn ensure_dir(&self, dir: &Path) -> io::Result<()> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        let parent = dir
+            .parent()
+            .ok_or_else(|| io::Error::other("mailbox dir has no parent"))?;
+        if parent != self.mbox {
+            self.ensure_dir(parent)?;
+        }
+        match fs::create_dir(dir) {
+            Ok(()) => sync_dir(parent),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The messages of a mailbox, `(id, size)`, sorted by id (= by arrival
+    /// for generated ids), at most `max` of them. A missing mailbox is empty.
+    pub fn list(&self, mailbox: &MailboxName, max: usize) -> io::Result<Vec<(MessageId, u64)>> {
+        let entries = match fs::read_dir(self.mailbox_dir(mailbox)) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| MessageId::parse(n).ok())
+            else {
+                continue;
+            };
+            let size = match entry.metadata() {
+                Ok(m) => m.len(),
+                // Deleted between readdir and stat: not listed.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            out.push((id, size));
+        }
+        out.sort_unstable();
+        out.truncate(max);
+        Ok(out)
+    }
+
+    /// Opens one message for reading; returns the file and its size.
+    pub fn open_message(
+        &self,
+        mailbox: &MailboxName,
+        msgid: &MessageId,
+    ) -> io::Result<(File, u64)> {
+        let file = File::open(self.mailbox_dir(mailbox).join(msgid.as_str()))?;
+        let size = file.metadata()?.len();
+        Ok((file, size))
+    }
+
+    /// Removes one message from one mailbox, durably. `NotFound` if absent.
+    pub fn delete(&self, mailbox: &MailboxName, msgid: &MessageId) -> io::Result<()> {
+        let dir = self.mailbox_dir(mailbox);
+        fs::remove_file(dir.join(msgid.as_str()))?;
+        sync_dir(&dir)
+    }
+
+    /// `(messages, bytes)` of a mailbox.
+    pub fn usage(&self, mailbox: &MailboxName) -> io::Result<(u64, u64)> {
+        let list = self.list(mailbox, usize::MAX)?;
+        Ok((list.len() as u64, list.iter().map(|(_, s)| s).sum()))
+    }
+
+    /// Removes a whole mailbox; returns how many messages it held.
+    pub fn nuke(&self, mailbox: &MailboxName) -> io::Result<u64> {
+        let dir = self.mailbox_dir(mailbox);
+        let mut removed = 0;
+        match fs::read_dir(&dir) {
+            Ok(entries) => {
+                for entry in entries {
+                    fs::remove_file(entry?.path())?;
+                    removed += 1;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        }
+        fs::remove_dir(&dir)?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+        Ok(removed)
+    }
+
+    /// Every mailbox that has a directory here (at most `max`).
+    pub fn mailboxes(&self, max: usize) -> io::Result<Vec<MailboxName>> {
+        let mut out = Vec::new();
+        for l1 in fs::read_dir(&self.mbox)? {
+            for l2 in fs::read_dir(l1?.path())? {
+                for m in fs::read_dir(l2?.path())? {
+                    if let Some(name) = m?
+                        .file_name()
+                        .to_str()
+                        .and_then(|n| MailboxName::parse(n).ok())
+                    {
+                        out.push(name);
+                        if out.len() >= max {
+                            return Ok(out);
+                        }
+                    }
+                }
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// `(free, total)` bytes of the file system holding the store.
+    pub fn space(&self) -> io::Result<(u64, u64)> {
+        statvfs(&self.root)
+    }
+
+    /// Link count of a stored message.
+    #[cfg(test)]
+    pub fn link_count(&self, mailbox: &MailboxName, msgid: &MessageId) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(fs::metadata(self.mailbox_dir(mailbox).join(msgid.as_str()))?.nlink())
+    }
+}
+
+/// Makes a directory's entries durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// `(free bytes for unprivileged users, total bytes)` of the file system at `path`.
+pub fn statvfs(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `s` a properly sized out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let frsize = s.f_frsize as u64;
+    Ok((s.f_bavail as u64 * frsize, s.f_blocks as u64 * frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mb(s: &str) -> MailboxName {
+        MailboxName::parse(s).unwrap()
+    }
+
+    #[test]
+    fn link_list_delete_nuke() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, removed) = Store::open(dir.path()).unwrap();
+        assert_eq!(removed, 0);
+        let id = MessageId::parse("m1").unwrap();
+        let tmp = store.temp_path(&id);
+        fs::write(&tmp, b"hello").unwrap();
+        let boxes = [mb("a@x"), mb("b@x"), mb("c@x")];
+        let out = store.link_into(&tmp, &id, &boxes).unwrap();
+        assert_eq!(
+            out,
+            LinkOutcome {
+                created: 3,
+                existing: 0,
+                extra_copies: 0
+            }
+        );
+        assert!(!tmp.exists(), "temporary removed");
+        assert_eq!(store.link_count(&boxes[0], &id).unwrap(), 3);
+        assert_eq!(store.list(&boxes[1], 10).unwrap(), vec![(id.clone(), 5)]);
+        store.delete(&boxes[0], &id).unwrap();
+        assert_eq!(store.link_count(&boxes[1], &id).unwrap(), 2);
+        assert_eq!(
+            store.delete(&boxes[0], &id).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        assert_eq!(store.usage(&boxes[2]).unwrap(), (1, 5));
+        assert_eq!(store.mailboxes(100).unwrap().len(), 3);
+        assert_eq!(store.nuke(&boxes[2]).unwrap(), 1);
+        assert_eq!(store.list(&boxes[2], 10).unwrap(), vec![]);
+        assert_eq!(store.link_count(&boxes[1], &id).unwrap(), 1);
+    }
+
+    #[test]
+    fn retried_put_is_idempotent_and_temporaries_are_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let id = MessageId::parse("m1").unwrap();
+        for _ in 0..2 {
+            let tmp = store.temp_path(&id);
+            fs::write(&tmp, b"x").unwrap();
+            store.link_into(&tmp, &id, &[mb("a@x")]).unwrap();
+        }
+        assert_eq!(store.list(&mb("a@x"), 10).unwrap().len(), 1);
+        fs::write(store.temp_path(&id), b"partial").unwrap();
+        drop(store);
+        let (_, removed) = Store::open(dir.path()).unwrap();
+        assert_eq!(removed, 1);
+    }
+}

@@ -1,0 +1,109 @@
+//! Writes one message body to a temporary file with `O_DIRECT` through
+//! io_uring, and makes it durable.
+//!
+//! glommio's `DmaStreamWriter` syncs *before* it truncates the padded tail on
+//! close, so a crash could leave a file with NUL padding; this writer keeps
+//! the order the durability contract needs: aligned writes, the tail padded,
+//! the file truncated to its true size, then one `fdatasync` that covers the
+//! data and the size together. Bytes are copied once, from the socket buffer
+//! into an aligned DMA buffer.
+
+use std::io;
+use std::path::PathBuf;
+
+use glommio::io::{DmaBuffer, DmaFile};
+
+/// A body being written.
+pub struct BodyWriter {
+    file: DmaFile,
+    path: PathBuf,
+    buf: Option<DmaBuffer>,
+    fill_bytes: usize,
+    pos_bytes: u64,
+    buf_bytes: usize,
+}
+
+impl BodyWriter {
+    /// Creates the temporary file at `path`; bodies are written in units of
+    /// `buf_bytes` (rounded up to the file's alignment).
+    pub async fn create(path: PathBuf, buf_bytes: usize) -> io::Result<BodyWriter> {
+        let file = DmaFile::create(&path).await?;
+        let buf_bytes = file.align_up(buf_bytes.max(1) as u64) as usize;
+        Ok(BodyWriter {
+            file,
+            path,
+            buf: None,
+            fill_bytes: 0,
+            pos_bytes: 0,
+            buf_bytes,
+        })
+    }
+
+    /// Appends `data`.
+    pub async fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let buf = self
+                .buf
+                .get_or_insert_with(|| self.file.alloc_dma_buffer(self.buf_bytes));
+            let n = data.len().min(buf.len() - self.fill_bytes);
+            buf.as_bytes_mut()[self.fill_bytes..self.fill_bytes + n].copy_from_slice(&data[..n]);
+            self.fill_bytes += n;
+            data = &data[n..];
+            if self.fill_bytes == self.buf_bytes {
+                self.flush_buffer().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the buffer (its whole, aligned length) at the current position.
+    async fn flush_buffer(&mut self) -> io::Result<()> {
+        let Some(buf) = self.buf.take() else {
+            return Ok(());
+        };
+        let len = buf.len();
+        debug_assert_eq!(len as u64 % self.file.alignment(), 0);
+        let written = self.file.write_at(buf, self.pos_bytes).await?;
+        if written != len {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "short O_DIRECT write",
+            ));
+        }
+        self.pos_bytes += self.fill_bytes as u64;
+        self.fill_bytes = 0;
+        Ok(())
+    }
+
+    /// Writes the padded tail, truncates to the true size, `fdatasync`s and
+    /// closes. Returns the path and the body size. Only after this returns
+    /// `Ok` is the body durable.
+    pub async fn finish(mut self) -> io::Result<(PathBuf, u64)> {
+        let size_bytes = self.pos_bytes + self.fill_bytes as u64;
+        if self.fill_bytes > 0 {
+            let padded = self.file.align_up(self.fill_bytes as u64) as usize;
+            if let Some(buf) = self.buf.as_mut() {
+                buf.as_bytes_mut()[self.fill_bytes..padded].fill(0);
+                buf.trim_to_size(padded);
+            }
+            self.flush_buffer().await?;
+            // flush_buffer advanced by the true fill, so the position is exact.
+            debug_assert_eq!(self.pos_bytes, size_bytes);
+            if size_bytes % self.file.alignment() != 0 {
+                self.file.truncate(size_bytes).await?;
+            }
+        }
+        self.file.fdatasync().await?;
+        self.file.close().await?;
+        Ok((self.path, size_bytes))
+    }
+
+    /// Abandons the body and removes the temporary file.
+    pub async fn discard(self) {
+        let path = self.path.clone();
+        let _ = self.file.close().await;
+        if let Err(e) = std::fs::remove_file(&path) {
+            log::warn!("could not remove {}: {e}", path.display());
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Sends a stored message to a socket with `sendfile(2)`: the bytes go from
+//! the page cache to the socket without passing through user space.
+//!
+//! glommio has no sendfile, and its sockets are non-blocking, so this runs on
+//! the executor's blocking thread pool: `sendfile` until `EAGAIN`, then
+//! `poll(POLLOUT)` with the connection's time-out, then again. The connection's
+//! task awaits it, so nothing else touches the socket meanwhile.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+/// Largest single `sendfile` call.
+const SENDFILE_CHUNK_BYTES: usize = 1 << 20;
+
+/// Sends `size_bytes` of `file` from offset 0 to the socket `sock`.
+/// Fails with `TimedOut` if the peer stops reading for `timeout`.
+pub fn sendfile_all(
+    sock: RawFd,
+    file: &File,
+    size_bytes: u64,
+    timeout: Duration,
+) -> io::Result<()> {
+    let mut offset: libc::off_t = 0;
+    let end = size_bytes as libc::off_t;
+    while offset < end {
+        let want = ((end - offset) as usize).min(SENDFILE_CHUNK_BYTES);
+        // SAFETY: both fds are open for the duration of the call; offset is a valid out-parameter.
+        let n = unsafe { libc::sendfile(sock, file.as_raw_fd(), &mut offset, want) };
+        if n > 0 {
+            continue;
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file shorter than its size",
+            ));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EAGAIN) => wait_writable(sock, timeout)?,
+            Some(libc::EINTR) => {}
+            _ => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+fn wait_writable(sock: RawFd, timeout: Duration) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: sock,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let timeout_ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    loop {
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if r > 0 {
+            return Ok(());
+        }
+        if r == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client stopped reading",
+            ));
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+    }
+}
