@@ -91,6 +91,29 @@ impl Connection {
     }
 }
 
+/// How long and how much a closing connection drains so its last reply is
+/// not destroyed by a TCP reset (the client may still be sending a body).
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_MAX_BYTES: usize = 16 << 20;
+
+impl Connection {
+    /// Shuts down the sending side and discards input for a bounded time, so
+    /// that a client still writing reads our last reply instead of a reset.
+    async fn linger(&mut self) -> io::Result<()> {
+        self.stream.shutdown(std::net::Shutdown::Write).await?;
+        self.stream.set_read_timeout(Some(LINGER))?;
+        let deadline = Instant::now() + LINGER;
+        let mut drained = 0;
+        while drained < LINGER_MAX_BYTES && Instant::now() < deadline {
+            match self.stream.read(&mut self.rbuf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A PUT whose body is arriving.
 enum Put {
     Writing {
@@ -172,7 +195,8 @@ async fn session(ctx: &Ctx, conn: &mut Connection, peer: &str) -> io::Result<()>
                 }
                 log::info!("backend={} client={peer} error={fatal}", ctx.shared.name);
                 conn.queue(&err_line(code, &format!("{fatal}; closing")));
-                return conn.flush().await;
+                conn.flush().await?;
+                return conn.linger().await;
             }
             Ok((Some(Event::Body(data)), used)) => {
                 // Body bytes go straight from the read buffer to the DMA buffer.

@@ -1,0 +1,243 @@
+//! Starts the real `pplistener` binary on temporary directories and free
+//! ports, for the integration tests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use powermail_proto::BackendConn;
+
+pub const SECRET: &str = "test-secret-0123456789";
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running pplistener process.
+pub struct Listener {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub backends: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Listener {
+    /// Starts `n` backends; `extra` is appended to the TOML (e.g. `[limits]`).
+    pub fn start(n: usize, extra: &str) -> Listener {
+        let dir = tempfile::tempdir().unwrap();
+        let backends: Vec<SocketAddr> = (0..n)
+            .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
+            .collect();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut toml =
+            format!("secret = \"{SECRET}\"\nadmin_listen = \"{admin}\"\nadmin_token = \"tok\"\n");
+        toml.push_str(extra);
+        toml.push('\n');
+        for (i, a) in backends.iter().enumerate() {
+            toml.push_str(&format!(
+                "[[backend]]\ndata_dir = \"{}\"\nlisten = \"{a}\"\n",
+                dir.path().join(format!("disk{i}")).display()
+            ));
+        }
+        let config = dir.path().join("pplistener.toml");
+        std::fs::write(&config, toml).unwrap();
+        let mut l = Listener {
+            dir,
+            config,
+            backends,
+            admin,
+            child: None,
+        };
+        l.restart();
+        l
+    }
+
+    /// (Re)starts the process and waits until every backend listens.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pplistener"))
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start pplistener");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut ready = 0;
+        let mut line = String::new();
+        while ready < self.backends.len() + 1 {
+            line.clear();
+            if out.read_line(&mut line).unwrap() == 0 {
+                panic!("pplistener exited during start-up: {:?}", child.wait());
+            }
+            if line.contains("listening on") || line.contains("admin port on") {
+                ready += 1;
+            }
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut out, &mut std::io::sink());
+        });
+        self.child = Some(child);
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn data_dir(&self, backend: usize) -> PathBuf {
+        self.dir.path().join(format!("disk{backend}"))
+    }
+
+    pub fn conn(&self, backend: usize) -> BackendConn {
+        BackendConn::connect(self.backends[backend], SECRET.as_bytes(), TIMEOUT).expect("connect")
+    }
+
+    /// A raw, authenticated socket for tests that send what the client refuses to.
+    pub fn raw(&self, backend: usize) -> Raw {
+        let mut r = Raw::connect(self.backends[backend]);
+        let greeting = r.line();
+        let nonce = greeting.split_whitespace().nth(3).unwrap().to_string();
+        r.send(&format!(
+            "AUTH {}\r\n",
+            powermail_proto::auth::proof(SECRET.as_bytes(), &nonce)
+        ));
+        assert_eq!(r.line(), "+OK authenticated");
+        r
+    }
+
+    /// An admin HTTP request; returns (status, body).
+    pub fn admin(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+        let mut s = TcpStream::connect(self.admin).unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: x\r\n{auth}Content-Length: 0\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// Waits (bounded) until the admin port reports `n` open connections on `backend`.
+    pub fn wait_for_connections(&self, backend: usize, n: u64) {
+        for _ in 0..500 {
+            let (_, body) = self.admin("GET", "/stats", Some("tok"));
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if v["backends"][backend]["connections"] == n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("backend {backend} never reached {n} connections");
+    }
+
+    /// Files left in a backend's tmp directory.
+    pub fn temp_files(&self, backend: usize) -> usize {
+        std::fs::read_dir(self.data_dir(backend).join("tmp"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// The path of a stored message under a backend's data directory.
+    pub fn message_path(&self, backend: usize, mailbox: &str, msgid: &str) -> PathBuf {
+        find_file(&self.data_dir(backend).join("mbox"), mailbox, msgid).expect("message file")
+    }
+}
+
+fn find_file(mbox: &Path, mailbox: &str, msgid: &str) -> Option<PathBuf> {
+    for l1 in std::fs::read_dir(mbox).ok()? {
+        for l2 in std::fs::read_dir(l1.ok()?.path()).ok()? {
+            let p = l2.ok()?.path().join(mailbox).join(msgid);
+            if p.exists() {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A plain socket with line helpers.
+pub struct Raw {
+    pub stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Raw {
+    pub fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Raw { stream, reader }
+    }
+
+    pub fn send(&mut self, s: &str) {
+        self.stream.write_all(s.as_bytes()).unwrap();
+    }
+
+    pub fn send_bytes(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(b)
+    }
+
+    /// One line without its CRLF; empty string at end of stream.
+    pub fn line(&mut self) -> String {
+        let mut l = String::new();
+        let _ = self.reader.read_line(&mut l);
+        l.trim_end_matches(['\r', '\n']).to_string()
+    }
+
+    /// Whether the server closed the connection (reads EOF or reset).
+    pub fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 1];
+        matches!(self.reader.read(&mut buf), Ok(0) | Err(_))
+    }
+}
+
+/// Deterministic pseudo-random bytes (all 256 values, CR/LF/NUL included).
+pub fn body(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}

@@ -1,0 +1,401 @@
+//! End-to-end tests of the real pplistener binary: storage, links, exact
+//! bytes, durability across restarts and `kill -9`, read-only mode,
+//! authentication, hostile names and every limit.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
+use common::{body, Listener, Raw, SECRET, TIMEOUT};
+use powermail_proto::{BackendConn, BackendError, ErrorCode, MailboxName, MessageId};
+
+fn mb(s: &str) -> MailboxName {
+    MailboxName::parse(s).unwrap()
+}
+
+fn id(s: &str) -> MessageId {
+    MessageId::parse(s).unwrap()
+}
+
+#[test]
+fn put_to_three_mailboxes_is_one_inode_with_three_links() {
+    let l = Listener::start(2, "");
+    let mut c = l.conn(0);
+    let boxes = [mb("a@x.org"), mb("b@x.org"), mb("c@x.org")];
+    let r = c
+        .put(&id("m1"), &boxes, b"Subject: x\r\n\r\nhi\r\n")
+        .unwrap();
+    assert_eq!((r.size_bytes, r.links_created), (18, 3));
+    let inodes: Vec<(u64, u64)> = boxes
+        .iter()
+        .map(|m| {
+            let md = std::fs::metadata(l.message_path(0, m.as_str(), "m1")).unwrap();
+            (md.ino(), md.nlink())
+        })
+        .collect();
+    assert!(
+        inodes.iter().all(|&(ino, n)| ino == inodes[0].0 && n == 3),
+        "{inodes:?}"
+    );
+    assert_eq!(l.temp_files(0), 0);
+    // The other backend has nothing.
+    assert!(l.conn(1).list(&boxes[0], 10).unwrap().is_empty());
+}
+
+#[test]
+fn list_and_get_return_exact_bytes_including_20_mib() {
+    let l = Listener::start(2, "");
+    let mut c = l.conn(1);
+    let sizes = [
+        0usize,
+        1,
+        511,
+        512,
+        4095,
+        4096,
+        4097,
+        131_072,
+        131_073,
+        20 << 20,
+    ];
+    for (i, &size) in sizes.iter().enumerate() {
+        let b = body(i as u64, size);
+        c.put(&id(&format!("m{i:02}")), &[mb("u@x.org")], &b)
+            .unwrap();
+    }
+    let list = c.list(&mb("u@x.org"), 100).unwrap();
+    assert_eq!(list.len(), sizes.len());
+    for (i, &size) in sizes.iter().enumerate() {
+        assert_eq!(list[i].msgid.as_str(), format!("m{i:02}"));
+        assert_eq!(list[i].size_bytes, size as u64);
+        let got = c.get(&mb("u@x.org"), &list[i].msgid).unwrap();
+        assert!(
+            got == body(i as u64, size),
+            "message {i} ({size} bytes) differs"
+        );
+        let on_disk =
+            std::fs::metadata(l.message_path(1, "u@x.org", list[i].msgid.as_str())).unwrap();
+        assert_eq!(
+            on_disk.len(),
+            size as u64,
+            "file truncated to its true size"
+        );
+    }
+    assert_eq!(
+        c.usage(&mb("u@x.org")).unwrap(),
+        (sizes.len() as u64, sizes.iter().sum::<usize>() as u64)
+    );
+}
+
+#[test]
+fn delete_one_link_leaves_the_others_and_restart_keeps_everything() {
+    let mut l = Listener::start(1, "");
+    let mut c = l.conn(0);
+    c.put(&id("m1"), &[mb("a@x.org"), mb("b@x.org")], b"one")
+        .unwrap();
+    c.put(&id("m2"), &[mb("a@x.org")], b"two").unwrap();
+    c.del(&mb("a@x.org"), &id("m1")).unwrap();
+    let err = c.del(&mb("a@x.org"), &id("m1")).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    assert_eq!(c.get(&mb("b@x.org"), &id("m1")).unwrap(), b"one");
+    drop(c);
+    l.kill9();
+    l.restart();
+    let mut c = l.conn(0);
+    let a: Vec<String> = c
+        .list(&mb("a@x.org"), 10)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.msgid.to_string())
+        .collect();
+    assert_eq!(a, vec!["m2"]);
+    assert_eq!(c.get(&mb("b@x.org"), &id("m1")).unwrap(), b"one");
+    let dir: Vec<String> = c
+        .dir(100)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.to_string())
+        .collect();
+    assert_eq!(dir, vec!["a@x.org", "b@x.org"]);
+    assert_eq!(c.nuke(&mb("b@x.org")).unwrap(), 1);
+    assert!(c.list(&mb("b@x.org"), 10).unwrap().is_empty());
+}
+
+#[test]
+fn kill_9_during_a_big_put_leaves_nothing_partial() {
+    let mut l = Listener::start(1, "");
+    let mut c = l.conn(0);
+    c.put(&id("done"), &[mb("a@x.org")], &body(1, 100_000))
+        .unwrap();
+    c.put_begin(&id("partial"), &[mb("a@x.org")]).unwrap();
+    for chunk in body(2, 8 << 20).chunks(1 << 20) {
+        c.put_chunk(chunk).unwrap();
+    }
+    // Wait until the server has part of the body on disk, then kill it mid-PUT.
+    let tmp = l.data_dir(0).join("tmp");
+    for _ in 0..200 {
+        if std::fs::read_dir(&tmp).unwrap().count() > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(l.temp_files(0), 1, "the body is being written");
+    l.kill9();
+    l.restart();
+    assert_eq!(l.temp_files(0), 0, "temporaries removed at start-up");
+    let list = l.conn(0).list(&mb("a@x.org"), 10).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].msgid.as_str(), "done");
+}
+
+#[test]
+fn kill_9_under_concurrent_puts_every_ok_is_complete() {
+    let mut l = Listener::start(2, "");
+    let addrs = l.backends.clone();
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let addr = addrs[t % 2];
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                let Ok(mut c) = BackendConn::connect(addr, SECRET.as_bytes(), TIMEOUT) else {
+                    return acked;
+                };
+                for i in 0.. {
+                    let seed = (t * 1_000_000 + i) as u64;
+                    let msgid = id(&format!("t{t}-{i:06}"));
+                    let size = (seed as usize * 7919) % 300_000;
+                    match c.put(&msgid, &[mb("k@x.org")], &body(seed, size)) {
+                        Ok(_) => acked.push((t % 2, msgid, seed, size)),
+                        Err(_) => break,
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    l.kill9();
+    let acked: Vec<_> = writers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    assert!(!acked.is_empty(), "some PUTs completed before the kill");
+    l.restart();
+    for b in 0..2 {
+        assert_eq!(l.temp_files(b), 0);
+        let mut c = l.conn(b);
+        let listed = c.list(&mb("k@x.org"), 100_000).unwrap();
+        // Every listed message is complete and byte-exact...
+        for e in &listed {
+            let (t, i) = e.msgid.as_str()[1..].split_once('-').unwrap();
+            let seed =
+                (t.parse::<usize>().unwrap() * 1_000_000 + i.parse::<usize>().unwrap()) as u64;
+            let size = (seed as usize * 7919) % 300_000;
+            assert_eq!(
+                e.size_bytes, size as u64,
+                "{} listed with a wrong size",
+                e.msgid
+            );
+            assert!(
+                c.get(&mb("k@x.org"), &e.msgid).unwrap() == body(seed, size),
+                "{} corrupt",
+                e.msgid
+            );
+        }
+        // ...and every acknowledged one is listed.
+        for (backend, msgid, _, _) in acked.iter().filter(|a| a.0 == b) {
+            assert!(
+                listed.iter().any(|e| &e.msgid == msgid),
+                "acknowledged {msgid} lost (backend {backend})"
+            );
+        }
+    }
+}
+
+#[test]
+fn read_only_refuses_put_serves_the_rest_and_survives_restart() {
+    let mut l = Listener::start(1, "");
+    let mut c = l.conn(0);
+    c.put(&id("m1"), &[mb("a@x.org")], b"kept").unwrap();
+    c.set_readonly(true).unwrap();
+    let err = c.put(&id("m2"), &[mb("a@x.org")], b"refused").unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ReadOnly), "{err}");
+    assert_eq!(c.get(&mb("a@x.org"), &id("m1")).unwrap(), b"kept");
+    assert_eq!(c.list(&mb("a@x.org"), 10).unwrap().len(), 1);
+    let status: std::collections::HashMap<_, _> = c.status().unwrap().into_iter().collect();
+    assert_eq!(status["mode"], "ro");
+    drop(c);
+    l.kill9();
+    l.restart();
+    let mut c = l.conn(0);
+    assert_eq!(
+        c.put(&id("m3"), &[mb("a@x.org")], b"x").unwrap_err().code(),
+        Some(ErrorCode::ReadOnly)
+    );
+    // The admin port switches it back.
+    let (status, _) = l.admin("POST", "/control/readwrite", Some("tok"));
+    assert_eq!(status, 200);
+    c.put(&id("m3"), &[mb("a@x.org")], b"x").unwrap();
+    c.del(&mb("a@x.org"), &id("m1")).unwrap();
+}
+
+#[test]
+fn wrong_secret_and_unauthenticated_commands_are_refused() {
+    let l = Listener::start(1, "");
+    match BackendConn::connect(l.backends[0], b"not-the-secret-at-all", TIMEOUT) {
+        Err(BackendError::Refused {
+            code: Some(ErrorCode::Auth),
+            ..
+        }) => {}
+        other => panic!("expected AUTH refusal, got {other:?}"),
+    }
+    let mut r = Raw::connect(l.backends[0]);
+    assert!(r.line().starts_with("+OK PPL/1 "));
+    r.send("LIST a@x.org\r\n");
+    assert!(r.line().starts_with("-ERR [AUTH]"));
+    assert!(r.closed());
+    let mut r = Raw::connect(l.backends[0]);
+    r.line();
+    r.send("AUTH 00\r\n");
+    assert!(r.line().starts_with("-ERR [AUTH]"));
+    assert!(r.closed());
+}
+
+#[test]
+fn hostile_names_are_refused_and_nothing_escapes_the_store() {
+    let l = Listener::start(1, "");
+    let mut r = l.raw(0);
+    let long = format!("{}@x.org", "a".repeat(300));
+    for name in [
+        "../../etc/passwd",
+        "a/b@x.org",
+        "..",
+        ".hidden@x",
+        "a\0b@x",
+        "x'; DROP TABLE--@x",
+        long.as_str(),
+    ] {
+        r.send(&format!("LIST {name}\r\n"));
+        let reply = r.line();
+        assert!(
+            reply.starts_with("-ERR [BADNAME]") || reply.starts_with("-ERR [PROTO]"),
+            "{name:?}: {reply}"
+        );
+    }
+    r.send("GET a@x.org ../../../../etc/passwd\r\n");
+    assert!(r.line().starts_with("-ERR [BADNAME]"));
+    // A PUT with one bad mailbox is refused whole; the stream stays in sync.
+    r.send("PUT m1 2\r\nok@x.org\r\n../evil@x\r\n3\r\nabc0\r\nPING\r\n");
+    assert!(r.line().starts_with("-ERR [BADNAME]"));
+    assert_eq!(r.line(), "+OK PONG");
+    assert!(l.conn(0).list(&mb("ok@x.org"), 10).unwrap().is_empty());
+    let entries: Vec<_> = std::fs::read_dir(l.data_dir(0))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries.len(), 3, "only .probe, tmp, mbox: {entries:?}");
+}
+
+#[test]
+fn limits_are_enforced_with_clear_errors() {
+    let l = Listener::start(
+        1,
+        "[limits]\nconnections_per_backend_max = 3\nmessage_max_bytes = 100000\nline_max_bytes = 200\nidle_timeout_ms = 1000\nmailboxes_per_put_max = 5\n",
+    );
+    // Message size.
+    let mut c = l.conn(0);
+    let err = c
+        .put(&id("big"), &[mb("a@x.org")], &body(1, 100_001))
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::TooBig), "{err}");
+    // Over the limit in small chunks, after the first chunks were accepted.
+    c = l.conn(0);
+    c.put_begin(&id("big2"), &[mb("a@x.org")]).unwrap();
+    for chunk in body(2, 150_000).chunks(10_000) {
+        if c.put_chunk(chunk).is_err() {
+            break;
+        }
+    }
+    let _ = c.put_end();
+    assert_eq!(c.put_reply().unwrap_err().code(), Some(ErrorCode::TooBig));
+    c = l.conn(0);
+    c.put(&id("fits"), &[mb("a@x.org")], &body(1, 100_000))
+        .unwrap();
+    drop(c);
+    // Line length.
+    let mut r = l.raw(0);
+    r.send(&format!("LIST {}\r\n", "x".repeat(500)));
+    assert!(r.line().starts_with("-ERR [PROTO] line too long"));
+    assert!(r.closed());
+    // Mailboxes per PUT.
+    let mut r = l.raw(0);
+    r.send("PUT m 6\r\n");
+    assert!(r.line().starts_with("-ERR [LIMIT]"));
+    drop(r);
+    l.wait_for_connections(0, 0);
+    // Connections: three held open, the fourth is refused.
+    let held: Vec<BackendConn> = (0..3).map(|_| l.conn(0)).collect();
+    let mut extra = Raw::connect(l.backends[0]);
+    assert!(extra
+        .line()
+        .starts_with("-ERR [LIMIT] too many connections"));
+    drop(held);
+    drop(extra);
+    l.wait_for_connections(0, 0);
+    // Idle time-out: a silent connection is closed.
+    let mut idle = Raw::connect(l.backends[0]);
+    assert!(idle.line().starts_with("+OK PPL/1"));
+    let started = std::time::Instant::now();
+    assert!(idle.closed());
+    assert!(
+        started.elapsed() < TIMEOUT,
+        "closed by the idle time-out, not the test's"
+    );
+    // The daemon still serves everyone else.
+    assert_eq!(l.conn(0).list(&mb("a@x.org"), 10).unwrap().len(), 1);
+}
+
+#[test]
+fn admin_port_requires_the_token_and_reports() {
+    let l = Listener::start(2, "");
+    l.conn(0).put(&id("m1"), &[mb("a@x.org")], b"x").unwrap();
+    assert_eq!(l.admin("GET", "/stats", None).0, 401);
+    assert_eq!(l.admin("GET", "/stats", Some("wrong")).0, 401);
+    let (status, body) = l.admin("GET", "/stats", Some("tok"));
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["backends"][0]["puts"], 1);
+    assert_eq!(v["backends"][1]["puts"], 0);
+    let (status, metrics) = l.admin("GET", "/metrics", Some("tok"));
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("pplistener_puts_total{backend=\"b0\"} 1"),
+        "{metrics}"
+    );
+    let (status, text) = l.admin("POST", "/control/readonly?backend=b1", Some("tok"));
+    assert_eq!((status, text.trim()), (200, "b1 ro"));
+    assert_eq!(
+        l.conn(1)
+            .put(&id("m2"), &[mb("a@x.org")], b"x")
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::ReadOnly)
+    );
+    l.conn(0).put(&id("m2"), &[mb("a@x.org")], b"x").unwrap();
+    assert_eq!(
+        l.admin("POST", "/control/loglevel?level=debug", Some("tok"))
+            .0,
+        200
+    );
+    assert_eq!(
+        l.admin("POST", "/control/loglevel?level=nonsense", Some("tok"))
+            .0,
+        400
+    );
+    assert_eq!(
+        l.admin("POST", "/control/readonly?backend=nope", Some("tok"))
+            .0,
+        400
+    );
+}
