@@ -144,8 +144,12 @@ impl MysqlConfig {
     }
 
     #[cfg(feature = "mysql-tls")]
-    fn with_tls(&self, builder: OptsBuilder) -> Result<OptsBuilder, UserbaseError> {
-        Ok(if self.tls {
+    fn with_tls(
+        &self,
+        builder: OptsBuilder,
+        tls_configured: bool,
+    ) -> Result<OptsBuilder, UserbaseError> {
+        Ok(if self.tls && !tls_configured {
             builder.ssl_opts(mysql::SslOpts::default())
         } else {
             builder

@@ -66,7 +66,7 @@ fn tls_user_needs_tls() {
     // refuses the server's certificate. Both are "unavailable", never "no such mailbox".
     for url in [user_url.clone(), format!("{user_url}&tls=true")] {
         match open(&url) {
-            Err(UserbaseError::Unavailable(_)) => {}
+            Err(UserbaseError::Unavailable(why)) => eprintln!("as expected: {why}"),
             Err(other) => panic!("{url}: expected Unavailable, got {other:?}"),
             Ok(_) => panic!("{url}: expected Unavailable, opened fine"),
         }
