@@ -9,6 +9,10 @@
 //!
 //! Changes made through the cache clear it; changes made elsewhere (SQL, another host's
 //! `ppadmin`) become visible after at most the TTL.
+//!
+//! That includes passwords: `authenticate` verifies against the cached row, so after a
+//! password change or a disable made elsewhere the *old* password keeps working for up to
+//! `positive_ttl`. Keep that TTL short (the default is 30 s).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

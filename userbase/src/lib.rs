@@ -25,6 +25,8 @@
 //! # Ok::<(), powermail_userbase::UserbaseError>(())
 //! ```
 
+#![deny(missing_docs)]
+
 mod address;
 mod cache;
 mod error;

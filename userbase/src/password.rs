@@ -27,6 +27,11 @@ use subtle::ConstantTimeEq;
 /// The scheme [`hash`] writes.
 pub const DEFAULT_SCHEME: &str = "ARGON2ID";
 
+/// A stored value that no password verifies (unknown scheme): what [`hash`] returns in
+/// the unreachable case that both hashing crates fail, so that the account is locked
+/// rather than open.
+pub const LOCKED: &str = "{LOCKED}!";
+
 /// Hashes a new password with the default modern scheme: `{ARGON2ID}` with the `argon2`
 /// crate's default (OWASP-recommended) parameters and a random 16-byte salt.
 pub fn hash(pw: &str) -> String {
@@ -35,17 +40,23 @@ pub fn hash(pw: &str) -> String {
         Ok(phc) => format!("{{{DEFAULT_SCHEME}}}{phc}"),
         // Only reachable for a password longer than argon2's 4 GiB input limit; fall back to
         // the other modern scheme rather than fail.
-        Err(_) => sha512_crypt(pw),
+        Err(err) => {
+            log::warn!("argon2 hashing failed ({err}); using SHA512-CRYPT");
+            sha512_crypt(pw).unwrap_or_else(|| LOCKED.to_string())
+        }
     }
 }
 
 /// `{SHA512-CRYPT}` with a random salt and the default 5000 rounds (what
-/// `doveadm pw -s SHA512-CRYPT` writes). For callers that need crypt(3) compatibility.
-pub fn sha512_crypt(pw: &str) -> String {
+/// `doveadm pw -s SHA512-CRYPT` writes), for callers that need crypt(3) compatibility.
+/// `None` only if the crate rejects the salt it generated itself.
+pub fn sha512_crypt(pw: &str) -> Option<String> {
     match pwhash::sha512_crypt::hash(pw) {
-        Ok(crypt) => format!("{{SHA512-CRYPT}}{crypt}"),
-        // pwhash only fails on a malformed setting string, which `hash` generates itself.
-        Err(err) => unreachable!("sha512_crypt with generated salt failed: {err}"),
+        Ok(crypt) => Some(format!("{{SHA512-CRYPT}}{crypt}")),
+        Err(err) => {
+            log::error!("sha512_crypt failed: {err}");
+            None
+        }
     }
 }
 
@@ -183,6 +194,7 @@ mod tests {
     #[test]
     fn garbage_never_verifies() {
         for stored in [
+            LOCKED,
             "",
             "{PLAIN",
             "{UNKNOWN}x",
@@ -208,7 +220,7 @@ mod tests {
 
     #[test]
     fn sha512_crypt_round_trip() {
-        let stored = sha512_crypt(PW);
+        let stored = sha512_crypt(PW).expect("hashes");
         assert!(stored.starts_with("{SHA512-CRYPT}$6$"), "{stored}");
         assert!(verify(&stored, PW));
     }
