@@ -88,12 +88,14 @@ async fn run(start: Start) {
         }
     };
     let max_conns = limits.connections_per_backend_max as u64;
+    let committer = crate::commit::Committer::start(store.clone());
     let ctx = Rc::new(Ctx {
         shared: shared.clone(),
         store,
         secret,
         limits,
         latencies: RefCell::new(Latencies::new()),
+        committer,
     });
     glommio::spawn_local(housekeeping(ctx.clone())).detach();
     let _ = ready.send(Ok(format!(

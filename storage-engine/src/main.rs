@@ -7,6 +7,7 @@
 //! for where it sits.
 
 mod backend;
+mod commit;
 mod config;
 mod session;
 mod stats;

@@ -46,6 +46,8 @@ pub struct Ctx {
     pub limits: LimitsConfig,
     /// This executor's latency histograms (published by a timer).
     pub latencies: RefCell<Latencies>,
+    /// The group-commit queue of the link stage.
+    pub committer: Rc<crate::commit::Committer>,
 }
 
 /// The socket and its buffers.
@@ -385,12 +387,13 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
             return err_line(ErrorCode::Temp, &format!("sync failed: {e}"));
         }
     };
-    let store = ctx.store.clone();
-    let (id, boxes) = (msgid.clone(), mailboxes.clone());
-    let tmp_for_link = tmp.clone();
-    let linked = glommio::executor()
-        .spawn_blocking(move || store.link_into(&tmp_for_link, &id, &boxes))
-        .await;
+    let job = crate::store::LinkJob {
+        tmp: tmp.clone(),
+        msgid: msgid.clone(),
+        mailboxes,
+    };
+    let mailbox_count = job.mailboxes.len();
+    let linked = ctx.committer.link(job).await;
     match linked {
         Ok(out) => {
             add(&c.puts, 1);
@@ -400,7 +403,7 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
             ctx.latencies.borrow_mut().record("PUT", us);
             log::debug!(
                 "backend={} client={peer} put msgid={msgid} size={size_bytes} mailboxes={} created={} existing={} copies={} us={us}",
-                ctx.shared.name, mailboxes.len(), out.created, out.existing, out.extra_copies
+                ctx.shared.name, mailbox_count, out.created, out.existing, out.extra_copies
             );
             ok_line(&format!("{msgid} {size_bytes} {}", out.created))
         }

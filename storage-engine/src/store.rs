@@ -14,6 +14,7 @@
 //! validated. The functions here block (link, readdir, fsync of directories):
 //! the executor calls them through its blocking thread pool.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,17 @@ pub struct Store {
     root: PathBuf,
     tmp: PathBuf,
     mbox: PathBuf,
+}
+
+/// One durable body waiting to be linked into its mailboxes.
+#[derive(Debug, Clone)]
+pub struct LinkJob {
+    /// The temporary file holding the durable body.
+    pub tmp: PathBuf,
+    /// Its id.
+    pub msgid: MessageId,
+    /// Where it goes.
+    pub mailboxes: Vec<MailboxName>,
 }
 
 /// What linking a stored body into its mailboxes did.
@@ -100,32 +112,77 @@ impl Store {
 
     /// Links the durable body at `tmp` into every mailbox as `msgid`, makes
     /// the links durable (directory fsyncs), and removes `tmp`.
-    ///
-    /// Mailboxes that already hold `msgid` are left alone (PUT is idempotent:
-    /// ids are unique and bodies immutable). On `EMLINK` a second copy of the
-    /// body is made and linking goes on from it.
+    #[cfg(test)]
     pub fn link_into(
         &self,
         tmp: &Path,
         msgid: &MessageId,
         mailboxes: &[MailboxName],
     ) -> io::Result<LinkOutcome> {
+        let job = LinkJob {
+            tmp: tmp.to_path_buf(),
+            msgid: msgid.clone(),
+            mailboxes: mailboxes.to_vec(),
+        };
+        self.link_batch(std::slice::from_ref(&job))
+            .pop()
+            .expect("one result per job")
+    }
+
+    /// Group commit of the link stage: links every job's durable body into
+    /// its mailboxes, then fsyncs each touched directory once for the whole
+    /// batch, then removes the temporaries. One result per job, in order;
+    /// `Ok` only when that job's links are durable.
+    ///
+    /// Mailboxes that already hold the id are left alone (PUT is idempotent:
+    /// ids are unique and bodies immutable). On `EMLINK` a second copy of the
+    /// body is made and linking goes on from it.
+    pub fn link_batch(&self, jobs: &[LinkJob]) -> Vec<io::Result<LinkOutcome>> {
+        let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut temps: Vec<PathBuf> = Vec::new();
+        let mut results: Vec<io::Result<LinkOutcome>> = jobs
+            .iter()
+            .map(|job| {
+                temps.push(job.tmp.clone());
+                self.link_one(job, &mut dirs, &mut temps)
+            })
+            .collect();
+        // One fsync per directory, shared by every message of the batch.
+        if let Some(e) = dirs.iter().find_map(|d| sync_dir(d).err()) {
+            let failed = |e: &io::Error| io::Error::new(e.kind(), format!("directory fsync: {e}"));
+            for r in results.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(failed(&e));
+            }
+        }
+        for t in temps {
+            if let Err(e) = fs::remove_file(&t) {
+                log::warn!("removing {}: {e}", t.display());
+            }
+        }
+        results
+    }
+
+    fn link_one(
+        &self,
+        job: &LinkJob,
+        dirs: &mut BTreeSet<PathBuf>,
+        temps: &mut Vec<PathBuf>,
+    ) -> io::Result<LinkOutcome> {
         let mut out = LinkOutcome::default();
-        let mut source = tmp.to_path_buf();
-        let mut extra: Vec<PathBuf> = Vec::new();
-        for mailbox in mailboxes {
+        let mut source = job.tmp.clone();
+        for mailbox in &job.mailboxes {
             let dir = self.mailbox_dir(mailbox);
             self.ensure_dir(&dir)?;
-            let target = dir.join(msgid.as_str());
+            let target = dir.join(job.msgid.as_str());
             loop {
                 match fs::hard_link(&source, &target) {
                     Ok(()) => out.created += 1,
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => out.existing += 1,
                     Err(e) if e.raw_os_error() == Some(libc::EMLINK) => {
-                        let copy = self.temp_path(msgid);
+                        let copy = self.temp_path(&job.msgid);
                         fs::copy(&source, &copy)?;
                         File::open(&copy)?.sync_data()?;
-                        extra.push(copy.clone());
+                        temps.push(copy.clone());
                         source = copy;
                         out.extra_copies += 1;
                         continue;
@@ -134,10 +191,7 @@ impl Store {
                 }
                 break;
             }
-            sync_dir(&dir)?;
-        }
-        for t in std::iter::once(tmp.to_path_buf()).chain(extra) {
-            fs::remove_file(t)?;
+            dirs.insert(dir);
         }
         Ok(out)
     }

@@ -1,0 +1,82 @@
+//! Group commit of the link stage.
+//!
+//! Each PUT makes its own body durable (its `fdatasync` runs concurrently with
+//! everyone else's through io_uring, and the journal merges them). Linking is
+//! different: linking and fsyncing directories one message at a time costs a
+//! journal commit per message. So finished bodies queue here, and one task per
+//! executor links everything queued in one blocking call that fsyncs each
+//! directory once for the whole batch. Durability per message, cost per batch.
+//!
+//! The queue is bounded by the connection limit: each connection has at most
+//! one PUT waiting.
+
+use std::cell::RefCell;
+use std::io;
+use std::rc::Rc;
+
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+
+use crate::store::{LinkJob, LinkOutcome, Store};
+
+/// Most messages linked in one blocking call.
+const BATCH_MAX: usize = 256;
+
+struct Waiting {
+    job: LinkJob,
+    done: LocalSender<io::Result<LinkOutcome>>,
+}
+
+/// The per-executor link queue.
+pub struct Committer {
+    queue: RefCell<Vec<Waiting>>,
+    doorbell: LocalSender<()>,
+}
+
+impl Committer {
+    /// Creates the queue and starts its task on the current executor.
+    pub fn start(store: Store) -> Rc<Committer> {
+        let (doorbell, ring) = local_channel::new_bounded(1);
+        let c = Rc::new(Committer {
+            queue: RefCell::new(Vec::new()),
+            doorbell,
+        });
+        glommio::spawn_local(run(store, c.clone(), ring)).detach();
+        c
+    }
+
+    /// Links `job` as part of the next batch; returns once its links are durable.
+    pub async fn link(&self, job: LinkJob) -> io::Result<LinkOutcome> {
+        let (done, result) = local_channel::new_bounded(1);
+        self.queue.borrow_mut().push(Waiting { job, done });
+        // Full means the task is already due to wake: nothing to add.
+        let _ = self.doorbell.try_send(());
+        result
+            .recv()
+            .await
+            .unwrap_or_else(|| Err(io::Error::other("link task stopped")))
+    }
+}
+
+async fn run(store: Store, c: Rc<Committer>, ring: LocalReceiver<()>) {
+    while ring.recv().await.is_some() {
+        loop {
+            let batch: Vec<Waiting> = {
+                let mut q = c.queue.borrow_mut();
+                let n = q.len().min(BATCH_MAX);
+                q.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                break;
+            }
+            let jobs: Vec<LinkJob> = batch.iter().map(|w| w.job.clone()).collect();
+            let s = store.clone();
+            let results = glommio::executor()
+                .spawn_blocking(move || s.link_batch(&jobs))
+                .await;
+            debug_assert_eq!(results.len(), batch.len());
+            for (w, r) in batch.into_iter().zip(results) {
+                let _ = w.done.try_send(r);
+            }
+        }
+    }
+}
