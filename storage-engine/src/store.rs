@@ -172,7 +172,7 @@ impl Store {
         let mut source = job.tmp.clone();
         for mailbox in &job.mailboxes {
             let dir = self.mailbox_dir(mailbox);
-            self.ensure_dir(&dir)?;
+            self.ensure_dir(&dir, dirs)?;
             let target = dir.join(job.msgid.as_str());
             loop {
                 match fs::hard_link(&source, &target) {
@@ -196,9 +196,10 @@ impl Store {
         Ok(out)
     }
 
-    /// Creates `dir` and any missing parents under `mbox/`, fsyncing the
-    /// parent of every directory it creates so the new entry is durable.
-    fn ensure_dir(&self, dir: &Path) -> io::Result<()> {
+    /// Creates `dir` and any missing parents under `mbox/`. The parent of
+    /// every directory created goes into `dirs`, to be fsynced with the batch
+    /// (nothing is acknowledged before that, so the order does not matter).
+    fn ensure_dir(&self, dir: &Path, dirs: &mut BTreeSet<PathBuf>) -> io::Result<()> {
         if dir.is_dir() {
             return Ok(());
         }
@@ -206,10 +207,13 @@ impl Store {
             .parent()
             .ok_or_else(|| io::Error::other("mailbox dir has no parent"))?;
         if parent != self.mbox {
-            self.ensure_dir(parent)?;
+            self.ensure_dir(parent, dirs)?;
         }
         match fs::create_dir(dir) {
-            Ok(()) => sync_dir(parent),
+            Ok(()) => {
+                dirs.insert(parent.to_path_buf());
+                Ok(())
+            }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(e),
         }
