@@ -1,0 +1,442 @@
+//! The live view of the backends: health and pooled connections.
+//!
+//! A [`Cluster`] owns one [`Slot`] per configured backend. Each slot has a
+//! health checker thread (a dedicated connection asking STATUS every
+//! `health_interval_ms`) and a bounded pool of authenticated connections
+//! that callers [`checkout`](Cluster::checkout) and
+//! [`release`](PooledConn::release). A connection that saw an error is never
+//! returned to the pool: dropping a [`PooledConn`] closes it.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use powermail_proto::{BackendConn, BackendError, ErrorCode};
+
+use crate::config::{BackendSpec, PoolConfig};
+use crate::select::{select, Candidate};
+
+/// Index of a backend in the configured list.
+pub type BackendId = usize;
+
+/// What the health checker last saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Not checked yet.
+    Unknown,
+    /// Answering and accepting new messages.
+    Up,
+    /// Answering, serving reads, refusing new messages.
+    ReadOnly,
+    /// Not answering (or answering nonsense).
+    Down,
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// `open_max_per_backend` connections are in use and none came back in time.
+    #[error("backend {0}: connection pool exhausted")]
+    Exhausted(String),
+    /// Connecting or authenticating failed.
+    #[error("backend {0}: {1}")]
+    Backend(String, BackendError),
+}
+
+/// A point-in-time view of one backend, for admin ports and logs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendSnapshot {
+    /// Its index.
+    pub id: BackendId,
+    /// Configured name.
+    pub name: String,
+    /// Configured address.
+    pub addr: String,
+    /// Failure domain.
+    pub group: String,
+    /// Selection priority.
+    pub priority: i32,
+    /// Last health seen.
+    pub health: Health,
+    /// Free bytes reported by the last STATUS.
+    pub free_bytes: u64,
+    /// Connections open for work (idle and in use).
+    pub open_connections: usize,
+    /// Of which idle in the pool.
+    pub idle_connections: usize,
+    /// The last error seen, if any.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug)]
+struct State {
+    health: Health,
+    free_bytes: u64,
+    last_error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Pool {
+    /// Idle connections with the time they were returned; newest last.
+    idle: Vec<(BackendConn, Instant)>,
+    /// Connections open for work, idle ones included.
+    open: usize,
+}
+
+#[derive(Debug)]
+struct Slot {
+    spec: BackendSpec,
+    state: Mutex<State>,
+    pool: Mutex<Pool>,
+    returned: Condvar,
+}
+
+/// The configured backends, their health and their connection pools.
+#[derive(Debug)]
+pub struct Cluster {
+    secret: Vec<u8>,
+    cfg: PoolConfig,
+    slots: Vec<Slot>,
+    stopped: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere cannot leave these plain records inconsistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Cluster {
+    /// Builds the cluster, checks every backend once (in parallel, bounded by
+    /// `health_timeout_ms`), then starts one health-checker thread per backend.
+    /// The threads end when the last `Arc` is dropped or on [`stop`](Self::stop).
+    pub fn start(secret: Vec<u8>, specs: Vec<BackendSpec>, cfg: PoolConfig) -> Arc<Cluster> {
+        let slots = specs
+            .into_iter()
+            .map(|spec| Slot {
+                spec,
+                state: Mutex::new(State {
+                    health: Health::Unknown,
+                    free_bytes: 0,
+                    last_error: None,
+                }),
+                pool: Mutex::new(Pool::default()),
+                returned: Condvar::new(),
+            })
+            .collect();
+        let cluster = Arc::new(Cluster {
+            secret,
+            cfg,
+            slots,
+            stopped: AtomicBool::new(false),
+        });
+        let checkers: Vec<_> = (0..cluster.slots.len())
+            .map(|id| {
+                let weak = Arc::downgrade(&cluster);
+                let (first_tx, first_rx) = std::sync::mpsc::channel();
+                let spawned = thread::Builder::new()
+                    .name(format!("health-{id}"))
+                    .spawn(move || health_loop(weak, id, first_tx));
+                if let Err(e) = spawned {
+                    log::error!("cannot start health checker {id}: {e}");
+                }
+                first_rx
+            })
+            .collect();
+        for first in checkers {
+            let _ = first.recv_timeout(Duration::from_millis(cluster.cfg.health_timeout_ms * 2));
+        }
+        cluster
+    }
+
+    /// Stops the health checkers (idle connections are closed on drop).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+
+    /// Number of configured backends.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// True when no backend is configured.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The configuration of backend `id`. Panics on an id not from this cluster.
+    pub fn spec(&self, id: BackendId) -> &BackendSpec {
+        &self.slots[id].spec
+    }
+
+    /// The pool settings.
+    pub fn pool_config(&self) -> &PoolConfig {
+        &self.cfg
+    }
+
+    /// Current health of backend `id`.
+    pub fn health(&self, id: BackendId) -> Health {
+        lock(&self.slots[id].state).health
+    }
+
+    /// Up to `k` distinct backends that are up and writable, chosen by
+    /// [`select`] (groups, priority, free space, random).
+    pub fn select_writable(&self, k: usize) -> Vec<BackendId> {
+        let states: Vec<(Health, u64)> = self
+            .slots
+            .iter()
+            .map(|s| {
+                let st = lock(&s.state);
+                (st.health, st.free_bytes)
+            })
+            .collect();
+        let candidates: Vec<Candidate<'_>> = self
+            .slots
+            .iter()
+            .zip(&states)
+            .enumerate()
+            .filter(|(_, (_, (h, free)))| *h == Health::Up && *free >= self.cfg.free_bytes_min)
+            .map(|(id, (slot, (_, free)))| Candidate {
+                id,
+                group: slot.spec.group_name(),
+                priority: slot.spec.priority,
+                free_bytes: *free,
+            })
+            .collect();
+        select(&candidates, k, &mut rand::thread_rng())
+    }
+
+    /// Backends that can serve reads right now (up or read-only): the ones a
+    /// POP3 listing asks.
+    pub fn readable(&self) -> Vec<BackendId> {
+        (0..self.slots.len())
+            .filter(|&id| matches!(self.health(id), Health::Up | Health::ReadOnly))
+            .collect()
+    }
+
+    /// Records what a caller learnt from an error on backend `id`: an I/O or
+    /// protocol error marks it down, a `READONLY` refusal marks it
+    /// read-only, until the health checker sees otherwise.
+    pub fn report_error(&self, id: BackendId, err: &BackendError) {
+        let health = match err {
+            BackendError::Io(_) | BackendError::Protocol(_) => Health::Down,
+            BackendError::Refused {
+                code: Some(ErrorCode::ReadOnly),
+                ..
+            } => Health::ReadOnly,
+            BackendError::Refused { .. } => return,
+        };
+        let mut st = lock(&self.slots[id].state);
+        if st.health != health {
+            log::warn!("backend={} now {health:?}: {err}", self.slots[id].spec.name);
+        }
+        st.health = health;
+        st.last_error = Some(err.to_string());
+    }
+
+    /// An authenticated connection to backend `id`: an idle one from the pool
+    /// (PINGed first if it idled longer than `ping_after_idle_ms`) or a new
+    /// one. Waits up to `connect_timeout_ms` when `open_max_per_backend` are
+    /// in use. A failure to connect marks the backend down.
+    pub fn checkout(self: &Arc<Self>, id: BackendId) -> Result<PooledConn, PoolError> {
+        let slot = &self.slots[id];
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.connect_timeout_ms);
+        let mut pool = lock(&slot.pool);
+        loop {
+            if let Some((mut conn, since)) = pool.idle.pop() {
+                drop(pool);
+                let fresh = since.elapsed() < Duration::from_millis(self.cfg.ping_after_idle_ms);
+                if fresh || conn.ping().is_ok() {
+                    return Ok(self.wrap(id, conn));
+                }
+                drop(conn);
+                pool = lock(&slot.pool);
+                pool.open -= 1;
+                continue;
+            }
+            if pool.open < self.cfg.open_max_per_backend {
+                pool.open += 1;
+                drop(pool);
+                return self
+                    .connect(id)
+                    .map(|conn| self.wrap(id, conn))
+                    .inspect_err(|_| {
+                        lock(&slot.pool).open -= 1;
+                        slot.returned.notify_one();
+                    });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(PoolError::Exhausted(slot.spec.name.clone()));
+            }
+            pool = slot
+                .returned
+                .wait_timeout(pool, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn connect(&self, id: BackendId) -> Result<BackendConn, PoolError> {
+        let spec = &self.slots[id].spec;
+        let connect_timeout = Duration::from_millis(self.cfg.connect_timeout_ms);
+        let io_timeout = Duration::from_millis(self.cfg.io_timeout_ms);
+        BackendConn::connect(&spec.addr, &self.secret, connect_timeout)
+            .and_then(|mut c| c.set_timeout(io_timeout).map(|_| c))
+            .map_err(|e| {
+                self.report_error(id, &e);
+                PoolError::Backend(spec.name.clone(), e)
+            })
+    }
+
+    fn wrap(self: &Arc<Self>, id: BackendId, conn: BackendConn) -> PooledConn {
+        PooledConn {
+            conn: Some(conn),
+            cluster: self.clone(),
+            id,
+        }
+    }
+
+    /// A view of every backend.
+    pub fn snapshot(&self) -> Vec<BackendSnapshot> {
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(id, s)| {
+                let st = lock(&s.state);
+                let pool = lock(&s.pool);
+                BackendSnapshot {
+                    id,
+                    name: s.spec.name.clone(),
+                    addr: s.spec.addr.clone(),
+                    group: s.spec.group_name().to_string(),
+                    priority: s.spec.priority,
+                    health: st.health,
+                    free_bytes: st.free_bytes,
+                    open_connections: pool.open,
+                    idle_connections: pool.idle.len(),
+                    last_error: st.last_error.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// One STATUS round trip on the checker's own connection.
+    fn check(&self, id: BackendId, conn: &mut Option<BackendConn>) {
+        let slot = &self.slots[id];
+        let timeout = Duration::from_millis(self.cfg.health_timeout_ms);
+        let result = match conn.take() {
+            Some(c) => Ok(c),
+            None => BackendConn::connect(&slot.spec.addr, &self.secret, timeout),
+        }
+        .and_then(|mut c| c.status().map(|kv| (c, kv)));
+        let mut st = lock(&slot.state);
+        let before = st.health;
+        match result {
+            Ok((c, kv)) => {
+                let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+                st.health = match get("mode") {
+                    Some("rw") => Health::Up,
+                    _ => Health::ReadOnly,
+                };
+                st.free_bytes = get("free_bytes").and_then(|v| v.parse().ok()).unwrap_or(0);
+                *conn = Some(c);
+            }
+            Err(e) => {
+                st.health = Health::Down;
+                st.last_error = Some(e.to_string());
+            }
+        }
+        if st.health != before {
+            log::info!(
+                "backend={} health {before:?} -> {:?}",
+                slot.spec.name,
+                st.health
+            );
+        }
+        if st.health == Health::Down {
+            drop(st);
+            // Idle connections to a dead backend are useless; close them.
+            let mut pool = lock(&slot.pool);
+            let n = pool.idle.len();
+            pool.idle.clear();
+            pool.open -= n;
+        }
+    }
+}
+
+fn health_loop(cluster: Weak<Cluster>, id: BackendId, first: std::sync::mpsc::Sender<()>) {
+    let mut conn = None;
+    let mut first = Some(first);
+    loop {
+        let interval = match cluster.upgrade() {
+            Some(c) if !c.stopped.load(Ordering::Relaxed) => {
+                c.check(id, &mut conn);
+                Duration::from_millis(c.cfg.health_interval_ms)
+            }
+            _ => return,
+        };
+        if let Some(tx) = first.take() {
+            let _ = tx.send(());
+        }
+        thread::sleep(interval);
+    }
+}
+
+/// A connection checked out of a backend's pool. Derefs to
+/// [`BackendConn`]. Call [`release`](Self::release) when the connection is
+/// idle and healthy; dropping it instead closes it.
+#[derive(Debug)]
+pub struct PooledConn {
+    conn: Option<BackendConn>,
+    cluster: Arc<Cluster>,
+    id: BackendId,
+}
+
+impl PooledConn {
+    /// The backend this connection goes to.
+    pub fn backend(&self) -> BackendId {
+        self.id
+    }
+
+    /// Returns the connection to the pool for reuse (or closes it when the
+    /// pool already holds `idle_max_per_backend`). Only call this between
+    /// requests, never after an error.
+    pub fn release(mut self) {
+        let conn = self.conn.take().expect("present until release or drop");
+        let slot = &self.cluster.slots[self.id];
+        let mut pool = lock(&slot.pool);
+        if pool.idle.len() < self.cluster.cfg.idle_max_per_backend {
+            pool.idle.push((conn, Instant::now()));
+        } else {
+            pool.open -= 1;
+        }
+        drop(pool);
+        slot.returned.notify_one();
+    }
+}
+
+impl Deref for PooledConn {
+    type Target = BackendConn;
+    fn deref(&self) -> &BackendConn {
+        self.conn.as_ref().expect("present until release or drop")
+    }
+}
+
+impl DerefMut for PooledConn {
+    fn deref_mut(&mut self) -> &mut BackendConn {
+        self.conn.as_mut().expect("present until release or drop")
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        if self.conn.take().is_some() {
+            let slot = &self.cluster.slots[self.id];
+            lock(&slot.pool).open -= 1;
+            slot.returned.notify_one();
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The backend part of a frontend's configuration.
+//!
+//! Frontends embed these types in their own TOML structure: a shared
+//! `secret`, an array of `[[backend]]` tables and a `[backend_pool]` table.
+//! Every knob has a unit in its name and a default.
+
+use serde::Deserialize;
+
+/// One pplistener backend as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    /// Name for logs and stats (need not match the backend's own name).
+    pub name: String,
+    /// `host:port` of the backend's protocol port.
+    pub addr: String,
+    /// Failure domain (host, rack, disk shelf). Copies of one message go to
+    /// distinct groups when enough are healthy. Default: the backend's own
+    /// name, i.e. every backend is its own group.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Higher is preferred for new messages (default 0). Use it to fill new
+    /// disks first or to keep a backend as a last resort (negative).
+    #[serde(default)]
+    pub priority: i32,
+}
+
+impl BackendSpec {
+    /// A backend in its own group with priority 0.
+    pub fn new(name: &str, addr: &str) -> BackendSpec {
+        BackendSpec {
+            name: name.to_string(),
+            addr: addr.to_string(),
+            group: None,
+            priority: 0,
+        }
+    }
+
+    /// The failure domain (the name when no group is set).
+    pub fn group_name(&self) -> &str {
+        self.group.as_deref().unwrap_or(&self.name)
+    }
+}
+
+/// Health checking and connection pooling, shared by every backend.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// How often each backend is asked for its STATUS.
+    pub health_interval_ms: u64,
+    /// Time-out of one health check (connect + STATUS); a backend that does
+    /// not answer in time is marked down.
+    pub health_timeout_ms: u64,
+    /// Time-out of connecting to a backend for real work.
+    pub connect_timeout_ms: u64,
+    /// Time-out of every read and write on a working connection.
+    pub io_timeout_ms: u64,
+    /// Most idle connections kept per backend for reuse.
+    pub idle_max_per_backend: usize,
+    /// Most connections open at once per backend (idle + in use); a caller
+    /// beyond it waits up to `connect_timeout_ms`, then fails.
+    pub open_max_per_backend: usize,
+    /// An idle connection older than this is PINGed before reuse (the
+    /// backend closes idle connections after its own time-out).
+    pub ping_after_idle_ms: u64,
+    /// Below this many free bytes a backend is treated as read-only.
+    pub free_bytes_min: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> PoolConfig {
+        PoolConfig {
+            health_interval_ms: 1000,
+            health_timeout_ms: 500,
+            connect_timeout_ms: 2000,
+            io_timeout_ms: 30_000,
+            idle_max_per_backend: 32,
+            open_max_per_backend: 256,
+            ping_after_idle_ms: 2000,
+            free_bytes_min: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct File {
+        #[serde(rename = "backend")]
+        backends: Vec<BackendSpec>,
+        #[serde(default)]
+        backend_pool: PoolConfig,
+    }
+
+    #[test]
+    fn parses_backend_tables() {
+        let f: File = toml::from_str(
+            r#"
+            [backend_pool]
+            health_interval_ms = 250
+            [[backend]]
+            name = "a"
+            addr = "127.0.0.1:7900"
+            [[backend]]
+            name = "b"
+            addr = "10.0.0.2:7900"
+            group = "host2"
+            priority = 5
+            "#,
+        )
+        .unwrap();
+        assert_eq!(f.backends.len(), 2);
+        assert_eq!(f.backends[0].group_name(), "a");
+        assert_eq!(f.backends[1].group_name(), "host2");
+        assert_eq!(f.backends[1].priority, 5);
+        assert_eq!(f.backend_pool.health_interval_ms, 250);
+        assert_eq!(f.backend_pool.io_timeout_ms, 30_000);
+    }
+}

@@ -1,0 +1,35 @@
+//! What PowerMail's frontends share about the backends.
+//!
+//! powersmtp and powerpop are stateless: everything they know about the
+//! store is a configured list of pplistener backends. This crate turns that
+//! list into a live [`Cluster`]:
+//!
+//! * [`config`] — the `[[backend]]` tables and the `[backend_pool]` knobs of a
+//!   frontend's TOML file;
+//! * [`Cluster`] — one background health-checker thread per backend (STATUS
+//!   every `health_interval_ms` with a short time-out: up, down, read-only,
+//!   free bytes) and a bounded pool of authenticated, reusable
+//!   [`BackendConn`](powermail_proto::BackendConn)s per backend;
+//! * [`select`] — the choice of K distinct writable backends for a new
+//!   message, after PowerMail's ServerSelect: distinct groups first, then
+//!   higher priority, then weighted by free space, random among equals.
+//!
+//! ```no_run
+//! use powermail_frontend::{Cluster, config::{BackendSpec, PoolConfig}};
+//! let specs = vec![BackendSpec::new("b0", "127.0.0.1:7900")];
+//! let cluster = Cluster::start(b"secret".to_vec(), specs, PoolConfig::default());
+//! let chosen = cluster.select_writable(1);
+//! for id in chosen {
+//!     let mut conn = cluster.checkout(id).expect("backend reachable");
+//!     conn.ping().expect("alive");
+//!     conn.release(); // back to the pool
+//! }
+//! ```
+
+pub mod cluster;
+pub mod config;
+pub mod select;
+
+pub use cluster::{BackendId, BackendSnapshot, Cluster, Health, PoolError, PooledConn};
+pub use config::{BackendSpec, PoolConfig};
+pub use select::{select, Candidate};

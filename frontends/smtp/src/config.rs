@@ -1,0 +1,251 @@
+//! powersmtp's configuration: one TOML file (`--config FILE`), every knob
+//! named with its unit and a default. `examples/powersmtp.toml` documents
+//! every key.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use powermail_frontend::{BackendSpec, PoolConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::session::SessionLimits;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// SMTP listening address.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// The name this server gives itself (greeting, EHLO, Received).
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    /// Part of every message id; must be unique among the frontends that
+    /// share backends. Default: `hostname`.
+    #[serde(default)]
+    pub frontend_id: Option<String>,
+    /// Admin HTTP port; none: no admin port.
+    #[serde(default)]
+    pub admin_listen: Option<String>,
+    /// Bearer token for the admin port (default: the backend secret).
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// Userbase URL: `sqlite:///path.db` or `mysql://user:pass@host/db`.
+    pub userbase: String,
+    /// The userbase look-up cache.
+    #[serde(default)]
+    pub userbase_cache: CacheSettings,
+    /// Copies of each message (K): 250 only when K backends hold it durably.
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// Shared backend secret; either this or `secret_file`.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// File holding the backend secret (trailing whitespace ignored).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Limits and time-outs.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Backend health checks and connection pools.
+    #[serde(default)]
+    pub backend_pool: PoolConfig,
+    /// The backends.
+    #[serde(rename = "backend")]
+    pub backends: Vec<BackendSpec>,
+}
+
+/// How long userbase answers are reused.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// A found mailbox is reused this long.
+    pub positive_ttl_ms: u64,
+    /// "No such mailbox" is reused this long.
+    pub negative_ttl_ms: u64,
+    /// Most cached answers.
+    pub max_entries: usize,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            positive_ttl_ms: 30_000,
+            negative_ttl_ms: 5_000,
+            max_entries: 10_000,
+        }
+    }
+}
+
+/// Limits and time-outs (RFC 5321 §4.5.3).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Concurrent SMTP connections (one thread each); beyond: `421 4.3.2`.
+    pub connections_max: usize,
+    /// Longest command line in bytes, CRLF included.
+    pub line_max_bytes: usize,
+    /// Largest message in bytes (advertised as SIZE).
+    pub message_max_bytes: u64,
+    /// Most recipients per message.
+    pub recipients_max: usize,
+    /// Most refused commands per session before `421` and close.
+    pub errors_max: u32,
+    /// Waiting for the next command (RFC 5321: at least 5 minutes).
+    pub command_timeout_ms: u64,
+    /// Waiting for the next block of message data (RFC 5321: 3 minutes).
+    pub data_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let s = SessionLimits::default();
+        Limits {
+            connections_max: 512,
+            line_max_bytes: s.line_max_bytes,
+            message_max_bytes: s.message_max_bytes,
+            recipients_max: s.recipients_max,
+            errors_max: s.errors_max,
+            command_timeout_ms: 300_000,
+            data_timeout_ms: 180_000,
+        }
+    }
+}
+
+impl Limits {
+    /// The part a [`Session`](crate::session::Session) enforces.
+    pub fn session(&self) -> SessionLimits {
+        SessionLimits {
+            line_max_bytes: self.line_max_bytes,
+            message_max_bytes: self.message_max_bytes,
+            recipients_max: self.recipients_max,
+            errors_max: self.errors_max,
+        }
+    }
+
+    /// The command time-out.
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_millis(self.command_timeout_ms)
+    }
+
+    /// The DATA block time-out.
+    pub fn data_timeout(&self) -> Duration {
+        Duration::from_millis(self.data_timeout_ms)
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:2525".into()
+}
+
+fn default_hostname() -> String {
+    "localhost".into()
+}
+
+fn default_replicas() -> usize {
+    1
+}
+
+impl Config {
+    /// Parses and checks a configuration text.
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let cfg: Config = toml::from_str(text)?;
+        if cfg.backends.is_empty() {
+            bail!("no [[backend]] configured");
+        }
+        if cfg.replicas == 0 || cfg.replicas > cfg.backends.len() {
+            bail!(
+                "replicas = {} must be between 1 and the number of backends ({})",
+                cfg.replicas,
+                cfg.backends.len()
+            );
+        }
+        if cfg.limits.line_max_bytes < 512 {
+            bail!("limits.line_max_bytes must be at least 512 (RFC 5321)");
+        }
+        if cfg.limits.connections_max == 0 {
+            bail!("limits.connections_max must be at least 1");
+        }
+        if cfg.secret.is_none() == cfg.secret_file.is_none() {
+            bail!("set exactly one of secret and secret_file");
+        }
+        Ok(cfg)
+    }
+
+    /// The backend secret.
+    pub fn secret(&self) -> anyhow::Result<Vec<u8>> {
+        match (&self.secret, &self.secret_file) {
+            (Some(s), _) => Ok(s.as_bytes().to_vec()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                Ok(text.trim_end().as_bytes().to_vec())
+            }
+            (None, None) => bail!("no secret"),
+        }
+    }
+
+    /// The message-id component naming this frontend.
+    pub fn frontend_id(&self) -> &str {
+        self.frontend_id.as_deref().unwrap_or(&self.hostname)
+    }
+
+    /// The effective configuration for the admin port, secrets removed.
+    pub fn public_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "listen": self.listen,
+            "hostname": self.hostname,
+            "frontend_id": self.frontend_id(),
+            "admin_listen": self.admin_listen,
+            "userbase": redact_url(&self.userbase),
+            "userbase_cache": self.userbase_cache,
+            "replicas": self.replicas,
+            "limits": self.limits,
+            "backend_pool": self.backend_pool,
+            "backends": self.backends.iter().map(|b| serde_json::json!({
+                "name": b.name, "addr": b.addr, "group": b.group_name(), "priority": b.priority,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// `mysql://user:pass@host/db` → `mysql://user:***@host/db`.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../../examples/powersmtp.toml");
+        let cfg = Config::parse(text).expect("example parses");
+        assert_eq!(cfg.listen, "127.0.0.1:2525");
+        assert!(cfg.backends.len() >= 2);
+    }
+
+    #[test]
+    fn checks() {
+        let base = "userbase = \"sqlite:///x.db\"\nsecret = \"s\"\n";
+        let one = "[[backend]]\nname = \"a\"\naddr = \"127.0.0.1:1\"\n";
+        assert!(Config::parse(&format!("{base}{one}")).is_ok());
+        assert!(Config::parse(base).is_err(), "no backends");
+        assert!(Config::parse(&format!("{base}replicas = 2\n{one}")).is_err());
+        assert!(Config::parse(&format!("{base}bogus = 1\n{one}")).is_err());
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact_url("mysql://u:pw@h/db"), "mysql://u:***@h/db");
+        assert_eq!(redact_url("sqlite:///a@b.db"), "sqlite:///a@b.db");
+    }
+}

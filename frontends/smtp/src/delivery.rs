@@ -1,0 +1,470 @@
+//! The real [`Delivery`]: recipients from the userbase, messages streamed to
+//! K backends at once.
+//!
+//! At DATA, K backends are chosen ([`Cluster::select_writable`], ordered by
+//! preference; the others serve as fall-backs if a chosen one cannot be
+//! reached) and ONE PUT carrying all local recipients is started on each,
+//! beginning with the `Received:` header. Every chunk of the message goes to
+//! all of them as it arrives. At the end, all K are told to finish first and
+//! their replies are read afterwards, so the K `fdatasync`s overlap. Only when
+//! all K said OK is the reply `250`; otherwise the copies that did succeed
+//! are deleted again (no orphan duplicates when the sender retries) and the
+//! reply is `451 4.3.0`.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use powermail_admin::Latencies;
+use powermail_frontend::{BackendId, Cluster, PooledConn};
+use powermail_proto::{BackendError, ErrorCode, MailboxName, MessageId};
+use powermail_userbase::{CachedUserbase, Userbase, UserbaseError};
+
+use crate::session::{printable, Delivery, Envelope, RcptVerdict, Reply};
+
+/// Process-wide counters, read by the admin port.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Sessions accepted.
+    pub sessions: AtomicU64,
+    /// Connections refused with 421 (over `connections_max`).
+    pub sessions_refused: AtomicU64,
+    /// Sessions open now.
+    pub connections: AtomicUsize,
+    /// Messages accepted (250 after DATA).
+    pub messages: AtomicU64,
+    /// Messages refused after DATA began (451/552).
+    pub messages_failed: AtomicU64,
+    /// Recipients of accepted messages.
+    pub recipients: AtomicU64,
+    /// Bytes of accepted messages (one copy, Received header included).
+    pub bytes: AtomicU64,
+    /// Replies by class: 2xx, 3xx, 4xx, 5xx.
+    pub replies: [AtomicU64; 4],
+    /// Latencies: `transaction` (MAIL to final reply), `eod_to_reply`
+    /// (end of DATA to the reply), `backend_put` (one PUT, first byte to
+    /// durable reply).
+    pub latencies: Mutex<Latencies>,
+}
+
+/// What every session shares.
+pub struct Shared {
+    /// Backends.
+    pub cluster: Arc<Cluster>,
+    /// Recipient look-ups.
+    pub userbase: CachedUserbase,
+    /// Counters.
+    pub stats: Stats,
+    /// Replication factor K.
+    pub replicas: usize,
+    /// Our name in Received headers.
+    pub hostname: String,
+    /// Message-id component of this process.
+    pub frontend_id: String,
+    /// Message-id counter.
+    pub counter: AtomicU64,
+}
+
+/// One backend receiving a copy.
+struct Copy {
+    id: BackendId,
+    conn: Option<PooledConn>,
+    started: Instant,
+}
+
+/// The message being stored.
+struct Txn {
+    msgid: MessageId,
+    rcpts: Vec<MailboxName>,
+    from: String,
+    copies: Vec<Copy>,
+    size_bytes: u64,
+}
+
+/// The delivery of one SMTP connection.
+pub struct BackendDelivery {
+    shared: Arc<Shared>,
+    client: String,
+    txn: Option<Txn>,
+    txn_started: Option<Instant>,
+}
+
+impl BackendDelivery {
+    /// A delivery for the session with `client` (its IP address).
+    pub fn new(shared: Arc<Shared>, client: &str) -> BackendDelivery {
+        BackendDelivery {
+            shared,
+            client: client.to_string(),
+            txn: None,
+            txn_started: None,
+        }
+    }
+
+    fn now_us() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0)
+    }
+
+    /// Opens a PUT (header included) on backend `id`.
+    fn open_copy(
+        &self,
+        id: BackendId,
+        msgid: &MessageId,
+        rcpts: &[MailboxName],
+        header: &[u8],
+    ) -> Option<Copy> {
+        let cluster = &self.shared.cluster;
+        let started = Instant::now();
+        let mut conn = match cluster.checkout(id) {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!(
+                    "msgid={msgid} backend={} unavailable: {e}",
+                    cluster.spec(id).name
+                );
+                return None;
+            }
+        };
+        match conn
+            .put_begin(msgid, rcpts)
+            .and_then(|_| conn.put_chunk(header))
+        {
+            Ok(()) => Some(Copy {
+                id,
+                conn: Some(conn),
+                started,
+            }),
+            Err(e) => {
+                cluster.report_error(id, &e);
+                log::warn!(
+                    "msgid={msgid} backend={} PUT failed: {e}",
+                    cluster.spec(id).name
+                );
+                None
+            }
+        }
+    }
+
+    fn fail_copy(&self, txn_msgid: &MessageId, copy: &mut Copy, e: &BackendError) {
+        let cluster = &self.shared.cluster;
+        cluster.report_error(copy.id, e);
+        log::warn!(
+            "msgid={txn_msgid} backend={} PUT failed: {e}",
+            cluster.spec(copy.id).name
+        );
+        copy.conn = None;
+    }
+
+    fn log_txn(&self, txn: &Txn, backends: &[BackendId], result: &Reply, started: Instant) {
+        let names: Vec<&str> = backends
+            .iter()
+            .map(|&id| self.shared.cluster.spec(id).name.as_str())
+            .collect();
+        let rcpts: Vec<&str> = txn.rcpts.iter().map(|m| m.as_str()).collect();
+        log::info!(
+            "msgid={} client={} from=<{}> rcpts={} size={} backends={} result={} ms={}",
+            txn.msgid,
+            self.client,
+            txn.from,
+            rcpts.join(","),
+            txn.size_bytes,
+            if names.is_empty() {
+                "-".to_string()
+            } else {
+                names.join(",")
+            },
+            result.code,
+            started.elapsed().as_millis()
+        );
+    }
+
+    /// Deletes the copies that succeeded when fewer than K did.
+    fn undo(&self, txn: &Txn, ok: Vec<(BackendId, PooledConn)>) {
+        for (id, mut conn) in ok {
+            let mut clean = true;
+            for m in &txn.rcpts {
+                if let Err(e) = conn.del(m, &txn.msgid) {
+                    log::error!(
+                        "msgid={} backend={} cannot delete partial copy for {m}: {e}",
+                        txn.msgid,
+                        self.shared.cluster.spec(id).name
+                    );
+                    clean = false;
+                    break;
+                }
+            }
+            if clean {
+                conn.release();
+            }
+        }
+    }
+}
+
+impl Delivery for BackendDelivery {
+    fn lookup(&mut self, address: &str) -> RcptVerdict {
+        match self.shared.userbase.lookup(address) {
+            Ok(Some(mb)) if !mb.enabled => RcptVerdict::Disabled,
+            Ok(Some(mb)) => match MailboxName::parse(&mb.name) {
+                Ok(name) => {
+                    if !mb.forwards.is_empty() {
+                        log::warn!("rcpt={name} has forwards; forwarding is not implemented, storing locally");
+                    }
+                    RcptVerdict::Accept(name)
+                }
+                Err(e) => {
+                    log::warn!(
+                        "rcpt={} mailbox name {:?} unusable: {e}",
+                        printable(address),
+                        mb.name
+                    );
+                    RcptVerdict::Unknown
+                }
+            },
+            Ok(None) | Err(UserbaseError::InvalidName(_)) => RcptVerdict::Unknown,
+            Err(e) => {
+                log::warn!("rcpt={} userbase: {e}", printable(address));
+                RcptVerdict::TempFail
+            }
+        }
+    }
+
+    fn transaction_started(&mut self) {
+        self.txn_started = Some(Instant::now());
+    }
+
+    fn begin(&mut self, env: &Envelope) -> Result<(), Reply> {
+        let k = self.shared.replicas;
+        let counter = self.shared.counter.fetch_add(1, Ordering::Relaxed);
+        let now_us = Self::now_us();
+        let msgid = MessageId::generate(now_us, &self.shared.frontend_id, counter);
+        let header = received_header(env, &self.shared.hostname, &msgid, now_us / 1_000_000);
+        let mut copies = Vec::with_capacity(k);
+        for id in self
+            .shared
+            .cluster
+            .select_writable(self.shared.cluster.len())
+        {
+            if copies.len() == k {
+                break;
+            }
+            if let Some(c) = self.open_copy(id, &msgid, &env.rcpts, header.as_bytes()) {
+                copies.push(c);
+            }
+        }
+        let txn = Txn {
+            msgid,
+            rcpts: env.rcpts.clone(),
+            from: printable(&env.from),
+            copies,
+            size_bytes: header.len() as u64,
+        };
+        if txn.copies.len() < k {
+            let reply = Reply::new(
+                451,
+                "4.3.0 Not enough storage backends available, try again later",
+            );
+            self.shared
+                .stats
+                .messages_failed
+                .fetch_add(1, Ordering::Relaxed);
+            let started = self.txn_started.take().unwrap_or_else(Instant::now);
+            self.log_txn(&txn, &[], &reply, started);
+            self.txn = Some(txn);
+            self.abort();
+            return Err(reply);
+        }
+        self.txn = Some(txn);
+        Ok(())
+    }
+
+    fn chunk(&mut self, bytes: &[u8]) {
+        let Some(mut txn) = self.txn.take() else {
+            return;
+        };
+        txn.size_bytes += bytes.len() as u64;
+        for i in 0..txn.copies.len() {
+            let result = match txn.copies[i].conn.as_mut() {
+                Some(conn) => conn.put_chunk(bytes),
+                None => continue,
+            };
+            if let Err(e) = result {
+                let msgid = txn.msgid.clone();
+                self.fail_copy(&msgid, &mut txn.copies[i], &e);
+            }
+        }
+        self.txn = Some(txn);
+    }
+
+    fn finish(&mut self) -> Reply {
+        let eod = Instant::now();
+        let Some(mut txn) = self.txn.take() else {
+            return Reply::new(451, "4.3.0 Internal error: no transaction");
+        };
+        for copy in txn.copies.iter_mut() {
+            if let Some(Err(e)) = copy.conn.as_mut().map(|c| c.put_end()) {
+                self.fail_copy(&txn.msgid.clone(), copy, &e);
+            }
+        }
+        let mut ok = Vec::new();
+        let mut lat = Latencies::new();
+        for copy in txn.copies.iter_mut() {
+            let Some(mut conn) = copy.conn.take() else {
+                continue;
+            };
+            match conn.put_reply() {
+                Ok(receipt) => {
+                    debug_assert_eq!(receipt.size_bytes, txn.size_bytes);
+                    lat.record("backend_put", copy.started.elapsed().as_micros() as u64);
+                    ok.push((copy.id, conn));
+                }
+                Err(e) => {
+                    copy.conn = Some(conn);
+                    self.fail_copy(&txn.msgid.clone(), copy, &e);
+                }
+            }
+        }
+        let backends: Vec<BackendId> = ok.iter().map(|(id, _)| *id).collect();
+        let stats = &self.shared.stats;
+        let reply = if ok.len() == self.shared.replicas {
+            assert!(!ok.is_empty(), "250 needs at least one durable copy");
+            for (_, conn) in ok {
+                conn.release();
+            }
+            stats.messages.fetch_add(1, Ordering::Relaxed);
+            stats
+                .recipients
+                .fetch_add(txn.rcpts.len() as u64, Ordering::Relaxed);
+            stats.bytes.fetch_add(txn.size_bytes, Ordering::Relaxed);
+            Reply::new(250, format!("2.0.0 Ok: queued as {}", txn.msgid))
+        } else {
+            self.undo(&txn, ok);
+            stats.messages_failed.fetch_add(1, Ordering::Relaxed);
+            Reply::new(451, "4.3.0 Could not store enough copies, try again later")
+        };
+        lat.record("eod_to_reply", eod.elapsed().as_micros() as u64);
+        let started = self.txn_started.take().unwrap_or(eod);
+        lat.record("transaction", started.elapsed().as_micros() as u64);
+        if let Ok(mut l) = stats.latencies.lock() {
+            l.merge(&lat);
+        }
+        self.log_txn(&txn, &backends, &reply, started);
+        reply
+    }
+
+    fn abort(&mut self) {
+        let Some(mut txn) = self.txn.take() else {
+            return;
+        };
+        for copy in txn.copies.iter_mut() {
+            let Some(mut conn) = copy.conn.take() else {
+                continue;
+            };
+            // A clean abort keeps the connection reusable; anything else closes it.
+            let aborted = conn.put_abort().and_then(|_| conn.put_reply());
+            if let Err(e) = &aborted {
+                if e.code() == Some(ErrorCode::Aborted) {
+                    conn.release();
+                }
+            }
+        }
+        log::info!(
+            "msgid={} client={} aborted size={}",
+            txn.msgid,
+            self.client,
+            txn.size_bytes
+        );
+    }
+
+    fn replied(&mut self, code: u16) {
+        let class = (code / 100).clamp(2, 5) as usize - 2;
+        self.shared.stats.replies[class].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The `Received:` header prepended to every message (RFC 5321 §4.4), with
+/// the message id, so any copy can be traced back to this frontend.
+pub fn received_header(env: &Envelope, hostname: &str, msgid: &MessageId, unix_s: u64) -> String {
+    let with = match (env.esmtp, env.smtputf8) {
+        (_, true) => "UTF8SMTP",
+        (true, false) => "ESMTP",
+        (false, false) => "SMTP",
+    };
+    let helo: String = env
+        .helo
+        .chars()
+        .filter(|c| !c.is_whitespace() && !c.is_control() && *c != '(' && *c != ')')
+        .take(64)
+        .collect();
+    let mut h = format!(
+        "Received: from {helo} ([{}])\r\n\tby {hostname} (powersmtp) with {with} id {msgid}",
+        env.client
+    );
+    if env.rcpts.len() == 1 {
+        h.push_str(&format!("\r\n\tfor <{}>", env.rcpts[0]));
+    }
+    h.push_str(&format!("; {}\r\n", rfc5322_date(unix_s)));
+    h
+}
+
+/// `Tue, 24 Nov 2026 08:50:12 +0000`.
+pub fn rfc5322_date(unix_s: u64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = unix_s / 86_400;
+    let secs = unix_s % 86_400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{}, {day} {} {year} {:02}:{:02}:{:02} +0000",
+        DAYS[(days % 7) as usize],
+        MONTHS[(month - 1) as usize],
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc5322_date(0), "Thu, 1 Jan 1970 00:00:00 +0000");
+        assert_eq!(
+            rfc5322_date(1_795_510_212),
+            "Tue, 24 Nov 2026 08:50:12 +0000"
+        );
+        assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+
+    #[test]
+    fn received_header_form() {
+        let env = Envelope {
+            client: "192.0.2.1".into(),
+            helo: "client (evil)\r\nX: y".into(),
+            esmtp: true,
+            from: "a@b.c".into(),
+            smtputf8: false,
+            rcpts: vec![MailboxName::parse("x@y.z").unwrap()],
+        };
+        let id = MessageId::parse("0001.f.1").unwrap();
+        let h = received_header(&env, "mx.test", &id, 0);
+        assert_eq!(
+            h,
+            "Received: from clientevilX:y ([192.0.2.1])\r\n\tby mx.test (powersmtp) with ESMTP id 0001.f.1\r\n\tfor <x@y.z>; Thu, 1 Jan 1970 00:00:00 +0000\r\n"
+        );
+    }
+}

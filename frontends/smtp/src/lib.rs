@@ -1,0 +1,15 @@
+//! powersmtp: PowerMail's SMTP frontend, as a library so that its pure parts
+//! are unit-tested and its binary stays thin.
+//!
+//! * [`data`] — DATA end detection and normalisation to the stored wire form;
+//! * [`session`] — the SMTP state machine (no I/O);
+//! * [`delivery`] — the real [`session::Delivery`]: userbase look-ups and
+//!   streaming PUTs to K backends;
+//! * [`config`] — the TOML file;
+//! * [`server`] — the threaded I/O loop and the admin port.
+
+pub mod config;
+pub mod data;
+pub mod delivery;
+pub mod server;
+pub mod session;

@@ -1,0 +1,287 @@
+//! The thin threaded I/O loop around [`Session`], and the admin port.
+//!
+//! One std thread per connection, at most `limits.connections_max` at once;
+//! the accept loop answers `421 4.3.2` and closes beyond that. Each thread
+//! reads whatever arrived, feeds it to its session and writes the replies
+//! back (so pipelined commands are answered in one write), with the RFC 5321
+//! time-outs on every read.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::Context;
+use powermail_admin::{AdminHandler, Prometheus};
+use powermail_frontend::Cluster;
+use powermail_userbase::{CacheConfig, CachedUserbase};
+
+use crate::config::Config;
+use crate::delivery::{BackendDelivery, Shared};
+use crate::session::{Flow, Session};
+
+/// Bytes read from a client at once; DATA chunks to backends are at most twice this.
+const READ_BUFFER_BYTES: usize = 64 << 10;
+
+/// Starts everything and serves until the process ends.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let ub = powermail_userbase::open(&cfg.userbase)
+        .with_context(|| format!("opening userbase {}", cfg.userbase))?;
+    let cache = CacheConfig {
+        positive_ttl: Duration::from_millis(cfg.userbase_cache.positive_ttl_ms),
+        negative_ttl: Duration::from_millis(cfg.userbase_cache.negative_ttl_ms),
+        max_entries: cfg.userbase_cache.max_entries,
+    };
+    let secret = cfg.secret()?;
+    let cluster = Cluster::start(
+        secret.clone(),
+        cfg.backends.clone(),
+        cfg.backend_pool.clone(),
+    );
+    let shared = Arc::new(Shared {
+        cluster,
+        userbase: CachedUserbase::new(ub, cache),
+        stats: Default::default(),
+        replicas: cfg.replicas,
+        hostname: cfg.hostname.clone(),
+        frontend_id: cfg.frontend_id().to_string(),
+        counter: AtomicU64::new(0),
+    });
+    let cfg = Arc::new(cfg);
+    if let Some(listen) = &cfg.admin_listen {
+        let token = match &cfg.admin_token {
+            Some(t) => t.clone(),
+            None => String::from_utf8_lossy(&secret).into_owned(),
+        };
+        let handler = Arc::new(Admin {
+            shared: shared.clone(),
+            cfg: cfg.clone(),
+        });
+        let server = powermail_admin::spawn(listen, &token, handler)?;
+        println!("powersmtp: admin port on {}", server.local_addr());
+    }
+    let listener =
+        TcpListener::bind(&cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
+    let local = listener.local_addr()?;
+    log::info!("listening on {local}");
+    println!("powersmtp: listening on {local}");
+    for stream in listener.incoming() {
+        match stream {
+            Ok(s) => accept(s, &shared, &cfg),
+            Err(e) => {
+                log::warn!("accept: {e}");
+                // Out of file descriptors and the like: do not spin.
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decrements the connection gauge when a session thread ends.
+struct Slot(Arc<Shared>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.stats.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn accept(stream: TcpStream, shared: &Arc<Shared>, cfg: &Arc<Config>) {
+    let stats = &shared.stats;
+    let open = stats.connections.fetch_add(1, Ordering::Relaxed);
+    let slot = Slot(shared.clone());
+    if open >= cfg.limits.connections_max {
+        stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
+        refuse(stream);
+        return;
+    }
+    stats.sessions.fetch_add(1, Ordering::Relaxed);
+    let (shared, cfg) = (shared.clone(), cfg.clone());
+    let spawned = thread::Builder::new()
+        .name("smtp".into())
+        .stack_size(256 << 10)
+        .spawn(move || {
+            let _slot = slot;
+            if let Err(e) = serve(stream, shared, &cfg) {
+                log::debug!("session ended: {e}");
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start a session thread: {e}");
+    }
+}
+
+fn refuse(mut stream: TcpStream) {
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = stream.write_all(b"421 4.3.2 Too many connections, try again later\r\n");
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+fn serve(mut stream: TcpStream, shared: Arc<Shared>, cfg: &Config) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(cfg.limits.command_timeout()))?;
+    let ip = stream.peer_addr()?.ip().to_string();
+    let mut delivery = BackendDelivery::new(shared, &ip);
+    let mut session = Session::new(&cfg.hostname, &ip, cfg.limits.session());
+    let mut out = Vec::with_capacity(4096);
+    session.greeting(&mut delivery, &mut out);
+    stream.write_all(&out)?;
+    let mut buf = vec![0u8; READ_BUFFER_BYTES];
+    loop {
+        out.clear();
+        let timeout = if session.in_data() {
+            cfg.limits.data_timeout()
+        } else {
+            cfg.limits.command_timeout()
+        };
+        stream.set_read_timeout(Some(timeout))?;
+        let n = match stream.read(&mut buf) {
+            Ok(0) => {
+                session.lost(&mut delivery);
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                session.timed_out(&mut delivery, &mut out);
+                let _ = stream.write_all(&out);
+                return Ok(());
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                session.lost(&mut delivery);
+                return Err(e);
+            }
+        };
+        let flow = session.feed(&buf[..n], &mut delivery, &mut out);
+        if let Err(e) = stream.write_all(&out) {
+            session.lost(&mut delivery);
+            return Err(e);
+        }
+        if flow == Flow::Close {
+            let _ = stream.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+    }
+}
+
+/// The admin port's view of this process.
+struct Admin {
+    shared: Arc<Shared>,
+    cfg: Arc<Config>,
+}
+
+impl AdminHandler for Admin {
+    fn stats(&self) -> serde_json::Value {
+        let s = &self.shared.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let cache = self.shared.userbase.stats();
+        let latencies = s.latencies.lock().map(|l| l.summary()).unwrap_or_default();
+        serde_json::json!({
+            "sessions": l(&s.sessions),
+            "sessions_refused": l(&s.sessions_refused),
+            "connections": s.connections.load(Ordering::Relaxed),
+            "messages": l(&s.messages),
+            "messages_failed": l(&s.messages_failed),
+            "recipients": l(&s.recipients),
+            "bytes": l(&s.bytes),
+            "replies": {
+                "2xx": l(&s.replies[0]), "3xx": l(&s.replies[1]),
+                "4xx": l(&s.replies[2]), "5xx": l(&s.replies[3]),
+            },
+            "userbase_cache": {"hits": cache.hits, "misses": cache.misses},
+            "latencies": latencies,
+            "backends": self.shared.cluster.snapshot(),
+        })
+    }
+
+    fn metrics(&self) -> String {
+        let s = &self.shared.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        let mut p = Prometheus::new();
+        let counters = [
+            (
+                "powersmtp_sessions_total",
+                "sessions accepted",
+                l(&s.sessions),
+            ),
+            (
+                "powersmtp_sessions_refused_total",
+                "connections refused over the limit",
+                l(&s.sessions_refused),
+            ),
+            (
+                "powersmtp_messages_total",
+                "messages accepted",
+                l(&s.messages),
+            ),
+            (
+                "powersmtp_messages_failed_total",
+                "messages refused after DATA",
+                l(&s.messages_failed),
+            ),
+            (
+                "powersmtp_recipients_total",
+                "recipients of accepted messages",
+                l(&s.recipients),
+            ),
+            (
+                "powersmtp_bytes_total",
+                "bytes of accepted messages",
+                l(&s.bytes),
+            ),
+        ];
+        for (name, help, v) in counters {
+            p.metric(name, "counter", help, "", v);
+        }
+        p.metric(
+            "powersmtp_connections",
+            "gauge",
+            "SMTP connections open",
+            "",
+            s.connections.load(Ordering::Relaxed) as f64,
+        );
+        p.header("powersmtp_replies_total", "counter", "replies by class");
+        for (i, class) in ["2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+            p.sample(
+                "powersmtp_replies_total",
+                &format!("class=\"{class}\""),
+                l(&s.replies[i]),
+            );
+        }
+        p.header(
+            "powersmtp_backend_up",
+            "gauge",
+            "1 when the backend is up and writable",
+        );
+        for b in self.shared.cluster.snapshot() {
+            let up = matches!(b.health, powermail_frontend::Health::Up);
+            p.sample(
+                "powersmtp_backend_up",
+                &format!("backend=\"{}\"", b.name),
+                f64::from(u8::from(up)),
+            );
+        }
+        if let Ok(lat) = s.latencies.lock() {
+            lat.write_prometheus(&mut p, "powersmtp_latency_seconds", "");
+        }
+        p.finish()
+    }
+
+    fn config(&self) -> serde_json::Value {
+        self.cfg.public_json()
+    }
+
+    fn control(&self, action: &str, _params: &[(String, String)]) -> Result<String, String> {
+        Err(format!(
+            "unknown action {action:?} (powersmtp has only loglevel)"
+        ))
+    }
+}

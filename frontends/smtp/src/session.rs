@@ -1,0 +1,487 @@
+//! One SMTP session as a pure state machine: bytes in, replies out.
+//!
+//! No sockets, no clock, no database here. The I/O loop ([`crate::server`])
+//! feeds whatever bytes it read to [`Session::feed`] and writes back what
+//! it appended to `out`; everything that needs the outside world (recipient
+//! look-up, storing the message) goes through the [`Delivery`] trait, which
+//! tests replace with a mock. Commands are parsed by `smtp-proto` from
+//! complete, bounded lines framed here; DATA goes through
+//! [`DataReceiver`](crate::data::DataReceiver) and is streamed to the
+//! delivery in chunks, never held whole.
+//!
+//! PIPELINING needs nothing special: every complete command in the input is
+//! answered in order, and the caller flushes the replies when it has no more
+//! input to feed.
+
+use powermail_proto::MailboxName;
+use smtp_proto::{Error as ParseError, Request, MAIL_SMTPUTF8};
+
+use crate::data::DataReceiver;
+
+/// Limits enforced by a session, each answered with a clear reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Longest command line including CRLF (RFC 5321 says 512; extensions
+    /// and SMTPUTF8 addresses need more). Beyond: `500 5.5.6`.
+    pub line_max_bytes: usize,
+    /// Largest message in stored bytes (Received header excluded). Beyond:
+    /// `552 5.3.4`, at MAIL (SIZE=) or at the end of DATA.
+    pub message_max_bytes: u64,
+    /// Most accepted recipients per message. Beyond: `452 4.5.3`.
+    pub recipients_max: usize,
+    /// Most refused commands per session before `421` and close.
+    pub errors_max: u32,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            line_max_bytes: 2048,
+            message_max_bytes: 64 << 20,
+            recipients_max: 100,
+            errors_max: 20,
+        }
+    }
+}
+
+/// A reply: code and text (the text starts with the enhanced status code).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Three-digit SMTP code.
+    pub code: u16,
+    /// Text after the code.
+    pub text: String,
+}
+
+impl Reply {
+    /// A reply with code and text.
+    pub fn new(code: u16, text: impl Into<String>) -> Reply {
+        Reply {
+            code,
+            text: text.into(),
+        }
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(format!("{} {}\r\n", self.code, self.text).as_bytes());
+    }
+}
+
+/// What the userbase said about one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptVerdict {
+    /// Deliver into this mailbox.
+    Accept(MailboxName),
+    /// No such mailbox: `550 5.1.1`.
+    Unknown,
+    /// The mailbox exists but is disabled: `550 5.2.1`.
+    Disabled,
+    /// The mailbox is over its quota: `552 5.2.2`.
+    OverQuota,
+    /// The userbase could not answer: `451 4.3.0`.
+    TempFail,
+}
+
+/// The envelope of the message being received.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Envelope {
+    /// The client's address (`ip:port`).
+    pub client: String,
+    /// The name given in EHLO/HELO.
+    pub helo: String,
+    /// True after EHLO (ESMTP), false after HELO.
+    pub esmtp: bool,
+    /// The reverse path (empty for the null sender `<>`).
+    pub from: String,
+    /// SMTPUTF8 was requested at MAIL.
+    pub smtputf8: bool,
+    /// Accepted mailboxes, each once, in RCPT order.
+    pub rcpts: Vec<MailboxName>,
+}
+
+/// The outside world of a session.
+pub trait Delivery {
+    /// Looks up one recipient address (as given, without `<>`).
+    fn lookup(&mut self, address: &str) -> RcptVerdict;
+    /// Starts storing a message for `env`. `Err` is the reply to DATA
+    /// (e.g. `451 4.3.0` when fewer than K backends are available).
+    fn begin(&mut self, env: &Envelope) -> Result<(), Reply>;
+    /// The next stored bytes of the message (wire form).
+    fn chunk(&mut self, bytes: &[u8]);
+    /// The message ended: make it durable and return the reply to send.
+    fn finish(&mut self) -> Reply;
+    /// Abandons the message being stored (too big, connection lost).
+    fn abort(&mut self);
+    /// A transaction began (MAIL accepted); for latency statistics.
+    fn transaction_started(&mut self) {}
+    /// Called for every reply the session sends (statistics).
+    fn replied(&mut self, _code: u16) {}
+}
+
+/// What the caller does after [`Session::feed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep reading.
+    Continue,
+    /// Send the replies, then close the connection.
+    Close,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Reading command lines.
+    Command,
+    /// Discarding the rest of an over-long command line.
+    SkipLine,
+    /// Receiving the message.
+    Data {
+        receiver: DataReceiver,
+        size_bytes: u64,
+        too_big: bool,
+    },
+    /// QUIT seen or fatal error: everything else is ignored.
+    Closed,
+}
+
+/// One SMTP session.
+#[derive(Debug)]
+pub struct Session {
+    hostname: String,
+    limits: SessionLimits,
+    phase: Phase,
+    line: Vec<u8>,
+    /// `Some` after EHLO/HELO.
+    greeted: bool,
+    /// `Some` between MAIL and the end of the transaction.
+    mail: Option<Envelope>,
+    helo: String,
+    esmtp: bool,
+    client: String,
+    errors: u32,
+    data_out: Vec<u8>,
+}
+
+impl Session {
+    /// A new session for a client at `client` (`ip:port`), this server
+    /// calling itself `hostname`.
+    pub fn new(hostname: &str, client: &str, limits: SessionLimits) -> Session {
+        Session {
+            hostname: hostname.to_string(),
+            limits,
+            phase: Phase::Command,
+            line: Vec::new(),
+            greeted: false,
+            mail: None,
+            helo: String::new(),
+            esmtp: false,
+            client: client.to_string(),
+            errors: 0,
+            data_out: Vec::new(),
+        }
+    }
+
+    /// The `220` greeting.
+    pub fn greeting<D: Delivery>(&mut self, d: &mut D, out: &mut Vec<u8>) {
+        let r = Reply::new(220, format!("{} ESMTP powersmtp", self.hostname));
+        self.send(d, out, r);
+    }
+
+    /// True while receiving a message (the I/O loop uses the DATA time-out).
+    pub fn in_data(&self) -> bool {
+        matches!(self.phase, Phase::Data { .. })
+    }
+
+    /// The client went silent too long: `421 4.4.2` and close.
+    pub fn timed_out<D: Delivery>(&mut self, d: &mut D, out: &mut Vec<u8>) {
+        self.lost(d);
+        let r = Reply::new(421, format!("4.4.2 {} Timeout, closing", self.hostname));
+        self.send(d, out, r);
+    }
+
+    /// The connection is gone: abandon any message being received.
+    pub fn lost<D: Delivery>(&mut self, d: &mut D) {
+        if let Phase::Data { too_big: false, .. } = self.phase {
+            d.abort();
+        }
+        self.phase = Phase::Closed;
+    }
+
+    /// Processes `input`, appending replies to `out`.
+    pub fn feed<D: Delivery>(&mut self, input: &[u8], d: &mut D, out: &mut Vec<u8>) -> Flow {
+        let mut pos = 0;
+        while pos < input.len() {
+            let rest = &input[pos..];
+            match &mut self.phase {
+                Phase::Closed => break,
+                Phase::Data { .. } => pos += self.feed_data(rest, d, out),
+                Phase::SkipLine => match rest.iter().position(|&b| b == b'\n') {
+                    Some(i) => {
+                        pos += i + 1;
+                        self.phase = Phase::Command;
+                        self.refuse(d, out, Reply::new(500, "5.5.6 Line too long"));
+                    }
+                    None => pos = input.len(),
+                },
+                Phase::Command => {
+                    let room = self.limits.line_max_bytes - self.line.len();
+                    match rest.iter().take(room).position(|&b| b == b'\n') {
+                        Some(i) => {
+                            self.line.extend_from_slice(&rest[..=i]);
+                            pos += i + 1;
+                            let line = std::mem::take(&mut self.line);
+                            self.command(&line, d, out);
+                        }
+                        None if rest.len() < room => {
+                            self.line.extend_from_slice(rest);
+                            pos = input.len();
+                        }
+                        None => {
+                            self.line.clear();
+                            pos += room;
+                            self.phase = Phase::SkipLine;
+                        }
+                    }
+                }
+            }
+        }
+        match self.phase {
+            Phase::Closed => Flow::Close,
+            _ => Flow::Continue,
+        }
+    }
+
+    fn feed_data<D: Delivery>(&mut self, input: &[u8], d: &mut D, out: &mut Vec<u8>) -> usize {
+        let Phase::Data {
+            receiver,
+            size_bytes,
+            too_big,
+        } = &mut self.phase
+        else {
+            unreachable!("feed_data outside DATA");
+        };
+        self.data_out.clear();
+        let (used, ended) = receiver.ingest(input, &mut self.data_out);
+        *size_bytes += self.data_out.len() as u64;
+        if !*too_big {
+            if *size_bytes > self.limits.message_max_bytes {
+                *too_big = true;
+                d.abort();
+            } else {
+                d.chunk(&self.data_out);
+            }
+        }
+        if ended {
+            let reply = if *too_big {
+                Reply::new(552, "5.3.4 Message size exceeds fixed maximum message size")
+            } else {
+                d.finish()
+            };
+            self.phase = Phase::Command;
+            self.mail = None;
+            self.send(d, out, reply);
+        }
+        used
+    }
+
+    fn send<D: Delivery>(&mut self, d: &mut D, out: &mut Vec<u8>, r: Reply) {
+        d.replied(r.code);
+        r.write(out);
+    }
+
+    /// A refusal that counts towards `errors_max`.
+    fn refuse<D: Delivery>(&mut self, d: &mut D, out: &mut Vec<u8>, r: Reply) {
+        self.send(d, out, r);
+        self.errors += 1;
+        if self.errors >= self.limits.errors_max {
+            let r = Reply::new(421, "4.7.0 Too many errors, closing");
+            self.send(d, out, r);
+            self.phase = Phase::Closed;
+        }
+    }
+
+    fn command<D: Delivery>(&mut self, line: &[u8], d: &mut D, out: &mut Vec<u8>) {
+        match Request::parse(&mut line.iter()) {
+            Ok(req) => self.request(req, d, out),
+            Err(e) => {
+                let r = match e {
+                    ParseError::UnknownCommand => {
+                        Reply::new(500, "5.5.2 Syntax error, command unrecognized")
+                    }
+                    ParseError::InvalidSenderAddress => {
+                        Reply::new(501, "5.1.7 Bad sender address syntax")
+                    }
+                    ParseError::InvalidRecipientAddress => {
+                        Reply::new(501, "5.1.3 Bad recipient address syntax")
+                    }
+                    ParseError::UnsupportedParameter { param } => Reply::new(
+                        555,
+                        format!("5.5.4 Unsupported parameter {}", printable(&param)),
+                    ),
+                    ParseError::InvalidParameter { param } => {
+                        Reply::new(501, format!("5.5.4 Invalid parameter {param}"))
+                    }
+                    ParseError::SyntaxError { syntax } => {
+                        Reply::new(501, format!("5.5.4 Syntax: {syntax}"))
+                    }
+                    _ => Reply::new(501, "5.5.4 Syntax error"),
+                };
+                self.refuse(d, out, r);
+            }
+        }
+    }
+
+    fn request<D: Delivery>(&mut self, req: Request<String>, d: &mut D, out: &mut Vec<u8>) {
+        let r = match req {
+            Request::Ehlo { host } => return self.ehlo(host, true, d, out),
+            Request::Helo { host } => return self.ehlo(host, false, d, out),
+            Request::Mail { from } => {
+                if !self.greeted {
+                    return self.refuse(d, out, Reply::new(503, "5.5.1 Send EHLO/HELO first"));
+                }
+                if self.mail.is_some() {
+                    return self.refuse(d, out, Reply::new(503, "5.5.1 Nested MAIL command"));
+                }
+                if from.size as u64 > self.limits.message_max_bytes {
+                    return self.refuse(
+                        d,
+                        out,
+                        Reply::new(552, "5.3.4 Message size exceeds fixed maximum message size"),
+                    );
+                }
+                self.mail = Some(Envelope {
+                    client: self.client.clone(),
+                    helo: self.helo.clone(),
+                    esmtp: self.esmtp,
+                    from: from.address,
+                    smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
+                    rcpts: Vec::new(),
+                });
+                d.transaction_started();
+                Reply::new(250, "2.1.0 Ok")
+            }
+            Request::Rcpt { to } => return self.rcpt(&to.address, d, out),
+            Request::Data => return self.data(d, out),
+            Request::Rset => {
+                self.mail = None;
+                Reply::new(250, "2.0.0 Ok")
+            }
+            Request::Noop { .. } => Reply::new(250, "2.0.0 Ok"),
+            Request::Quit => {
+                self.send(d, out, Reply::new(221, "2.0.0 Bye"));
+                self.phase = Phase::Closed;
+                return;
+            }
+            Request::Help { .. } => Reply::new(
+                214,
+                "2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY",
+            ),
+            Request::Vrfy { .. } => {
+                Reply::new(252, "2.5.2 Cannot VRFY user, but will accept message")
+            }
+            Request::Lhlo { .. } => {
+                return self.refuse(d, out, Reply::new(500, "5.5.1 This is SMTP, not LMTP"))
+            }
+            Request::StartTls
+            | Request::Auth { .. }
+            | Request::Bdat { .. }
+            | Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => {
+                return self.refuse(d, out, Reply::new(502, "5.5.1 Command not implemented"))
+            }
+        };
+        self.send(d, out, r);
+    }
+
+    fn ehlo<D: Delivery>(&mut self, host: String, esmtp: bool, d: &mut D, out: &mut Vec<u8>) {
+        self.greeted = true;
+        self.helo = printable(&host);
+        self.esmtp = esmtp;
+        self.mail = None;
+        if !esmtp {
+            let r = Reply::new(250, self.hostname.clone());
+            return self.send(d, out, r);
+        }
+        d.replied(250);
+        let lines = [
+            self.hostname.clone(),
+            "PIPELINING".into(),
+            format!("SIZE {}", self.limits.message_max_bytes),
+            "8BITMIME".into(),
+            "ENHANCEDSTATUSCODES".into(),
+            "SMTPUTF8".into(),
+        ];
+        for (i, l) in lines.iter().enumerate() {
+            let sep = if i + 1 == lines.len() { ' ' } else { '-' };
+            out.extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
+        }
+    }
+
+    fn rcpt<D: Delivery>(&mut self, address: &str, d: &mut D, out: &mut Vec<u8>) {
+        let Some(mail) = &self.mail else {
+            return self.refuse(d, out, Reply::new(503, "5.5.1 Need MAIL before RCPT"));
+        };
+        if mail.rcpts.len() >= self.limits.recipients_max {
+            return self.send(d, out, Reply::new(452, "4.5.3 Too many recipients"));
+        }
+        if address.is_empty() {
+            return self.refuse(
+                d,
+                out,
+                Reply::new(501, "5.1.3 Bad recipient address syntax"),
+            );
+        }
+        let r = match d.lookup(address) {
+            RcptVerdict::Accept(mailbox) => {
+                let rcpts = &mut self.mail.as_mut().expect("checked above").rcpts;
+                if !rcpts.contains(&mailbox) {
+                    rcpts.push(mailbox);
+                }
+                Reply::new(250, "2.1.5 Ok")
+            }
+            RcptVerdict::Unknown => Reply::new(550, "5.1.1 No such user here"),
+            RcptVerdict::Disabled => Reply::new(550, "5.2.1 Mailbox disabled"),
+            RcptVerdict::OverQuota => Reply::new(552, "5.2.2 Mailbox full"),
+            RcptVerdict::TempFail => {
+                Reply::new(451, "4.3.0 Recipient lookup failed, try again later")
+            }
+        };
+        self.send(d, out, r);
+    }
+
+    fn data<D: Delivery>(&mut self, d: &mut D, out: &mut Vec<u8>) {
+        let Some(mail) = &self.mail else {
+            return self.refuse(d, out, Reply::new(503, "5.5.1 Need MAIL before DATA"));
+        };
+        if mail.rcpts.is_empty() {
+            return self.refuse(d, out, Reply::new(554, "5.5.1 No valid recipients"));
+        }
+        match d.begin(mail) {
+            Ok(()) => {
+                self.phase = Phase::Data {
+                    receiver: DataReceiver::new(),
+                    size_bytes: 0,
+                    too_big: false,
+                };
+                self.send(d, out, Reply::new(354, "End data with <CR><LF>.<CR><LF>"));
+            }
+            Err(r) => {
+                self.mail = None;
+                self.send(d, out, r);
+            }
+        }
+    }
+}
+
+/// Keeps printable ASCII (and UTF-8 above it) of client-supplied text for
+/// replies, headers and logs; control characters become `?`.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .take(255)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

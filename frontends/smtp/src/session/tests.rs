@@ -1,0 +1,247 @@
+//! Session tests: whole conversations fed in chunks of 1, 2, 4 … 512 bytes
+//! must give the same replies and the same stored bytes.
+
+use super::*;
+
+#[derive(Default, Debug, PartialEq)]
+struct Mock {
+    begun: Vec<Envelope>,
+    body: Vec<u8>,
+    finished: u32,
+    aborted: u32,
+    fail_begin: bool,
+    codes: Vec<u16>,
+}
+
+impl Delivery for Mock {
+    fn lookup(&mut self, address: &str) -> RcptVerdict {
+        match address.split('@').next().unwrap_or("") {
+            "unknown" => RcptVerdict::Unknown,
+            "full" => RcptVerdict::OverQuota,
+            "dbdown" => RcptVerdict::TempFail,
+            "off" => RcptVerdict::Disabled,
+            _ => match MailboxName::parse(address) {
+                Ok(m) => RcptVerdict::Accept(m),
+                Err(_) => RcptVerdict::Unknown,
+            },
+        }
+    }
+    fn begin(&mut self, env: &Envelope) -> Result<(), Reply> {
+        if self.fail_begin {
+            return Err(Reply::new(451, "4.3.0 No backends"));
+        }
+        self.begun.push(env.clone());
+        self.body.clear();
+        Ok(())
+    }
+    fn chunk(&mut self, bytes: &[u8]) {
+        self.body.extend_from_slice(bytes);
+    }
+    fn finish(&mut self) -> Reply {
+        self.finished += 1;
+        Reply::new(250, "2.0.0 Ok: queued as X")
+    }
+    fn abort(&mut self) {
+        self.aborted += 1;
+        self.body.clear();
+    }
+    fn replied(&mut self, code: u16) {
+        self.codes.push(code);
+    }
+}
+
+fn limits() -> SessionLimits {
+    SessionLimits {
+        line_max_bytes: 128,
+        message_max_bytes: 1000,
+        recipients_max: 3,
+        errors_max: 5,
+    }
+}
+
+/// Runs `input` in chunks of `n`; returns the replies, the mock and whether
+/// the session asked to close.
+fn run_with(input: &[u8], n: usize, mut mock: Mock) -> (String, Mock, bool) {
+    let mut s = Session::new("mx.test", "127.0.0.1:1", limits());
+    let mut out = Vec::new();
+    s.greeting(&mut mock, &mut out);
+    let mut closed = false;
+    for chunk in input.chunks(n) {
+        if s.feed(chunk, &mut mock, &mut out) == Flow::Close {
+            closed = true;
+            break;
+        }
+    }
+    (String::from_utf8(out).unwrap(), mock, closed)
+}
+
+/// The same result for every chunk size; returns it.
+fn run(input: &[u8]) -> (String, Mock, bool) {
+    let whole = run_with(input, input.len(), Mock::default());
+    let mut n = 1;
+    while n <= 512 {
+        let got = run_with(input, n, Mock::default());
+        assert_eq!(got, whole, "chunk size {n}");
+        n *= 2;
+    }
+    whole
+}
+
+fn codes(replies: &str) -> Vec<&str> {
+    replies
+        .lines()
+        .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+        .map(|l| &l[..3])
+        .collect()
+}
+
+#[test]
+fn pipelined_transaction() {
+    let input = b"EHLO client.example\r\nMAIL FROM:<a@b.c> SIZE=100\r\nRCPT TO:<X@Y.z>\r\nRCPT TO:<unknown@y.z>\r\nRCPT TO:<x@y.z>\r\nRCPT TO:<w@y.z>\r\nDATA\r\nSubject: t\r\n\r\n..dot\r\nbody\r\n.\r\nQUIT\r\n";
+    let (out, mock, closed) = run(input);
+    assert_eq!(
+        codes(&out),
+        ["220", "250", "250", "250", "550", "250", "250", "354", "250", "221"]
+    );
+    assert!(out.contains("250-PIPELINING\r\n250-SIZE 1000\r\n"), "{out}");
+    assert!(out.contains("550 5.1.1 "), "{out}");
+    assert!(closed);
+    assert_eq!(mock.begun.len(), 1);
+    let env = &mock.begun[0];
+    assert_eq!(env.from, "a@b.c");
+    assert_eq!(env.helo, "client.example");
+    let rcpts: Vec<&str> = env.rcpts.iter().map(|m| m.as_str()).collect();
+    assert_eq!(rcpts, ["x@y.z", "w@y.z"], "deduplicated, normalised");
+    assert_eq!(mock.body, b"Subject: t\r\n\r\n..dot\r\nbody\r\n");
+    assert_eq!(mock.finished, 1);
+}
+
+#[test]
+fn sequence_errors() {
+    let input = b"MAIL FROM:<a@b.c>\r\nHELO x\r\nRCPT TO:<x@y.z>\r\nDATA\r\nMAIL FROM:<>\r\nMAIL FROM:<>\r\nDATA\r\nRSET\r\nNOOP\r\nVRFY x\r\nQUIT\r\n";
+    let (out, mock, closed) = run(input);
+    // The fifth refusal reaches errors_max: 421 and close.
+    assert_eq!(
+        codes(&out),
+        ["220", "503", "250", "503", "503", "250", "503", "554", "421"]
+    );
+    assert!(mock.begun.is_empty());
+    assert!(closed);
+    let (out, _, _) = run(b"HELO x\r\nRSET\r\nNOOP\r\nVRFY x\r\nHELP\r\nQUIT\r\n");
+    assert_eq!(
+        codes(&out),
+        ["220", "250", "250", "250", "252", "214", "221"]
+    );
+}
+
+#[test]
+fn rcpt_verdicts_and_recipient_limit() {
+    let input = b"EHLO x\r\nMAIL FROM:<>\r\nRCPT TO:<full@y.z>\r\nRCPT TO:<dbdown@y.z>\r\nRCPT TO:<off@y.z>\r\nRCPT TO:<a@y.z>\r\nRCPT TO:<b@y.z>\r\nRCPT TO:<c@y.z>\r\nRCPT TO:<d@y.z>\r\n";
+    let (out, _, _) = run(input);
+    assert_eq!(
+        codes(&out),
+        ["220", "250", "250", "552", "451", "550", "250", "250", "250", "452"]
+    );
+    assert!(out.contains("552 5.2.2"), "{out}");
+    assert!(out.contains("451 4.3.0"), "{out}");
+    assert!(out.contains("452 4.5.3"), "{out}");
+}
+
+#[test]
+fn size_declared_too_big() {
+    let (out, _, _) = run(b"EHLO x\r\nMAIL FROM:<a@b.c> SIZE=1001\r\n");
+    assert_eq!(codes(&out), ["220", "250", "552"]);
+    assert!(out.contains("552 5.3.4"));
+}
+
+#[test]
+fn size_exceeded_during_data() {
+    let mut input = b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<x@y.z>\r\nDATA\r\n".to_vec();
+    for _ in 0..30 {
+        input.extend_from_slice(&[b'a'; 48]);
+        input.extend_from_slice(b"\r\n");
+    }
+    input.extend_from_slice(b".\r\nNOOP\r\n");
+    let (out, mock, closed) = run(&input);
+    assert_eq!(
+        codes(&out),
+        ["220", "250", "250", "250", "354", "552", "250"]
+    );
+    assert_eq!(mock.aborted, 1);
+    assert_eq!(mock.finished, 0);
+    assert!(mock.body.is_empty());
+    assert!(!closed);
+}
+
+#[test]
+fn smuggled_commands_stay_in_the_message() {
+    let input = b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<x@y.z>\r\nDATA\r\nhi\n.\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<x@y.z>\r\nDATA\r\nevil\r\n.\r\n";
+    let (out, mock, _) = run(input);
+    assert_eq!(codes(&out), ["220", "250", "250", "250", "354", "250"]);
+    assert_eq!(mock.begun.len(), 1);
+    assert_eq!(
+        mock.body,
+        b"hi\r\n..\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<x@y.z>\r\nDATA\r\nevil\r\n"
+    );
+    let input = b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<x@y.z>\r\nDATA\r\nhi\r.\r\nRSET\r\n.\r\n";
+    let (out, mock, _) = run(input);
+    assert_eq!(codes(&out), ["220", "250", "250", "250", "354", "250"]);
+    assert_eq!(mock.body, b"hi\r\n..\r\nRSET\r\n");
+}
+
+#[test]
+fn long_lines_and_error_limit() {
+    let mut input = b"EHLO x\r\n".to_vec();
+    input.extend_from_slice(&[b'A'; 300]);
+    input.extend_from_slice(b"\r\nNOOP\r\n");
+    let (out, _, closed) = run(&input);
+    assert_eq!(codes(&out), ["220", "250", "500", "250"]);
+    assert!(out.contains("500 5.5.6"), "{out}");
+    assert!(!closed);
+    let (out, _, closed) = run(b"FOO\r\nBAR\r\nBAZ\r\nQUX\r\nQUUX\r\nNOOP\r\n");
+    assert_eq!(
+        codes(&out),
+        ["220", "500", "500", "500", "500", "500", "421"]
+    );
+    assert!(closed);
+}
+
+#[test]
+fn data_refused_when_backends_unavailable() {
+    let input = b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<x@y.z>\r\nDATA\r\nQUIT\r\n";
+    let mock = Mock {
+        fail_begin: true,
+        ..Mock::default()
+    };
+    let (out, _, _) = run_with(input, 3, mock);
+    assert_eq!(codes(&out), ["220", "250", "250", "250", "451", "221"]);
+}
+
+#[test]
+fn smtputf8_and_8bitmime_are_accepted() {
+    let input = "EHLO x\r\nMAIL FROM:<jö@b.c> BODY=8BITMIME SMTPUTF8\r\nRCPT TO:<ü@y.z>\r\nDATA\r\nñ\r\n.\r\n";
+    let (out, mock, _) = run(input.as_bytes());
+    assert_eq!(
+        codes(&out),
+        ["220", "250", "250", "250", "354", "250"],
+        "{out}"
+    );
+    assert!(mock.begun[0].smtputf8);
+    assert_eq!(mock.begun[0].rcpts[0].as_str(), "ü@y.z");
+    assert!(mock.codes.iter().filter(|&&c| c == 250).count() >= 4);
+}
+
+#[test]
+fn connection_lost_in_data_aborts() {
+    let mut s = Session::new("mx.test", "c", limits());
+    let mut mock = Mock::default();
+    let mut out = Vec::new();
+    s.feed(
+        b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<x@y.z>\r\nDATA\r\npart",
+        &mut mock,
+        &mut out,
+    );
+    assert!(s.in_data());
+    s.lost(&mut mock);
+    assert_eq!(mock.aborted, 1);
+}
