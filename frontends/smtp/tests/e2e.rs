@@ -1,0 +1,573 @@
+//! End-to-end tests: real `pplistener` processes (one per backend, so each
+//! can be killed or switched read-only alone), a real `powersmtp` binary, a
+//! temporary SQLite userbase, and real clients (Python's smtplib, raw
+//! sockets, swaks when installed).
+//!
+//! `pplistener` is built into the same target directory on first use.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, Once};
+use std::time::Duration;
+
+use powermail_proto::{BackendConn, MailboxName, MessageId};
+use serde_json::{json, Value};
+
+const SECRET: &str = "e2e-secret-0123456789";
+const TIMEOUT: Duration = Duration::from_secs(30);
+const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/smtp_client.py");
+
+/// The tests start many processes on a small machine: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `pplistener` next to our own binary, built there if needed.
+fn pplistener_bin() -> PathBuf {
+    static BUILD: Once = Once::new();
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_powersmtp"));
+    let dir = exe.parent().unwrap().to_path_buf();
+    let bin = dir.join("pplistener");
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "pplistener"])
+            .env("CARGO_TARGET_DIR", dir.parent().unwrap())
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build -p pplistener");
+        assert!(status.success(), "cargo build -p pplistener failed");
+    });
+    assert!(bin.exists(), "{} missing", bin.display());
+    bin
+}
+
+/// Starts `cmd`, waits for a stdout line containing `ready` (returned), and
+/// keeps draining stdout afterwards.
+fn spawn_and_wait(mut cmd: Command, ready: &str) -> (Child, Vec<String>) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            panic!(
+                "process exited during start-up: {:?} {lines:?}",
+                child.wait()
+            );
+        }
+        lines.push(line.trim().to_string());
+        if line.contains(ready) {
+            break;
+        }
+    }
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut out, &mut std::io::sink());
+    });
+    (child, lines)
+}
+
+/// One pplistener process with one backend.
+struct Backend {
+    addr: String,
+    data: PathBuf,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Backend {
+    fn start(root: &Path, i: usize) -> Backend {
+        let data = root.join(format!("disk{i}"));
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = root.join(format!("pplistener{i}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "secret = \"{SECRET}\"\n[limits]\nfree_bytes_min = 0\n[[backend]]\nname = \"b{i}\"\ndata_dir = \"{}\"\nlisten = \"{addr}\"\ncpu = 0\n",
+                data.display()
+            ),
+        )
+        .unwrap();
+        let mut b = Backend {
+            addr,
+            data,
+            config,
+            child: None,
+        };
+        b.restart();
+        b
+    }
+
+    fn restart(&mut self) {
+        let mut cmd = Command::new(pplistener_bin());
+        cmd.arg("--config").arg(&self.config);
+        self.child = Some(spawn_and_wait(cmd, "listening on").0);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn conn(&self) -> BackendConn {
+        BackendConn::connect(&self.addr, SECRET.as_bytes(), TIMEOUT).expect("backend connect")
+    }
+
+    /// The stored file of `msgid` in `mailbox`, if this backend holds it.
+    fn file(&self, mailbox: &str, msgid: &str) -> Option<PathBuf> {
+        for l1 in std::fs::read_dir(self.data.join("mbox")).ok()? {
+            for l2 in std::fs::read_dir(l1.ok()?.path()).ok()? {
+                let p = l2.ok()?.path().join(mailbox).join(msgid);
+                if p.exists() {
+                    return Some(p);
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A test system: backends, userbase, powersmtp.
+struct System {
+    dir: tempfile::TempDir,
+    backends: Vec<Backend>,
+    smtp: Child,
+    port: u16,
+    admin_port: u16,
+}
+
+const USERS: [&str; 3] = ["alice@example.com", "bob@example.com", "carol@example.com"];
+
+impl System {
+    /// `n` backends, K = `k`, `extra` TOML appended to the [limits] table.
+    fn start(n: usize, k: usize, limits: &str) -> System {
+        let dir = tempfile::tempdir().unwrap();
+        let backends: Vec<Backend> = (0..n).map(|i| Backend::start(dir.path(), i)).collect();
+        let db = dir.path().join("userbase.db");
+        let url = format!("sqlite://{}", db.display());
+        let ub = powermail_userbase::open(&url).expect("userbase");
+        for u in USERS {
+            ub.add_mailbox(u, "pw", 0).unwrap();
+        }
+        ub.set_enabled("carol@example.com", true).unwrap();
+        drop(ub);
+        let admin_port = free_port();
+        let mut toml = format!(
+            "listen = \"127.0.0.1:0\"\nhostname = \"mx.test\"\nfrontend_id = \"t1\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"tok\"\nuserbase = \"{url}\"\nreplicas = {k}\nsecret = \"{SECRET}\"\n[limits]\n{limits}\n[backend_pool]\nhealth_interval_ms = 100\nhealth_timeout_ms = 500\n"
+        );
+        for (i, b) in backends.iter().enumerate() {
+            toml.push_str(&format!(
+                "[[backend]]\nname = \"b{i}\"\naddr = \"{}\"\n",
+                b.addr
+            ));
+        }
+        let config = dir.path().join("powersmtp.toml");
+        std::fs::write(&config, toml).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_powersmtp"));
+        cmd.arg("--config").arg(&config);
+        let (smtp, lines) = spawn_and_wait(cmd, "powersmtp: listening on");
+        let port = lines
+            .last()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        System {
+            dir,
+            backends,
+            smtp,
+            port,
+            admin_port,
+        }
+    }
+
+    /// One smtplib transaction.
+    fn send(&self, from: &str, rcpts: &[&str], msg: &str) -> Value {
+        self.send_with(from, &[], rcpts, msg)
+    }
+
+    /// One smtplib transaction with MAIL FROM parameters.
+    fn send_with(&self, from: &str, mail_options: &[&str], rcpts: &[&str], msg: &str) -> Value {
+        let spec = json!({"from": from, "mail_options": mail_options, "rcpts": rcpts, "msg": msg})
+            .to_string();
+        let out = Command::new("python3")
+            .args([CLIENT, "send", "127.0.0.1", &self.port.to_string(), &spec])
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Raw bytes in one write; everything the server said until it closed.
+    fn raw(&self, payload: &[u8]) -> String {
+        let mut child = Command::new("python3")
+            .args([CLIENT, "raw", "127.0.0.1", &self.port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(payload).unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Backends holding `msgid` for `mailbox`.
+    fn holders(&self, mailbox: &str, msgid: &str) -> Vec<usize> {
+        (0..self.backends.len())
+            .filter(|&i| self.backends[i].file(mailbox, msgid).is_some())
+            .collect()
+    }
+
+    fn admin_get(&self, path: &str) -> String {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.0\r\nAuthorization: Bearer tok\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        resp.split_once("\r\n\r\n").unwrap().1.to_string()
+    }
+
+    /// Waits until the admin port shows backend `i` with `health`.
+    fn wait_health(&self, i: usize, health: &str) {
+        for _ in 0..100 {
+            let v: Value = serde_json::from_str(&self.admin_get("/stats")).unwrap();
+            if v["backends"][i]["health"] == health {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("backend {i} never became {health}");
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        let _ = self.smtp.kill();
+        let _ = self.smtp.wait();
+        let _ = &self.dir;
+    }
+}
+
+/// The message id from "250 2.0.0 Ok: queued as <id>".
+fn queued_id(data: &Value) -> String {
+    assert_eq!(data[0], 250, "{data}");
+    let text = data[1].as_str().unwrap();
+    text.rsplit(' ').next().unwrap().to_string()
+}
+
+/// Splits a stored message into its Received header and the rest.
+fn split_received(stored: &[u8]) -> (String, Vec<u8>) {
+    let text = String::from_utf8_lossy(stored);
+    let end = text.find(" +0000\r\n").expect("Received header date") + " +0000\r\n".len();
+    (text[..end].to_string(), stored[end..].to_vec())
+}
+
+const MSG: &str = "From: a@sender.example\r\nSubject: test\r\n\r\nline one\r\n.leading dot\r\n..two dots\r\nlast\r\n";
+/// MSG as smtplib sends it: dot-stuffed, without the final ".CRLF".
+const MSG_WIRE: &str = "From: a@sender.example\r\nSubject: test\r\n\r\nline one\r\n..leading dot\r\n...two dots\r\nlast\r\n";
+
+#[test]
+fn single_recipient_k2_over_3_stores_wire_form_on_exactly_two() {
+    let _g = serial();
+    let sys = System::start(3, 2, "");
+    let r = sys.send("a@sender.example", &["Alice@Example.com"], MSG);
+    assert_eq!(r["rcpts"][0][0], 250, "{r}");
+    let id = queued_id(&r["data"]);
+    let holders = sys.holders("alice@example.com", &id);
+    assert_eq!(holders.len(), 2, "{holders:?}");
+    for i in holders {
+        let stored = sys.backends[i]
+            .conn()
+            .get(
+                &MailboxName::parse("alice@example.com").unwrap(),
+                &MessageId::parse(&id).unwrap(),
+            )
+            .unwrap();
+        let (received, body) = split_received(&stored);
+        assert!(received.starts_with("Received: from "), "{received:?}");
+        assert!(
+            received.contains(&format!(
+                "by mx.test (powersmtp) with ESMTP id {id}\r\n\tfor <alice@example.com>; "
+            )),
+            "{received:?}"
+        );
+        assert_eq!(String::from_utf8(body).unwrap(), MSG_WIRE);
+    }
+    let stats: Value = serde_json::from_str(&sys.admin_get("/stats")).unwrap();
+    assert_eq!(stats["messages"], 1, "{stats}");
+    assert!(stats["latencies"]["backend_put"]["count"] == 2, "{stats}");
+    let metrics = sys.admin_get("/metrics");
+    assert!(metrics.contains("powersmtp_messages_total 1"), "{metrics}");
+}
+
+#[test]
+fn multi_recipient_is_one_put_per_backend_with_hardlinks() {
+    let _g = serial();
+    let sys = System::start(3, 2, "");
+    let r = sys.send(
+        "",
+        &[
+            "alice@example.com",
+            "nobody@example.com",
+            "bob@example.com",
+            "carol@example.com",
+        ],
+        MSG,
+    );
+    assert_eq!(r["rcpts"][1][0], 550, "{r}");
+    assert!(
+        r["rcpts"][1][1].as_str().unwrap().starts_with("5.1.1"),
+        "{r}"
+    );
+    let id = queued_id(&r["data"]);
+    let holders = sys.holders("alice@example.com", &id);
+    assert_eq!(holders.len(), 2);
+    for &i in &holders {
+        let md: Vec<_> = ["alice@example.com", "bob@example.com", "carol@example.com"]
+            .iter()
+            .map(|m| std::fs::metadata(sys.backends[i].file(m, &id).expect("linked")).unwrap())
+            .collect();
+        assert!(md.iter().all(|m| m.ino() == md[0].ino()), "one inode");
+        assert!(md.iter().all(|m| m.nlink() == 3), "three links");
+    }
+    assert_eq!(sys.holders("bob@example.com", &id), holders);
+    // No "for <...>" with several recipients.
+    let stored = sys.backends[holders[0]]
+        .conn()
+        .get(
+            &MailboxName::parse("bob@example.com").unwrap(),
+            &MessageId::parse(&id).unwrap(),
+        )
+        .unwrap();
+    let (received, body) = split_received(&stored);
+    assert!(!received.contains("for <"), "{received}");
+    assert_eq!(body, MSG_WIRE.as_bytes());
+}
+
+#[test]
+fn backends_down_and_read_only() {
+    let _g = serial();
+    let mut sys = System::start(3, 2, "");
+    // Read-only backend 0 is skipped: every copy goes to 1 and 2.
+    sys.backends[0].conn().set_readonly(true).unwrap();
+    sys.wait_health(0, "readonly");
+    for _ in 0..4 {
+        let id = queued_id(&sys.send("a@b.c", &["alice@example.com"], MSG)["data"]);
+        assert_eq!(sys.holders("alice@example.com", &id), vec![1, 2]);
+    }
+    sys.backends[0].conn().set_readonly(false).unwrap();
+    sys.wait_health(0, "up");
+    // Backend 1 killed: still two copies, on 0 and 2.
+    sys.backends[1].kill();
+    sys.wait_health(1, "down");
+    for _ in 0..4 {
+        let id = queued_id(&sys.send("a@b.c", &["alice@example.com"], MSG)["data"]);
+        assert_eq!(sys.holders("alice@example.com", &id), vec![0, 2]);
+    }
+    // Killed without waiting for the health checker: the next message falls
+    // back or fails with 451, never 250 with fewer than K copies.
+    sys.backends[2].kill();
+    let r = sys.send("a@b.c", &["alice@example.com"], MSG);
+    assert_eq!(r["data"][0], 451, "{r}");
+    assert!(r["data"][1].as_str().unwrap().starts_with("4.3.0"), "{r}");
+    // All down.
+    sys.backends[0].kill();
+    sys.wait_health(0, "down");
+    let r = sys.send("a@b.c", &["alice@example.com"], MSG);
+    assert_eq!(r["data"][0], 451, "{r}");
+    // Back up: delivery resumes, and no partial copies were left behind.
+    for b in sys.backends.iter_mut() {
+        b.restart();
+    }
+    sys.wait_health(2, "up");
+    sys.wait_health(1, "up");
+    let id = queued_id(&sys.send("a@b.c", &["alice@example.com"], MSG)["data"]);
+    assert_eq!(sys.holders("alice@example.com", &id).len(), 2);
+    let mbox = MailboxName::parse("alice@example.com").unwrap();
+    let total: usize = sys
+        .backends
+        .iter()
+        .map(|b| b.conn().list(&mbox, 100).unwrap().len())
+        .sum();
+    assert_eq!(
+        total,
+        2 * (4 + 4 + 1),
+        "only accepted messages are stored, K times each"
+    );
+}
+
+#[test]
+fn size_limits() {
+    let _g = serial();
+    let sys = System::start(2, 1, "message_max_bytes = 10000");
+    // SIZE= declared at MAIL: refused there.
+    let big = format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(20_000));
+    let r = sys.send_with("a@b.c", &["SIZE=20020"], &["alice@example.com"], &big);
+    assert_eq!(r["mail"][0], 552, "{r}");
+    assert!(r["mail"][1].as_str().unwrap().starts_with("5.3.4"), "{r}");
+    // Not declared: refused at the end of DATA.
+    let r = sys.send("a@b.c", &["alice@example.com"], &big);
+    assert_eq!(r["data"][0], 552, "{r}");
+    // Without SIZE=, refused at the end of DATA; the session goes on.
+    let mut raw =
+        b"EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n".to_vec();
+    raw.extend_from_slice(big.as_bytes());
+    raw.extend_from_slice(b".\r\nNOOP\r\nQUIT\r\n");
+    let out = sys.raw(&raw);
+    assert!(out.contains("\r\n552 5.3.4 "), "{out}");
+    assert!(out.ends_with("250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n"), "{out}");
+    let mbox = MailboxName::parse("alice@example.com").unwrap();
+    for b in &sys.backends {
+        assert!(b.conn().list(&mbox, 10).unwrap().is_empty());
+    }
+}
+
+#[test]
+fn pipelining_and_smuggling() {
+    let _g = serial();
+    let sys = System::start(2, 1, "");
+    let raw = b"EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<alice@example.com>\r\nRCPT TO:<zed@example.com>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\nSubject: p\r\n\r\nhi\n.\r\nMAIL FROM:<evil@x>\r\n.\r\nQUIT\r\n";
+    let out = sys.raw(raw);
+    let codes: Vec<&str> = out
+        .lines()
+        .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+        .map(|l| &l[..3])
+        .collect();
+    assert_eq!(
+        codes,
+        ["220", "250", "250", "250", "550", "250", "354", "250", "221"],
+        "{out}"
+    );
+    assert!(out.contains("250-PIPELINING"), "{out}");
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("250 2.0.0 Ok: queued as "))
+        .unwrap();
+    let holders = sys.holders("alice@example.com", id);
+    assert_eq!(holders.len(), 1);
+    let stored = sys.backends[holders[0]]
+        .conn()
+        .get(
+            &MailboxName::parse("bob@example.com").unwrap(),
+            &MessageId::parse(id).unwrap(),
+        )
+        .unwrap();
+    let (_, body) = split_received(&stored);
+    assert_eq!(
+        body,
+        b"Subject: p\r\n\r\nhi\r\n..\r\nMAIL FROM:<evil@x>\r\n"
+    );
+}
+
+#[test]
+fn over_max_connections_gets_421() {
+    let _g = serial();
+    let sys = System::start(1, 1, "connections_max = 2");
+    let out = Command::new("python3")
+        .args([CLIENT, "hold", "127.0.0.1", &sys.port.to_string(), "3"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[0].starts_with("220 ") && lines[1].starts_with("220 "),
+        "{text}"
+    );
+    assert!(lines[2].starts_with("421 4.3.2"), "{text}");
+    // Slots are given back when sessions end.
+    std::thread::sleep(Duration::from_millis(200));
+    let r = sys.send("a@b.c", &["alice@example.com"], MSG);
+    queued_id(&r["data"]);
+}
+
+#[test]
+fn swaks_delivers() {
+    let _g = serial();
+    if Command::new("swaks").arg("--version").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "swaks is required in CI");
+        eprintln!("NOTE: swaks not installed; swaks_delivers skipped");
+        return;
+    }
+    let sys = System::start(2, 2, "");
+    let out = Command::new("swaks")
+        .args([
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &sys.port.to_string(),
+            "--to",
+            "alice@example.com,bob@example.com",
+            "--from",
+            "swaks@sender.example",
+            "--pipeline",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let id = text
+        .lines()
+        .find_map(|l| l.split("250 2.0.0 Ok: queued as ").nth(1))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(sys.holders("alice@example.com", id.trim()), vec![0, 1]);
+    assert_eq!(sys.holders("bob@example.com", id.trim()), vec![0, 1]);
+}
+
+#[test]
+fn userbase_unreadable_gives_451_at_rcpt() {
+    let _g = serial();
+    let sys = System::start(1, 1, "");
+    let ok = sys.send("a@b.c", &["alice@example.com"], MSG);
+    queued_id(&ok["data"]);
+    // Corrupt the database under the running frontend: bob was never looked
+    // up, so the cache cannot answer and the database cannot either.
+    for f in ["userbase.db", "userbase.db-wal", "userbase.db-shm"] {
+        let path = sys.dir.path().join(f);
+        if path.exists() {
+            std::fs::write(&path, vec![0x55u8; 64 << 10]).unwrap();
+        }
+    }
+    let r = sys.send("a@b.c", &["bob@example.com"], MSG);
+    assert_eq!(r["rcpts"][0][0], 451, "{r}");
+    assert!(
+        r["rcpts"][0][1].as_str().unwrap().starts_with("4.3.0"),
+        "{r}"
+    );
+}
