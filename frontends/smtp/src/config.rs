@@ -51,6 +51,9 @@ pub struct Config {
     /// Backend health checks and connection pools.
     #[serde(default)]
     pub backend_pool: PoolConfig,
+    /// Forwarding through an outgoing relay.
+    #[serde(default)]
+    pub forward: ForwardSettings,
     /// The backends.
     #[serde(rename = "backend")]
     pub backends: Vec<BackendSpec>,
@@ -74,6 +77,27 @@ impl Default for CacheSettings {
             positive_ttl_ms: 30_000,
             negative_ttl_ms: 5_000,
             max_entries: 10_000,
+        }
+    }
+}
+
+/// Where forwarded mail goes. The relay is spoken to during the incoming
+/// transaction (no queue): its answers decide the replies.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardSettings {
+    /// `host:port` of the outgoing SMTP relay. None: mailboxes with
+    /// forwards get their mail stored locally (and a warning is logged).
+    pub relay: Option<String>,
+    /// Time-out of every step with the relay.
+    pub timeout_ms: u64,
+}
+
+impl Default for ForwardSettings {
+    fn default() -> Self {
+        ForwardSettings {
+            relay: None,
+            timeout_ms: 60_000,
         }
     }
 }
@@ -203,6 +227,7 @@ impl Config {
             "replicas": self.replicas,
             "limits": self.limits,
             "backend_pool": self.backend_pool,
+            "forward": self.forward,
             "backends": self.backends.iter().map(|b| serde_json::json!({
                 "name": b.name, "addr": b.addr, "group": b.group_name(), "priority": b.priority,
             })).collect::<Vec<_>>(),

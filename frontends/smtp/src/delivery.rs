@@ -11,16 +11,22 @@
 //! are deleted again (no orphan duplicates when the sender retries) and the
 //! reply is `451 4.3.0`.
 
+use std::collections::HashMap;
+use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use powermail_admin::Latencies;
 use powermail_frontend::{BackendId, Cluster, PooledConn};
 use powermail_proto::{BackendError, ErrorCode, MailboxName, MessageId};
 use powermail_userbase::{CachedUserbase, Userbase, UserbaseError};
 
+use crate::relay::Relay;
 use crate::session::{printable, Delivery, Envelope, RcptVerdict, Reply};
+
+/// Most entries asked of one backend when summing a mailbox's usage.
+const LIST_MAX_ENTRIES: usize = 100_000;
 
 /// Process-wide counters, read by the admin port.
 #[derive(Debug, Default)]
@@ -63,6 +69,11 @@ pub struct Shared {
     pub frontend_id: String,
     /// Message-id counter.
     pub counter: AtomicU64,
+    /// Outgoing relay for forwards (`host:port`); none: forwards are
+    /// ignored and mail is stored locally.
+    pub relay: Option<String>,
+    /// Time-out of every step with the relay.
+    pub relay_timeout: Duration,
 }
 
 /// One backend receiving a copy.
@@ -81,12 +92,23 @@ struct Txn {
     size_bytes: u64,
 }
 
+/// A local recipient with a quota: (mailbox, quota bytes, bytes used).
+type QuotaUse = (MailboxName, u64, u64);
+
 /// The delivery of one SMTP connection.
 pub struct BackendDelivery {
     shared: Arc<Shared>,
     client: String,
     txn: Option<Txn>,
     txn_started: Option<Instant>,
+    /// The reverse path of the current transaction.
+    from: String,
+    /// Local recipients with a quota, checked again at the end of DATA.
+    quotas: Vec<QuotaUse>,
+    /// The relay session when some recipient forwards.
+    relay: Option<Relay>,
+    /// Recipients accepted for forwarding in this transaction.
+    forwarded: usize,
 }
 
 impl BackendDelivery {
@@ -97,7 +119,79 @@ impl BackendDelivery {
             client: client.to_string(),
             txn: None,
             txn_started: None,
+            from: String::new(),
+            quotas: Vec::new(),
+            relay: None,
+            forwarded: 0,
         }
+    }
+
+    /// Bytes used by `mailbox`: its listing on every readable backend, each
+    /// message id counted once (copies are on K backends). Backends that do
+    /// not answer are skipped: a quota is a soft limit, availability first.
+    fn usage_bytes(&self, mailbox: &MailboxName) -> u64 {
+        let cluster = &self.shared.cluster;
+        let mut sizes: HashMap<MessageId, u64> = HashMap::new();
+        for id in cluster.readable() {
+            let Ok(mut conn) = cluster.checkout(id) else {
+                continue;
+            };
+            match conn.list(mailbox, LIST_MAX_ENTRIES) {
+                Ok(entries) => {
+                    conn.release();
+                    for e in entries {
+                        sizes.insert(e.msgid, e.size_bytes);
+                    }
+                }
+                Err(e) => cluster.report_error(id, &e),
+            }
+        }
+        sizes.values().sum()
+    }
+
+    /// Quota, then forwards, for an existing, enabled mailbox.
+    fn accept(&mut self, mb: powermail_userbase::Mailbox, name: MailboxName) -> RcptVerdict {
+        let forwards = !mb.forwards.is_empty();
+        let local = !forwards || mb.keep_local_copy || self.shared.relay.is_none();
+        if forwards && self.shared.relay.is_none() {
+            log::warn!("rcpt={name} forwards but no [forward] relay is configured: stored locally");
+        }
+        if local && mb.quota_bytes > 0 {
+            let used = self.usage_bytes(&name);
+            if used >= mb.quota_bytes {
+                return RcptVerdict::OverQuota;
+            }
+            self.quotas.push((name.clone(), mb.quota_bytes, used));
+        }
+        if let (true, Some(addr)) = (forwards, self.shared.relay.as_deref()) {
+            if self.relay.is_none() {
+                let opened = Relay::open(
+                    addr,
+                    &self.shared.hostname,
+                    &self.from,
+                    self.shared.relay_timeout,
+                );
+                match opened {
+                    Ok(r) => self.relay = Some(r),
+                    Err(reply) => return RcptVerdict::Refuse(reply),
+                }
+            }
+            let relay = self.relay.as_mut().expect("opened above");
+            for target in &mb.forwards {
+                if let Err(reply) = relay.rcpt(target) {
+                    return RcptVerdict::Refuse(reply);
+                }
+            }
+            self.forwarded += 1;
+        }
+        RcptVerdict::Accept(local.then_some(name))
+    }
+
+    /// True when a local recipient would go over its quota with `size_bytes` more.
+    fn over_quota(&self, size_bytes: u64) -> bool {
+        self.quotas
+            .iter()
+            .any(|(_, quota, used)| used + size_bytes > *quota)
     }
 
     fn now_us() -> u64 {
@@ -200,6 +294,86 @@ impl BackendDelivery {
             }
         }
     }
+
+    /// Ends every PUT, then reads every reply (so the K fsyncs overlap).
+    /// Returns the copies that are durable, and their latencies.
+    fn end_copies(&self, txn: &mut Txn) -> (Vec<(BackendId, PooledConn)>, Latencies) {
+        let msgid = txn.msgid.clone();
+        for copy in txn.copies.iter_mut() {
+            if let Some(Err(e)) = copy.conn.as_mut().map(|c| c.put_end()) {
+                self.fail_copy(&msgid, copy, &e);
+            }
+        }
+        let mut ok = Vec::new();
+        let mut lat = Latencies::new();
+        for copy in txn.copies.iter_mut() {
+            let Some(mut conn) = copy.conn.take() else {
+                continue;
+            };
+            match conn.put_reply() {
+                Ok(receipt) => {
+                    debug_assert_eq!(receipt.size_bytes, txn.size_bytes);
+                    lat.record("backend_put", copy.started.elapsed().as_micros() as u64);
+                    ok.push((copy.id, conn));
+                }
+                Err(e) => {
+                    copy.conn = Some(conn);
+                    self.fail_copy(&msgid, copy, &e);
+                }
+            }
+        }
+        (ok, lat)
+    }
+
+    /// The relay's final answer (250 when nothing is forwarded). A refusal
+    /// (5xx) is passed on as 554 5.7.1, anything else becomes 451 4.4.0.
+    fn end_relay(&mut self, txn: &Txn) -> Reply {
+        if self.forwarded == 0 {
+            return Reply::new(250, "2.0.0 Ok");
+        }
+        let answer = match self.relay.take() {
+            Some(mut r) => {
+                let a = r.end();
+                if a.is_ok() {
+                    self.relay = Some(r);
+                }
+                a
+            }
+            None => Err(io::Error::other("relay connection lost")),
+        };
+        match answer {
+            Ok(r) if r.code / 100 == 2 => Reply::new(250, "2.0.0 Ok"),
+            Ok(r) if r.code / 100 == 5 => {
+                log::warn!("msgid={} relay refused: {} {}", txn.msgid, r.code, r.text);
+                Reply::new(
+                    554,
+                    format!("5.7.1 Forwarding refused: {} {}", r.code, r.text),
+                )
+            }
+            Ok(r) => {
+                log::warn!("msgid={} relay deferred: {} {}", txn.msgid, r.code, r.text);
+                Reply::new(451, "4.4.0 Forwarding deferred, try again later")
+            }
+            Err(e) => {
+                log::warn!("msgid={} relay failed: {e}", txn.msgid);
+                Reply::new(451, "4.4.0 Forwarding relay failed, try again later")
+            }
+        }
+    }
+
+    /// Refuses the current transaction with `reply`: logs it and abandons
+    /// every copy.
+    fn fail_txn(&mut self, reply: &Reply) {
+        self.shared
+            .stats
+            .messages_failed
+            .fetch_add(1, Ordering::Relaxed);
+        let started = self.txn_started.take().unwrap_or_else(Instant::now);
+        if let Some(txn) = &self.txn {
+            self.log_txn(txn, &[], reply, started);
+        }
+        self.abort();
+    }
 }
 
 impl Delivery for BackendDelivery {
@@ -207,12 +381,7 @@ impl Delivery for BackendDelivery {
         match self.shared.userbase.lookup(address) {
             Ok(Some(mb)) if !mb.enabled => RcptVerdict::Disabled,
             Ok(Some(mb)) => match MailboxName::parse(&mb.name) {
-                Ok(name) => {
-                    if !mb.forwards.is_empty() {
-                        log::warn!("rcpt={name} has forwards; forwarding is not implemented, storing locally");
-                    }
-                    RcptVerdict::Accept(name)
-                }
+                Ok(name) => self.accept(mb, name),
                 Err(e) => {
                     log::warn!(
                         "rcpt={} mailbox name {:?} unusable: {e}",
@@ -230,27 +399,40 @@ impl Delivery for BackendDelivery {
         }
     }
 
-    fn transaction_started(&mut self) {
+    fn transaction_started(&mut self, from: &str) {
         self.txn_started = Some(Instant::now());
+        self.from = from.to_string();
+        self.quotas.clear();
+        self.forwarded = 0;
+        if let Some(r) = self.relay.take() {
+            r.quit();
+        }
     }
 
     fn begin(&mut self, env: &Envelope) -> Result<(), Reply> {
-        let k = self.shared.replicas;
+        // Forward-only messages need no local copy at all.
+        let k = if env.rcpts.is_empty() {
+            0
+        } else {
+            self.shared.replicas
+        };
         let counter = self.shared.counter.fetch_add(1, Ordering::Relaxed);
         let now_us = Self::now_us();
         let msgid = MessageId::generate(now_us, &self.shared.frontend_id, counter);
         let header = received_header(env, &self.shared.hostname, &msgid, now_us / 1_000_000);
         let mut copies = Vec::with_capacity(k);
-        for id in self
-            .shared
-            .cluster
-            .select_writable(self.shared.cluster.len())
-        {
-            if copies.len() == k {
-                break;
-            }
-            if let Some(c) = self.open_copy(id, &msgid, &env.rcpts, header.as_bytes()) {
-                copies.push(c);
+        if k > 0 {
+            for id in self
+                .shared
+                .cluster
+                .select_writable(self.shared.cluster.len())
+            {
+                if copies.len() == k {
+                    break;
+                }
+                if let Some(c) = self.open_copy(id, &msgid, &env.rcpts, header.as_bytes()) {
+                    copies.push(c);
+                }
             }
         }
         let txn = Txn {
@@ -260,22 +442,29 @@ impl Delivery for BackendDelivery {
             copies,
             size_bytes: header.len() as u64,
         };
-        if txn.copies.len() < k {
-            let reply = Reply::new(
+        let refusal = if txn.copies.len() < k {
+            Some(Reply::new(
                 451,
                 "4.3.0 Not enough storage backends available, try again later",
-            );
-            self.shared
-                .stats
-                .messages_failed
-                .fetch_add(1, Ordering::Relaxed);
-            let started = self.txn_started.take().unwrap_or_else(Instant::now);
-            self.log_txn(&txn, &[], &reply, started);
-            self.txn = Some(txn);
-            self.abort();
+            ))
+        } else if self.forwarded > 0 {
+            let started = self
+                .relay
+                .as_mut()
+                .ok_or_else(|| io::Error::other("relay gone"))
+                .and_then(|r| r.data().and_then(|_| r.chunk(header.as_bytes())));
+            started.err().map(|e| {
+                log::warn!("msgid={} relay DATA failed: {e}", txn.msgid);
+                Reply::new(451, "4.4.0 Forwarding relay failed, try again later")
+            })
+        } else {
+            None
+        };
+        self.txn = Some(txn);
+        if let Some(reply) = refusal {
+            self.fail_txn(&reply);
             return Err(reply);
         }
-        self.txn = Some(txn);
         Ok(())
     }
 
@@ -294,55 +483,52 @@ impl Delivery for BackendDelivery {
                 self.fail_copy(&msgid, &mut txn.copies[i], &e);
             }
         }
+        if let Some(Err(e)) = self.relay.as_mut().map(|r| r.chunk(bytes)) {
+            log::warn!("msgid={} relay failed during DATA: {e}", txn.msgid);
+            self.relay = None;
+        }
         self.txn = Some(txn);
     }
 
     fn finish(&mut self) -> Reply {
         let eod = Instant::now();
-        let Some(mut txn) = self.txn.take() else {
+        let Some(txn) = self.txn.as_ref() else {
             return Reply::new(451, "4.3.0 Internal error: no transaction");
         };
-        for copy in txn.copies.iter_mut() {
-            if let Some(Err(e)) = copy.conn.as_mut().map(|c| c.put_end()) {
-                self.fail_copy(&txn.msgid.clone(), copy, &e);
-            }
+        if self.over_quota(txn.size_bytes) {
+            let reply = Reply::new(552, "5.2.2 Mailbox full: message would exceed the quota");
+            self.fail_txn(&reply);
+            return reply;
         }
-        let mut ok = Vec::new();
-        let mut lat = Latencies::new();
-        for copy in txn.copies.iter_mut() {
-            let Some(mut conn) = copy.conn.take() else {
-                continue;
-            };
-            match conn.put_reply() {
-                Ok(receipt) => {
-                    debug_assert_eq!(receipt.size_bytes, txn.size_bytes);
-                    lat.record("backend_put", copy.started.elapsed().as_micros() as u64);
-                    ok.push((copy.id, conn));
-                }
-                Err(e) => {
-                    copy.conn = Some(conn);
-                    self.fail_copy(&txn.msgid.clone(), copy, &e);
-                }
-            }
-        }
+        let mut txn = self.txn.take().expect("checked above");
+        let want = if txn.rcpts.is_empty() {
+            0
+        } else {
+            self.shared.replicas
+        };
+        let (ok, lat) = self.end_copies(&mut txn);
         let backends: Vec<BackendId> = ok.iter().map(|(id, _)| *id).collect();
+        let mut reply = if ok.len() == want {
+            self.end_relay(&txn)
+        } else {
+            Reply::new(451, "4.3.0 Could not store enough copies, try again later")
+        };
         let stats = &self.shared.stats;
-        let reply = if ok.len() == self.shared.replicas {
-            assert!(!ok.is_empty(), "250 needs at least one durable copy");
+        if reply.code == 250 {
             for (_, conn) in ok {
                 conn.release();
             }
             stats.messages.fetch_add(1, Ordering::Relaxed);
             stats
                 .recipients
-                .fetch_add(txn.rcpts.len() as u64, Ordering::Relaxed);
+                .fetch_add((txn.rcpts.len() + self.forwarded) as u64, Ordering::Relaxed);
             stats.bytes.fetch_add(txn.size_bytes, Ordering::Relaxed);
-            Reply::new(250, format!("2.0.0 Ok: queued as {}", txn.msgid))
+            reply = Reply::new(250, format!("2.0.0 Ok: queued as {}", txn.msgid));
         } else {
             self.undo(&txn, ok);
             stats.messages_failed.fetch_add(1, Ordering::Relaxed);
-            Reply::new(451, "4.3.0 Could not store enough copies, try again later")
-        };
+        }
+        let mut lat = lat;
         lat.record("eod_to_reply", eod.elapsed().as_micros() as u64);
         let started = self.txn_started.take().unwrap_or(eod);
         lat.record("transaction", started.elapsed().as_micros() as u64);
@@ -369,6 +555,8 @@ impl Delivery for BackendDelivery {
                 }
             }
         }
+        // Closing the relay connection before the final "." abandons its copy.
+        self.relay = None;
         log::info!(
             "msgid={} client={} aborted size={}",
             txn.msgid,
@@ -459,6 +647,7 @@ mod tests {
             from: "a@b.c".into(),
             smtputf8: false,
             rcpts: vec![MailboxName::parse("x@y.z").unwrap()],
+            accepted: 1,
         };
         let id = MessageId::parse("0001.f.1").unwrap();
         let h = received_header(&env, "mx.test", &id, 0);

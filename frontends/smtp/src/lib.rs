@@ -5,11 +5,13 @@
 //! * [`session`] — the SMTP state machine (no I/O);
 //! * [`delivery`] — the real [`session::Delivery`]: userbase look-ups and
 //!   streaming PUTs to K backends;
+//! * [`relay`] — forwarding through the outgoing relay, inside the transaction;
 //! * [`config`] — the TOML file;
 //! * [`server`] — the threaded I/O loop and the admin port.
 
 pub mod config;
 pub mod data;
 pub mod delivery;
+pub mod relay;
 pub mod server;
 pub mod session;

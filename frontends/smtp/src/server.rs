@@ -48,6 +48,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         hostname: cfg.hostname.clone(),
         frontend_id: cfg.frontend_id().to_string(),
         counter: AtomicU64::new(0),
+        relay: cfg.forward.relay.clone(),
+        relay_timeout: Duration::from_millis(cfg.forward.timeout_ms),
     });
     let cfg = Arc::new(cfg);
     if let Some(listen) = &cfg.admin_listen {

@@ -70,8 +70,9 @@ impl Reply {
 /// What the userbase said about one recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RcptVerdict {
-    /// Deliver into this mailbox.
-    Accept(MailboxName),
+    /// Accepted: deliver into this mailbox, or (`None`) only forward it,
+    /// which the delivery arranged itself.
+    Accept(Option<MailboxName>),
     /// No such mailbox: `550 5.1.1`.
     Unknown,
     /// The mailbox exists but is disabled: `550 5.2.1`.
@@ -80,6 +81,8 @@ pub enum RcptVerdict {
     OverQuota,
     /// The userbase could not answer: `451 4.3.0`.
     TempFail,
+    /// Refused with this reply (e.g. the forwarding relay's answer).
+    Refuse(Reply),
 }
 
 /// The envelope of the message being received.
@@ -95,8 +98,10 @@ pub struct Envelope {
     pub from: String,
     /// SMTPUTF8 was requested at MAIL.
     pub smtputf8: bool,
-    /// Accepted mailboxes, each once, in RCPT order.
+    /// Accepted local mailboxes, each once, in RCPT order.
     pub rcpts: Vec<MailboxName>,
+    /// Accepted recipients, forward-only ones included.
+    pub accepted: usize,
 }
 
 /// The outside world of a session.
@@ -112,8 +117,9 @@ pub trait Delivery {
     fn finish(&mut self) -> Reply;
     /// Abandons the message being stored (too big, connection lost).
     fn abort(&mut self);
-    /// A transaction began (MAIL accepted); for latency statistics.
-    fn transaction_started(&mut self) {}
+    /// A transaction began: MAIL from `from` accepted. Any previous
+    /// transaction is over.
+    fn transaction_started(&mut self, _from: &str) {}
     /// Called for every reply the session sends (statistics).
     fn replied(&mut self, _code: u16) {}
 }
@@ -355,8 +361,9 @@ impl Session {
                     from: from.address,
                     smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
                     rcpts: Vec::new(),
+                    accepted: 0,
                 });
-                d.transaction_started();
+                d.transaction_started(&self.mail.as_ref().expect("just set").from);
                 Reply::new(250, "2.1.0 Ok")
             }
             Request::Rcpt { to } => return self.rcpt(&to.address, d, out),
@@ -422,7 +429,7 @@ impl Session {
         let Some(mail) = &self.mail else {
             return self.refuse(d, out, Reply::new(503, "5.5.1 Need MAIL before RCPT"));
         };
-        if mail.rcpts.len() >= self.limits.recipients_max {
+        if mail.accepted >= self.limits.recipients_max {
             return self.send(d, out, Reply::new(452, "4.5.3 Too many recipients"));
         }
         if address.is_empty() {
@@ -434,12 +441,16 @@ impl Session {
         }
         let r = match d.lookup(address) {
             RcptVerdict::Accept(mailbox) => {
-                let rcpts = &mut self.mail.as_mut().expect("checked above").rcpts;
-                if !rcpts.contains(&mailbox) {
-                    rcpts.push(mailbox);
+                let mail = self.mail.as_mut().expect("checked above");
+                mail.accepted += 1;
+                if let Some(m) = mailbox {
+                    if !mail.rcpts.contains(&m) {
+                        mail.rcpts.push(m);
+                    }
                 }
                 Reply::new(250, "2.1.5 Ok")
             }
+            RcptVerdict::Refuse(r) => r,
             RcptVerdict::Unknown => Reply::new(550, "5.1.1 No such user here"),
             RcptVerdict::Disabled => Reply::new(550, "5.2.1 Mailbox disabled"),
             RcptVerdict::OverQuota => Reply::new(552, "5.2.2 Mailbox full"),
@@ -454,7 +465,7 @@ impl Session {
         let Some(mail) = &self.mail else {
             return self.refuse(d, out, Reply::new(503, "5.5.1 Need MAIL before DATA"));
         };
-        if mail.rcpts.is_empty() {
+        if mail.accepted == 0 {
             return self.refuse(d, out, Reply::new(554, "5.5.1 No valid recipients"));
         }
         match d.begin(mail) {

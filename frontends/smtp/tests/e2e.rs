@@ -165,9 +165,22 @@ struct System {
 
 const USERS: [&str; 3] = ["alice@example.com", "bob@example.com", "carol@example.com"];
 
+/// Mailboxes that forward: (name, target, keep a local copy).
+const FORWARDERS: [(&str, &str, bool); 4] = [
+    ("dave@example.com", "dave@elsewhere.example", false),
+    ("erin@example.com", "erin@elsewhere.example", true),
+    ("frank@example.com", "refuse@elsewhere.example", false),
+    ("greg@example.com", "rejectdata@elsewhere.example", true),
+];
+
 impl System {
-    /// `n` backends, K = `k`, `extra` TOML appended to the [limits] table.
+    /// `n` backends, K = `k`, `limits` TOML inside the [limits] table.
     fn start(n: usize, k: usize, limits: &str) -> System {
+        System::start_with(n, k, limits, "")
+    }
+
+    /// Like [`System::start`], with `extra` TOML tables (before the backends).
+    fn start_with(n: usize, k: usize, limits: &str, extra: &str) -> System {
         let dir = tempfile::tempdir().unwrap();
         let backends: Vec<Backend> = (0..n).map(|i| Backend::start(dir.path(), i)).collect();
         let db = dir.path().join("userbase.db");
@@ -176,11 +189,15 @@ impl System {
         for u in USERS {
             ub.add_mailbox(u, "pw", 0).unwrap();
         }
-        ub.set_enabled("carol@example.com", true).unwrap();
+        for (name, target, keep) in FORWARDERS {
+            ub.add_mailbox(name, "pw", 0).unwrap();
+            ub.set_forwards(name, vec![target.to_string()], keep)
+                .unwrap();
+        }
         drop(ub);
         let admin_port = free_port();
         let mut toml = format!(
-            "listen = \"127.0.0.1:0\"\nhostname = \"mx.test\"\nfrontend_id = \"t1\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"tok\"\nuserbase = \"{url}\"\nreplicas = {k}\nsecret = \"{SECRET}\"\n[limits]\n{limits}\n[backend_pool]\nhealth_interval_ms = 100\nhealth_timeout_ms = 500\n"
+            "listen = \"127.0.0.1:0\"\nhostname = \"mx.test\"\nfrontend_id = \"t1\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"tok\"\nuserbase = \"{url}\"\nreplicas = {k}\nsecret = \"{SECRET}\"\n[limits]\n{limits}\n[backend_pool]\nhealth_interval_ms = 100\nhealth_timeout_ms = 500\n{extra}\n"
         );
         for (i, b) in backends.iter().enumerate() {
             toml.push_str(&format!(
@@ -570,4 +587,132 @@ fn userbase_unreadable_gives_451_at_rcpt() {
         r["rcpts"][0][1].as_str().unwrap().starts_with("4.3.0"),
         "{r}"
     );
+}
+
+#[test]
+fn quota_at_rcpt_and_at_end_of_data() {
+    let _g = serial();
+    // No caching, so quota changes made below are seen at once.
+    let sys = System::start_with(
+        2,
+        2,
+        "",
+        "[userbase_cache]\npositive_ttl_ms = 0\nnegative_ttl_ms = 0",
+    );
+    for _ in 0..2 {
+        queued_id(&sys.send("a@b.c", &["alice@example.com"], MSG)["data"]);
+    }
+    let mbox = MailboxName::parse("alice@example.com").unwrap();
+    let used: u64 = sys.backends[0]
+        .conn()
+        .list(&mbox, 10)
+        .unwrap()
+        .iter()
+        .map(|e| e.size_bytes)
+        .sum();
+    let url = format!("sqlite://{}", sys.dir.path().join("userbase.db").display());
+    let ub = powermail_userbase::open(&url).unwrap();
+    // Already over: 552 at RCPT.
+    ub.set_quota("alice@example.com", used).unwrap();
+    let r = sys.send("a@b.c", &["alice@example.com", "bob@example.com"], MSG);
+    assert_eq!(r["rcpts"][0][0], 552, "{r}");
+    assert!(
+        r["rcpts"][0][1].as_str().unwrap().starts_with("5.2.2"),
+        "{r}"
+    );
+    queued_id(&r["data"]);
+    // Room for less than this message: 552 at the end of DATA, nothing stored.
+    ub.set_quota("alice@example.com", used + 50).unwrap();
+    let r = sys.send("a@b.c", &["alice@example.com"], MSG);
+    assert_eq!(r["rcpts"][0][0], 250, "{r}");
+    assert_eq!(r["data"][0], 552, "{r}");
+    assert!(r["data"][1].as_str().unwrap().starts_with("5.2.2"), "{r}");
+    assert_eq!(sys.backends[0].conn().list(&mbox, 10).unwrap().len(), 2);
+    // Room enough.
+    ub.set_quota("alice@example.com", used * 2).unwrap();
+    queued_id(&sys.send("a@b.c", &["alice@example.com"], MSG)["data"]);
+}
+
+/// Reads the messages the sink accepted: (recipients, bytes).
+fn sunk(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|p| {
+            let b = std::fs::read(p).unwrap();
+            let nl = b.iter().position(|&c| c == b'\n').unwrap();
+            (
+                String::from_utf8(b[..nl].to_vec()).unwrap(),
+                b[nl + 1..].to_vec(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn forwards_through_the_relay_inside_the_transaction() {
+    let _g = serial();
+    let sink_dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("python3");
+    cmd.args([CLIENT, "sink"]).arg(sink_dir.path());
+    let (mut sink, lines) = spawn_and_wait(cmd, "sink listening on");
+    let port = lines
+        .last()
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    let sys = System::start_with(
+        2,
+        2,
+        "",
+        &format!("[forward]\nrelay = \"127.0.0.1:{port}\"\ntimeout_ms = 5000"),
+    );
+    // Forward only: relayed, no local copy.
+    let r = sys.send("s@sender.example", &["dave@example.com"], MSG);
+    let id = queued_id(&r["data"]);
+    assert!(sys.holders("dave@example.com", &id).is_empty());
+    let got = sunk(sink_dir.path());
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, "dave@elsewhere.example");
+    let (received, body) = split_received(&got[0].1);
+    assert!(received.contains(&format!("id {id}")), "{received}");
+    assert_eq!(body, MSG_WIRE.as_bytes());
+    // Forward and keep a local copy, together with a plain local recipient.
+    let r = sys.send(
+        "s@sender.example",
+        &["erin@example.com", "alice@example.com"],
+        MSG,
+    );
+    let id = queued_id(&r["data"]);
+    assert_eq!(sys.holders("erin@example.com", &id), vec![0, 1]);
+    assert_eq!(sys.holders("alice@example.com", &id), vec![0, 1]);
+    assert_eq!(sunk(sink_dir.path()).len(), 2);
+    // The relay refuses the target: its answer is the answer to RCPT.
+    let r = sys.send("s@sender.example", &["frank@example.com"], MSG);
+    assert_eq!(r["rcpts"][0][0], 550, "{r}");
+    assert!(
+        r["rcpts"][0][1].as_str().unwrap().starts_with("5.7.1"),
+        "{r}"
+    );
+    // The relay refuses the message: 554, and the local copies are removed.
+    let r = sys.send("s@sender.example", &["greg@example.com"], MSG);
+    assert_eq!(r["rcpts"][0][0], 250, "{r}");
+    assert_eq!(r["data"][0], 554, "{r}");
+    let mbox = MailboxName::parse("greg@example.com").unwrap();
+    for b in &sys.backends {
+        assert!(b.conn().list(&mbox, 10).unwrap().is_empty());
+    }
+    // The relay gone: 451 at RCPT, nothing lost.
+    sink.kill().unwrap();
+    sink.wait().unwrap();
+    let r = sys.send("s@sender.example", &["dave@example.com"], MSG);
+    assert_eq!(r["rcpts"][0][0], 451, "{r}");
+    assert_eq!(sunk(sink_dir.path()).len(), 2);
 }

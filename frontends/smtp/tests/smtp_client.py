@@ -8,6 +8,11 @@ Usage:
       greeting, half-closes, prints every byte received until EOF
   smtp_client.py hold HOST PORT N      opens N connections one after the other
       and prints the greeting line of each, then closes them all
+  smtp_client.py sink OUTDIR           a forwarding relay stand-in on a free port
+      (prints "sink listening on PORT"): RCPT of an address starting with
+      "refuse" gets 550, DATA for "rejectdata..." gets 554 after the final
+      dot; accepted messages are written to OUTDIR/N.eml, first line the
+      recipients, then the received bytes (still dot-stuffed)
 """
 import json
 import smtplib
@@ -64,6 +69,70 @@ def hold(host, port, n):
         c.close()
 
 
+def sink(outdir):
+    import os
+    import threading
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    print("sink listening on %d" % srv.getsockname()[1], flush=True)
+    counter = [0]
+    lock = threading.Lock()
+
+    def serve(c):
+        f = c.makefile("rb")
+        c.sendall(b"220 sink ESMTP\r\n")
+        rcpts = []
+        while True:
+            line = f.readline()
+            if not line:
+                return
+            cmd = line.decode("utf-8", "replace").strip()
+            up = cmd.upper()
+            if up.startswith("EHLO") or up.startswith("HELO"):
+                c.sendall(b"250-sink\r\n250 PIPELINING\r\n")
+            elif up.startswith("MAIL"):
+                rcpts = []
+                c.sendall(b"250 ok\r\n")
+            elif up.startswith("RCPT"):
+                addr = cmd[cmd.index("<") + 1:cmd.rindex(">")]
+                if addr.startswith("refuse"):
+                    c.sendall(b"550 5.1.1 no such user\r\n")
+                else:
+                    rcpts.append(addr)
+                    c.sendall(b"250 ok\r\n")
+            elif up == "DATA":
+                c.sendall(b"354 go\r\n")
+                data = b""
+                while not data.endswith(b"\r\n.\r\n") and data != b".\r\n":
+                    chunk = f.readline()
+                    if not chunk:
+                        return
+                    data += chunk
+                if any(r.startswith("rejectdata") for r in rcpts):
+                    c.sendall(b"554 5.7.1 content rejected\r\n")
+                    continue
+                with lock:
+                    counter[0] += 1
+                    n = counter[0]
+                path = os.path.join(outdir, "%d.eml" % n)
+                with open(path + ".tmp", "wb") as out:
+                    out.write((",".join(rcpts) + "\n").encode())
+                    out.write(data[:-3])
+                os.rename(path + ".tmp", path)
+                c.sendall(b"250 2.0.0 sunk\r\n")
+            elif up == "QUIT":
+                c.sendall(b"221 bye\r\n")
+                return
+            else:
+                c.sendall(b"250 ok\r\n")
+
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "send":
@@ -72,3 +141,5 @@ if __name__ == "__main__":
         raw(sys.argv[2], sys.argv[3])
     elif cmd == "hold":
         hold(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif cmd == "sink":
+        sink(sys.argv[2])

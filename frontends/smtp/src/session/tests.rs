@@ -20,8 +20,10 @@ impl Delivery for Mock {
             "full" => RcptVerdict::OverQuota,
             "dbdown" => RcptVerdict::TempFail,
             "off" => RcptVerdict::Disabled,
+            "fwd" => RcptVerdict::Accept(None),
+            "relaynak" => RcptVerdict::Refuse(Reply::new(550, "5.7.1 Relay said no")),
             _ => match MailboxName::parse(address) {
-                Ok(m) => RcptVerdict::Accept(m),
+                Ok(m) => RcptVerdict::Accept(Some(m)),
                 Err(_) => RcptVerdict::Unknown,
             },
         }
@@ -244,4 +246,17 @@ fn connection_lost_in_data_aborts() {
     assert!(s.in_data());
     s.lost(&mut mock);
     assert_eq!(mock.aborted, 1);
+}
+
+#[test]
+fn forward_only_recipients_count_but_are_not_local() {
+    let input = b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<relaynak@y.z>\r\nRCPT TO:<fwd@y.z>\r\nDATA\r\nhi\r\n.\r\n";
+    let (out, mock, _) = run(input);
+    assert_eq!(
+        codes(&out),
+        ["220", "250", "250", "550", "250", "354", "250"]
+    );
+    assert!(out.contains("550 5.7.1 Relay said no"), "{out}");
+    assert_eq!(mock.begun[0].accepted, 1);
+    assert!(mock.begun[0].rcpts.is_empty());
 }
