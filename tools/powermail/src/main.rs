@@ -1,0 +1,313 @@
+//! `powermail up`: the whole system on one machine, from a fresh clone.
+//!
+//! One supervising process that writes a configuration for each daemon under
+//! `DIR/etc/` (kept between runs, so an operator can read and edit them),
+//! creates the embedded SQLite userbase with a demo mailbox, starts
+//! pplistener (N backends under `DIR/disks/N`), powersmtp (127.0.0.1:2525)
+//! and powerpop (127.0.0.1:1110) as child processes, restarts a child that
+//! dies, and on Ctrl-C / SIGTERM stops them all. The daemons are the same
+//! binaries an operator runs separately with `--config` on real hosts.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "powermail", version, about = "Run the whole PowerMail system on this machine")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start pplistener, powersmtp and powerpop with the embedded userbase.
+    Up(UpArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct UpArgs {
+    /// Data directory: disks/, etc/, userbase.db, state/.
+    #[arg(long, default_value = "./var")]
+    data: PathBuf,
+    /// A TOML file of overrides (see examples/powermail.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Backends (pplistener executors); default one per online CPU.
+    #[arg(long)]
+    backends: Option<usize>,
+    /// Copies of each message (K).
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+}
+
+/// Ports and addresses, overridable from `--config`.
+#[derive(Debug, Clone)]
+struct Layout {
+    smtp_listen: String,
+    pop_listen: String,
+    backend_base_port: u16,
+    pplistener_admin: String,
+    smtp_admin: String,
+    pop_admin: String,
+}
+
+impl Default for Layout {
+    fn default() -> Layout {
+        Layout {
+            smtp_listen: "127.0.0.1:2525".into(),
+            pop_listen: "127.0.0.1:1110".into(),
+            backend_base_port: 7000,
+            pplistener_admin: "127.0.0.1:8010".into(),
+            smtp_admin: "127.0.0.1:8025".into(),
+            pop_admin: "127.0.0.1:8110".into(),
+        }
+    }
+}
+
+/// Demo mailbox created on first start.
+const DEMO_MAILBOX: &str = "demo@powermail.test";
+
+/// Children that die faster than this after a start are not restarted again
+/// in a tight loop.
+const RESTART_BACKOFF: Duration = Duration::from_secs(2);
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Up(args) => up(args),
+    };
+    if let Err(e) = result {
+        eprintln!("powermail: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn online_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn read_or_create_secret(path: &Path) -> anyhow::Result<String> {
+    if let Ok(s) = std::fs::read_to_string(path) {
+        return Ok(s.trim().to_string());
+    }
+    let s = hex::encode(rand::random::<[u8; 24]>());
+    write_private(path, &s)?;
+    Ok(s)
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn apply_overrides(layout: &mut Layout, args: &mut UpArgs, path: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (k, v) = line
+            .split_once('=')
+            .with_context(|| format!("{}:{}: expected key = value", path.display(), n + 1))?;
+        let v = v.trim().trim_matches('"').to_string();
+        match k.trim() {
+            "smtp_listen" => layout.smtp_listen = v,
+            "pop_listen" => layout.pop_listen = v,
+            "backend_base_port" => layout.backend_base_port = v.parse()?,
+            "pplistener_admin" => layout.pplistener_admin = v,
+            "smtp_admin" => layout.smtp_admin = v,
+            "pop_admin" => layout.pop_admin = v,
+            "backends" => args.backends = Some(v.parse()?),
+            "replicas" => args.replicas = v.parse()?,
+            other => anyhow::bail!("{}:{}: unknown key {other:?}", path.display(), n + 1),
+        }
+    }
+    Ok(())
+}
+
+fn backend_tables(n: usize, base_port: u16) -> String {
+    (0..n)
+        .map(|i| format!("[[backend]]\nname = \"b{i}\"\naddr = \"127.0.0.1:{}\"\n", base_port + i as u16))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Writes the three daemons' configurations; returns their paths.
+fn write_configs(dir: &Path, etc: &Path, l: &Layout, n: usize, k: usize) -> anyhow::Result<[PathBuf; 3]> {
+    let secret = read_or_create_secret(&etc.join("backend.secret"))?;
+    let token = read_or_create_secret(&etc.join("admin.token"))?;
+    let abs = std::fs::canonicalize(dir)?;
+    let userbase = format!("sqlite://{}", abs.join("userbase.db").display());
+    let backends = backend_tables(n, l.backend_base_port);
+    let ppl = format!(
+        "# Written by `powermail up`; regenerated at every start.\nsecret_file = \"{}\"\nadmin_listen = \"{}\"\nadmin_token = \"{token}\"\ndata_root = \"{}\"\nlisten_base = \"127.0.0.1:{}\"\nbackend_count = {n}\n",
+        etc.join("backend.secret").display(),
+        l.pplistener_admin,
+        abs.display(),
+        l.backend_base_port
+    );
+    let smtp = format!(
+        "# Written by `powermail up`; regenerated at every start.\nlisten = \"{}\"\nhostname = \"localhost\"\nfrontend_id = \"up\"\nadmin_listen = \"{}\"\nadmin_token = \"{token}\"\nuserbase = \"{userbase}\"\nreplicas = {k}\nsecret = \"{secret}\"\n\n{backends}",
+        l.smtp_listen, l.smtp_admin
+    );
+    let pop = format!(
+        "# Written by `powermail up`; regenerated at every start.\nlisten = \"{}\"\nadmin_listen = \"{}\"\nadmin_token = \"{token}\"\nuserbase = \"{userbase}\"\nsecret = \"{secret}\"\nstate_dir = \"{}\"\n\n{backends}",
+        l.pop_listen,
+        l.pop_admin,
+        abs.join("state").display()
+    );
+    let paths = [etc.join("pplistener.toml"), etc.join("powersmtp.toml"), etc.join("powerpop.toml")];
+    for (p, text) in paths.iter().zip([ppl, smtp, pop]) {
+        write_private(p, &text)?;
+    }
+    Ok(paths)
+}
+
+/// Creates the userbase and the demo mailbox on first start; returns the
+/// demo password when it was just created.
+fn ensure_userbase(dir: &Path, etc: &Path) -> anyhow::Result<String> {
+    let abs = std::fs::canonicalize(dir)?;
+    let ub = powermail_userbase::open(&format!("sqlite://{}", abs.join("userbase.db").display()))?;
+    let pw_file = etc.join("demo.password");
+    if ub.get_mailbox(DEMO_MAILBOX)?.is_none() {
+        let pw = hex::encode(rand::random::<[u8; 8]>());
+        ub.add_mailbox(DEMO_MAILBOX, &pw, 0)?;
+        write_private(&pw_file, &pw)?;
+    }
+    Ok(std::fs::read_to_string(&pw_file).unwrap_or_else(|_| "(see ppadmin user passwd)".into()))
+}
+
+struct Daemon {
+    name: &'static str,
+    exe: PathBuf,
+    config: PathBuf,
+    child: Option<Child>,
+    started: Instant,
+}
+
+impl Daemon {
+    fn start(&mut self, log_dir: &Path) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_dir.join(format!("{}.log", self.name)))?;
+        let child = Command::new(&self.exe)
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.exe.display()))?;
+        self.child = Some(child);
+        self.started = Instant::now();
+        Ok(())
+    }
+}
+
+fn up(mut args: UpArgs) -> anyhow::Result<()> {
+    let mut layout = Layout::default();
+    if let Some(cfg) = args.config.clone() {
+        apply_overrides(&mut layout, &mut args, &cfg)?;
+    }
+    let n = args.backends.unwrap_or_else(online_cpus).max(1);
+    anyhow::ensure!(args.replicas >= 1 && args.replicas <= n, "--replicas must be between 1 and the backend count ({n})");
+    let dir = args.data.clone();
+    let etc = dir.join("etc");
+    let logs = dir.join("log");
+    for d in [&dir, &etc, &logs, &dir.join("state")] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let configs = write_configs(&dir, &etc, &layout, n, args.replicas)?;
+    let demo_pw = ensure_userbase(&dir, &etc)?;
+    let bin_dir = std::env::current_exe()?.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut daemons: Vec<Daemon> = ["pplistener", "powersmtp", "powerpop"]
+        .iter()
+        .zip(configs)
+        .map(|(name, config)| Daemon { name, exe: bin_dir.join(name), config, child: None, started: Instant::now() })
+        .collect();
+    for d in &daemons {
+        anyhow::ensure!(d.exe.exists(), "{} not found next to powermail (build with: cargo build --release --bins)", d.exe.display());
+    }
+    for d in &mut daemons {
+        d.start(&logs)?;
+        // The backends first, so the frontends' first health check finds them.
+        std::thread::sleep(Duration::from_millis(if d.name == "pplistener" { 500 } else { 100 }));
+    }
+    let token = std::fs::read_to_string(etc.join("admin.token"))?;
+    println!("PowerMail is up ({} backends, {} copies per message), data in {}", n, args.replicas, dir.display());
+    println!("  SMTP   {}    (swaks --server {} --to {DEMO_MAILBOX})", layout.smtp_listen, layout.smtp_listen);
+    println!("  POP3   {}", layout.pop_listen);
+    println!("  demo mailbox {DEMO_MAILBOX}  password {}", demo_pw.trim());
+    println!(
+        "  admin  pplistener http://{}/stats  powersmtp http://{}/stats  powerpop http://{}/stats",
+        layout.pplistener_admin, layout.smtp_admin, layout.pop_admin
+    );
+    println!("         (header: Authorization: Bearer {})", token.trim());
+    println!("  backends 127.0.0.1:{}..{} under {}/disks/", layout.backend_base_port, layout.backend_base_port as usize + n - 1, dir.display());
+    println!("  logs in {}/log/, configs in {}/etc/. Ctrl-C stops everything.", dir.display(), dir.display());
+    supervise(&mut daemons, &logs)
+}
+
+fn supervise(daemons: &mut [Daemon], logs: &Path) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        for d in daemons.iter_mut() {
+            let exited = match d.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(status))) => Some(status.to_string()),
+                Some(Err(e)) => Some(e.to_string()),
+                _ => None,
+            };
+            if let Some(status) = exited {
+                eprintln!("powermail: {} exited ({status}); see {}/{}.log", d.name, logs.display(), d.name);
+                d.child = None;
+            }
+            if d.child.is_none() && d.started.elapsed() >= RESTART_BACKOFF {
+                eprintln!("powermail: restarting {}", d.name);
+                if let Err(e) = d.start(logs) {
+                    eprintln!("powermail: {e:#}");
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("powermail: stopping");
+    // Frontends first, so no transaction is cut off by a vanished backend.
+    for d in daemons.iter_mut().rev() {
+        if let Some(c) = &d.child {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        if let Some(mut c) = d.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    println!("powermail: stopped");
+    Ok(())
+}
