@@ -119,7 +119,7 @@ impl Connection {
 /// A PUT whose body is arriving.
 enum Put {
     Writing {
-        writer: BodyWriter,
+        writer: Box<BodyWriter>,
         msgid: MessageId,
         mailboxes: Vec<MailboxName>,
         started: Instant,
@@ -329,7 +329,7 @@ async fn start_put(
     }
     match BodyWriter::create(ctx.store.temp_path(&msgid), WRITE_UNIT_BYTES).await {
         Ok(writer) => Put::Writing {
-            writer,
+            writer: Box::new(writer),
             msgid,
             mailboxes,
             started: Instant::now(),

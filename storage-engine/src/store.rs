@@ -124,42 +124,40 @@ impl Store {
             msgid: msgid.clone(),
             mailboxes: mailboxes.to_vec(),
         };
-        self.link_batch(std::slice::from_ref(&job))
-            .pop()
-            .expect("one result per job")
+        let (mut results, dirs) = self.link_batch(std::slice::from_ref(&job));
+        for d in dirs {
+            sync_dir(&d)?;
+        }
+        results.pop().expect("one result per job")
     }
 
-    /// Group commit of the link stage: links every job's durable body into
-    /// its mailboxes, then fsyncs each touched directory once for the whole
-    /// batch, then removes the temporaries. One result per job, in order;
-    /// `Ok` only when that job's links are durable.
+    /// The link stage of a batch: links every job's durable body into its
+    /// mailboxes and removes the temporary names. Returns one result per job,
+    /// in order, and the directories that must be fsynced (once each, for the
+    /// whole batch) before any of the jobs may be acknowledged.
     ///
     /// Mailboxes that already hold the id are left alone (PUT is idempotent:
     /// ids are unique and bodies immutable). On `EMLINK` a second copy of the
     /// body is made and linking goes on from it.
-    pub fn link_batch(&self, jobs: &[LinkJob]) -> Vec<io::Result<LinkOutcome>> {
+    pub fn link_batch(&self, jobs: &[LinkJob]) -> (Vec<io::Result<LinkOutcome>>, Vec<PathBuf>) {
         let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
         let mut temps: Vec<PathBuf> = Vec::new();
-        let mut results: Vec<io::Result<LinkOutcome>> = jobs
+        let results: Vec<io::Result<LinkOutcome>> = jobs
             .iter()
             .map(|job| {
                 temps.push(job.tmp.clone());
                 self.link_one(job, &mut dirs, &mut temps)
             })
             .collect();
-        // One fsync per directory, shared by every message of the batch.
-        if let Some(e) = dirs.iter().find_map(|d| sync_dir(d).err()) {
-            let failed = |e: &io::Error| io::Error::new(e.kind(), format!("directory fsync: {e}"));
-            for r in results.iter_mut().filter(|r| r.is_ok()) {
-                *r = Err(failed(&e));
-            }
-        }
+        // The temporary names are not needed for durability: a crash before
+        // the directory fsyncs loses only unacknowledged messages, and any
+        // temporary that survives is removed at start-up.
         for t in temps {
             if let Err(e) = fs::remove_file(&t) {
                 log::warn!("removing {}: {e}", t.display());
             }
         }
-        results
+        (results, dirs.into_iter().collect())
     }
 
     fn link_one(

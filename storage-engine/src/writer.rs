@@ -89,7 +89,7 @@ impl BodyWriter {
             self.flush_buffer().await?;
             // flush_buffer advanced by the true fill, so the position is exact.
             debug_assert_eq!(self.pos_bytes, size_bytes);
-            if size_bytes % self.file.alignment() != 0 {
+            if !size_bytes.is_multiple_of(self.file.alignment()) {
                 self.file.truncate(size_bytes).await?;
             }
         }
