@@ -54,6 +54,9 @@ pub struct Config {
     /// Forwarding through an outgoing relay.
     #[serde(default)]
     pub forward: ForwardSettings,
+    /// STARTTLS; none: not offered.
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
     /// The backends.
     #[serde(rename = "backend")]
     pub backends: Vec<BackendSpec>,
@@ -78,6 +81,42 @@ impl Default for CacheSettings {
             negative_ttl_ms: 5_000,
             max_entries: 10_000,
         }
+    }
+}
+
+/// The certificate offered with STARTTLS.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+impl TlsSettings {
+    /// Loads the certificate and key into a rustls server configuration.
+    pub fn load(&self) -> anyhow::Result<std::sync::Arc<rustls::ServerConfig>> {
+        let open = |p: &PathBuf| {
+            std::fs::File::open(p)
+                .map(std::io::BufReader::new)
+                .with_context(|| format!("opening {}", p.display()))
+        };
+        let certs = rustls_pemfile::certs(&mut open(&self.cert_file)?)
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("reading {}", self.cert_file.display()))?;
+        if certs.is_empty() {
+            bail!("no certificate in {}", self.cert_file.display());
+        }
+        let key = rustls_pemfile::private_key(&mut open(&self.key_file)?)
+            .with_context(|| format!("reading {}", self.key_file.display()))?
+            .with_context(|| format!("no private key in {}", self.key_file.display()))?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+        Ok(std::sync::Arc::new(cfg))
     }
 }
 
@@ -228,6 +267,7 @@ impl Config {
             "limits": self.limits,
             "backend_pool": self.backend_pool,
             "forward": self.forward,
+            "tls": self.tls,
             "backends": self.backends.iter().map(|b| serde_json::json!({
                 "name": b.name, "addr": b.addr, "group": b.group_name(), "priority": b.priority,
             })).collect::<Vec<_>>(),

@@ -574,10 +574,13 @@ impl Delivery for BackendDelivery {
 /// The `Received:` header prepended to every message (RFC 5321 §4.4), with
 /// the message id, so any copy can be traced back to this frontend.
 pub fn received_header(env: &Envelope, hostname: &str, msgid: &MessageId, unix_s: u64) -> String {
-    let with = match (env.esmtp, env.smtputf8) {
-        (_, true) => "UTF8SMTP",
-        (true, false) => "ESMTP",
-        (false, false) => "SMTP",
+    // RFC 3848 / RFC 6531 protocol names.
+    let with = match (env.esmtp, env.smtputf8, env.tls) {
+        (_, true, true) => "UTF8SMTPS",
+        (_, true, false) => "UTF8SMTP",
+        (true, false, true) => "ESMTPS",
+        (true, false, false) => "ESMTP",
+        (false, false, _) => "SMTP",
     };
     let helo: String = env
         .helo
@@ -648,6 +651,7 @@ mod tests {
             smtputf8: false,
             rcpts: vec![MailboxName::parse("x@y.z").unwrap()],
             accepted: 1,
+            tls: false,
         };
         let id = MessageId::parse("0001.f.1").unwrap();
         let h = received_header(&env, "mx.test", &id, 0);

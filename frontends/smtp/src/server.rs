@@ -51,6 +51,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         relay: cfg.forward.relay.clone(),
         relay_timeout: Duration::from_millis(cfg.forward.timeout_ms),
     });
+    let tls = cfg.tls.as_ref().map(|t| t.load()).transpose()?;
     let cfg = Arc::new(cfg);
     if let Some(listen) = &cfg.admin_listen {
         let token = match &cfg.admin_token {
@@ -71,7 +72,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     println!("powersmtp: listening on {local}");
     for stream in listener.incoming() {
         match stream {
-            Ok(s) => accept(s, &shared, &cfg),
+            Ok(s) => accept(s, &shared, &cfg, &tls),
             Err(e) => {
                 log::warn!("accept: {e}");
                 // Out of file descriptors and the like: do not spin.
@@ -91,7 +92,12 @@ impl Drop for Slot {
     }
 }
 
-fn accept(stream: TcpStream, shared: &Arc<Shared>, cfg: &Arc<Config>) {
+fn accept(
+    stream: TcpStream,
+    shared: &Arc<Shared>,
+    cfg: &Arc<Config>,
+    tls: &Option<Arc<rustls::ServerConfig>>,
+) {
     let stats = &shared.stats;
     let open = stats.connections.fetch_add(1, Ordering::Relaxed);
     let slot = Slot(shared.clone());
@@ -101,13 +107,13 @@ fn accept(stream: TcpStream, shared: &Arc<Shared>, cfg: &Arc<Config>) {
         return;
     }
     stats.sessions.fetch_add(1, Ordering::Relaxed);
-    let (shared, cfg) = (shared.clone(), cfg.clone());
+    let (shared, cfg, tls) = (shared.clone(), cfg.clone(), tls.clone());
     let spawned = thread::Builder::new()
         .name("smtp".into())
         .stack_size(256 << 10)
         .spawn(move || {
             let _slot = slot;
-            if let Err(e) = serve(stream, shared, &cfg) {
+            if let Err(e) = serve(stream, shared, &cfg, tls) {
                 log::debug!("session ended: {e}");
             }
         });
@@ -122,54 +128,108 @@ fn refuse(mut stream: TcpStream) {
     let _ = stream.shutdown(Shutdown::Both);
 }
 
-fn serve(mut stream: TcpStream, shared: Arc<Shared>, cfg: &Config) -> io::Result<()> {
+fn serve(
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    cfg: &Config,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(cfg.limits.command_timeout()))?;
     let ip = stream.peer_addr()?.ip().to_string();
     let mut delivery = BackendDelivery::new(shared, &ip);
     let mut session = Session::new(&cfg.hostname, &ip, cfg.limits.session());
+    if tls.is_some() {
+        session.offer_starttls();
+    }
     let mut out = Vec::with_capacity(4096);
     session.greeting(&mut delivery, &mut out);
-    stream.write_all(&out)?;
-    let mut buf = vec![0u8; READ_BUFFER_BYTES];
-    loop {
-        out.clear();
-        let timeout = if session.in_data() {
-            cfg.limits.data_timeout()
-        } else {
-            cfg.limits.command_timeout()
-        };
-        stream.set_read_timeout(Some(timeout))?;
-        let n = match stream.read(&mut buf) {
-            Ok(0) => {
-                session.lost(&mut delivery);
-                return Ok(());
-            }
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                session.timed_out(&mut delivery, &mut out);
-                let _ = stream.write_all(&out);
-                return Ok(());
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                session.lost(&mut delivery);
-                return Err(e);
-            }
-        };
-        let flow = session.feed(&buf[..n], &mut delivery, &mut out);
-        if let Err(e) = stream.write_all(&out) {
-            session.lost(&mut delivery);
+    let mut plain = stream.try_clone()?;
+    plain.write_all(&out)?;
+    let mut c = Conversation {
+        session,
+        delivery,
+        buf: vec![0u8; READ_BUFFER_BYTES],
+        out,
+        cfg,
+        tcp: &stream,
+    };
+    if c.run(&mut plain)? != Flow::StartTls {
+        return Ok(());
+    }
+    let tls = tls.expect("STARTTLS is only offered with a certificate");
+    let conn = rustls::ServerConnection::new(tls).map_err(io::Error::other)?;
+    let mut secure = rustls::StreamOwned::new(conn, plain);
+    while secure.conn.is_handshaking() {
+        if let Err(e) = secure.conn.complete_io(&mut secure.sock) {
+            c.session.lost(&mut c.delivery);
             return Err(e);
         }
-        if flow == Flow::Close {
-            let _ = stream.shutdown(Shutdown::Both);
-            return Ok(());
+    }
+    c.session.tls_started();
+    c.run(&mut secure).map(drop)
+}
+
+/// The read-feed-write loop of one session, over plain TCP or TLS.
+struct Conversation<'a> {
+    session: Session,
+    delivery: BackendDelivery,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    cfg: &'a Config,
+    /// The socket underneath, for time-outs and shutdown.
+    tcp: &'a TcpStream,
+}
+
+impl Conversation<'_> {
+    /// Runs until the session closes (`Close`) or asks for TLS (`StartTls`).
+    fn run<S: Read + Write>(&mut self, stream: &mut S) -> io::Result<Flow> {
+        let limits = &self.cfg.limits;
+        loop {
+            self.out.clear();
+            let timeout = if self.session.in_data() {
+                limits.data_timeout()
+            } else {
+                limits.command_timeout()
+            };
+            self.tcp.set_read_timeout(Some(timeout))?;
+            let n = match stream.read(&mut self.buf) {
+                Ok(0) => {
+                    self.session.lost(&mut self.delivery);
+                    return Ok(Flow::Close);
+                }
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    self.session.timed_out(&mut self.delivery, &mut self.out);
+                    let _ = stream.write_all(&self.out).and_then(|_| stream.flush());
+                    return Ok(Flow::Close);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.session.lost(&mut self.delivery);
+                    return Err(e);
+                }
+            };
+            let flow = self
+                .session
+                .feed(&self.buf[..n], &mut self.delivery, &mut self.out);
+            if let Err(e) = stream.write_all(&self.out).and_then(|_| stream.flush()) {
+                self.session.lost(&mut self.delivery);
+                return Err(e);
+            }
+            match flow {
+                Flow::Continue => {}
+                Flow::Close => {
+                    let _ = self.tcp.shutdown(Shutdown::Both);
+                    return Ok(Flow::Close);
+                }
+                Flow::StartTls => return Ok(Flow::StartTls),
+            }
         }
     }
 }

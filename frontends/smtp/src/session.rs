@@ -98,6 +98,8 @@ pub struct Envelope {
     pub from: String,
     /// SMTPUTF8 was requested at MAIL.
     pub smtputf8: bool,
+    /// The session runs over TLS (after STARTTLS).
+    pub tls: bool,
     /// Accepted local mailboxes, each once, in RCPT order.
     pub rcpts: Vec<MailboxName>,
     /// Accepted recipients, forward-only ones included.
@@ -131,6 +133,10 @@ pub enum Flow {
     Continue,
     /// Send the replies, then close the connection.
     Close,
+    /// Send the replies, start TLS, then call [`Session::tls_started`].
+    /// Input after STARTTLS was discarded (RFC 3207 §5: no command may be
+    /// smuggled from the plain-text phase into the TLS one).
+    StartTls,
 }
 
 #[derive(Debug)]
@@ -145,6 +151,8 @@ enum Phase {
         size_bytes: u64,
         too_big: bool,
     },
+    /// STARTTLS accepted: the rest of the plain-text input is ignored.
+    StartTls,
     /// QUIT seen or fatal error: everything else is ignored.
     Closed,
 }
@@ -165,6 +173,10 @@ pub struct Session {
     client: String,
     errors: u32,
     data_out: Vec<u8>,
+    /// STARTTLS is offered (a certificate is configured).
+    tls_offered: bool,
+    /// TLS is running.
+    tls_active: bool,
 }
 
 impl Session {
@@ -183,7 +195,24 @@ impl Session {
             client: client.to_string(),
             errors: 0,
             data_out: Vec::new(),
+            tls_offered: false,
+            tls_active: false,
         }
+    }
+
+    /// Offers STARTTLS (the caller can run a TLS handshake).
+    pub fn offer_starttls(&mut self) {
+        self.tls_offered = true;
+    }
+
+    /// TLS is up after [`Flow::StartTls`]: the session starts over (RFC 3207
+    /// §4.2: the client must say EHLO again).
+    pub fn tls_started(&mut self) {
+        self.tls_active = true;
+        self.greeted = false;
+        self.mail = None;
+        self.line.clear();
+        self.phase = Phase::Command;
     }
 
     /// The `220` greeting.
@@ -218,7 +247,7 @@ impl Session {
         while pos < input.len() {
             let rest = &input[pos..];
             match &mut self.phase {
-                Phase::Closed => break,
+                Phase::Closed | Phase::StartTls => break,
                 Phase::Data { .. } => pos += self.feed_data(rest, d, out),
                 Phase::SkipLine => match rest.iter().position(|&b| b == b'\n') {
                     Some(i) => {
@@ -252,6 +281,7 @@ impl Session {
         }
         match self.phase {
             Phase::Closed => Flow::Close,
+            Phase::StartTls => Flow::StartTls,
             _ => Flow::Continue,
         }
     }
@@ -360,6 +390,7 @@ impl Session {
                     esmtp: self.esmtp,
                     from: from.address,
                     smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
+                    tls: self.tls_active,
                     rcpts: Vec::new(),
                     accepted: 0,
                 });
@@ -388,6 +419,12 @@ impl Session {
             Request::Lhlo { .. } => {
                 return self.refuse(d, out, Reply::new(500, "5.5.1 This is SMTP, not LMTP"))
             }
+            Request::StartTls if self.tls_offered && !self.tls_active => {
+                self.send(d, out, Reply::new(220, "2.0.0 Ready to start TLS"));
+                self.line.clear();
+                self.phase = Phase::StartTls;
+                return;
+            }
             Request::StartTls
             | Request::Auth { .. }
             | Request::Bdat { .. }
@@ -411,14 +448,17 @@ impl Session {
             return self.send(d, out, r);
         }
         d.replied(250);
-        let lines = [
+        let mut lines = vec![
             self.hostname.clone(),
             "PIPELINING".into(),
             format!("SIZE {}", self.limits.message_max_bytes),
             "8BITMIME".into(),
             "ENHANCEDSTATUSCODES".into(),
-            "SMTPUTF8".into(),
         ];
+        if self.tls_offered && !self.tls_active {
+            lines.push("STARTTLS".into());
+        }
+        lines.push("SMTPUTF8".into());
         for (i, l) in lines.iter().enumerate() {
             let sep = if i + 1 == lines.len() { ' ' } else { '-' };
             out.extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());

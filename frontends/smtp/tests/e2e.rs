@@ -234,8 +234,13 @@ impl System {
 
     /// One smtplib transaction with MAIL FROM parameters.
     fn send_with(&self, from: &str, mail_options: &[&str], rcpts: &[&str], msg: &str) -> Value {
-        let spec = json!({"from": from, "mail_options": mail_options, "rcpts": rcpts, "msg": msg})
-            .to_string();
+        let spec = json!({"from": from, "mail_options": mail_options, "rcpts": rcpts, "msg": msg});
+        self.send_spec(spec)
+    }
+
+    /// One smtplib transaction described by `spec` (see smtp_client.py).
+    fn send_spec(&self, spec: Value) -> Value {
+        let spec = spec.to_string();
         let out = Command::new("python3")
             .args([CLIENT, "send", "127.0.0.1", &self.port.to_string(), &spec])
             .output()
@@ -715,4 +720,66 @@ fn forwards_through_the_relay_inside_the_transaction() {
     let r = sys.send("s@sender.example", &["dave@example.com"], MSG);
     assert_eq!(r["rcpts"][0][0], 451, "{r}");
     assert_eq!(sunk(sink_dir.path()).len(), 2);
+}
+
+#[test]
+fn starttls() {
+    let _g = serial();
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=mx.test",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output();
+    match made {
+        Ok(o) if o.status.success() => {}
+        other => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "openssl is required in CI: {other:?}"
+            );
+            eprintln!("NOTE: openssl cannot make a test certificate; starttls skipped");
+            return;
+        }
+    }
+    let tls = format!(
+        "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"",
+        cert.display(),
+        key.display()
+    );
+    let sys = System::start_with(1, 1, "", &tls);
+    let r = sys.send_spec(
+        json!({"from": "a@b.c", "rcpts": ["alice@example.com"], "msg": MSG, "tls": true}),
+    );
+    assert_eq!(r["starttls"], 220, "{r}");
+    assert_eq!(r["ehlo"], 250, "{r}");
+    let id = queued_id(&r["data"]);
+    let stored = sys.backends[0]
+        .conn()
+        .get(
+            &MailboxName::parse("alice@example.com").unwrap(),
+            &MessageId::parse(&id).unwrap(),
+        )
+        .unwrap();
+    let (received, body) = split_received(&stored);
+    assert!(received.contains("with ESMTPS id"), "{received}");
+    assert_eq!(body, MSG_WIRE.as_bytes());
+    // Plain text still works, and the injection of commands behind STARTTLS
+    // is ignored (the raw client never completes the handshake).
+    let out = sys.raw(b"EHLO c\r\nSTARTTLS\r\nNOOP\r\n");
+    assert!(out.contains("250-STARTTLS\r\n"), "{out}");
+    assert!(out.ends_with("220 2.0.0 Ready to start TLS\r\n"), "{out}");
 }

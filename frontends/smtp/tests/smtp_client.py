@@ -23,6 +23,11 @@ import sys
 def send(host, port, spec):
     s = smtplib.SMTP(host, int(port), timeout=30)
     out = {"ehlo": s.ehlo()[0]}
+    if spec.get("tls"):
+        import ssl
+        out["starttls"] = s.starttls(context=ssl._create_unverified_context())[0]
+        out["ehlo"] = s.ehlo()[0]
+        out["cipher"] = s.sock.cipher()[0]
     code, text = s.mail(spec["from"], spec.get("mail_options", []))
     out["mail"] = [code, text.decode()]
     out["rcpts"] = []

@@ -260,3 +260,37 @@ fn forward_only_recipients_count_but_are_not_local() {
     assert_eq!(mock.begun[0].accepted, 1);
     assert!(mock.begun[0].rcpts.is_empty());
 }
+
+#[test]
+fn starttls_discards_pipelined_plain_text_and_starts_over() {
+    let mut s = Session::new("mx.test", "c", limits());
+    let mut mock = Mock::default();
+    let mut out = Vec::new();
+    assert_eq!(
+        s.feed(b"EHLO x\r\nSTARTTLS\r\n", &mut mock, &mut out),
+        Flow::Continue
+    );
+    assert!(
+        String::from_utf8_lossy(&out).contains("502 5.5.1"),
+        "not offered"
+    );
+    s.offer_starttls();
+    out.clear();
+    assert_eq!(s.feed(b"EHLO x\r\n", &mut mock, &mut out), Flow::Continue);
+    assert!(String::from_utf8_lossy(&out).contains("250-STARTTLS\r\n"));
+    out.clear();
+    let flow = s.feed(b"STARTTLS\r\nMAIL FROM:<evil@x>\r\n", &mut mock, &mut out);
+    assert_eq!(flow, Flow::StartTls);
+    assert_eq!(out, b"220 2.0.0 Ready to start TLS\r\n");
+    s.tls_started();
+    out.clear();
+    s.feed(b"MAIL FROM:<a@b.c>\r\nEHLO x\r\nSTARTTLS\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<x@y.z>\r\nDATA\r\n.\r\n", &mut mock, &mut out);
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(
+        codes(&text),
+        ["503", "250", "502", "250", "250", "354", "250"],
+        "{text}"
+    );
+    assert!(!text.contains("STARTTLS"), "not offered again: {text}");
+    assert!(mock.begun[0].tls);
+}
