@@ -1,0 +1,243 @@
+//! powerpop's configuration: one TOML file (`--config FILE`), every knob
+//! named with its unit and a default. `examples/powerpop.toml` documents
+//! every key.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use powermail_frontend::{BackendSpec, PoolConfig};
+use serde::{Deserialize, Serialize};
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// POP3 listening address.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Admin HTTP port; none: no admin port.
+    #[serde(default)]
+    pub admin_listen: Option<String>,
+    /// Bearer token for the admin port (default: the backend secret).
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// Userbase URL: `sqlite:///path.db` or `mysql://user:pass@host/db`.
+    pub userbase: String,
+    /// The userbase look-up cache.
+    #[serde(default)]
+    pub userbase_cache: CacheSettings,
+    /// Domain for bare user names when the userbase has no virtual server
+    /// for the address the client connected to.
+    #[serde(default)]
+    pub default_domain: Option<String>,
+    /// Where the delete journal and the mailbox lock files live. Shared by
+    /// the powerpop processes of one host.
+    pub state_dir: PathBuf,
+    /// Shared backend secret; either this or `secret_file`.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// File holding the backend secret (trailing whitespace ignored).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Limits and time-outs.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Login-failure throttling.
+    #[serde(default)]
+    pub throttle: ThrottleSettings,
+    /// Backend health checks and connection pools.
+    #[serde(default)]
+    pub backend_pool: PoolConfig,
+    /// The backends.
+    #[serde(rename = "backend")]
+    pub backends: Vec<BackendSpec>,
+}
+
+/// How long userbase answers are reused.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// A found mailbox is reused this long (a changed password keeps
+    /// working elsewhere for up to this long).
+    pub positive_ttl_ms: u64,
+    /// "No such mailbox" is reused this long.
+    pub negative_ttl_ms: u64,
+    /// Most cached answers.
+    pub max_entries: usize,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            positive_ttl_ms: 30_000,
+            negative_ttl_ms: 5_000,
+            max_entries: 10_000,
+        }
+    }
+}
+
+/// Limits and time-outs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Concurrent POP3 connections (one thread each); beyond:
+    /// `-ERR [SYS/TEMP] too many connections` and close.
+    pub connections_max: usize,
+    /// Longest command line in bytes, CRLF included (RFC 2449: 255 for
+    /// commands; AUTH responses need more).
+    pub line_max_bytes: usize,
+    /// Refused commands per session before it is closed.
+    pub errors_max: u32,
+    /// Waiting for the next command (RFC 1939: at least 10 minutes).
+    pub idle_timeout_ms: u64,
+    /// Writing to a client that does not read.
+    pub send_timeout_ms: u64,
+    /// Waiting for all backends' listings; a slower backend is skipped.
+    pub listing_timeout_ms: u64,
+    /// Most messages taken from one backend's listing.
+    pub listing_max_messages: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections_max: 512,
+            line_max_bytes: 1024,
+            errors_max: 20,
+            idle_timeout_ms: 600_000,
+            send_timeout_ms: 120_000,
+            listing_timeout_ms: 2_000,
+            listing_max_messages: 100_000,
+        }
+    }
+}
+
+impl Limits {
+    /// The idle time-out.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+}
+
+/// Login-failure throttling, per client IP and per account.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThrottleSettings {
+    /// Every failed login is answered after this delay.
+    pub failure_delay_ms: u64,
+    /// This many failures within `window_ms` (from one IP, or for one
+    /// account) lock that IP or account out.
+    pub failures_max: u32,
+    /// The window failures are counted in.
+    pub window_ms: u64,
+    /// How long a lock-out lasts; every login attempt is refused meanwhile.
+    pub lockout_ms: u64,
+    /// Most IPs and accounts tracked at once (memory bound).
+    pub tracked_max: usize,
+}
+
+impl Default for ThrottleSettings {
+    fn default() -> Self {
+        ThrottleSettings {
+            failure_delay_ms: 1_000,
+            failures_max: 10,
+            window_ms: 300_000,
+            lockout_ms: 300_000,
+            tracked_max: 100_000,
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:1110".into()
+}
+
+impl Config {
+    /// Parses and checks a configuration text.
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let cfg: Config = toml::from_str(text)?;
+        if cfg.backends.is_empty() {
+            bail!("no [[backend]] configured");
+        }
+        if cfg.limits.line_max_bytes < 255 {
+            bail!("limits.line_max_bytes must be at least 255 (RFC 2449)");
+        }
+        if cfg.limits.connections_max == 0 {
+            bail!("limits.connections_max must be at least 1");
+        }
+        if cfg.limits.errors_max == 0 {
+            bail!("limits.errors_max must be at least 1");
+        }
+        if cfg.throttle.failures_max == 0 {
+            bail!("throttle.failures_max must be at least 1");
+        }
+        if cfg.secret.is_none() == cfg.secret_file.is_none() {
+            bail!("set exactly one of secret and secret_file");
+        }
+        let mut names: Vec<&str> = cfg.backends.iter().map(|b| b.name.as_str()).collect();
+        names.sort();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            // The delete journal is keyed by backend name.
+            bail!("backend names must be unique");
+        }
+        Ok(cfg)
+    }
+
+    /// The backend secret.
+    pub fn secret(&self) -> anyhow::Result<Vec<u8>> {
+        match (&self.secret, &self.secret_file) {
+            (Some(s), _) => Ok(s.as_bytes().to_vec()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                Ok(text.trim_end().as_bytes().to_vec())
+            }
+            (None, None) => bail!("no secret"),
+        }
+    }
+
+    /// The effective configuration for the admin port, secrets removed.
+    pub fn public_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "listen": self.listen,
+            "admin_listen": self.admin_listen,
+            "default_domain": self.default_domain,
+            "state_dir": self.state_dir,
+            "userbase_cache": self.userbase_cache,
+            "limits": self.limits,
+            "throttle": self.throttle,
+            "backend_pool": self.backend_pool,
+            "backends": self.backends.iter().map(|b| serde_json::json!({
+                "name": b.name, "addr": b.addr, "group": b.group_name(), "priority": b.priority,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../../examples/powerpop.toml");
+        let cfg = Config::parse(text).expect("examples/powerpop.toml is valid");
+        assert_eq!(cfg.listen, "127.0.0.1:1110");
+        assert_eq!(cfg.backends.len(), 2);
+    }
+
+    #[test]
+    fn minimal_config_and_refusals() {
+        let base = "userbase = \"sqlite:///x.db\"\nstate_dir = \"/tmp/x\"\nsecret = \"s\"\n";
+        let one = "[[backend]]\nname = \"a\"\naddr = \"127.0.0.1:1\"\n";
+        let cfg = Config::parse(&format!("{base}{one}")).unwrap();
+        assert_eq!(cfg.limits.listing_timeout_ms, 2000);
+        assert!(Config::parse(base).is_err(), "no backends");
+        assert!(
+            Config::parse(&format!("{base}{one}{one}")).is_err(),
+            "duplicate names"
+        );
+        assert!(Config::parse(&format!("{base}bogus = 1\n{one}")).is_err());
+    }
+}

@@ -1,0 +1,29 @@
+//! powerpop: PowerMail's POP3 frontend.
+//!
+//! A synchronous, threaded server (one std thread per connection, bounded)
+//! that authenticates against the userbase, asks **every** readable backend
+//! for the mailbox listing in parallel, merges and deduplicates it, and
+//! streams each message from one backend that holds it. See
+//! `frontends/pop/README.md` for the design of deletion and locking.
+//!
+//! * [`line`] and [`command`] — bounded, incremental parsing of client lines;
+//! * [`session`] — the POP3 state machine, pure, behind a [`session::Store`];
+//! * [`sasl`] — AUTH PLAIN;
+//! * [`listing`] — parallel LIST to every backend, merge, soft failure;
+//! * [`journal`] — deletions owed to backends that were down;
+//! * [`lock`] — one session per mailbox, in and across processes;
+//! * [`throttle`] — login-failure delay and lock-out;
+//! * [`server`] — accept loop, connection threads, the live store;
+//! * [`config`], [`stats`] — the TOML file and the admin port.
+
+pub mod command;
+pub mod config;
+pub mod journal;
+pub mod line;
+pub mod listing;
+pub mod lock;
+pub mod sasl;
+pub mod server;
+pub mod session;
+pub mod stats;
+pub mod throttle;

@@ -1,0 +1,220 @@
+//! The mailbox listing: every readable backend asked in parallel, merged.
+//!
+//! Each readable backend gets its own thread: first it replays the deletions
+//! the [`Journal`] says are owed to it for this mailbox, then it LISTs, and
+//! drops from its answer whatever is still owed. The caller waits at most
+//! `listing_timeout_ms` for all of them; a backend that is down, slow or
+//! answers an error is left out of this session (soft failure: the reader
+//! sees the rest, never an error). A thread that finishes late just ends —
+//! its answer is dropped and its connection closed.
+//!
+//! [`merge`] is pure: one entry per message id (the same id on several
+//! backends is one message, K copies), sorted by id — ids begin with their
+//! arrival time, so this is oldest first and stable across sessions.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use powermail_frontend::{BackendId, Cluster};
+use powermail_proto::{BackendError, ErrorCode, ListEntry, MailboxName, MessageId};
+
+use crate::journal::{Journal, Owed};
+
+/// One message of the merged listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merged {
+    /// The message id (UIDL).
+    pub msgid: MessageId,
+    /// Its size in bytes (from the first backend that listed it).
+    pub size_bytes: u64,
+    /// The backends that listed it, in configured order.
+    pub holders: Vec<BackendId>,
+}
+
+/// What a login's listing found.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    /// The merged messages, oldest first.
+    pub messages: Vec<Merged>,
+    /// Backends whose listing is part of it, ascending.
+    pub listed: Vec<BackendId>,
+    /// Deletions replayed from the journal on the way.
+    pub replayed: usize,
+}
+
+/// Merges per-backend listings; see the module documentation.
+pub fn merge(per_backend: &[(BackendId, Vec<ListEntry>)]) -> Vec<Merged> {
+    let mut by_id: BTreeMap<&MessageId, Merged> = BTreeMap::new();
+    let mut sorted: Vec<&(BackendId, Vec<ListEntry>)> = per_backend.iter().collect();
+    sorted.sort_by_key(|(id, _)| *id);
+    for (backend, entries) in sorted {
+        for e in entries {
+            let m = by_id.entry(&e.msgid).or_insert_with(|| Merged {
+                msgid: e.msgid.clone(),
+                size_bytes: e.size_bytes,
+                holders: Vec::new(),
+            });
+            if m.size_bytes != e.size_bytes {
+                log::warn!(
+                    "msgid={} size {} on backend {backend}, {} elsewhere",
+                    e.msgid,
+                    e.size_bytes,
+                    m.size_bytes
+                );
+            }
+            if !m.holders.contains(backend) {
+                m.holders.push(*backend);
+            }
+        }
+    }
+    by_id.into_values().collect()
+}
+
+/// One backend's part: replay owed deletions, LIST, filter what is still owed.
+fn list_one(
+    cluster: &Arc<Cluster>,
+    journal: &Journal,
+    backend: BackendId,
+    mailbox: &MailboxName,
+    max_messages: usize,
+) -> Result<(Vec<ListEntry>, usize), BackendError> {
+    let name = cluster.spec(backend).name.clone();
+    let mut conn = cluster
+        .checkout(backend)
+        .map_err(|e| BackendError::Protocol(e.to_string()))?;
+    let owed = journal.owed(&name, mailbox.as_str());
+    let mut done = Vec::new();
+    for id in &owed {
+        let Ok(msgid) = MessageId::parse(id) else {
+            continue;
+        };
+        match conn.del(mailbox, &msgid) {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
+            Err(e) => {
+                cluster.report_error(backend, &e);
+                return Err(e);
+            }
+        }
+        done.push(Owed {
+            backend: name.clone(),
+            mailbox: mailbox.as_str().to_string(),
+            msgid: id.clone(),
+        });
+    }
+    if let Err(e) = journal.complete(&done) {
+        log::error!("delete journal: cannot record replayed deletions: {e}");
+    }
+    let result = conn.list(mailbox, max_messages);
+    let entries = match result {
+        Ok(entries) => entries,
+        Err(e) if e.code() == Some(ErrorCode::NotFound) => Vec::new(),
+        Err(e) => {
+            cluster.report_error(backend, &e);
+            return Err(e);
+        }
+    };
+    conn.release();
+    // Anything still owed (a replay that failed half-way cannot get here,
+    // but another process may have added records meanwhile) stays hidden.
+    let still_owed = journal.owed(&name, mailbox.as_str());
+    let entries = entries
+        .into_iter()
+        .filter(|e| !still_owed.iter().any(|id| id == e.msgid.as_str()))
+        .collect();
+    Ok((entries, done.len()))
+}
+
+/// Lists `mailbox` on every readable backend in parallel, waiting at most
+/// `timeout`; see the module documentation.
+pub fn list_all(
+    cluster: &Arc<Cluster>,
+    journal: &Arc<Journal>,
+    mailbox: &MailboxName,
+    max_messages: usize,
+    timeout: Duration,
+) -> Listing {
+    let deadline = Instant::now() + timeout;
+    let backends = cluster.readable();
+    let (tx, rx) = mpsc::channel();
+    let mut asked = 0;
+    for b in backends {
+        let (cluster, journal, mailbox, tx) = (
+            cluster.clone(),
+            journal.clone(),
+            mailbox.clone(),
+            tx.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("list-{b}"))
+            .spawn(move || {
+                let r = list_one(&cluster, &journal, b, &mailbox, max_messages);
+                let _ = tx.send((b, r));
+            });
+        match spawned {
+            Ok(_) => asked += 1,
+            Err(e) => log::error!("cannot start a listing thread: {e}"),
+        }
+    }
+    drop(tx);
+    let mut parts = Vec::with_capacity(asked);
+    let mut listed = Vec::with_capacity(asked);
+    let mut replayed = 0;
+    for _ in 0..asked {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((b, Ok((entries, n)))) => {
+                replayed += n;
+                listed.push(b);
+                parts.push((b, entries));
+            }
+            Ok((b, Err(e))) => {
+                log::info!(
+                    "backend={} skipped for {mailbox}: {e}",
+                    cluster.spec(b).name
+                );
+            }
+            Err(_) => {
+                log::info!("listing {mailbox}: backends slower than {timeout:?} skipped");
+                break;
+            }
+        }
+    }
+    listed.sort_unstable();
+    Listing {
+        messages: merge(&parts),
+        listed,
+        replayed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(id: &str, size: u64) -> ListEntry {
+        ListEntry {
+            msgid: MessageId::parse(id).unwrap(),
+            size_bytes: size,
+        }
+    }
+
+    #[test]
+    fn merges_copies_and_sorts_by_id() {
+        let parts = vec![
+            (2, vec![e("0003.a.1", 30), e("0001.a.1", 10)]),
+            (0, vec![e("0002.a.1", 20), e("0001.a.1", 10)]),
+            (1, vec![]),
+        ];
+        let m = merge(&parts);
+        let ids: Vec<&str> = m.iter().map(|x| x.msgid.as_str()).collect();
+        assert_eq!(ids, vec!["0001.a.1", "0002.a.1", "0003.a.1"]);
+        assert_eq!(m[0].holders, vec![0, 2]);
+        assert_eq!(m[1].holders, vec![0]);
+        assert_eq!(m[2].holders, vec![2]);
+        assert_eq!(m[2].size_bytes, 30);
+        assert!(merge(&[]).is_empty());
+    }
+}

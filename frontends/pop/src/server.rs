@@ -1,0 +1,488 @@
+//! The threaded server: accept loop, one thread per connection (bounded),
+//! and [`LiveStore`], the session's [`Store`] over the userbase and the
+//! backends.
+
+use std::io::{self, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use powermail_admin::Latencies;
+use powermail_frontend::{BackendId, Cluster};
+use powermail_proto::{ErrorCode, MailboxName};
+use powermail_userbase::{CacheConfig, CachedUserbase, Userbase, UserbaseError};
+
+use crate::config::Config;
+use crate::journal::{Journal, Owed};
+use crate::line::LineReader;
+use crate::listing::{list_all, Merged};
+use crate::lock::{Locks, MailboxLock};
+use crate::session::{qualify, AuthResult, Listed, RetrieveError, Session, SessionLimits, Store};
+use crate::stats::{Admin, Stats};
+use crate::throttle::Throttle;
+
+/// What every connection thread shares.
+pub struct Shared {
+    /// The configuration.
+    pub cfg: Config,
+    /// The backends.
+    pub cluster: Arc<Cluster>,
+    /// The userbase (cached).
+    pub userbase: Arc<dyn Userbase>,
+    /// Deletions owed to backends.
+    pub journal: Arc<Journal>,
+    /// Mailbox locks.
+    pub locks: Arc<Locks>,
+    /// Login throttling.
+    pub throttle: Throttle,
+    /// Counters.
+    pub stats: Arc<Stats>,
+}
+
+/// Starts everything from `cfg` and serves until the process ends.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let secret = cfg.secret()?;
+    let inner = powermail_userbase::open(&cfg.userbase).context("opening the userbase")?;
+    let cache = CacheConfig {
+        positive_ttl: Duration::from_millis(cfg.userbase_cache.positive_ttl_ms),
+        negative_ttl: Duration::from_millis(cfg.userbase_cache.negative_ttl_ms),
+        max_entries: cfg.userbase_cache.max_entries,
+    };
+    let userbase: Arc<dyn Userbase> = Arc::new(CachedUserbase::new(inner, cache));
+    let journal =
+        Arc::new(Journal::open(&cfg.state_dir).with_context(|| {
+            format!("opening the delete journal in {}", cfg.state_dir.display())
+        })?);
+    let locks = Locks::new(Some(cfg.state_dir.join("locks")));
+    let cluster = Cluster::start(
+        secret.clone(),
+        cfg.backends.clone(),
+        cfg.backend_pool.clone(),
+    );
+    let stats = Arc::new(Stats::new());
+    let listener =
+        TcpListener::bind(&cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
+    if let Some(admin_listen) = &cfg.admin_listen {
+        let token = match &cfg.admin_token {
+            Some(t) => t.clone(),
+            None => String::from_utf8_lossy(&secret).into_owned(),
+        };
+        let admin = Admin {
+            stats: stats.clone(),
+            cluster: cluster.clone(),
+            journal: journal.clone(),
+            locks: locks.clone(),
+            config: cfg.clone(),
+        };
+        let server = powermail_admin::spawn(admin_listen, &token, Arc::new(admin))?;
+        println!("powerpop admin port on {}", server.local_addr());
+    }
+    let shared = Arc::new(Shared {
+        throttle: Throttle::new(cfg.throttle.clone()),
+        cfg,
+        cluster,
+        userbase,
+        journal,
+        locks,
+        stats,
+    });
+    let local = listener.local_addr()?;
+    log::info!("powerpop listening on {local}");
+    println!("powerpop listening on {local}");
+    let _ = io::stdout().flush();
+    accept_loop(listener, shared)
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) -> anyhow::Result<()> {
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                log::warn!("accept: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        Stats::inc(&shared.stats.counters.connections_accepted);
+        let open = shared.stats.connections.fetch_add(1, Ordering::SeqCst);
+        if open as usize >= shared.cfg.limits.connections_max {
+            shared.stats.connections.fetch_sub(1, Ordering::SeqCst);
+            Stats::inc(&shared.stats.counters.connections_refused);
+            refuse(stream);
+            continue;
+        }
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pop".into())
+            .spawn(move || {
+                serve(&s, stream);
+                s.stats.connections.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start a connection thread: {e}");
+            shared.stats.connections.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    Ok(())
+}
+
+fn refuse(mut stream: TcpStream) {
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = stream.write_all(b"-ERR [SYS/TEMP] too many connections\r\n");
+}
+
+/// Serves one connection to its end and logs its one summary line.
+fn serve(shared: &Arc<Shared>, stream: TcpStream) {
+    let started = Instant::now();
+    let (Ok(client), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
+        return;
+    };
+    let limits = &shared.cfg.limits;
+    let _ = stream.set_read_timeout(Some(limits.idle_timeout()));
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(limits.send_timeout_ms)));
+    let _ = stream.set_nodelay(true);
+    let store = LiveStore {
+        shared: shared.clone(),
+        client,
+        local,
+        mailbox: None,
+        lock: None,
+        messages: Vec::new(),
+        listed: Vec::new(),
+    };
+    let mut session = Session::new(
+        store,
+        SessionLimits {
+            errors_max: limits.errors_max,
+        },
+    );
+    let mut latencies = Latencies::new();
+    let result = match stream.try_clone() {
+        Ok(reader) => drive(shared, &mut session, reader, stream, &mut latencies),
+        Err(e) => Err(e),
+    };
+    let result = match result {
+        Ok(r) => r,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            "timeout"
+        }
+        Err(_) => "io-error",
+    };
+    shared
+        .stats
+        .latencies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .merge(&latencies);
+    let c = session.counters().clone();
+    Stats::inc(&shared.stats.counters.sessions);
+    let st = &shared.stats.counters;
+    st.messages_retrieved
+        .fetch_add(c.retrieved, Ordering::Relaxed);
+    st.bytes_retrieved
+        .fetch_add(c.bytes_sent, Ordering::Relaxed);
+    st.messages_deleted
+        .fetch_add(c.deleted as u64, Ordering::Relaxed);
+    let user = session
+        .store_mut()
+        .mailbox
+        .as_ref()
+        .map(|m| m.to_string())
+        .unwrap_or_else(|| "-".into());
+    log::info!(
+        "session user={user} client={client} msgs={} retr={} dele={} bytes={} result={result} ms={}",
+        c.messages,
+        c.retrieved,
+        c.deleted,
+        c.bytes_sent,
+        started.elapsed().as_millis()
+    );
+}
+
+/// The read-parse-answer loop. Replies are flushed when no complete command
+/// is left in the input (PIPELINING: one write for a batch of commands).
+fn drive(
+    shared: &Shared,
+    session: &mut Session<LiveStore>,
+    mut reader: TcpStream,
+    writer: TcpStream,
+    latencies: &mut Latencies,
+) -> io::Result<&'static str> {
+    let mut out = BufWriter::with_capacity(64 << 10, writer);
+    out.write_all(session.greeting().as_bytes())?;
+    out.flush()?;
+    let mut lines = LineReader::new(shared.cfg.limits.line_max_bytes);
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Ok("disconnected"),
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Stats::inc(&shared.stats.counters.idle_timeouts);
+                let _ = out.write_all(b"-ERR idle time-out, closing\r\n");
+                let _ = out.flush();
+                return Ok("timeout");
+            }
+            Err(e) => return Err(e),
+        };
+        lines.feed(&buf[..n]);
+        while let Some(line) = lines.next_line() {
+            let t = Instant::now();
+            let step = session.handle(line, &mut out)?;
+            latencies.record(step.op, t.elapsed().as_micros() as u64);
+            if step.close {
+                out.flush()?;
+                return Ok(if step.op == "QUIT" { "quit" } else { "closed" });
+            }
+        }
+        out.flush()?;
+    }
+}
+
+/// The [`Store`] of one live session.
+pub struct LiveStore {
+    shared: Arc<Shared>,
+    client: SocketAddr,
+    local: SocketAddr,
+    /// Set at login.
+    mailbox: Option<MailboxName>,
+    /// Held from login to the end of the session.
+    lock: Option<MailboxLock>,
+    messages: Vec<Merged>,
+    /// Backends whose listing made up `messages`.
+    listed: Vec<BackendId>,
+}
+
+impl LiveStore {
+    /// The full address for what the user typed; `Err` when the userbase
+    /// cannot say which domain a bare name belongs to.
+    fn address(&self, user: &str) -> Result<Option<String>, UserbaseError> {
+        if user.contains('@') || user.contains('%') {
+            return Ok(qualify(user, None));
+        }
+        let domain = match self.shared.userbase.virtual_domain(&self.local)? {
+            Some(d) => Some(d),
+            None => self.shared.cfg.default_domain.clone(),
+        };
+        Ok(qualify(user, domain.as_deref()))
+    }
+
+    fn check(&mut self, user: &str, password: &str) -> Result<MailboxName, AuthResult> {
+        let sh = self.shared.clone();
+        let counters = &sh.stats.counters;
+        let address = match self.address(user) {
+            Ok(Some(a)) => a.to_lowercase(),
+            Ok(None) => user.to_lowercase(),
+            Err(_) => {
+                Stats::inc(&counters.logins_unavailable);
+                return Err(AuthResult::Unavailable);
+            }
+        };
+        let ip = self.client.ip();
+        if sh.throttle.locked(ip, &address, Instant::now()) {
+            Stats::inc(&counters.logins_locked_out);
+            std::thread::sleep(sh.throttle.failure_delay());
+            return Err(AuthResult::Locked);
+        }
+        let found = match sh.userbase.authenticate(&address, password) {
+            Err(UserbaseError::Unavailable(why)) => {
+                log::warn!("userbase unavailable: {why}");
+                Stats::inc(&counters.logins_unavailable);
+                return Err(AuthResult::Unavailable);
+            }
+            Err(_) => None,
+            Ok(found) => found,
+        };
+        let name = found.and_then(|m| MailboxName::parse(&m.name).ok());
+        let Some(name) = name else {
+            Stats::inc(&counters.logins_failed);
+            sh.throttle.failed(ip, &address, Instant::now());
+            log::info!("login failed user={address} client={}", self.client);
+            std::thread::sleep(sh.throttle.failure_delay());
+            return Err(AuthResult::Bad);
+        };
+        sh.throttle.succeeded(&address);
+        Ok(name)
+    }
+}
+
+impl Store for LiveStore {
+    fn authenticate(&mut self, user: &str, password: &str) -> AuthResult {
+        let name = match self.check(user, password) {
+            Ok(name) => name,
+            Err(result) => return result,
+        };
+        let sh = self.shared.clone();
+        let counters = &sh.stats.counters;
+        match sh.locks.try_lock(&name) {
+            Ok(Some(lock)) => self.lock = Some(lock),
+            Ok(None) => {
+                Stats::inc(&counters.logins_in_use);
+                return AuthResult::InUse;
+            }
+            Err(e) => {
+                log::error!("mailbox lock for {name}: {e}");
+                return AuthResult::Unavailable;
+            }
+        }
+        let limits = &sh.cfg.limits;
+        let listing = list_all(
+            &sh.cluster,
+            &sh.journal,
+            &name,
+            limits.listing_max_messages,
+            Duration::from_millis(limits.listing_timeout_ms),
+        );
+        Stats::inc(&counters.logins_ok);
+        counters
+            .deletes_replayed
+            .fetch_add(listing.replayed as u64, Ordering::Relaxed);
+        if listing.messages.is_empty() {
+            Stats::inc(&counters.empty_mailbox_logins);
+        }
+        self.mailbox = Some(name);
+        self.listed = listing.listed;
+        self.messages = listing.messages;
+        AuthResult::Ok(
+            self.messages
+                .iter()
+                .map(|m| Listed {
+                    uid: m.msgid.to_string(),
+                    size_bytes: m.size_bytes,
+                })
+                .collect(),
+        )
+    }
+
+    fn retrieve(&mut self, index: usize, out: &mut dyn Write) -> Result<(), RetrieveError> {
+        let (Some(mailbox), Some(msg)) = (&self.mailbox, self.messages.get(index)) else {
+            return Err(RetrieveError::NotFound);
+        };
+        let cluster = &self.shared.cluster;
+        let mut not_found = 0;
+        for &b in &msg.holders {
+            let mut conn = match cluster.checkout(b) {
+                Ok(c) => c,
+                Err(e) => {
+                    log::info!("RETR {}: {e}", msg.msgid);
+                    continue;
+                }
+            };
+            let size = match conn.get_begin(mailbox, &msg.msgid) {
+                Ok(size) => size,
+                Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                    not_found += 1;
+                    conn.release();
+                    continue;
+                }
+                Err(e) => {
+                    cluster.report_error(b, &e);
+                    continue;
+                }
+            };
+            return match conn.read_body(size, &mut &mut *out) {
+                Ok(()) => {
+                    conn.release();
+                    Ok(())
+                }
+                Err(e) => Err(RetrieveError::Broken(io::Error::other(e.to_string()))),
+            };
+        }
+        if not_found == msg.holders.len() {
+            Err(RetrieveError::NotFound)
+        } else {
+            Err(RetrieveError::Unavailable)
+        }
+    }
+
+    fn commit(&mut self, deleted: &[usize]) -> Result<(), String> {
+        let Some(mailbox) = self.mailbox.clone() else {
+            return Ok(());
+        };
+        let sh = self.shared.clone();
+        let mut owed = Vec::new();
+        for b in 0..sh.cluster.len() {
+            let ids: Vec<&Merged> = deleted
+                .iter()
+                .filter_map(|&i| self.messages.get(i))
+                .filter(|m| m.holders.contains(&b) || !self.listed.contains(&b))
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let failed = delete_on(&sh.cluster, b, &mailbox, &ids, self.listed.contains(&b));
+            let name = &sh.cluster.spec(b).name;
+            owed.extend(failed.into_iter().map(|m| Owed {
+                backend: name.clone(),
+                mailbox: mailbox.to_string(),
+                msgid: m.msgid.to_string(),
+            }));
+        }
+        if owed.is_empty() {
+            return Ok(());
+        }
+        sh.stats
+            .counters
+            .deletes_journaled
+            .fetch_add(owed.len() as u64, Ordering::Relaxed);
+        sh.journal.record(&owed).map_err(|e| {
+            log::error!(
+                "delete journal: cannot record {} deletions: {e}",
+                owed.len()
+            );
+            "some deletions could not be recorded; they may reappear".to_string()
+        })
+    }
+
+    fn release(&mut self) {
+        self.lock = None;
+    }
+}
+
+/// Deletes `msgs` from `mailbox` on backend `b`; returns those still owed.
+/// A backend that was not listed in this session is not even tried: it was
+/// down or slow a moment ago, and the journal replays the deletions before
+/// its next listing anyway.
+fn delete_on<'a>(
+    cluster: &Arc<Cluster>,
+    b: BackendId,
+    mailbox: &MailboxName,
+    msgs: &[&'a Merged],
+    was_listed: bool,
+) -> Vec<&'a Merged> {
+    if !was_listed {
+        return msgs.to_vec();
+    }
+    let mut conn = match cluster.checkout(b) {
+        Ok(c) => c,
+        Err(e) => {
+            log::info!("DEL on backend {b}: {e}");
+            return msgs.to_vec();
+        }
+    };
+    for (i, m) in msgs.iter().enumerate() {
+        match conn.del(mailbox, &m.msgid) {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
+            Err(e) => {
+                cluster.report_error(b, &e);
+                return msgs[i..].to_vec();
+            }
+        }
+    }
+    conn.release();
+    Vec::new()
+}

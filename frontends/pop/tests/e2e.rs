@@ -1,0 +1,352 @@
+//! powerpop end to end: real pplistener processes, a real SQLite userbase,
+//! the real powerpop binary, Python's poplib as the client.
+
+mod common;
+
+use common::*;
+
+const BOB: &str = "bob@example.org";
+
+fn ids(out: &str) -> Vec<String> {
+    serde_json::from_str(out.lines().next().unwrap()).unwrap()
+}
+
+/// UIDL listing as [uid...] after logging in as bob.
+const UIDLS: &str = "p.user('bob'); p.pass_('pw')\n\
+    out([l.split()[1].decode() for l in p.uidl()[1]])\np.quit()";
+
+#[test]
+fn dedupes_k2_copies_and_numbers_stably() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let (b0, b1) = (Backend::start(), Backend::start());
+    b0.put(BOB, "0001.t.1", b"Subject: one\r\n\r\nboth\r\n");
+    b1.put(BOB, "0001.t.1", b"Subject: one\r\n\r\nboth\r\n");
+    b0.put(BOB, "0002.t.1", b"Subject: two\r\n\r\nonly b0\r\n");
+    b1.put(BOB, "0003.t.1", b"Subject: three\r\n\r\nonly b1\r\n");
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start(&users, &[&b0, &b1], state.path(), "");
+    let out = pop.py("p.user('bob'); p.pass_('pw')\nout(p.stat())\n\
+         out([l.decode() for l in p.list()[1]])\n\
+         out([l.decode() for l in p.uidl()[1]])\np.quit()");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "[3, 74]");
+    assert_eq!(lines[1], r#"["1 22", "2 25", "3 27"]"#);
+    assert_eq!(lines[2], r#"["1 0001.t.1", "2 0002.t.1", "3 0003.t.1"]"#);
+    // Same numbering and UIDLs in a second session, via user%domain.
+    let again = pop.py("p.user('bob%example.org'); p.pass_('pw')\n\
+         out([l.decode() for l in p.uidl()[1]])\np.quit()");
+    assert_eq!(again.trim(), lines[2]);
+    let stats = pop.stats();
+    assert_eq!(stats["counters"]["logins_ok"], 2);
+}
+
+#[test]
+fn dead_backend_is_skipped_and_deletes_are_replayed() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let (b0, mut b1) = (Backend::start(), Backend::start());
+    for b in [&b0, &b1] {
+        b.put(BOB, "0001.t.1", b"Subject: k2\r\n\r\nx\r\n");
+    }
+    b1.put(BOB, "0002.t.1", b"Subject: b1 only\r\n\r\ny\r\n");
+    b0.put(BOB, "0003.t.1", b"Subject: b0 only\r\n\r\nz\r\n");
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start(&users, &[&b0, &b1], state.path(), "");
+    assert_eq!(ids(&pop.py(UIDLS)), ["0001.t.1", "0002.t.1", "0003.t.1"]);
+
+    b1.kill9();
+    // No error, just the messages of the live backend.
+    assert_eq!(ids(&pop.py(UIDLS)), ["0001.t.1", "0003.t.1"]);
+    // Delete the K=2 message while b1 (which holds a copy) is down.
+    let out =
+        pop.py("p.user('bob'); p.pass_('pw')\nout(p.dele(1).decode())\nout(p.quit().decode())");
+    assert!(out.contains("+OK"), "{out}");
+    assert!(!b0.has_file(BOB, "0001.t.1"), "deleted on the live backend");
+    assert!(
+        b1.has_file(BOB, "0001.t.1"),
+        "b1 was down: copy still on disk"
+    );
+    assert_eq!(pop.stats()["deletes_owed"], 1);
+
+    b1.restart();
+    eventually("b1 listed again", || {
+        ids(&pop.py(UIDLS)).contains(&"0002.t.1".to_string())
+    });
+    assert_eq!(
+        ids(&pop.py(UIDLS)),
+        ["0002.t.1", "0003.t.1"],
+        "deleted mail never comes back"
+    );
+    assert!(
+        !b1.has_file(BOB, "0001.t.1"),
+        "replayed DEL removed the file"
+    );
+    assert_eq!(pop.stats()["deletes_owed"], 0);
+    assert!(
+        pop.stats()["counters"]["deletes_replayed"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+}
+
+#[test]
+fn deletes_owed_survive_a_powerpop_restart() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let (b0, mut b1) = (Backend::start(), Backend::start());
+    for b in [&b0, &b1] {
+        b.put(BOB, "0001.t.1", b"Subject: k2\r\n\r\nx\r\n");
+    }
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start(&users, &[&b0, &b1], state.path(), "");
+    b1.kill9();
+    pop.py("p.user('bob'); p.pass_('pw')\np.dele(1)\np.quit()");
+    drop(pop);
+    b1.restart();
+    let pop = Pop::start(&users, &[&b0, &b1], state.path(), "");
+    assert!(ids(&pop.py(UIDLS)).is_empty());
+    assert!(!b1.has_file(BOB, "0001.t.1"));
+}
+
+/// Wire form: CRLF lines, lines starting with '.' doubled.
+fn stuff(lines: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for l in lines {
+        if l.first() == Some(&b'.') {
+            out.push(b'.');
+        }
+        out.extend_from_slice(l);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+fn hex_lines(out: &str) -> Vec<Vec<u8>> {
+    let v: Vec<String> = serde_json::from_str(out).unwrap();
+    v.iter()
+        .map(|h| {
+            (0..h.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn retr_and_top_are_exact_on_dot_stuffed_and_binary_content() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let b0 = Backend::start();
+    let mut lines: Vec<Vec<u8>> = vec![
+        b"Subject: dots".to_vec(),
+        b"X-Bin: yes".to_vec(),
+        b"".to_vec(),
+        b".".to_vec(),
+        b"..two".to_vec(),
+        b".leading".to_vec(),
+        b"".to_vec(),
+    ];
+    // Every byte value except CR and LF, in lines of varying length.
+    let bytes: Vec<u8> = (0..=255u8).filter(|&b| b != b'\r' && b != b'\n').collect();
+    for i in 0..40 {
+        let start = (i * 7) % bytes.len();
+        let mut l: Vec<u8> = bytes
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(10 + i * 13)
+            .copied()
+            .collect();
+        if i % 5 == 0 {
+            l.insert(0, b'.');
+        }
+        lines.push(l);
+    }
+    let wire = stuff(&lines);
+    b0.put(BOB, "0001.t.1", &wire);
+    b0.put(BOB, "0002.t.1", b"Subject: no final CRLF\r\n\r\nlast line");
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start(&users, &[&b0], state.path(), "");
+    let out = pop.py("p.user('bob'); p.pass_('pw')\n\
+         r = p.retr(1); out(hexlines(r[1])); out(r[2])\n\
+         out(hexlines(p.top(1, 0)[1]))\n\
+         out(hexlines(p.top(1, 5)[1]))\n\
+         out(hexlines(p.retr(2)[1]))\n\
+         out(hexlines(p.top(2, 0)[1]))\np.quit()");
+    let o: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        hex_lines(o[0]),
+        lines,
+        "RETR returns the unstuffed lines exactly"
+    );
+    // poplib counts the CRLFs but not the stuffing dots.
+    let unstuffed: usize = lines.iter().map(|l| l.len() + 2).sum();
+    assert_eq!(o[1].parse::<usize>().unwrap(), unstuffed);
+    assert_eq!(
+        hex_lines(o[2]),
+        lines[..3],
+        "TOP 0: headers and the blank line"
+    );
+    assert_eq!(hex_lines(o[3]), lines[..8], "TOP 5: plus five body lines");
+    let last: Vec<Vec<u8>> = vec![
+        b"Subject: no final CRLF".to_vec(),
+        vec![],
+        b"last line".to_vec(),
+    ];
+    assert_eq!(
+        hex_lines(o[4]),
+        last,
+        "a CRLF is added before the terminator"
+    );
+    assert_eq!(hex_lines(o[5]), last[..2]);
+    let stats = pop.stats();
+    assert_eq!(stats["counters"]["messages_retrieved"], 5);
+}
+
+#[test]
+fn auth_plain_with_initial_response_and_continuation() {
+    let users = Users::new(&[(BOB, "pw pw")]);
+    let b0 = Backend::start();
+    b0.put(BOB, "0001.t.1", b"Subject: x\r\n\r\ny\r\n");
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start(&users, &[&b0], state.path(), "");
+    let out = pop.py(
+        "caps = p.capa()\nout(sorted(caps.keys()))\n\
+         tok = base64.b64encode(b'\\0bob@example.org\\0pw pw').decode()\n\
+         out(p._shortcmd('AUTH PLAIN ' + tok).decode())\nout(p.stat())\np.quit()\n\
+         q = poplib.POP3(sys.argv[1], int(sys.argv[2]))\n\
+         q._putcmd('AUTH PLAIN'); out(q._getline()[0].decode())\n\
+         out(q._shortcmd(tok).decode())\nq.quit()\n\
+         r = poplib.POP3(sys.argv[1], int(sys.argv[2]))\n\
+         try:\n    r._shortcmd('AUTH PLAIN ' + base64.b64encode(b'\\0bob@example.org\\0bad').decode())\n\
+         except poplib.error_proto as e:\n    out(e.args[0].decode())\n",
+    );
+    let o: Vec<String> = out
+        .lines()
+        .map(
+            |l| match serde_json::from_str::<serde_json::Value>(l).unwrap() {
+                serde_json::Value::String(s) => s,
+                v => v.to_string(),
+            },
+        )
+        .collect();
+    assert_eq!(
+        o[0],
+        r#"["AUTH-RESP-CODE","IMPLEMENTATION","PIPELINING","RESP-CODES","SASL","TOP","UIDL","USER"]"#
+    );
+    assert!(o[1].starts_with("+OK maildrop has 1 messages"), "{}", o[1]);
+    assert_eq!(o[2], "[1,17]");
+    assert_eq!(o[3], "+ ");
+    assert!(o[4].starts_with("+OK"), "{}", o[4]);
+    assert_eq!(o[5], "-ERR [AUTH] authentication failed");
+}
+
+#[test]
+fn in_use_across_two_powerpop_processes() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let b0 = Backend::start();
+    let state = tempfile::tempdir().unwrap();
+    let pop1 = Pop::start(&users, &[&b0], state.path(), "");
+    let pop2 = Pop::start(&users, &[&b0], state.path(), "");
+    let code = format!(
+        "p.user('bob'); p.pass_('pw')\n\
+         q = poplib.POP3('{}', {})\nq.user('bob')\n\
+         try:\n    q.pass_('pw'); out('no error')\n\
+         except poplib.error_proto as e:\n    out(e.args[0].decode())\n\
+         r = poplib.POP3(sys.argv[1], int(sys.argv[2]))\nr.user('bob')\n\
+         try:\n    r.pass_('pw'); out('no error')\n\
+         except poplib.error_proto as e:\n    out(e.args[0].decode())\n\
+         p.quit()\nq2 = poplib.POP3('{}', {})\nq2.user('bob')\nout(q2.pass_('pw').decode())\nq2.quit()",
+        pop2.addr.ip(),
+        pop2.addr.port(),
+        pop2.addr.ip(),
+        pop2.addr.port()
+    );
+    let out = pop1.py(&code);
+    let o: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        o[0], "\"-ERR [IN-USE] mailbox in use by another session\"",
+        "other process"
+    );
+    assert_eq!(
+        o[1], "\"-ERR [IN-USE] mailbox in use by another session\"",
+        "same process"
+    );
+    assert!(o[2].contains("+OK"), "free again after QUIT: {}", o[2]);
+}
+
+#[test]
+fn throttling_after_bad_passwords() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let b0 = Backend::start();
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start(
+        &users,
+        &[&b0],
+        state.path(),
+        "\n[throttle]\nfailure_delay_ms = 100\nfailures_max = 3\nwindow_ms = 60000\nlockout_ms = 60000\n",
+    );
+    let out = pop.py(r#"
+import time
+res = []
+for pw in ['a', 'b', 'c', 'pw']:
+    p.user('bob')
+    t = time.time()
+    try:
+        res.append(p.pass_(pw).decode())
+    except poplib.error_proto as e:
+        res.append(e.args[0].decode())
+    res.append(time.time() - t >= 0.09)
+out(res)
+"#);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v[0], "-ERR [AUTH] authentication failed");
+    assert_eq!(v[1], true, "failures are delayed");
+    assert_eq!(v[4], "-ERR [AUTH] authentication failed");
+    assert_eq!(
+        v[6], "-ERR [AUTH] too many failed logins, try again later",
+        "even the right password is refused during the lock-out"
+    );
+    assert_eq!(pop.stats()["counters"]["logins_locked_out"], 1);
+}
+
+#[test]
+fn max_connections() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let b0 = Backend::start();
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start(
+        &users,
+        &[&b0],
+        state.path(),
+        "\n[limits]\nconnections_max = 2\n",
+    );
+    let (_a, ga) = raw_greeting(pop.addr);
+    let (_b, gb) = raw_greeting(pop.addr);
+    assert!(ga.starts_with("+OK") && gb.starts_with("+OK"));
+    let (_c, gc) = raw_greeting(pop.addr);
+    assert_eq!(gc, "-ERR [SYS/TEMP] too many connections");
+    drop((_a, _b));
+    eventually("a slot frees up", || {
+        raw_greeting(pop.addr).1.starts_with("+OK")
+    });
+    assert!(
+        pop.stats()["counters"]["connections_refused"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+}
+
+#[test]
+fn empty_mailbox_and_virtual_domain() {
+    let users = Users::new(&[(BOB, "pw"), ("carol@other.test", "pw2")]);
+    let b0 = Backend::start();
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start(&users, &[&b0], state.path(), "");
+    // Map powerpop's listening address to other.test: bare names go there.
+    let ub = powermail_userbase::open(&users.url).unwrap();
+    ub.add_virtual_server(&pop.addr, "other.test").unwrap();
+    let out = pop.py("p.user('carol'); p.pass_('pw2')\nout(p.stat())\np.quit()");
+    assert_eq!(out.trim(), "[0, 0]");
+    assert_eq!(pop.stats()["counters"]["empty_mailbox_logins"], 1);
+}
