@@ -16,6 +16,12 @@ pub struct Config {
     /// POP3 listening address.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Implicit-TLS POP3 (POP3S) listening address; needs `[tls]`.
+    #[serde(default)]
+    pub tls_listen: Option<String>,
+    /// Certificate for STLS and the implicit-TLS port; none: no TLS.
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
     /// Admin HTTP port; none: no admin port.
     #[serde(default)]
     pub admin_listen: Option<String>,
@@ -52,6 +58,42 @@ pub struct Config {
     /// The backends.
     #[serde(rename = "backend")]
     pub backends: Vec<BackendSpec>,
+}
+
+/// The certificate offered with STLS and on the implicit-TLS port.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+impl TlsSettings {
+    /// Loads the certificate and key into a rustls server configuration.
+    pub fn load(&self) -> anyhow::Result<std::sync::Arc<rustls::ServerConfig>> {
+        let open = |p: &PathBuf| {
+            std::fs::File::open(p)
+                .map(std::io::BufReader::new)
+                .with_context(|| format!("opening {}", p.display()))
+        };
+        let certs = rustls_pemfile::certs(&mut open(&self.cert_file)?)
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("reading {}", self.cert_file.display()))?;
+        if certs.is_empty() {
+            bail!("no certificate in {}", self.cert_file.display());
+        }
+        let key = rustls_pemfile::private_key(&mut open(&self.key_file)?)
+            .with_context(|| format!("reading {}", self.key_file.display()))?
+            .with_context(|| format!("no private key in {}", self.key_file.display()))?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+        Ok(std::sync::Arc::new(cfg))
+    }
 }
 
 /// How long userbase answers are reused.
@@ -163,6 +205,9 @@ impl Config {
         if cfg.limits.line_max_bytes < 255 {
             bail!("limits.line_max_bytes must be at least 255 (RFC 2449)");
         }
+        if cfg.tls_listen.is_some() && cfg.tls.is_none() {
+            bail!("tls_listen needs a [tls] certificate");
+        }
         if cfg.limits.connections_max == 0 {
             bail!("limits.connections_max must be at least 1");
         }
@@ -201,6 +246,8 @@ impl Config {
     pub fn public_json(&self) -> serde_json::Value {
         serde_json::json!({
             "listen": self.listen,
+            "tls_listen": self.tls_listen,
+            "tls": self.tls,
             "admin_listen": self.admin_listen,
             "default_domain": self.default_domain,
             "state_dir": self.state_dir,

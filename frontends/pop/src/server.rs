@@ -2,7 +2,7 @@
 //! and [`LiveStore`], the session's [`Store`] over the userbase and the
 //! backends.
 
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -62,8 +62,16 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.backend_pool.clone(),
     );
     let stats = Arc::new(Stats::new());
+    let tls = match &cfg.tls {
+        Some(t) => Some(t.load().context("loading the TLS certificate")?),
+        None => None,
+    };
     let listener =
         TcpListener::bind(&cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
+    let tls_listener = match &cfg.tls_listen {
+        Some(addr) => Some(TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?),
+        None => None,
+    };
     if let Some(admin_listen) = &cfg.admin_listen {
         let token = match &cfg.admin_token {
             Some(t) => t.clone(),
@@ -88,14 +96,30 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         locks,
         stats,
     });
+    if let (Some(l), Some(tls)) = (tls_listener, tls.clone()) {
+        let local = l.local_addr()?;
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("accept-tls".into())
+            .spawn(move || accept_loop(l, s, Some(tls), true))?;
+        log::info!("powerpop implicit TLS on {local}");
+        println!("powerpop implicit TLS on {local}");
+    }
     let local = listener.local_addr()?;
     log::info!("powerpop listening on {local}");
     println!("powerpop listening on {local}");
     let _ = io::stdout().flush();
-    accept_loop(listener, shared)
+    accept_loop(listener, shared, tls, false);
+    Ok(())
 }
 
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>) -> anyhow::Result<()> {
+/// Accepts connections for ever; `implicit`: TLS from the first byte.
+fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    implicit: bool,
+) {
     for stream in listener.incoming() {
         let stream = match stream {
             Ok(s) => s,
@@ -115,10 +139,11 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) -> anyhow::Result<()>
             continue;
         }
         let s = shared.clone();
+        let tls = tls.clone();
         let spawned = std::thread::Builder::new()
             .name("pop".into())
             .spawn(move || {
-                serve(&s, stream);
+                serve(&s, stream, tls, implicit);
                 s.stats.connections.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
@@ -126,7 +151,6 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) -> anyhow::Result<()>
             shared.stats.connections.fetch_sub(1, Ordering::SeqCst);
         }
     }
-    Ok(())
 }
 
 fn refuse(mut stream: TcpStream) {
@@ -135,7 +159,12 @@ fn refuse(mut stream: TcpStream) {
 }
 
 /// Serves one connection to its end and logs its one summary line.
-fn serve(shared: &Arc<Shared>, stream: TcpStream) {
+fn serve(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    implicit: bool,
+) {
     let started = Instant::now();
     let (Ok(client), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
         return;
@@ -159,11 +188,11 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) {
             errors_max: limits.errors_max,
         },
     );
+    if tls.is_some() && !implicit {
+        session.offer_stls();
+    }
     let mut latencies = Latencies::new();
-    let result = match stream.try_clone() {
-        Ok(reader) => drive(shared, &mut session, reader, stream, &mut latencies),
-        Err(e) => Err(e),
-    };
+    let result = converse(shared, &mut session, stream, tls, implicit, &mut latencies);
     let result = match result {
         Ok(r) => r,
         Err(e)
@@ -207,23 +236,94 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) {
     );
 }
 
-/// The read-parse-answer loop. Replies are flushed when no complete command
-/// is left in the input (PIPELINING: one write for a batch of commands).
-fn drive(
+/// Plain POP3, then TLS after STLS; or TLS from the start (`implicit`).
+fn converse(
     shared: &Shared,
     session: &mut Session<LiveStore>,
-    mut reader: TcpStream,
-    writer: TcpStream,
+    mut plain: TcpStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    implicit: bool,
     latencies: &mut Latencies,
 ) -> io::Result<&'static str> {
-    let mut out = BufWriter::with_capacity(64 << 10, writer);
-    out.write_all(session.greeting().as_bytes())?;
-    out.flush()?;
+    if !implicit {
+        match drive(shared, session, &mut plain, latencies, true)? {
+            Ended::Done(result) => return Ok(result),
+            Ended::StartTls => {}
+        }
+    }
+    let Some(tls) = tls else {
+        return Ok("closed");
+    };
+    let conn = rustls::ServerConnection::new(tls).map_err(io::Error::other)?;
+    let mut secure = rustls::StreamOwned::new(conn, plain);
+    while secure.conn.is_handshaking() {
+        secure.conn.complete_io(&mut secure.sock)?;
+    }
+    session.tls_started();
+    match drive(shared, session, &mut secure, latencies, implicit)? {
+        Ended::Done(result) => Ok(result),
+        Ended::StartTls => Ok("closed"),
+    }
+}
+
+/// How a [`drive`] ended.
+enum Ended {
+    /// The session is over; why, for the log line.
+    Done(&'static str),
+    /// STLS accepted: the caller starts TLS and drives again.
+    StartTls,
+}
+
+/// Output buffered up to this many bytes before it goes to the socket.
+const OUT_BUFFER_BYTES: usize = 64 << 10;
+
+/// A bounded output buffer in front of a stream that is also read from
+/// (so a `BufWriter` owning it would not do): RETR streams through it.
+struct Out<'a, S: Write> {
+    buf: &'a mut Vec<u8>,
+    stream: &'a mut S,
+}
+
+impl<S: Write> Write for Out<'_, S> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.len() + data.len() > OUT_BUFFER_BYTES {
+            self.stream.write_all(self.buf)?;
+            self.buf.clear();
+            if data.len() >= OUT_BUFFER_BYTES {
+                self.stream.write_all(data)?;
+                return Ok(data.len());
+            }
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.write_all(self.buf)?;
+        self.buf.clear();
+        self.stream.flush()
+    }
+}
+
+/// The read-parse-answer loop. Replies are flushed when no complete command
+/// is left in the input (PIPELINING: one write for a batch of commands).
+fn drive<S: Read + Write>(
+    shared: &Shared,
+    session: &mut Session<LiveStore>,
+    stream: &mut S,
+    latencies: &mut Latencies,
+    greet: bool,
+) -> io::Result<Ended> {
+    if greet {
+        stream.write_all(session.greeting().as_bytes())?;
+        stream.flush()?;
+    }
     let mut lines = LineReader::new(shared.cfg.limits.line_max_bytes);
     let mut buf = vec![0u8; 4096];
+    let mut pending = Vec::with_capacity(4096);
     loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => return Ok("disconnected"),
+        let n = match stream.read(&mut buf) {
+            Ok(0) => return Ok(Ended::Done("disconnected")),
             Ok(n) => n,
             Err(e)
                 if matches!(
@@ -232,20 +332,35 @@ fn drive(
                 ) =>
             {
                 Stats::inc(&shared.stats.counters.idle_timeouts);
-                let _ = out.write_all(b"-ERR idle time-out, closing\r\n");
-                let _ = out.flush();
-                return Ok("timeout");
+                let _ = stream.write_all(b"-ERR idle time-out, closing\r\n");
+                let _ = stream.flush();
+                return Ok(Ended::Done("timeout"));
             }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
         lines.feed(&buf[..n]);
+        let mut out = Out {
+            buf: &mut pending,
+            stream: &mut *stream,
+        };
         while let Some(line) = lines.next_line() {
             let t = Instant::now();
             let step = session.handle(line, &mut out)?;
             latencies.record(step.op, t.elapsed().as_micros() as u64);
+            if step.starttls {
+                // Whatever the client sent after STLS is dropped with
+                // `lines` (RFC 2595 §4: no plaintext injection).
+                out.flush()?;
+                return Ok(Ended::StartTls);
+            }
             if step.close {
                 out.flush()?;
-                return Ok(if step.op == "QUIT" { "quit" } else { "closed" });
+                return Ok(Ended::Done(if step.op == "QUIT" {
+                    "quit"
+                } else {
+                    "closed"
+                }));
             }
         }
         out.flush()?;

@@ -85,6 +85,10 @@ pub struct Step {
     pub op: &'static str,
     /// Close the connection now (the reply is written).
     pub close: bool,
+    /// STLS was accepted: start the TLS handshake now, after discarding any
+    /// input that followed the command (RFC 2595 §4), then call
+    /// [`Session::tls_started`].
+    pub starttls: bool,
 }
 
 /// Counters of one session, for its log line.
@@ -128,6 +132,10 @@ pub struct Session<S: Store> {
     errors: u32,
     user: Option<String>,
     counters: SessionCounters,
+    /// STLS may be offered (a certificate is configured).
+    stls_offered: bool,
+    /// The connection is encrypted (after STLS or on the implicit-TLS port).
+    tls_active: bool,
 }
 
 fn no_such_message() -> &'static str {
@@ -149,7 +157,29 @@ impl<S: Store> Session<S> {
             errors: 0,
             user: None,
             counters: SessionCounters::default(),
+            stls_offered: false,
+            tls_active: false,
         }
+    }
+
+    /// Offers STLS (RFC 2595) in CAPA and accepts it before login.
+    pub fn offer_stls(&mut self) {
+        self.stls_offered = true;
+    }
+
+    /// The connection is now encrypted: STLS is no longer offered and, as
+    /// RFC 2595 §4 requires, anything the client said before is forgotten.
+    pub fn tls_started(&mut self) {
+        self.tls_active = true;
+        self.state = State::Authorization {
+            user: None,
+            sasl_pending: false,
+        };
+    }
+
+    /// True on an encrypted connection.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
     }
 
     /// The greeting line to send first.
@@ -197,7 +227,11 @@ impl<S: Store> Session<S> {
     }
 
     fn step(op: &'static str) -> Step {
-        Step { op, close: false }
+        Step {
+            op,
+            close: false,
+            starttls: false,
+        }
     }
 
     fn refuse<W: Write>(&mut self, out: &mut W, text: &str) -> io::Result<()> {
@@ -238,6 +272,7 @@ impl<S: Store> Session<S> {
             State::Closed => Ok(Step {
                 op: "error",
                 close: true,
+                starttls: false,
             }),
         }
     }
@@ -252,6 +287,9 @@ impl<S: Store> Session<S> {
         out.write_all(b"+OK capability list follows\r\n")?;
         if !self.authenticated() {
             out.write_all(b"USER\r\nSASL PLAIN\r\n")?;
+            if self.stls_offered && !self.tls_active {
+                out.write_all(b"STLS\r\n")?;
+            }
         }
         write!(
             out,
@@ -302,6 +340,14 @@ impl<S: Store> Session<S> {
             Command::Apop => {
                 self.refuse(out, "APOP not supported, use USER/PASS or AUTH PLAIN")?;
                 "APOP"
+            }
+            Command::Stls if self.stls_offered && !self.tls_active => {
+                out.write_all(b"+OK begin TLS negotiation\r\n")?;
+                return Ok(Step {
+                    op: "STLS",
+                    close: false,
+                    starttls: true,
+                });
             }
             Command::Stls => {
                 self.refuse(out, "STLS not available")?;

@@ -350,3 +350,93 @@ fn empty_mailbox_and_virtual_domain() {
     assert_eq!(out.trim(), "[0, 0]");
     assert_eq!(pop.stats()["counters"]["empty_mailbox_logins"], 1);
 }
+
+/// A self-signed certificate made with the openssl tool, or `None` (with a
+/// note) when it is not installed and this is not CI.
+fn test_certificate(dir: &std::path::Path) -> Option<String> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=pop.test", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output();
+    match made {
+        Ok(o) if o.status.success() => Some(format!(
+            "\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        )),
+        other => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "openssl is required in CI: {other:?}"
+            );
+            eprintln!("NOTE: openssl cannot make a test certificate; TLS test skipped");
+            None
+        }
+    }
+}
+
+#[test]
+fn stls_and_implicit_tls() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let b0 = Backend::start();
+    b0.put(BOB, "0001.t.1", b"Subject: secret\r\n\r\nover TLS\r\n");
+    let certs = tempfile::tempdir().unwrap();
+    let Some(tls) = test_certificate(certs.path()) else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let tls_port = free_port();
+    let tables = format!("tls_listen = \"127.0.0.1:{tls_port}\"\n{tls}");
+    let pop = Pop::start(&users, &[&b0], state.path(), &tables);
+    let out = pop.py(&format!(
+        r#"
+import ssl
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+out('STLS' in p.capa())
+out(p.stls(context=ctx).decode())
+out('STLS' in p.capa())
+p.user('bob'); p.pass_('pw')
+out(b'\n'.join(p.retr(1)[1]).decode())
+p.quit()
+s = poplib.POP3_SSL('127.0.0.1', {tls_port}, context=ctx)
+out('STLS' in s.capa())
+s.user('bob'); s.pass_('pw')
+out(s.stat())
+s.quit()
+"#
+    ));
+    let o: Vec<&str> = out.lines().collect();
+    assert_eq!(o[0], "true", "STLS offered");
+    assert_eq!(o[1], "\"+OK begin TLS negotiation\"");
+    assert_eq!(o[2], "false", "not offered again inside TLS");
+    assert_eq!(o[3], "\"Subject: secret\\n\\nover TLS\"");
+    assert_eq!(o[4], "false", "no STLS on the implicit-TLS port");
+    assert_eq!(o[5], "[1, 29]");
+}
+
+#[test]
+fn idle_sessions_time_out() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let b0 = Backend::start();
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start(
+        &users,
+        &[&b0],
+        state.path(),
+        "\n[limits]\nidle_timeout_ms = 300\n",
+    );
+    let (s, greeting) = raw_greeting(pop.addr);
+    assert!(greeting.starts_with("+OK"));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut &s, &mut rest).unwrap();
+    assert_eq!(rest, "-ERR idle time-out, closing\r\n");
+    assert_eq!(pop.stats()["counters"]["idle_timeouts"], 1);
+}

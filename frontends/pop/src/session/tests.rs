@@ -228,3 +228,31 @@ fn user_names_are_qualified() {
     assert_eq!(qualify("bob@z.org", Some("x.org")).unwrap(), "bob@z.org");
     assert_eq!(qualify("bob", None), None);
 }
+
+#[test]
+fn stls_offered_once_and_resets_the_session() {
+    let mut session = Session::new(fake(), SessionLimits::default());
+    let mut out = Vec::new();
+    let line = |s: &str| Line::Complete(s.as_bytes().to_vec());
+    session.handle(line("USER bob"), &mut out).unwrap();
+    session.handle(line("STLS"), &mut out).unwrap();
+    assert!(String::from_utf8_lossy(&out).ends_with("-ERR STLS not available\r\n"));
+    session.offer_stls();
+    out.clear();
+    session.handle(line("CAPA"), &mut out).unwrap();
+    assert!(String::from_utf8_lossy(&out).contains("\r\nSTLS\r\n"));
+    out.clear();
+    let step = session.handle(line("STLS"), &mut out).unwrap();
+    assert!(step.starttls && !step.close);
+    assert_eq!(out, b"+OK begin TLS negotiation\r\n");
+    session.tls_started();
+    out.clear();
+    // The USER given before TLS is forgotten.
+    session.handle(line("PASS pw"), &mut out).unwrap();
+    session.handle(line("CAPA"), &mut out).unwrap();
+    session.handle(line("STLS"), &mut out).unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("-ERR USER first\r\n"), "{text}");
+    assert!(!text.contains("\r\nSTLS\r\n"), "{text}");
+    assert!(text.ends_with("-ERR STLS not available\r\n"), "{text}");
+}
