@@ -52,6 +52,9 @@ pub struct Config {
     /// Login-failure throttling.
     #[serde(default)]
     pub throttle: ThrottleSettings,
+    /// A legacy POP3 server for users not in the userbase (migration).
+    #[serde(default)]
+    pub fallback: Option<FallbackSettings>,
     /// Backend health checks and connection pools.
     #[serde(default)]
     pub backend_pool: PoolConfig,
@@ -94,6 +97,22 @@ impl TlsSettings {
             .with_single_cert(certs, key)?;
         Ok(std::sync::Arc::new(cfg))
     }
+}
+
+/// The legacy POP3 server that users not (yet) in the userbase are proxied
+/// to, as POPular and Perdition do during a migration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackSettings {
+    /// `host:port` of the legacy server (plain POP3).
+    pub addr: String,
+    /// Time-out of connecting and of each reply during the login.
+    #[serde(default = "default_fallback_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_fallback_timeout_ms() -> u64 {
+    5_000
 }
 
 /// How long userbase answers are reused.
@@ -254,6 +273,7 @@ impl Config {
             "userbase_cache": self.userbase_cache,
             "limits": self.limits,
             "throttle": self.throttle,
+            "fallback": self.fallback,
             "backend_pool": self.backend_pool,
             "backends": self.backends.iter().map(|b| serde_json::json!({
                 "name": b.name, "addr": b.addr, "group": b.group_name(), "priority": b.priority,

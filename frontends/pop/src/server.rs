@@ -4,6 +4,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -181,6 +182,7 @@ fn serve(
         lock: None,
         messages: Vec::new(),
         listed: Vec::new(),
+        upstream: None,
     };
     let mut session = Session::new(
         store,
@@ -220,11 +222,9 @@ fn serve(
         .fetch_add(c.bytes_sent, Ordering::Relaxed);
     st.messages_deleted
         .fetch_add(c.deleted as u64, Ordering::Relaxed);
-    let user = session
-        .store_mut()
-        .mailbox
-        .as_ref()
-        .map(|m| m.to_string())
+    let mailbox = session.store_mut().mailbox.as_ref().map(|m| m.to_string());
+    let user = mailbox
+        .or_else(|| session.user().map(|u| format!("{u}(proxied)")))
         .unwrap_or_else(|| "-".into());
     log::info!(
         "session user={user} client={client} msgs={} retr={} dele={} bytes={} result={result} ms={}",
@@ -245,9 +245,12 @@ fn converse(
     implicit: bool,
     latencies: &mut Latencies,
 ) -> io::Result<&'static str> {
+    let client_fd = plain.as_raw_fd();
+    let idle = shared.cfg.limits.idle_timeout();
     if !implicit {
         match drive(shared, session, &mut plain, latencies, true)? {
             Ended::Done(result) => return Ok(result),
+            Ended::Proxy => return relay(&mut plain, client_fd, session, idle),
             Ended::StartTls => {}
         }
     }
@@ -262,7 +265,66 @@ fn converse(
     session.tls_started();
     match drive(shared, session, &mut secure, latencies, implicit)? {
         Ended::Done(result) => Ok(result),
+        Ended::Proxy => relay(&mut secure, client_fd, session, idle),
         Ended::StartTls => Ok("closed"),
+    }
+}
+
+/// Relays bytes between the client and the fallback server until either
+/// closes or both are idle for `idle`.
+fn relay<S: Read + Write>(
+    client: &mut S,
+    client_fd: RawFd,
+    session: &mut Session<LiveStore>,
+    idle: Duration,
+) -> io::Result<&'static str> {
+    let Some(upstream) = session.store_mut().upstream.take() else {
+        return Ok("closed");
+    };
+    // Big enough for a whole TLS record's plaintext in one read, so none
+    // stays buffered inside rustls where poll cannot see it.
+    let mut buf = vec![0u8; 64 << 10];
+    let idle_ms = libc::c_int::try_from(idle.as_millis()).unwrap_or(libc::c_int::MAX);
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: client_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: upstream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the call's duration.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, idle_ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if rc == 0 {
+            return Ok("proxy-timeout");
+        }
+        if fds[0].revents != 0 {
+            let n = client.read(&mut buf)?;
+            if n == 0 {
+                return Ok("proxied");
+            }
+            (&upstream).write_all(&buf[..n])?;
+        }
+        if fds[1].revents != 0 {
+            let n = (&upstream).read(&mut buf)?;
+            if n == 0 {
+                return Ok("proxied");
+            }
+            client.write_all(&buf[..n])?;
+            client.flush()?;
+        }
     }
 }
 
@@ -272,6 +334,8 @@ enum Ended {
     Done(&'static str),
     /// STLS accepted: the caller starts TLS and drives again.
     StartTls,
+    /// The login went to the fallback server: relay bytes.
+    Proxy,
 }
 
 /// Output buffered up to this many bytes before it goes to the socket.
@@ -348,6 +412,10 @@ fn drive<S: Read + Write>(
             let t = Instant::now();
             let step = session.handle(line, &mut out)?;
             latencies.record(step.op, t.elapsed().as_micros() as u64);
+            if step.proxy {
+                out.flush()?;
+                return Ok(Ended::Proxy);
+            }
             if step.starttls {
                 // Whatever the client sent after STLS is dropped with
                 // `lines` (RFC 2595 §4: no plaintext injection).
@@ -379,6 +447,8 @@ pub struct LiveStore {
     messages: Vec<Merged>,
     /// Backends whose listing made up `messages`.
     listed: Vec<BackendId>,
+    /// The fallback server's connection after a proxied login.
+    upstream: Option<TcpStream>,
 }
 
 impl LiveStore {
@@ -412,6 +482,25 @@ impl LiveStore {
             std::thread::sleep(sh.throttle.failure_delay());
             return Err(AuthResult::Locked);
         }
+        if let Some(fallback) = &sh.cfg.fallback {
+            match sh.userbase.get_mailbox(&address) {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(UserbaseError::InvalidName(_)) => {
+                    let result = self.proxy_login(fallback, user, password);
+                    if result == AuthResult::Bad {
+                        Stats::inc(&counters.logins_failed);
+                        sh.throttle.failed(ip, &address, Instant::now());
+                        std::thread::sleep(sh.throttle.failure_delay());
+                    }
+                    return Err(result);
+                }
+                Err(e) => {
+                    log::warn!("userbase unavailable: {e}");
+                    Stats::inc(&counters.logins_unavailable);
+                    return Err(AuthResult::Unavailable);
+                }
+            }
+        }
         let found = match sh.userbase.authenticate(&address, password) {
             Err(UserbaseError::Unavailable(why)) => {
                 log::warn!("userbase unavailable: {why}");
@@ -431,6 +520,76 @@ impl LiveStore {
         };
         sh.throttle.succeeded(&address);
         Ok(name)
+    }
+}
+
+/// Longest reply line read from the fallback server during the login.
+const FALLBACK_LINE_MAX_BYTES: usize = 1024;
+
+/// Reads one CRLF line byte by byte (so nothing after it is consumed).
+fn read_reply(s: &mut TcpStream) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < FALLBACK_LINE_MAX_BYTES {
+        if s.read(&mut byte)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if byte[0] == b'\n' {
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        line.push(byte[0]);
+    }
+    Err(io::Error::other("fallback reply line too long"))
+}
+
+impl LiveStore {
+    /// Logs in to the fallback server with what the client typed.
+    fn proxy_login(
+        &mut self,
+        fallback: &crate::config::FallbackSettings,
+        user: &str,
+        password: &str,
+    ) -> AuthResult {
+        let timeout = Duration::from_millis(fallback.timeout_ms);
+        let attempt = || -> io::Result<Option<(TcpStream, String)>> {
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(&fallback.addr)?
+                .next()
+                .ok_or_else(|| io::Error::other("fallback address does not resolve"))?;
+            let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.set_write_timeout(Some(timeout))?;
+            if !read_reply(&mut s)?.starts_with("+OK") {
+                return Err(io::Error::other("fallback greeting is not +OK"));
+            }
+            s.write_all(format!("USER {user}\r\n").as_bytes())?;
+            if !read_reply(&mut s)?.starts_with("+OK") {
+                return Ok(None);
+            }
+            s.write_all(format!("PASS {password}\r\n").as_bytes())?;
+            let reply = read_reply(&mut s)?;
+            Ok(reply.starts_with("+OK").then_some((s, reply)))
+        };
+        match attempt() {
+            Ok(Some((s, reply))) => {
+                let idle = self.shared.cfg.limits.idle_timeout();
+                let _ = s.set_read_timeout(Some(idle));
+                self.upstream = Some(s);
+                log::info!(
+                    "login proxied user={user} client={} to {}",
+                    self.client,
+                    fallback.addr
+                );
+                AuthResult::Proxied(reply)
+            }
+            Ok(None) => AuthResult::Bad,
+            Err(e) => {
+                log::warn!("fallback server {}: {e}", fallback.addr);
+                AuthResult::Unavailable
+            }
+        }
     }
 }
 

@@ -37,6 +37,10 @@ pub enum AuthResult {
     InUse,
     /// The userbase could not answer: `-ERR [SYS/TEMP]`.
     Unavailable,
+    /// Not in the userbase, but the fallback (legacy) server accepted the
+    /// login: its reply line (without CRLF) goes to the client, then the I/O
+    /// loop relays bytes both ways until either side closes.
+    Proxied(String),
 }
 
 /// Why a message could not be sent.
@@ -89,6 +93,8 @@ pub struct Step {
     /// input that followed the command (RFC 2595 §4), then call
     /// [`Session::tls_started`].
     pub starttls: bool,
+    /// The login was handed to the fallback server: relay bytes from now on.
+    pub proxy: bool,
 }
 
 /// Counters of one session, for its log line.
@@ -136,6 +142,8 @@ pub struct Session<S: Store> {
     stls_offered: bool,
     /// The connection is encrypted (after STLS or on the implicit-TLS port).
     tls_active: bool,
+    /// The last login went to the fallback server.
+    proxied: bool,
 }
 
 fn no_such_message() -> &'static str {
@@ -159,6 +167,7 @@ impl<S: Store> Session<S> {
             counters: SessionCounters::default(),
             stls_offered: false,
             tls_active: false,
+            proxied: false,
         }
     }
 
@@ -221,7 +230,8 @@ impl<S: Store> Session<S> {
             self.state = State::Closed;
         }
         Ok(Step {
-            close: self.closed(),
+            close: self.closed() && !self.proxied,
+            proxy: self.proxied,
             ..step
         })
     }
@@ -231,6 +241,7 @@ impl<S: Store> Session<S> {
             op,
             close: false,
             starttls: false,
+            proxy: false,
         }
     }
 
@@ -273,6 +284,7 @@ impl<S: Store> Session<S> {
                 op: "error",
                 close: true,
                 starttls: false,
+                proxy: false,
             }),
         }
     }
@@ -347,6 +359,7 @@ impl<S: Store> Session<S> {
                     op: "STLS",
                     close: false,
                     starttls: true,
+                    proxy: false,
                 });
             }
             Command::Stls => {
@@ -409,6 +422,12 @@ impl<S: Store> Session<S> {
                     "+OK maildrop has {} messages ({total} octets)\r\n",
                     self.messages.len()
                 );
+            }
+            AuthResult::Proxied(reply) => {
+                self.user = Some(user.to_string());
+                self.proxied = true;
+                self.state = State::Closed;
+                return write!(out, "{reply}\r\n");
             }
             AuthResult::Bad => "[AUTH] authentication failed",
             AuthResult::Locked => "[AUTH] too many failed logins, try again later",

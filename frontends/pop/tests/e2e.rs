@@ -440,3 +440,93 @@ fn idle_sessions_time_out() {
     assert_eq!(rest, "-ERR idle time-out, closing\r\n");
     assert_eq!(pop.stats()["counters"]["idle_timeouts"], 1);
 }
+
+/// A tiny legacy POP3 server: one account `old`/`secret` with one message.
+const LEGACY: &str = r#"
+import socket, sys, threading
+srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(8)
+print(srv.getsockname()[1], flush=True)
+MSG = b'Subject: from the old server\r\n\r\nhello\r\n'
+def serve(c):
+    f = c.makefile('rb')
+    c.sendall(b'+OK legacy ready\r\n')
+    user = None
+    for line in f:
+        cmd = line.strip().split(b' ', 1)
+        verb = cmd[0].upper()
+        if verb == b'USER':
+            user = cmd[1]; c.sendall(b'+OK\r\n')
+        elif verb == b'PASS':
+            if user == b'old' and cmd[1] == b'secret':
+                c.sendall(b'+OK legacy maildrop locked\r\n')
+            else:
+                c.sendall(b'-ERR [AUTH] legacy says no\r\n')
+        elif verb == b'STAT':
+            c.sendall(b'+OK 1 %d\r\n' % len(MSG))
+        elif verb == b'RETR':
+            c.sendall(b'+OK\r\n' + MSG + b'.\r\n')
+        elif verb == b'QUIT':
+            c.sendall(b'+OK bye\r\n'); break
+        else:
+            c.sendall(b'-ERR\r\n')
+    c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+struct Legacy(std::process::Child, u16);
+
+impl Drop for Legacy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn legacy() -> Legacy {
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", LEGACY])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port = line.trim().parse().unwrap();
+    Legacy(child, port)
+}
+
+#[test]
+fn unknown_users_are_proxied_to_the_fallback_server() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let b0 = Backend::start();
+    b0.put(BOB, "0001.t.1", b"Subject: new\r\n\r\nx\r\n");
+    let old = legacy();
+    let state = tempfile::tempdir().unwrap();
+    let tables = format!("\n[fallback]\naddr = \"127.0.0.1:{}\"\n", old.1);
+    let pop = Pop::start(&users, &[&b0], state.path(), &tables);
+    let out = pop.py(r#"
+p.user('old'); out(p.pass_('secret').decode())
+out(p.stat())
+out(b'\n'.join(p.retr(1)[1]).decode())
+out(p.quit().decode())
+q = poplib.POP3(sys.argv[1], int(sys.argv[2]))
+q.user('old')
+try:
+    q.pass_('wrong')
+except poplib.error_proto as e:
+    out(e.args[0].decode())
+q.user('bob'); q.pass_('pw'); out(q.stat()); q.quit()
+"#);
+    let o: Vec<&str> = out.lines().collect();
+    assert_eq!(o[0], "\"+OK legacy maildrop locked\"");
+    assert_eq!(o[1], "[1, 39]");
+    assert_eq!(o[2], "\"Subject: from the old server\\n\\nhello\"");
+    assert_eq!(o[3], "\"+OK bye\"");
+    assert_eq!(o[4], "\"-ERR [AUTH] authentication failed\"");
+    assert_eq!(o[5], "[1, 19]", "userbase users are served here");
+}

@@ -256,3 +256,20 @@ fn stls_offered_once_and_resets_the_session() {
     assert!(!text.contains("\r\nSTLS\r\n"), "{text}");
     assert!(text.ends_with("-ERR STLS not available\r\n"), "{text}");
 }
+
+#[test]
+fn proxied_login_hands_over_the_connection() {
+    let mut session = Session::new(
+        Fake {
+            next_auth: Some(AuthResult::Proxied("+OK legacy maildrop ready".into())),
+            ..fake()
+        },
+        SessionLimits::default(),
+    );
+    let mut out = Vec::new();
+    let line = |s: &str| Line::Complete(s.as_bytes().to_vec());
+    session.handle(line("USER old"), &mut out).unwrap();
+    let step = session.handle(line("PASS pw"), &mut out).unwrap();
+    assert!(step.proxy && !step.close, "{step:?}");
+    assert!(String::from_utf8_lossy(&out).ends_with("+OK legacy maildrop ready\r\n"));
+}
