@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use powermail_admin::Latencies;
 use powermail_frontend::{BackendId, Cluster};
-use powermail_proto::{ErrorCode, MailboxName};
+use powermail_proto::{BackendError, ErrorCode, MailboxName};
 use powermail_userbase::{CacheConfig, CachedUserbase, Userbase, UserbaseError};
 
 use crate::config::Config;
@@ -20,7 +20,9 @@ use crate::journal::{Journal, Owed};
 use crate::line::LineReader;
 use crate::listing::{list_all, Merged};
 use crate::lock::{Locks, MailboxLock};
-use crate::session::{qualify, AuthResult, Listed, RetrieveError, Session, SessionLimits, Store};
+use crate::session::{
+    is_enough, qualify, AuthResult, Listed, RetrieveError, Session, SessionLimits, Store,
+};
 use crate::stats::{Admin, Stats};
 use crate::throttle::Throttle;
 
@@ -672,6 +674,9 @@ impl Store for LiveStore {
                     conn.release();
                     Ok(())
                 }
+                // TOP has its lines: the rest of the message is not read,
+                // and the connection, left mid-body, is closed on drop.
+                Err(BackendError::Io(e)) if is_enough(&e) => Ok(()),
                 Err(e) => Err(RetrieveError::Broken(io::Error::other(e.to_string()))),
             };
         }

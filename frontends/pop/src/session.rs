@@ -697,11 +697,34 @@ impl<'a, W: Write> BodyWriter<'a, W> {
     }
 }
 
+/// The error a TOP body writer returns once it has all the lines it wants:
+/// the store stops reading the message (see [`is_enough`]).
+#[derive(Debug)]
+struct Enough;
+
+impl std::fmt::Display for Enough {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TOP has all the lines it wants")
+    }
+}
+
+impl std::error::Error for Enough {}
+
+/// True when a write to the `out` of [`Store::retrieve`] failed only because
+/// TOP needs no more bytes: the store should stop reading the message,
+/// count it as sent (and not reuse a connection left mid-message).
+pub fn is_enough(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Enough>())
+}
+
 impl<W: Write> Write for BodyWriter<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if !self.done {
             let n = self.cut(buf);
             self.emit(&buf[..n])?;
+        }
+        if self.done {
+            return Err(io::Error::other(Enough));
         }
         Ok(buf.len())
     }

@@ -530,3 +530,27 @@ q.user('bob'); q.pass_('pw'); out(q.stat()); q.quit()
     assert_eq!(o[4], "\"-ERR [AUTH] authentication failed\"");
     assert_eq!(o[5], "[1, 19]", "userbase users are served here");
 }
+
+#[test]
+fn top_of_a_big_message_stops_early_and_the_session_goes_on() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let b0 = Backend::start();
+    let mut big = b"Subject: big\r\n\r\n".to_vec();
+    for i in 0..100_000 {
+        big.extend_from_slice(format!("line {i:06} of a big message\r\n").as_bytes());
+    }
+    b0.put(BOB, "0001.t.1", &big);
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start(&users, &[&b0], state.path(), "");
+    let out = pop.py("p.user('bob'); p.pass_('pw')\n\
+         for _ in range(3):\n    out([l.decode() for l in p.top(1, 2)[1]])\n\
+         r = p.retr(1); out([len(r[1]), r[2]])\np.quit()");
+    let o: Vec<&str> = out.lines().collect();
+    for l in &o[..3] {
+        assert_eq!(
+            *l,
+            r#"["Subject: big", "", "line 000000 of a big message", "line 000001 of a big message"]"#
+        );
+    }
+    assert_eq!(o[3], format!("[100002, {}]", big.len()));
+}
