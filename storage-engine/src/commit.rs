@@ -91,23 +91,30 @@ async fn run(store: Store, c: Rc<Committer>, ring: LocalReceiver<()>) {
     }
 }
 
-/// fsyncs every directory, all at once, through io_uring.
+/// Directory fsyncs in flight at once (each holds an open directory).
+const DIR_SYNCS_IN_FLIGHT_MAX: usize = 64;
+
+/// fsyncs every directory through io_uring, up to
+/// [`DIR_SYNCS_IN_FLIGHT_MAX`] at a time.
 async fn sync_dirs(dirs: Vec<std::path::PathBuf>) -> io::Result<()> {
-    let tasks: Vec<_> = dirs
-        .into_iter()
-        .map(|d| {
-            glommio::spawn_local(async move {
-                let dir = glommio::io::Directory::open(&d).await?;
-                let r = dir.sync().await;
-                let _ = dir.close().await;
-                r.map_err(io::Error::from)
-            })
-        })
-        .collect();
     let mut first_error = None;
-    for t in tasks {
-        if let Err(e) = t.await {
-            first_error.get_or_insert(e);
+    for chunk in dirs.chunks(DIR_SYNCS_IN_FLIGHT_MAX) {
+        let tasks: Vec<_> = chunk
+            .iter()
+            .cloned()
+            .map(|d| {
+                glommio::spawn_local(async move {
+                    let dir = glommio::io::Directory::open(&d).await?;
+                    let r = dir.sync().await;
+                    let _ = dir.close().await;
+                    r.map_err(io::Error::from)
+                })
+            })
+            .collect();
+        for t in tasks {
+            if let Err(e) = t.await {
+                first_error.get_or_insert(e);
+            }
         }
     }
     first_error.map_or(Ok(()), Err)

@@ -47,7 +47,26 @@ fn main() {
     }
 }
 
+/// Raises the soft open-file limit to the hard one: every connection, body
+/// being written and directory being synced holds a descriptor.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit with a valid out-parameter.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                log::warn!("could not raise the open-file limit");
+            }
+        }
+    }
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
+    raise_fd_limit();
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
     let cfg = config::Config::parse(&text)

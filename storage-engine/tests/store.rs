@@ -399,3 +399,34 @@ fn admin_port_requires_the_token_and_reports() {
         400
     );
 }
+
+#[test]
+fn more_recipients_than_the_link_limit_get_a_second_copy() {
+    // ext4 allows 65,000 links per inode (EMLINK); the store must copy the body once more.
+    const MAILBOXES: usize = 65_010;
+    let l = Listener::start(1, "[limits]\nmailboxes_per_put_max = 70000\n");
+    let boxes: Vec<MailboxName> = (0..MAILBOXES)
+        .map(|i| mb(&format!("r{i}@many.test")))
+        .collect();
+    let mut c = l.conn(0);
+    c.set_timeout(Duration::from_secs(600)).unwrap();
+    let r = c.put(&id("wide"), &boxes, b"to very many").unwrap();
+    assert_eq!(r.links_created, MAILBOXES as u64);
+    let first = std::fs::metadata(l.message_path(0, boxes[0].as_str(), "wide")).unwrap();
+    let last = std::fs::metadata(l.message_path(0, boxes[MAILBOXES - 1].as_str(), "wide")).unwrap();
+    assert_ne!(
+        first.ino(),
+        last.ino(),
+        "a second inode past the link limit"
+    );
+    assert_eq!(
+        first.nlink() + last.nlink(),
+        MAILBOXES as u64,
+        "every link on one of the two copies"
+    );
+    assert_eq!(
+        c.get(&boxes[MAILBOXES - 1], &id("wide")).unwrap(),
+        b"to very many"
+    );
+    assert_eq!(l.temp_files(0), 0);
+}
