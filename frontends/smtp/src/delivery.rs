@@ -156,12 +156,13 @@ impl BackendDelivery {
         if forwards && self.shared.relay.is_none() {
             log::warn!("rcpt={name} forwards but no [forward] relay is configured: stored locally");
         }
+        let mut quota = None;
         if local && mb.quota_bytes > 0 {
             let used = self.usage_bytes(&name);
             if used >= mb.quota_bytes {
                 return RcptVerdict::OverQuota;
             }
-            self.quotas.push((name.clone(), mb.quota_bytes, used));
+            quota = Some((name.clone(), mb.quota_bytes, used));
         }
         if let (true, Some(addr)) = (forwards, self.shared.relay.as_deref()) {
             if self.relay.is_none() {
@@ -184,6 +185,8 @@ impl BackendDelivery {
             }
             self.forwarded += 1;
         }
+        // Only an accepted recipient's quota is checked again at the end.
+        self.quotas.extend(quota);
         RcptVerdict::Accept(local.then_some(name))
     }
 

@@ -25,7 +25,9 @@ pub struct SessionLimits {
     /// and SMTPUTF8 addresses need more). Beyond: `500 5.5.6`.
     pub line_max_bytes: usize,
     /// Largest message in stored bytes (Received header excluded). Beyond:
-    /// `552 5.3.4`, at MAIL (SIZE=) or at the end of DATA.
+    /// `552 5.3.4`, at MAIL (SIZE=) or at the end of DATA. Keep it below
+    /// the backends' `message_max_bytes` less a few KiB for the Received
+    /// header, or big messages get a (retried) 451 instead of a 552.
     pub message_max_bytes: u64,
     /// Most accepted recipients per message. Beyond: `452 4.5.3`.
     pub recipients_max: usize,
@@ -37,7 +39,8 @@ impl Default for SessionLimits {
     fn default() -> Self {
         SessionLimits {
             line_max_bytes: 2048,
-            message_max_bytes: 64 << 20,
+            // pplistener's default limit (64 MiB) less room for the Received header.
+            message_max_bytes: (64 << 20) - (64 << 10),
             recipients_max: 100,
             errors_max: 20,
         }
