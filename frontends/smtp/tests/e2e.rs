@@ -156,11 +156,12 @@ impl Drop for Backend {
 
 /// A test system: backends, userbase, powersmtp.
 struct System {
-    dir: tempfile::TempDir,
     backends: Vec<Backend>,
     smtp: Child,
     port: u16,
     admin_port: u16,
+    /// Last, so the processes are gone before their directories.
+    dir: tempfile::TempDir,
 }
 
 const USERS: [&str; 3] = ["alice@example.com", "bob@example.com", "carol@example.com"];
@@ -357,6 +358,16 @@ fn single_recipient_k2_over_3_stores_wire_form_on_exactly_two() {
     assert!(stats["latencies"]["backend_put"]["count"] == 2, "{stats}");
     let metrics = sys.admin_get("/metrics");
     assert!(metrics.contains("powersmtp_messages_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("powersmtp_replies_total{class=\"2xx\"}"),
+        "{metrics}"
+    );
+    let config = sys.admin_get("/config");
+    assert!(config.contains("\"replicas\": 2"), "{config}");
+    assert!(
+        !config.contains(SECRET),
+        "no secret on the admin port: {config}"
+    );
 }
 
 #[test]
