@@ -18,7 +18,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "powermail", version, about = "Run the whole PowerMail system on this machine")]
+#[command(
+    name = "powermail",
+    version,
+    about = "Run the whole PowerMail system on this machine"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -89,7 +93,9 @@ fn main() {
 }
 
 fn online_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 fn read_or_create_secret(path: &Path) -> anyhow::Result<String> {
@@ -102,8 +108,8 @@ fn read_or_create_secret(path: &Path) -> anyhow::Result<String> {
 }
 
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -116,7 +122,8 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 fn apply_overrides(layout: &mut Layout, args: &mut UpArgs, path: &Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     for (n, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
@@ -143,13 +150,24 @@ fn apply_overrides(layout: &mut Layout, args: &mut UpArgs, path: &Path) -> anyho
 
 fn backend_tables(n: usize, base_port: u16) -> String {
     (0..n)
-        .map(|i| format!("[[backend]]\nname = \"b{i}\"\naddr = \"127.0.0.1:{}\"\n", base_port + i as u16))
+        .map(|i| {
+            format!(
+                "[[backend]]\nname = \"b{i}\"\naddr = \"127.0.0.1:{}\"\n",
+                base_port + i as u16
+            )
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
 
 /// Writes the three daemons' configurations; returns their paths.
-fn write_configs(dir: &Path, etc: &Path, l: &Layout, n: usize, k: usize) -> anyhow::Result<[PathBuf; 3]> {
+fn write_configs(
+    dir: &Path,
+    etc: &Path,
+    l: &Layout,
+    n: usize,
+    k: usize,
+) -> anyhow::Result<[PathBuf; 3]> {
     let secret = read_or_create_secret(&etc.join("backend.secret"))?;
     let token = read_or_create_secret(&etc.join("admin.token"))?;
     let abs = std::fs::canonicalize(dir)?;
@@ -172,7 +190,11 @@ fn write_configs(dir: &Path, etc: &Path, l: &Layout, n: usize, k: usize) -> anyh
         l.pop_admin,
         abs.join("state").display()
     );
-    let paths = [etc.join("pplistener.toml"), etc.join("powersmtp.toml"), etc.join("powerpop.toml")];
+    let paths = [
+        etc.join("pplistener.toml"),
+        etc.join("powersmtp.toml"),
+        etc.join("powerpop.toml"),
+    ];
     for (p, text) in paths.iter().zip([ppl, smtp, pop]) {
         write_private(p, &text)?;
     }
@@ -226,7 +248,10 @@ fn up(mut args: UpArgs) -> anyhow::Result<()> {
         apply_overrides(&mut layout, &mut args, &cfg)?;
     }
     let n = args.backends.unwrap_or_else(online_cpus).max(1);
-    anyhow::ensure!(args.replicas >= 1 && args.replicas <= n, "--replicas must be between 1 and the backend count ({n})");
+    anyhow::ensure!(
+        args.replicas >= 1 && args.replicas <= n,
+        "--replicas must be between 1 and the backend count ({n})"
+    );
     let dir = args.data.clone();
     let etc = dir.join("etc");
     let logs = dir.join("log");
@@ -235,23 +260,48 @@ fn up(mut args: UpArgs) -> anyhow::Result<()> {
     }
     let configs = write_configs(&dir, &etc, &layout, n, args.replicas)?;
     let demo_pw = ensure_userbase(&dir, &etc)?;
-    let bin_dir = std::env::current_exe()?.parent().map(Path::to_path_buf).unwrap_or_default();
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     let mut daemons: Vec<Daemon> = ["pplistener", "powersmtp", "powerpop"]
         .iter()
         .zip(configs)
-        .map(|(name, config)| Daemon { name, exe: bin_dir.join(name), config, child: None, started: Instant::now() })
+        .map(|(name, config)| Daemon {
+            name,
+            exe: bin_dir.join(name),
+            config,
+            child: None,
+            started: Instant::now(),
+        })
         .collect();
     for d in &daemons {
-        anyhow::ensure!(d.exe.exists(), "{} not found next to powermail (build with: cargo build --release --bins)", d.exe.display());
+        anyhow::ensure!(
+            d.exe.exists(),
+            "{} not found next to powermail (build with: cargo build --release --bins)",
+            d.exe.display()
+        );
     }
     for d in &mut daemons {
         d.start(&logs)?;
         // The backends first, so the frontends' first health check finds them.
-        std::thread::sleep(Duration::from_millis(if d.name == "pplistener" { 500 } else { 100 }));
+        std::thread::sleep(Duration::from_millis(if d.name == "pplistener" {
+            500
+        } else {
+            100
+        }));
     }
     let token = std::fs::read_to_string(etc.join("admin.token"))?;
-    println!("PowerMail is up ({} backends, {} copies per message), data in {}", n, args.replicas, dir.display());
-    println!("  SMTP   {}    (swaks --server {} --to {DEMO_MAILBOX})", layout.smtp_listen, layout.smtp_listen);
+    println!(
+        "PowerMail is up ({} backends, {} copies per message), data in {}",
+        n,
+        args.replicas,
+        dir.display()
+    );
+    println!(
+        "  SMTP   {}    (swaks --server {} --to {DEMO_MAILBOX})",
+        layout.smtp_listen, layout.smtp_listen
+    );
     println!("  POP3   {}", layout.pop_listen);
     println!("  demo mailbox {DEMO_MAILBOX}  password {}", demo_pw.trim());
     println!(
@@ -259,8 +309,17 @@ fn up(mut args: UpArgs) -> anyhow::Result<()> {
         layout.pplistener_admin, layout.smtp_admin, layout.pop_admin
     );
     println!("         (header: Authorization: Bearer {})", token.trim());
-    println!("  backends 127.0.0.1:{}..{} under {}/disks/", layout.backend_base_port, layout.backend_base_port as usize + n - 1, dir.display());
-    println!("  logs in {}/log/, configs in {}/etc/. Ctrl-C stops everything.", dir.display(), dir.display());
+    println!(
+        "  backends 127.0.0.1:{}..{} under {}/disks/",
+        layout.backend_base_port,
+        layout.backend_base_port as usize + n - 1,
+        dir.display()
+    );
+    println!(
+        "  logs in {}/log/, configs in {}/etc/. Ctrl-C stops everything.",
+        dir.display(),
+        dir.display()
+    );
     supervise(&mut daemons, &logs)
 }
 
@@ -277,7 +336,12 @@ fn supervise(daemons: &mut [Daemon], logs: &Path) -> anyhow::Result<()> {
                 _ => None,
             };
             if let Some(status) = exited {
-                eprintln!("powermail: {} exited ({status}); see {}/{}.log", d.name, logs.display(), d.name);
+                eprintln!(
+                    "powermail: {} exited ({status}); see {}/{}.log",
+                    d.name,
+                    logs.display(),
+                    d.name
+                );
                 d.child = None;
             }
             if d.child.is_none() && d.started.elapsed() >= RESTART_BACKOFF {
