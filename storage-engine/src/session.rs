@@ -327,7 +327,7 @@ async fn start_put(
             text: format!("backend is read-only ({})", ctx.shared.mode()),
         };
     }
-    match BodyWriter::create(ctx.store.temp_path(&msgid), WRITE_UNIT_BYTES).await {
+    match BodyWriter::create(ctx.store.tmp_dir(), WRITE_UNIT_BYTES).await {
         Ok(writer) => Put::Writing {
             writer: Box::new(writer),
             msgid,
@@ -379,7 +379,7 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
             return err_line(code, &text);
         }
     };
-    let (tmp, size_bytes) = match writer.finish().await {
+    let (file, size_bytes) = match writer.finish().await {
         Ok(done) => done,
         Err(e) => {
             note_io_error(ctx, &e);
@@ -388,12 +388,15 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
         }
     };
     let job = crate::store::LinkJob {
-        tmp: tmp.clone(),
+        fd: file.as_raw_fd(),
         msgid: msgid.clone(),
         mailboxes,
     };
     let mailbox_count = job.mailboxes.len();
+    // The file stays open until its links are made; then closing it only
+    // drops this handle (or, if linking failed, frees the nameless body).
     let linked = ctx.committer.link(job).await;
+    let _ = file.close().await;
     match linked {
         Ok(out) => {
             add(&c.puts, 1);
@@ -410,7 +413,6 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
         Err(e) => {
             note_io_error(ctx, &e);
             add(&c.put_errors, 1);
-            let _ = std::fs::remove_file(&tmp);
             log::error!(
                 "backend={} put msgid={msgid} link failed: {e}",
                 ctx.shared.name

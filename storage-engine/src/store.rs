@@ -4,7 +4,8 @@
 //! ```text
 //! DATA/.probe                     4 KiB, opened first by the executor (glommio probe workaround)
 //! DATA/readonly                   present = an operator made this backend read-only
-//! DATA/tmp/<msgid>.<random>       bodies being written; removed at start-up
+//! DATA/tmp/                      bodies being written (O_TMPFILE: nameless, gone on a crash);
+//!                                 named extra copies past the link limit, removed at start-up
 //! DATA/mbox/<h1>/<h2>/<mailbox>/<msgid>   one hard link per mailbox holding the message
 //! ```
 //!
@@ -17,6 +18,8 @@
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use powermail_proto::{MailboxName, MessageId};
@@ -36,8 +39,9 @@ pub struct Store {
 /// One durable body waiting to be linked into its mailboxes.
 #[derive(Debug, Clone)]
 pub struct LinkJob {
-    /// The temporary file holding the durable body.
-    pub tmp: PathBuf,
+    /// The durable body: an open `O_TMPFILE`, nameless until linked
+    /// (through `/proc/self/fd/N`). The caller keeps it open until linked.
+    pub fd: RawFd,
     /// Its id.
     pub msgid: MessageId,
     /// Where it goes.
@@ -95,7 +99,12 @@ impl Store {
         self.root.join("readonly")
     }
 
-    /// A fresh temporary path for a body being written.
+    /// The directory that holds bodies being written.
+    pub fn tmp_dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// A fresh temporary path (for the extra copy past the link limit).
     pub fn temp_path(&self, msgid: &MessageId) -> PathBuf {
         let nonce: u64 = rand::random();
         self.tmp.join(format!("{msgid}.{nonce:016x}"))
@@ -110,17 +119,27 @@ impl Store {
             .join(mailbox.as_str())
     }
 
-    /// Links the durable body at `tmp` into every mailbox as `msgid`, makes
-    /// the links durable (directory fsyncs), and removes `tmp`.
+    /// Writes `body` to a nameless file and links it into every mailbox as
+    /// `msgid`, durably (what a PUT does, without io_uring).
     #[cfg(test)]
-    pub fn link_into(
+    pub fn store_body(
         &self,
-        tmp: &Path,
+        body: &[u8],
         msgid: &MessageId,
         mailboxes: &[MailboxName],
     ) -> io::Result<LinkOutcome> {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open(&self.tmp)?;
+        file.write_all(body)?;
+        file.sync_data()?;
         let job = LinkJob {
-            tmp: tmp.to_path_buf(),
+            fd: file.as_raw_fd(),
             msgid: msgid.clone(),
             mailboxes: mailboxes.to_vec(),
         };
@@ -144,14 +163,11 @@ impl Store {
         let mut temps: Vec<PathBuf> = Vec::new();
         let results: Vec<io::Result<LinkOutcome>> = jobs
             .iter()
-            .map(|job| {
-                temps.push(job.tmp.clone());
-                self.link_one(job, &mut dirs, &mut temps)
-            })
+            .map(|job| self.link_one(job, &mut dirs, &mut temps))
             .collect();
-        // The temporary names are not needed for durability: a crash before
-        // the directory fsyncs loses only unacknowledged messages, and any
-        // temporary that survives is removed at start-up.
+        // Extra copies past the link limit are named temporaries: their names
+        // are not needed for durability, and any that survives a crash is
+        // removed at start-up.
         for t in temps {
             if let Err(e) = fs::remove_file(&t) {
                 log::warn!("removing {}: {e}", t.display());
@@ -167,13 +183,14 @@ impl Store {
         temps: &mut Vec<PathBuf>,
     ) -> io::Result<LinkOutcome> {
         let mut out = LinkOutcome::default();
-        let mut source = job.tmp.clone();
+        let mut source = PathBuf::from(format!("/proc/self/fd/{}", job.fd));
+        let mut follow = true;
         for mailbox in &job.mailboxes {
             let dir = self.mailbox_dir(mailbox);
             self.ensure_dir(&dir, dirs)?;
             let target = dir.join(job.msgid.as_str());
             loop {
-                match fs::hard_link(&source, &target) {
+                match hard_link(&source, &target, follow) {
                     Ok(()) => out.created += 1,
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => out.existing += 1,
                     Err(e) if e.raw_os_error() == Some(libc::EMLINK) => {
@@ -182,6 +199,7 @@ impl Store {
                         File::open(&copy)?.sync_data()?;
                         temps.push(copy.clone());
                         source = copy;
+                        follow = false;
                         out.extra_copies += 1;
                         continue;
                     }
@@ -329,6 +347,34 @@ impl Store {
     }
 }
 
+/// `link(2)`, following `src` if it is a symbolic link (needed to give an
+/// `O_TMPFILE` a name through `/proc/self/fd/N` without privileges).
+fn hard_link(src: &Path, dst: &Path, follow: bool) -> io::Result<()> {
+    if !follow {
+        return fs::hard_link(src, dst);
+    }
+    let cstr = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+    };
+    let (s, d) = (cstr(src)?, cstr(dst)?);
+    // SAFETY: two valid C strings; AT_FDCWD for both directories.
+    let r = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            s.as_ptr(),
+            libc::AT_FDCWD,
+            d.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Makes a directory's entries durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -362,10 +408,8 @@ mod tests {
         let (store, removed) = Store::open(dir.path()).unwrap();
         assert_eq!(removed, 0);
         let id = MessageId::parse("m1").unwrap();
-        let tmp = store.temp_path(&id);
-        fs::write(&tmp, b"hello").unwrap();
         let boxes = [mb("a@x"), mb("b@x"), mb("c@x")];
-        let out = store.link_into(&tmp, &id, &boxes).unwrap();
+        let out = store.store_body(b"hello", &id, &boxes).unwrap();
         assert_eq!(
             out,
             LinkOutcome {
@@ -374,7 +418,11 @@ mod tests {
                 extra_copies: 0
             }
         );
-        assert!(!tmp.exists(), "temporary removed");
+        assert_eq!(
+            fs::read_dir(store.tmp_dir()).unwrap().count(),
+            0,
+            "nothing named in tmp/"
+        );
         assert_eq!(store.link_count(&boxes[0], &id).unwrap(), 3);
         assert_eq!(store.list(&boxes[1], 10).unwrap(), vec![(id.clone(), 5)]);
         store.delete(&boxes[0], &id).unwrap();
@@ -395,10 +443,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path()).unwrap();
         let id = MessageId::parse("m1").unwrap();
-        for _ in 0..2 {
-            let tmp = store.temp_path(&id);
-            fs::write(&tmp, b"x").unwrap();
-            store.link_into(&tmp, &id, &[mb("a@x")]).unwrap();
+        for expect_created in [1, 0] {
+            let out = store.store_body(b"x", &id, &[mb("a@x")]).unwrap();
+            assert_eq!(out.created, expect_created);
         }
         assert_eq!(store.list(&mb("a@x"), 10).unwrap().len(), 1);
         fs::write(store.temp_path(&id), b"partial").unwrap();

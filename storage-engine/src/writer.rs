@@ -1,5 +1,9 @@
-//! Writes one message body to a temporary file with `O_DIRECT` through
-//! io_uring, and makes it durable.
+//! Writes one message body to an anonymous file (`O_TMPFILE`) with
+//! `O_DIRECT` through io_uring, and makes it durable.
+//!
+//! The file has no name until the store links it into the mailboxes, so a
+//! crash before that leaves nothing behind, and making it durable does not
+//! involve any directory.
 //!
 //! glommio's `DmaStreamWriter` syncs *before* it truncates the padded tail on
 //! close, so a crash could leave a file with NUL padding; this writer keeps
@@ -9,14 +13,13 @@
 //! into an aligned DMA buffer.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::Path;
 
-use glommio::io::{DmaBuffer, DmaFile};
+use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 
 /// A body being written.
 pub struct BodyWriter {
     file: DmaFile,
-    path: PathBuf,
     buf: Option<DmaBuffer>,
     fill_bytes: usize,
     pos_bytes: u64,
@@ -24,14 +27,20 @@ pub struct BodyWriter {
 }
 
 impl BodyWriter {
-    /// Creates the temporary file at `path`; bodies are written in units of
-    /// `buf_bytes` (rounded up to the file's alignment).
-    pub async fn create(path: PathBuf, buf_bytes: usize) -> io::Result<BodyWriter> {
-        let file = DmaFile::create(&path).await?;
+    /// Creates an anonymous, linkable file on the file system of `dir`;
+    /// bodies are written in units of `buf_bytes` (rounded up to the file's
+    /// alignment).
+    pub async fn create(dir: &Path, buf_bytes: usize) -> io::Result<BodyWriter> {
+        let file = OpenOptions::new()
+            .write(true)
+            .read(true)
+            .tmpfile(true)
+            .tmpfile_linkable(true)
+            .dma_open(dir)
+            .await?;
         let buf_bytes = file.align_up(buf_bytes.max(1) as u64) as usize;
         Ok(BodyWriter {
             file,
-            path,
             buf: None,
             fill_bytes: 0,
             pos_bytes: 0,
@@ -75,10 +84,10 @@ impl BodyWriter {
         Ok(())
     }
 
-    /// Writes the padded tail, truncates to the true size, `fdatasync`s and
-    /// closes. Returns the path and the body size. Only after this returns
-    /// `Ok` is the body durable.
-    pub async fn finish(mut self) -> io::Result<(PathBuf, u64)> {
+    /// Writes the padded tail, truncates to the true size and `fdatasync`s.
+    /// Returns the still open file (link it, then close it) and the body
+    /// size. Only after this returns `Ok` is the body durable.
+    pub async fn finish(mut self) -> io::Result<(DmaFile, u64)> {
         let size_bytes = self.pos_bytes + self.fill_bytes as u64;
         if self.fill_bytes > 0 {
             let padded = self.file.align_up(self.fill_bytes as u64) as usize;
@@ -94,16 +103,11 @@ impl BodyWriter {
             }
         }
         self.file.fdatasync().await?;
-        self.file.close().await?;
-        Ok((self.path, size_bytes))
+        Ok((self.file, size_bytes))
     }
 
-    /// Abandons the body and removes the temporary file.
+    /// Abandons the body: closing a nameless file frees it.
     pub async fn discard(self) {
-        let path = self.path.clone();
         let _ = self.file.close().await;
-        if let Err(e) = std::fs::remove_file(&path) {
-            log::warn!("could not remove {}: {e}", path.display());
-        }
     }
 }

@@ -132,15 +132,15 @@ fn kill_9_during_a_big_put_leaves_nothing_partial() {
     for chunk in body(2, 8 << 20).chunks(1 << 20) {
         c.put_chunk(chunk).unwrap();
     }
-    // Wait until the server has part of the body on disk, then kill it mid-PUT.
-    let tmp = l.data_dir(0).join("tmp");
-    for _ in 0..200 {
-        if std::fs::read_dir(&tmp).unwrap().count() > 0 {
+    // Wait until the server is writing the body (a nameless O_TMPFILE), then kill it mid-PUT.
+    for _ in 0..500 {
+        if l.bodies_being_written(0) > 0 {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(l.temp_files(0), 1, "the body is being written");
+    assert_eq!(l.bodies_being_written(0), 1, "the body is being written");
+    assert_eq!(l.temp_files(0), 0, "and it has no name");
     l.kill9();
     l.restart();
     assert_eq!(l.temp_files(0), 0, "temporaries removed at start-up");

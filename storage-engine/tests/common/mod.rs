@@ -159,6 +159,21 @@ impl Listener {
         panic!("backend {backend} never reached {n} connections");
     }
 
+    /// Nameless bodies (`O_TMPFILE`) the process has open on a backend's disk
+    /// right now: PUTs being written.
+    pub fn bodies_being_written(&self, backend: usize) -> usize {
+        let tmp = self.data_dir(backend).join("tmp");
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{}/fd", self.pid())) else {
+            return 0;
+        };
+        fds.flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .filter(|target| {
+                target.starts_with(&tmp) && target.to_string_lossy().ends_with("(deleted)")
+            })
+            .count()
+    }
+
     /// Files left in a backend's tmp directory.
     pub fn temp_files(&self, backend: usize) -> usize {
         std::fs::read_dir(self.data_dir(backend).join("tmp"))
