@@ -42,6 +42,8 @@ pub struct Start {
     pub blocking_threads: usize,
     /// Where to report "listening" or the start-up error.
     pub ready: SyncSender<Result<String, String>>,
+    /// Mailboxes with a directory on this backend, scanned at start.
+    pub known: std::collections::HashSet<powermail_proto::MailboxName>,
 }
 
 /// Starts the executor thread of one backend.
@@ -63,6 +65,7 @@ async fn run(start: Start) {
         secret,
         limits,
         ready,
+        known,
         ..
     } = start;
     // glommio probes polled-I/O support on the first DmaFile it opens; an empty
@@ -96,6 +99,7 @@ async fn run(start: Start) {
         limits,
         latencies: RefCell::new(Latencies::new()),
         committer,
+        known: RefCell::new(known),
     });
     glommio::spawn_local(housekeeping(ctx.clone())).detach();
     let _ = ready.send(Ok(format!(

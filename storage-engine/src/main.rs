@@ -94,6 +94,12 @@ fn run(args: Args) -> anyhow::Result<()> {
                 b.name
             );
         }
+        let known: std::collections::HashSet<_> = store
+            .mailboxes(usize::MAX)
+            .with_context(|| format!("scanning {}", b.data_dir.display()))?
+            .into_iter()
+            .collect();
+        log::info!("backend={} holds {} mailboxes", b.name, known.len());
         let marker = store.readonly_marker();
         let shared = Arc::new(stats::BackendShared {
             name: b.name.clone(),
@@ -117,6 +123,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             limits: cfg.limits.clone(),
             blocking_threads: cfg.blocking_threads,
             ready: ready_tx.clone(),
+            known,
         })?);
     }
     for _ in &backends {

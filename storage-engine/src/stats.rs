@@ -34,6 +34,8 @@ pub struct Counters {
     pub bytes_out: AtomicU64,
     /// LIST requests.
     pub lists: AtomicU64,
+    /// Requests about a mailbox with no directory here, answered from memory.
+    pub empty_fast_path: AtomicU64,
     /// Messages deleted.
     pub dels: AtomicU64,
     /// Protocol errors (bad lines, fatal framing errors).
@@ -128,6 +130,7 @@ impl BackendShared {
             "gets": l(&c.gets),
             "bytes_out": l(&c.bytes_out),
             "lists": l(&c.lists),
+            "empty_fast_path": l(&c.empty_fast_path),
             "dels": l(&c.dels),
             "protocol_errors": l(&c.protocol_errors),
             "latency": self.latencies.lock().map(|l| l.summary()).unwrap_or_default(),

@@ -430,3 +430,36 @@ fn more_recipients_than_the_link_limit_get_a_second_copy() {
     );
     assert_eq!(l.temp_files(0), 0);
 }
+
+#[test]
+fn empty_mailboxes_are_answered_from_memory() {
+    let mut l = Listener::start(1, "");
+    let fast = |l: &Listener| {
+        let (_, body) = l.admin("GET", "/stats", Some("tok"));
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["backends"][0]["empty_fast_path"].as_u64().unwrap()
+    };
+    let mut c = l.conn(0);
+    assert!(c.list(&mb("nobody@x.org"), 10).unwrap().is_empty());
+    assert_eq!(c.usage(&mb("nobody@x.org")).unwrap(), (0, 0));
+    assert_eq!(
+        c.get(&mb("nobody@x.org"), &id("m1")).unwrap_err().code(),
+        Some(ErrorCode::NotFound)
+    );
+    assert_eq!(fast(&l), 3, "three answers without touching the disk");
+    c.put(&id("m1"), &[mb("somebody@x.org")], b"x").unwrap();
+    assert_eq!(c.list(&mb("somebody@x.org"), 10).unwrap().len(), 1);
+    assert_eq!(fast(&l), 3, "a mailbox with mail goes to the disk");
+    drop(c);
+    l.kill9();
+    l.restart();
+    let mut c = l.conn(0);
+    assert_eq!(
+        c.list(&mb("somebody@x.org"), 10).unwrap().len(),
+        1,
+        "the set is rebuilt from disk at start"
+    );
+    assert_eq!(c.nuke(&mb("somebody@x.org")).unwrap(), 1);
+    assert!(c.list(&mb("somebody@x.org"), 10).unwrap().is_empty());
+    assert_eq!(fast(&l), 1, "after NUKE the mailbox is unknown again");
+}
