@@ -12,7 +12,9 @@
 //!   [`BackendConn`](powermail_proto::BackendConn)s per backend;
 //! * [`select`] — the choice of K distinct writable backends for a new
 //!   message, after PowerMail's ServerSelect: distinct groups first, then
-//!   higher priority, then weighted by free space, random among equals.
+//!   higher priority, then weighted by free space, random among equals;
+//! * [`settings`] — configuration both frontends share: TLS certificate,
+//!   userbase cache, backend secret.
 //!
 //! ```no_run
 //! use powermail_frontend::{Cluster, config::{BackendSpec, PoolConfig}};
@@ -29,6 +31,7 @@
 pub mod cluster;
 pub mod config;
 pub mod select;
+pub mod settings;
 
 pub use cluster::{BackendId, BackendSnapshot, Cluster, Health, PoolError, PooledConn};
 pub use config::{BackendSpec, PoolConfig};

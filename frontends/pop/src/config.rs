@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
+pub use powermail_frontend::settings::{CacheSettings, TlsSettings};
 use powermail_frontend::{BackendSpec, PoolConfig};
 use serde::{Deserialize, Serialize};
 
@@ -63,42 +64,6 @@ pub struct Config {
     pub backends: Vec<BackendSpec>,
 }
 
-/// The certificate offered with STLS and on the implicit-TLS port.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsSettings {
-    /// PEM certificate chain, leaf first.
-    pub cert_file: PathBuf,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: PathBuf,
-}
-
-impl TlsSettings {
-    /// Loads the certificate and key into a rustls server configuration.
-    pub fn load(&self) -> anyhow::Result<std::sync::Arc<rustls::ServerConfig>> {
-        let open = |p: &PathBuf| {
-            std::fs::File::open(p)
-                .map(std::io::BufReader::new)
-                .with_context(|| format!("opening {}", p.display()))
-        };
-        let certs = rustls_pemfile::certs(&mut open(&self.cert_file)?)
-            .collect::<Result<Vec<_>, _>>()
-            .with_context(|| format!("reading {}", self.cert_file.display()))?;
-        if certs.is_empty() {
-            bail!("no certificate in {}", self.cert_file.display());
-        }
-        let key = rustls_pemfile::private_key(&mut open(&self.key_file)?)
-            .with_context(|| format!("reading {}", self.key_file.display()))?
-            .with_context(|| format!("no private key in {}", self.key_file.display()))?;
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)?;
-        Ok(std::sync::Arc::new(cfg))
-    }
-}
-
 /// The legacy POP3 server that users not (yet) in the userbase are proxied
 /// to, as POPular and Perdition do during a migration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -113,29 +78,6 @@ pub struct FallbackSettings {
 
 fn default_fallback_timeout_ms() -> u64 {
     5_000
-}
-
-/// How long userbase answers are reused.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CacheSettings {
-    /// A found mailbox is reused this long (a changed password keeps
-    /// working elsewhere for up to this long).
-    pub positive_ttl_ms: u64,
-    /// "No such mailbox" is reused this long.
-    pub negative_ttl_ms: u64,
-    /// Most cached answers.
-    pub max_entries: usize,
-}
-
-impl Default for CacheSettings {
-    fn default() -> Self {
-        CacheSettings {
-            positive_ttl_ms: 30_000,
-            negative_ttl_ms: 5_000,
-            max_entries: 10_000,
-        }
-    }
 }
 
 /// Limits and time-outs.
@@ -250,15 +192,10 @@ impl Config {
 
     /// The backend secret.
     pub fn secret(&self) -> anyhow::Result<Vec<u8>> {
-        match (&self.secret, &self.secret_file) {
-            (Some(s), _) => Ok(s.as_bytes().to_vec()),
-            (None, Some(path)) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?;
-                Ok(text.trim_end().as_bytes().to_vec())
-            }
-            (None, None) => bail!("no secret"),
-        }
+        powermail_frontend::settings::load_secret(
+            self.secret.as_deref(),
+            self.secret_file.as_deref(),
+        )
     }
 
     /// The effective configuration for the admin port, secrets removed.
