@@ -13,6 +13,12 @@
 //! That includes passwords: `authenticate` verifies against the cached row, so after a
 //! password change or a disable made elsewhere the *old* password keeps working for up to
 //! `positive_ttl`. Keep that TTL short (the default is 30 s).
+//!
+//! Successful logins are cached too, as Dovecot's auth cache does: a modern hash (argon2id
+//! costs tens of milliseconds and MiBs by design) would otherwise be paid by every POP3
+//! poll. What is kept is a keyed SHA-256 of (name, password) under a random per-process
+//! key, valid for `positive_ttl` and only while the row's stored hash is unchanged; a
+//! failed login is never cached, so guessing still pays the full hash.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -68,6 +74,8 @@ pub struct CacheStats {
     pub hits: u64,
     /// Answers that went to the database (including failures).
     pub misses: u64,
+    /// Logins accepted from the login cache, without the full password hash.
+    pub login_hits: u64,
 }
 
 /// What was asked.
@@ -148,6 +156,18 @@ pub struct CachedUserbase {
     state: Mutex<State>,
     hits: AtomicU64,
     misses: AtomicU64,
+    login_hits: AtomicU64,
+    logins: Mutex<HashMap<String, Login>>,
+    login_key: [u8; 32],
+}
+
+/// A login that was verified against the full hash.
+struct Login {
+    /// The stored hash it was verified against (a changed row invalidates it).
+    stored_hash: String,
+    /// Keyed SHA-256 of the name and the password that worked.
+    digest: [u8; 32],
+    expires: Instant,
 }
 
 impl CachedUserbase {
@@ -169,7 +189,53 @@ impl CachedUserbase {
             state: Mutex::new(State::default()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            login_hits: AtomicU64::new(0),
+            logins: Mutex::new(HashMap::new()),
+            login_key: rand::random(),
         }
+    }
+
+    fn login_digest(&self, name: &str, password: &str) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.login_key);
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(password.as_bytes());
+        h.finalize().into()
+    }
+
+    /// Whether `password` was verified for `mailbox` (with its current stored hash)
+    /// within the positive TTL.
+    fn login_cached(&self, mailbox: &Mailbox, password: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        let digest = self.login_digest(&mailbox.name, password);
+        let now = self.clock.now();
+        let logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
+        logins.get(&mailbox.name).is_some_and(|l| {
+            l.expires > now
+                && l.stored_hash == mailbox.password_hash
+                && bool::from(l.digest.ct_eq(&digest))
+        })
+    }
+
+    fn remember_login(&self, mailbox: &Mailbox, password: &str) {
+        let now = self.clock.now();
+        let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
+        if logins.len() >= self.config.max_entries {
+            logins.retain(|_, l| l.expires > now);
+            if logins.len() >= self.config.max_entries {
+                return; // bounded: this login simply is not cached
+            }
+        }
+        logins.insert(
+            mailbox.name.clone(),
+            Login {
+                stored_hash: mailbox.password_hash.clone(),
+                digest: self.login_digest(&mailbox.name, password),
+                expires: now + self.config.positive_ttl,
+            },
+        );
     }
 
     /// Forgets every cached answer.
@@ -177,6 +243,10 @@ impl CachedUserbase {
         let mut state = self.lock();
         state.entries.clear();
         state.recency.clear();
+        self.logins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Number of entries held (expired ones included until next touched).
@@ -194,6 +264,7 @@ impl CachedUserbase {
         CacheStats {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
+            login_hits: self.login_hits.load(Ordering::Relaxed),
         }
     }
 
@@ -288,9 +359,21 @@ impl Userbase for CachedUserbase {
             Ok(name) if !is_catch_all(&name) => name,
             _ => return Ok(None),
         };
-        Ok(self.get_mailbox(&name)?.filter(|mailbox| {
-            mailbox.enabled && password::verify(&mailbox.password_hash, password)
-        }))
+        let Some(mailbox) = self.get_mailbox(&name)? else {
+            return Ok(None);
+        };
+        if !mailbox.enabled {
+            return Ok(None);
+        }
+        if self.login_cached(&mailbox, password) {
+            self.login_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(mailbox));
+        }
+        if !password::verify(&mailbox.password_hash, password) {
+            return Ok(None);
+        }
+        self.remember_login(&mailbox, password);
+        Ok(Some(mailbox))
     }
 
     fn virtual_domain(&self, listen: &SocketAddr) -> Result<Option<String>, UserbaseError> {

@@ -627,6 +627,62 @@ fn shared_between_threads(db: &dyn Backend) {
     }
 }
 
+fn login_cache(db: &dyn Backend) {
+    let writer = db.userbase();
+    let clock = Arc::new(ManualClock::new());
+    let config = CacheConfig {
+        positive_ttl: Duration::from_secs(30),
+        negative_ttl: Duration::from_secs(5),
+        max_entries: 100,
+    };
+    let cached = CachedUserbase::with_clock(db.userbase(), config, clock.clone());
+    writer
+        .add_mailbox("login@example.com", "first", 0)
+        .expect("add"); // {ARGON2ID}
+    let ok = |pw: &str| {
+        cached
+            .authenticate("login@example.com", pw)
+            .expect("auth")
+            .is_some()
+    };
+    assert!(ok("first"));
+    assert_eq!(
+        cached.stats().login_hits,
+        0,
+        "the first login pays the full hash"
+    );
+    assert!(ok("first"));
+    assert_eq!(
+        cached.stats().login_hits,
+        1,
+        "the second comes from the login cache"
+    );
+    assert!(
+        !ok("wrong"),
+        "a cached login does not open the door to other passwords"
+    );
+    assert!(!ok("firs"));
+    assert_eq!(cached.stats().login_hits, 1);
+    // A password changed elsewhere: the old row (and login) serve until the TTL, then the new one.
+    writer
+        .set_password("login@example.com", "second")
+        .expect("passwd");
+    clock.advance(Duration::from_secs(31));
+    assert!(
+        !ok("first"),
+        "an old password stops working once the row is re-read"
+    );
+    assert!(ok("second"));
+    assert!(ok("second"));
+    assert_eq!(cached.stats().login_hits, 2);
+    // Changes through the cache forget cached logins at once.
+    cached
+        .set_password("login@example.com", "third")
+        .expect("passwd");
+    assert!(!ok("second"));
+    assert!(ok("third"));
+}
+
 // ---------------------------------------------------------------------------------------
 // Instantiation: every case, once per database.
 
@@ -666,6 +722,7 @@ suite!(
     unavailable_is_not_absence,
     cache_ttl,
     cache_bound,
+    login_cache,
     injection_strings_are_literal,
     migrations_are_recorded_and_idempotent,
     shared_between_threads,
