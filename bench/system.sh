@@ -33,9 +33,12 @@ TOML
       $B/ppadmin --data "$D/var" user add "u$i@bench.test" --password pw >/dev/null
       echo "u$i@bench.test" >> "$D/rcpts"
     done
-    for i in $(seq 0 19); do
+    # 200 logins for 20 connections: no two concurrent sessions share a mailbox (IN-USE).
+    for i in $(seq 0 199); do
       $B/ppadmin --data "$D/var" user add "empty$i@bench.test" --password pw >/dev/null
       echo "empty$i@bench.test:pw" >> "$D/logins"
+    done
+    for i in $(seq 0 19); do
       $B/ppadmin --data "$D/var" user add "drain$i@bench.test" --password pw >/dev/null
       echo "drain$i@bench.test:pw" >> "$D/drain"
     done
