@@ -11,7 +11,12 @@ enum Seen {
 }
 
 fn events(pieces: &[&[u8]]) -> Vec<Seen> {
-    let limits = Limits { line_max_bytes: 64, mailboxes_per_put_max: 4, chunk_max_bytes: 64, message_max_bytes: 256 };
+    let limits = Limits {
+        line_max_bytes: 64,
+        mailboxes_per_put_max: 4,
+        chunk_max_bytes: 64,
+        message_max_bytes: 256,
+    };
     let mut d = Decoder::new(limits);
     let mut out: Vec<Seen> = Vec::new();
     let mut buf: Vec<u8> = Vec::new();
@@ -39,7 +44,11 @@ fn events(pieces: &[&[u8]]) -> Vec<Seen> {
             }
         }
         // Nothing undecoded may grow past one line.
-        assert!(buf.len() <= 64 + 2 || d.in_put(), "decoder left {} bytes", buf.len());
+        assert!(
+            buf.len() <= 64 + 2 || d.in_put(),
+            "decoder left {} bytes",
+            buf.len()
+        );
     }
     out
 }

@@ -11,11 +11,17 @@ fuzz_target!(|data: &[u8]| {
         assert!(!s.starts_with('.') && !s.contains('/') && !s.contains('\0'));
         assert!(s.bytes().all(|b| b > 0x20 && b != 0x7f));
         assert_eq!(s.matches('@').count(), 1);
-        assert_eq!(MailboxName::parse(s).as_ref(), Ok(&m), "normalising twice changes nothing");
+        assert_eq!(
+            MailboxName::parse(s).as_ref(),
+            Ok(&m),
+            "normalising twice changes nothing"
+        );
     }
     if let Ok(id) = MessageId::parse_bytes(data) {
         let s = id.as_str();
         assert!(!s.is_empty() && s.len() <= 64 && !s.starts_with('.'));
-        assert!(s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
+        assert!(s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
     }
 });

@@ -13,10 +13,18 @@ fuzz_target!(|data: &[u8]| {
         reader.feed(chunk);
         while let Some(line) = reader.next_line() {
             if let Line::Complete(l) = line {
-                assert!(l.len() <= LINE_MAX_BYTES, "line of {} bytes passed the limit", l.len());
+                assert!(
+                    l.len() <= LINE_MAX_BYTES,
+                    "line of {} bytes passed the limit",
+                    l.len()
+                );
                 let _ = Command::parse(&l);
             }
         }
-        assert!(reader.buffered() <= LINE_MAX_BYTES + 2 + 7, "buffered {}", reader.buffered());
+        assert!(
+            reader.buffered() <= LINE_MAX_BYTES + 2 + 7,
+            "buffered {}",
+            reader.buffered()
+        );
     }
 });

@@ -30,7 +30,10 @@ fuzz_target!(|data: &[u8]| {
     if let (stored, Some(_)) = whole {
         let mut framed = b"\r\n".to_vec();
         framed.extend_from_slice(&stored);
-        assert!(!framed.windows(5).any(|w| w == b"\r\n.\r\n"), "a terminator inside the stored message");
+        assert!(
+            !framed.windows(5).any(|w| w == b"\r\n.\r\n"),
+            "a terminator inside the stored message"
+        );
         for (i, &b) in stored.iter().enumerate() {
             if b == b'\n' {
                 assert!(i > 0 && stored[i - 1] == b'\r', "bare LF stored");
