@@ -69,23 +69,24 @@ async fn run(store: Store, c: Rc<Committer>, ring: LocalReceiver<()>) {
             if batch.is_empty() {
                 break;
             }
-            let jobs: Vec<LinkJob> = batch.iter().map(|w| w.job.clone()).collect();
+            let (jobs, done): (Vec<LinkJob>, Vec<_>) =
+                batch.into_iter().map(|w| (w.job, w.done)).unzip();
             let s = store.clone();
             let (mut results, dirs) = glommio::executor()
                 .spawn_blocking(move || s.link_batch(&jobs))
                 .await;
-            debug_assert_eq!(results.len(), batch.len());
+            debug_assert_eq!(results.len(), done.len());
             if let Err(e) = sync_dirs(dirs).await {
                 log::error!(
                     "directory fsync failed, batch of {} refused: {e}",
-                    batch.len()
+                    done.len()
                 );
                 for r in results.iter_mut().filter(|r| r.is_ok()) {
                     *r = Err(io::Error::new(e.kind(), format!("directory fsync: {e}")));
                 }
             }
-            for (w, r) in batch.into_iter().zip(results) {
-                let _ = w.done.try_send(r);
+            for (d, r) in done.into_iter().zip(results) {
+                let _ = d.try_send(r);
             }
         }
     }

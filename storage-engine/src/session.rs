@@ -397,7 +397,14 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
     };
     let mailbox_count = job.mailboxes.len();
     // Known before the first link exists, so a LIST never misses a message.
-    ctx.known.borrow_mut().extend(job.mailboxes.iter().cloned());
+    {
+        let mut known = ctx.known.borrow_mut();
+        for m in &job.mailboxes {
+            if !known.contains(m) {
+                known.insert(m.clone());
+            }
+        }
+    }
     // The file stays open until its links are made; then closing it only
     // drops this handle (or, if linking failed, frees the nameless body).
     let linked = ctx.committer.link(job).await;

@@ -314,7 +314,7 @@ impl Store {
     /// Every mailbox that has a directory here (at most `max`).
     pub fn mailboxes(&self, max: usize) -> io::Result<Vec<MailboxName>> {
         let mut out = Vec::new();
-        for l1 in fs::read_dir(&self.mbox)? {
+        'walk: for l1 in fs::read_dir(&self.mbox)? {
             for l2 in fs::read_dir(l1?.path())? {
                 for m in fs::read_dir(l2?.path())? {
                     if let Some(name) = m?
@@ -324,12 +324,13 @@ impl Store {
                     {
                         out.push(name);
                         if out.len() >= max {
-                            return Ok(out);
+                            break 'walk;
                         }
                     }
                 }
             }
         }
+        // Sorted whether or not the limit cut the walk short.
         out.sort_unstable();
         Ok(out)
     }
