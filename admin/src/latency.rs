@@ -53,7 +53,9 @@ impl Latencies {
         self.by_op.get(op)
     }
 
-    /// `{op: {count, p50_us, p90_us, p99_us, p999_us, max_us}}`.
+    /// `{op: {count, p50_us, p90_us, p99_us, p999_us, max_us, buckets}}`, where
+    /// `buckets` is `[[upper_us, count], ...]` over powers of two (1, 2, 4, ... µs), empty
+    /// buckets left out: enough for `ppadmin status` to draw the distribution.
     pub fn summary(&self) -> serde_json::Value {
         let mut out = serde_json::Map::new();
         for (op, h) in &self.by_op {
@@ -66,6 +68,7 @@ impl Latencies {
                     "p99_us": h.value_at_quantile(0.99),
                     "p999_us": h.value_at_quantile(0.999),
                     "max_us": h.max(),
+                    "buckets": log2_buckets(h),
                 }),
             );
         }
@@ -96,6 +99,14 @@ impl Latencies {
 
 use crate::Prometheus;
 
+/// Non-empty power-of-two buckets of `h`: `[[upper_us, count], ...]`, at most ~30.
+fn log2_buckets(h: &Histogram<u64>) -> serde_json::Value {
+    h.iter_log(1, 2.0)
+        .filter(|v| v.count_since_last_iteration() > 0)
+        .map(|v| serde_json::json!([v.value_iterated_to(), v.count_since_last_iteration()]))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +127,10 @@ mod tests {
         let p50 = s["PUT"]["p50_us"].as_u64().unwrap();
         assert!((495..=505).contains(&p50), "p50 {p50}");
         assert!(s["PUT"]["max_us"].as_u64().unwrap() >= 4995);
+        let buckets = s["PUT"]["buckets"].as_array().unwrap();
+        let total: u64 = buckets.iter().map(|b| b[1].as_u64().unwrap()).sum();
+        assert_eq!(total, 1001, "{buckets:?}");
+        assert_eq!(s["GET"]["buckets"][0], serde_json::json!([7, 1]));
         let mut p = Prometheus::new();
         a.write_prometheus(&mut p, "pm_latency_seconds", "backend=\"0\"");
         let text = p.finish();

@@ -1,17 +1,30 @@
 //! `ppadmin` — the operator's command-line tool.
 //!
 //! This file only parses the command line and dispatches: each group of verbs lives in its
-//! own module (`user`, `vserver` for the userbase; admin-port verbs such as `status`,
-//! `stats`, `readonly` are to be added as further modules and `Command` variants).
+//! own module — `user`, `vserver` (the userbase); `status` (admin ports); `inspect` (`dir`,
+//! `list`, `usage`), `repair` (`repair`, `drain`), `orphans` (`orphans`, `purge`) over the
+//! store; `control` (run-time switches). `cluster` finds the backends and admin ports,
+//! `store` talks to all backends at once, `http` to the admin ports.
 //!
 //! Exit status: 0 on success, 1 on a usage or data error (unknown mailbox, duplicate, bad
-//! name), 75 (`EX_TEMPFAIL`) when the userbase is unavailable — retrying may help.
+//! name, a daemon that refused), 2 when the store is not as it should be (`list` found
+//! messages with fewer than K copies, `repair` or `drain` could not finish), 75
+//! (`EX_TEMPFAIL`) when the userbase is unavailable — retrying may help.
 
+mod cluster;
+mod control;
+mod http;
+mod inspect;
+mod orphans;
+mod repair;
+mod status;
+mod store;
 mod user;
 mod vserver;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -19,6 +32,9 @@ use powermail_userbase::{Userbase, UserbaseError};
 
 /// Exit status when the userbase cannot be reached (sysexits.h `EX_TEMPFAIL`).
 const EXIT_TEMPFAIL: u8 = 75;
+
+/// Exit status when the store is short of copies or a repair/drain did not finish.
+const EXIT_INCOMPLETE: u8 = 2;
 
 /// PowerMail administration.
 #[derive(Debug, Parser)]
@@ -41,6 +57,23 @@ pub struct UserbaseTarget {
     /// `mysql://user:pass@host:port/db`.
     #[arg(long, value_name = "URL", global = true)]
     userbase: Option<String>,
+    /// Cluster file (backends, secret, K, admin ports; see examples/ppadmin.toml) for
+    /// deployments that are not a `powermail up` tree. Default: read `DIR/etc/*.toml`.
+    #[arg(long, value_name = "FILE", global = true)]
+    cluster: Option<PathBuf>,
+}
+
+impl UserbaseTarget {
+    /// The backends and admin ports: `--cluster FILE`, else the `--data` tree's configs.
+    pub fn cluster(&self) -> anyhow::Result<cluster::ClusterInfo> {
+        match &self.cluster {
+            Some(file) => cluster::ClusterInfo::from_file(file),
+            None => {
+                let dir = self.data.clone().unwrap_or_else(|| PathBuf::from("./var"));
+                cluster::ClusterInfo::from_up_tree(&dir)
+            }
+        }
+    }
 }
 
 impl UserbaseTarget {
@@ -85,16 +118,122 @@ enum Command {
         #[command(subcommand)]
         command: vserver::VserverCommand,
     },
+    /// Every backend and daemon: up/down, mode, free space, connections, rates, latency
+    /// percentiles, and latency histograms.
+    Status {
+        /// Time between the two stats samples the rates come from (0: no rates).
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
+    /// Every mailbox on any backend, and which backends hold it.
+    Dir,
+    /// A mailbox's messages: size, copies/K, holders; `UNDER` when fewer than K copies.
+    List { mailbox: String },
+    /// A mailbox's messages and bytes, per backend and in total (each message once).
+    Usage { mailbox: String },
+    /// Copy every message with fewer than K copies until it has K (resumable).
+    Repair {
+        /// Only this mailbox.
+        #[arg(long)]
+        mailbox: Option<String>,
+    },
+    /// Make a backend read-only and move all its messages to others, keeping K copies.
+    Drain { backend: String },
+    /// Mailboxes on the backends that the userbase no longer has.
+    Orphans,
+    /// Remove orphan mailboxes from every backend (a dry run without --yes).
+    Purge {
+        /// Really remove them.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Make a backend refuse new messages (persisted by the backend).
+    Readonly { backend: String },
+    /// Let a backend take new messages again.
+    Readwrite { backend: String },
+    /// Set the log level (error, warn, info, debug, trace) of every daemon, or of one.
+    Loglevel {
+        level: String,
+        /// Only this daemon (pplistener, powersmtp, powerpop).
+        #[arg(long)]
+        daemon: Option<String>,
+    },
+    /// Tell the frontends to send no new messages to a backend (reads still use it).
+    Disable {
+        backend: String,
+        /// Only this frontend.
+        #[arg(long)]
+        daemon: Option<String>,
+    },
+    /// Undo `disable`.
+    Enable {
+        backend: String,
+        /// Only this frontend.
+        #[arg(long)]
+        daemon: Option<String>,
+    },
+    /// Make the frontends re-read their configuration file (existing connections stay).
+    Reload {
+        /// Only this frontend.
+        #[arg(long)]
+        daemon: Option<String>,
+    },
+}
+
+/// Runs one store or admin verb; `Ok(false)` means "done, but incomplete" (exit 2).
+fn run_ops(target: &UserbaseTarget, command: Command) -> anyhow::Result<bool> {
+    let info = target.cluster()?;
+    let info = &info;
+    match command {
+        Command::User { .. } | Command::Vserver { .. } => unreachable!("userbase verbs"),
+        Command::Status { interval_ms } => {
+            status::status(info, Duration::from_millis(interval_ms))?
+        }
+        Command::Dir => inspect::dir(info)?,
+        Command::List { mailbox } => return Ok(inspect::list(info, &mailbox)? == 0),
+        Command::Usage { mailbox } => inspect::usage(info, &mailbox)?,
+        Command::Repair { mailbox } => {
+            let t = repair::repair(info, mailbox.as_deref())?;
+            println!(
+                "repair: {} mailboxes, {} messages, {} copies made ({} bytes), {} short of K, {} failed",
+                t.mailboxes, t.messages, t.copied, t.bytes, t.short, t.failed
+            );
+            return Ok(t.short == 0 && t.failed == 0);
+        }
+        Command::Drain { backend } => {
+            let t = repair::drain(info, &backend)?;
+            println!(
+                "drain {backend}: {} messages moved, {} copies made ({} bytes), {} short of K, {} failed",
+                t.moved, t.copied, t.bytes, t.short, t.failed
+            );
+            return Ok(t.short == 0 && t.failed == 0);
+        }
+        Command::Orphans => orphans::orphans(info, target.open()?.as_ref())?,
+        Command::Purge { yes } => orphans::purge(info, target.open()?.as_ref(), yes)?,
+        Command::Readonly { backend } => control::set_readonly(info, &backend, true)?,
+        Command::Readwrite { backend } => control::set_readonly(info, &backend, false)?,
+        Command::Loglevel { level, daemon } => control::loglevel(info, &level, daemon.as_deref())?,
+        Command::Disable { backend, daemon } => {
+            control::set_enabled(info, &backend, false, daemon.as_deref())?
+        }
+        Command::Enable { backend, daemon } => {
+            control::set_enabled(info, &backend, true, daemon.as_deref())?
+        }
+        Command::Reload { daemon } => control::reload(info, daemon.as_deref())?,
+    }
+    Ok(true)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::User { command } => user::run(&cli.target, command),
-        Command::Vserver { command } => vserver::run(&cli.target, command),
+        Command::User { command } => user::run(&cli.target, command).map(|()| true),
+        Command::Vserver { command } => vserver::run(&cli.target, command).map(|()| true),
+        other => run_ops(&cli.target, other),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(EXIT_INCOMPLETE),
         Err(err) => {
             eprintln!("ppadmin: {err:#}");
             let temporary = err.chain().any(|cause| {
