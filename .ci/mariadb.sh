@@ -8,7 +8,8 @@
 #   .ci/mariadb.sh stop     shut it down (data dir kept)
 #   .ci/mariadb.sh status   "running" / "stopped" (exit 0 / 1)
 #
-# Knobs: PM_MARIADB_DIR (default /tmp/pm-mariadb), PM_MARIADB_PORT (default 3306).
+# Knobs: PM_MARIADB_DIR (default /tmp/pm-mariadb), PM_MARIADB_PORT (default 3306),
+# PM_MARIADB_NO_TLS=1 (no certificates; the fault suite's private instance).
 # Idempotent: `start` while running only prints the export lines again.
 #
 # TLS: if `openssl` is available, a throw-away CA and a server certificate for 127.0.0.1
@@ -72,7 +73,7 @@ start() {
         mariadb-install-db --no-defaults --user=root --datadir="$D/data" \
             --auth-root-authentication-method=normal --skip-test-db >"$D/install.log" 2>&1
     fi
-    make_certs
+    [ "${PM_MARIADB_NO_TLS:-}" = 1 ] || make_certs
     local tls_args=()
     if [ -f "$TLS/server-cert.pem" ]; then
         tls_args=(--ssl-ca="$TLS/ca.pem" --ssl-cert="$TLS/server-cert.pem" --ssl-key="$TLS/server-key.pem")
