@@ -6,6 +6,12 @@
 //! that callers [`checkout`](Cluster::checkout) and
 //! [`release`](PooledConn::release). A connection that saw an error is never
 //! returned to the pool: dropping a [`PooledConn`] closes it.
+//!
+//! An operator can [`disable`](Cluster::set_disabled) a backend at run time (admin
+//! `POST /control/disable?backend=NAME`, `ppadmin disable`): it is then never chosen for
+//! new messages, whatever its health. Reads still use it while it answers, on purpose:
+//! disabling is how a backend is taken out of the write path before a drain, and its
+//! messages must stay visible until they have been copied elsewhere.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,6 +75,8 @@ pub struct BackendSnapshot {
     pub idle_connections: usize,
     /// The last error seen, if any.
     pub last_error: Option<String>,
+    /// Disabled by the operator: no new messages go to it.
+    pub disabled: bool,
 }
 
 #[derive(Debug)]
@@ -89,6 +97,7 @@ struct Pool {
 #[derive(Debug)]
 struct Slot {
     spec: BackendSpec,
+    disabled: AtomicBool,
     state: Mutex<State>,
     pool: Mutex<Pool>,
     returned: Condvar,
@@ -117,6 +126,7 @@ impl Cluster {
             .into_iter()
             .map(|spec| Slot {
                 spec,
+                disabled: AtomicBool::new(false),
                 state: Mutex::new(State {
                     health: Health::Unknown,
                     free_bytes: 0,
@@ -181,7 +191,57 @@ impl Cluster {
         lock(&self.slots[id].state).health
     }
 
-    /// Up to `k` distinct backends that are up and writable, chosen by
+    /// The backend called `name`, if configured.
+    pub fn find(&self, name: &str) -> Option<BackendId> {
+        self.slots.iter().position(|s| s.spec.name == name)
+    }
+
+    /// Disables (`true`) or enables backend `id` for new messages; returns whether it was
+    /// disabled before.
+    pub fn set_disabled(&self, id: BackendId, disabled: bool) -> bool {
+        let was = self.slots[id].disabled.swap(disabled, Ordering::Relaxed);
+        if was != disabled {
+            log::warn!(
+                "backend={} {} for new messages (operator)",
+                self.slots[id].spec.name,
+                if disabled { "disabled" } else { "enabled" }
+            );
+        }
+        was
+    }
+
+    /// The admin actions every frontend shares: `disable` and `enable` with
+    /// `backend=NAME`. Returns `None` for any other action.
+    pub fn control(
+        &self,
+        action: &str,
+        params: &[(String, String)],
+    ) -> Option<Result<String, String>> {
+        let disable = match action {
+            "disable" => true,
+            "enable" => false,
+            _ => return None,
+        };
+        let Some((_, name)) = params.iter().find(|(k, _)| k == "backend") else {
+            return Some(Err(format!("{action}: backend=NAME required")));
+        };
+        let Some(id) = self.find(name) else {
+            let names: Vec<&str> = self.slots.iter().map(|s| s.spec.name.as_str()).collect();
+            return Some(Err(format!(
+                "no backend {name:?} (known: {})",
+                names.join(", ")
+            )));
+        };
+        self.set_disabled(id, disable);
+        Some(Ok(format!("backend {name} {action}d")))
+    }
+
+    /// True when backend `id` is disabled for new messages.
+    pub fn is_disabled(&self, id: BackendId) -> bool {
+        self.slots[id].disabled.load(Ordering::Relaxed)
+    }
+
+    /// Up to `k` distinct backends that are up, writable and not disabled, chosen by
     /// [`select`] (groups, priority, free space, random).
     pub fn select_writable(&self, k: usize) -> Vec<BackendId> {
         let states: Vec<(Health, u64)> = self
@@ -197,7 +257,11 @@ impl Cluster {
             .iter()
             .zip(&states)
             .enumerate()
-            .filter(|(_, (_, (h, free)))| *h == Health::Up && *free >= self.cfg.free_bytes_min)
+            .filter(|(_, (slot, (h, free)))| {
+                *h == Health::Up
+                    && *free >= self.cfg.free_bytes_min
+                    && !slot.disabled.load(Ordering::Relaxed)
+            })
             .map(|(id, (slot, (_, free)))| Candidate {
                 id,
                 group: slot.spec.group_name(),
@@ -318,6 +382,7 @@ impl Cluster {
                     open_connections: pool.open,
                     idle_connections: pool.idle.len(),
                     last_error: st.last_error.clone(),
+                    disabled: s.disabled.load(Ordering::Relaxed),
                 }
             })
             .collect()

@@ -14,7 +14,9 @@
 //!   message, after PowerMail's ServerSelect: distinct groups first, then
 //!   higher priority, then weighted by free space, random among equals;
 //! * [`settings`] — configuration both frontends share: TLS certificate,
-//!   userbase cache, backend secret.
+//!   userbase cache, backend secret;
+//! * [`reload`] — configuration reload without a restart (SIGHUP or the admin port),
+//!   applied to new sessions only.
 //!
 //! ```no_run
 //! use powermail_frontend::{Cluster, config::{BackendSpec, PoolConfig}};
@@ -30,6 +32,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod reload;
 pub mod select;
 pub mod settings;
 

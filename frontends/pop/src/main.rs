@@ -36,5 +36,5 @@ fn run(args: Args) -> anyhow::Result<()> {
         println!("configuration OK: {} backends", cfg.backends.len());
         return Ok(());
     }
-    powerpop::server::run(cfg)
+    powerpop::server::run(cfg, Some(args.config))
 }

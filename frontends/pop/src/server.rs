@@ -5,17 +5,19 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use powermail_admin::Latencies;
+use powermail_frontend::reload::{on_sighup, Reloadable};
 use powermail_frontend::{BackendId, Cluster};
 use powermail_proto::{BackendError, ErrorCode, MailboxName};
 use powermail_userbase::{CacheConfig, CachedUserbase, Userbase, UserbaseError};
 
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::journal::{Journal, Owed};
 use crate::line::LineReader;
 use crate::listing::{list_all, Merged};
@@ -28,8 +30,10 @@ use crate::throttle::Throttle;
 
 /// What every connection thread shares.
 pub struct Shared {
-    /// The configuration.
+    /// The configuration as started (`limits` excepted: see [`Shared::limits`]).
     pub cfg: Config,
+    /// The limits new sessions get; replaced by a reload (SIGHUP, `POST /control/reload`).
+    pub limits: Arc<Reloadable<Limits>>,
     /// The backends.
     pub cluster: Arc<Cluster>,
     /// The userbase (cached).
@@ -44,8 +48,9 @@ pub struct Shared {
     pub stats: Arc<Stats>,
 }
 
-/// Starts everything from `cfg` and serves until the process ends.
-pub fn run(cfg: Config) -> anyhow::Result<()> {
+/// Starts everything from `cfg` and serves until the process ends. `path` is the file
+/// `cfg` came from, re-read on reload (none: reload is refused).
+pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let secret = cfg.secret()?;
     let inner = powermail_userbase::open(&cfg.userbase).context("opening the userbase")?;
     let cache = CacheConfig {
@@ -75,22 +80,29 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         Some(addr) => Some(TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?),
         None => None,
     };
+    let limits = Arc::new(Reloadable::new(cfg.limits.clone()));
+    let admin = Arc::new(Admin {
+        stats: stats.clone(),
+        cluster: cluster.clone(),
+        journal: journal.clone(),
+        locks: locks.clone(),
+        config: cfg.clone(),
+        limits: limits.clone(),
+        path,
+    });
     if let Some(admin_listen) = &cfg.admin_listen {
         let token = match &cfg.admin_token {
             Some(t) => t.clone(),
             None => String::from_utf8_lossy(&secret).into_owned(),
         };
-        let admin = Admin {
-            stats: stats.clone(),
-            cluster: cluster.clone(),
-            journal: journal.clone(),
-            locks: locks.clone(),
-            config: cfg.clone(),
-        };
-        let server = powermail_admin::spawn(admin_listen, &token, Arc::new(admin))?;
+        let server = powermail_admin::spawn(admin_listen, &token, admin.clone())?;
         println!("powerpop admin port on {}", server.local_addr());
     }
+    on_sighup(move || {
+        let _ = admin.reload();
+    })?;
     let shared = Arc::new(Shared {
+        limits,
         throttle: Throttle::new(cfg.throttle.clone()),
         cfg,
         cluster,
@@ -135,7 +147,7 @@ fn accept_loop(
         };
         Stats::inc(&shared.stats.counters.connections_accepted);
         let open = shared.stats.connections.fetch_add(1, Ordering::SeqCst);
-        if open as usize >= shared.cfg.limits.connections_max {
+        if open as usize >= shared.limits.get().connections_max {
             shared.stats.connections.fetch_sub(1, Ordering::SeqCst);
             Stats::inc(&shared.stats.counters.connections_refused);
             refuse(stream);
@@ -161,6 +173,9 @@ fn refuse(mut stream: TcpStream) {
     let _ = stream.write_all(b"-ERR [SYS/TEMP] too many connections\r\n");
 }
 
+/// Numbers the sessions of this process for their log lines.
+static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// Serves one connection to its end and logs its one summary line.
 fn serve(
     shared: &Arc<Shared>,
@@ -172,7 +187,7 @@ fn serve(
     let (Ok(client), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
         return;
     };
-    let limits = &shared.cfg.limits;
+    let limits = shared.limits.get();
     let _ = stream.set_read_timeout(Some(limits.idle_timeout()));
     let _ = stream.set_write_timeout(Some(Duration::from_millis(limits.send_timeout_ms)));
     let _ = stream.set_nodelay(true);
@@ -228,12 +243,16 @@ fn serve(
     let user = mailbox
         .or_else(|| session.user().map(|u| format!("{u}(proxied)")))
         .unwrap_or_else(|| "-".into());
+    // The one key=value line per session operators grep (Dovecot style).
     log::info!(
-        "session user={user} client={client} msgs={} retr={} dele={} bytes={} result={result} ms={}",
+        "session id={} user={user} client={client} msgs={} retr={} top={} dele={} size={} auth_failures={} status={result} delay_ms={}",
+        SESSIONS.fetch_add(1, Ordering::Relaxed),
         c.messages,
-        c.retrieved,
+        c.retrieved - c.top,
+        c.top,
         c.deleted,
         c.bytes_sent,
+        c.auth_failures,
         started.elapsed().as_millis()
     );
 }
@@ -248,7 +267,7 @@ fn converse(
     latencies: &mut Latencies,
 ) -> io::Result<&'static str> {
     let client_fd = plain.as_raw_fd();
-    let idle = shared.cfg.limits.idle_timeout();
+    let idle = shared.limits.get().idle_timeout();
     if !implicit {
         match drive(shared, session, &mut plain, latencies, true)? {
             Ended::Done(result) => return Ok(result),
@@ -384,7 +403,7 @@ fn drive<S: Read + Write>(
         stream.write_all(session.greeting().as_bytes())?;
         stream.flush()?;
     }
-    let mut lines = LineReader::new(shared.cfg.limits.line_max_bytes);
+    let mut lines = LineReader::new(shared.limits.get().line_max_bytes);
     let mut buf = vec![0u8; 4096];
     let mut pending = Vec::with_capacity(4096);
     loop {
@@ -576,7 +595,7 @@ impl LiveStore {
         };
         match attempt() {
             Ok(Some((s, reply))) => {
-                let idle = self.shared.cfg.limits.idle_timeout();
+                let idle = self.shared.limits.get().idle_timeout();
                 let _ = s.set_read_timeout(Some(idle));
                 self.upstream = Some(s);
                 log::info!(
@@ -614,7 +633,7 @@ impl Store for LiveStore {
                 return AuthResult::Unavailable;
             }
         }
-        let limits = &sh.cfg.limits;
+        let limits = sh.limits.get();
         let listing = list_all(
             &sh.cluster,
             &sh.journal,

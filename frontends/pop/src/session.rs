@@ -104,6 +104,8 @@ pub struct SessionCounters {
     pub messages: usize,
     /// RETR (and TOP) that succeeded.
     pub retrieved: u64,
+    /// Of which TOP.
+    pub top: u64,
     /// Bytes of message data sent (RETR and TOP).
     pub bytes_sent: u64,
     /// Messages deleted at QUIT.
@@ -555,6 +557,7 @@ impl<S: Store> Session<S> {
             Ok(()) => {
                 let sent = body.finish()?;
                 self.counters.retrieved += 1;
+                self.counters.top += u64::from(top.is_some());
                 self.counters.bytes_sent += sent;
                 Ok(())
             }

@@ -1,12 +1,14 @@
 //! Counters and latency histograms for the admin port.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use powermail_admin::{AdminHandler, Latencies, Prometheus};
+use powermail_frontend::reload::{changes, split_live, Reloadable};
 use powermail_frontend::Cluster;
 
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::journal::Journal;
 use crate::lock::Locks;
 
@@ -87,8 +89,66 @@ pub struct Admin {
     pub journal: Arc<Journal>,
     /// The lock table.
     pub locks: Arc<Locks>,
-    /// The configuration.
+    /// The configuration as started.
     pub config: Config,
+    /// The limits new sessions get (what a reload changes).
+    pub limits: Arc<Reloadable<Limits>>,
+    /// The configuration file, re-read on reload.
+    pub path: Option<PathBuf>,
+}
+
+/// Top-level keys whose changes a reload applies (to new sessions).
+const RELOADABLE: &[&str] = &["limits"];
+
+impl Admin {
+    /// The configuration in effect: as started, with the current limits.
+    fn effective(&self) -> Config {
+        let mut cfg = self.config.clone();
+        cfg.limits = (*self.limits.get()).clone();
+        cfg
+    }
+
+    /// Re-reads the configuration file and applies its `[limits]` to new sessions;
+    /// every other change is logged as needing a restart. A file that does not parse
+    /// changes nothing.
+    pub fn reload(&self) -> Result<String, String> {
+        let result = self.read().map(|new| {
+            let (live, restart) = split_live(
+                changes(&self.effective().public_json(), &new.public_json()),
+                RELOADABLE,
+            );
+            self.limits.set(new.limits);
+            log::warn!(
+                "reload: applied [{}]; need a restart: [{}]",
+                live.join("; "),
+                restart.join("; ")
+            );
+            format!(
+                "reloaded: {} change(s) applied to new sessions, {} need a restart{}",
+                live.len(),
+                restart.len(),
+                if restart.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", restart.join("; "))
+                }
+            )
+        });
+        if let Err(e) = &result {
+            log::error!("reload failed, configuration unchanged: {e}");
+        }
+        result
+    }
+
+    fn read(&self) -> Result<Config, String> {
+        let path = self
+            .path
+            .as_ref()
+            .ok_or("started without a configuration file")?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        Config::parse(&text).map_err(|e| format!("parsing {}: {e:#}", path.display()))
+    }
 }
 
 impl AdminHandler for Admin {
@@ -171,12 +231,18 @@ impl AdminHandler for Admin {
     }
 
     fn config(&self) -> serde_json::Value {
-        self.config.public_json()
+        self.effective().public_json()
     }
 
-    fn control(&self, action: &str, _params: &[(String, String)]) -> Result<String, String> {
-        Err(format!(
-            "unknown action {action:?} (powerpop has only loglevel)"
-        ))
+    fn control(&self, action: &str, params: &[(String, String)]) -> Result<String, String> {
+        if let Some(result) = self.cluster.control(action, params) {
+            return result;
+        }
+        match action {
+            "reload" => self.reload(),
+            _ => Err(format!(
+                "unknown action {action:?} (loglevel, disable, enable, reload)"
+            )),
+        }
     }
 }

@@ -28,6 +28,9 @@ use crate::session::{printable, Delivery, Envelope, RcptVerdict, Reply};
 /// Most entries asked of one backend when summing a mailbox's usage.
 const LIST_MAX_ENTRIES: usize = 100_000;
 
+/// Numbers the SMTP connections of this process for the log lines.
+static SESSIONS: AtomicU64 = AtomicU64::new(1);
+
 /// Process-wide counters, read by the admin port.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -98,6 +101,8 @@ type QuotaUse = (MailboxName, u64, u64);
 /// The delivery of one SMTP connection.
 pub struct BackendDelivery {
     shared: Arc<Shared>,
+    /// This connection's number in the process, for the log lines.
+    session: u64,
     client: String,
     txn: Option<Txn>,
     txn_started: Option<Instant>,
@@ -115,6 +120,7 @@ impl BackendDelivery {
     /// A delivery for the session with `client` (its IP address).
     pub fn new(shared: Arc<Shared>, client: &str) -> BackendDelivery {
         BackendDelivery {
+            session: SESSIONS.fetch_add(1, Ordering::Relaxed),
             shared,
             client: client.to_string(),
             txn: None,
@@ -254,18 +260,29 @@ impl BackendDelivery {
         copy.conn = None;
     }
 
+    /// The one `key=value` line per transaction operators grep (Postfix style):
+    /// `txn session=... msgid=... client=... from=<...> rcpts=N to=a,b size=...
+    /// copies=K backends=b0,b1 status=sent(250) delay_ms=...`. `copies` counts the
+    /// durable copies kept (0 when the transaction failed and they were undone).
     fn log_txn(&self, txn: &Txn, backends: &[BackendId], result: &Reply, started: Instant) {
         let names: Vec<&str> = backends
             .iter()
             .map(|&id| self.shared.cluster.spec(id).name.as_str())
             .collect();
         let rcpts: Vec<&str> = txn.rcpts.iter().map(|m| m.as_str()).collect();
+        let (status, copies) = match result.code {
+            200..=299 => ("sent", backends.len()),
+            400..=499 => ("deferred", 0),
+            _ => ("rejected", 0),
+        };
         log::info!(
-            "msgid={} client={} from=<{}> rcpts={} size={} backends={} result={} ms={}",
+            "txn session={} msgid={} client={} from=<{}> rcpts={} to={} size={} copies={copies} backends={} status={status}({}) delay_ms={}",
+            self.session,
             txn.msgid,
             self.client,
-            txn.from,
-            rcpts.join(","),
+            printable(&txn.from),
+            rcpts.len() + self.forwarded,
+            if rcpts.is_empty() { "-".to_string() } else { rcpts.join(",") },
             txn.size_bytes,
             if names.is_empty() {
                 "-".to_string()
@@ -561,7 +578,8 @@ impl Delivery for BackendDelivery {
         // Closing the relay connection before the final "." abandons its copy.
         self.relay = None;
         log::info!(
-            "msgid={} client={} aborted size={}",
+            "txn session={} msgid={} client={} aborted size={}",
+            self.session,
             txn.msgid,
             self.client,
             txn.size_bytes

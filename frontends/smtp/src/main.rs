@@ -40,5 +40,5 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    powersmtp::server::run(cfg)
+    powersmtp::server::run(cfg, Some(args.config))
 }

@@ -5,9 +5,14 @@
 //! reads whatever arrived, feeds it to its session and writes the replies
 //! back (so pipelined commands are answered in one write), with the RFC 5321
 //! time-outs on every read.
+//!
+//! The configuration is [`Reloadable`]: `SIGHUP` or `POST /control/reload` re-reads the
+//! file; the new `[limits]` apply to sessions accepted from then on (open ones keep theirs
+//! and are never dropped), every other change is logged as needing a restart.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -15,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use powermail_admin::{AdminHandler, Prometheus};
+use powermail_frontend::reload::{changes, on_sighup, split_live, Reloadable};
 use powermail_frontend::Cluster;
 use powermail_userbase::{CacheConfig, CachedUserbase};
 
@@ -25,8 +31,9 @@ use crate::session::{Flow, Session};
 /// Bytes read from a client at once; DATA chunks to backends are at most twice this.
 const READ_BUFFER_BYTES: usize = 64 << 10;
 
-/// Starts everything and serves until the process ends.
-pub fn run(cfg: Config) -> anyhow::Result<()> {
+/// Starts everything and serves until the process ends. `path` is the file `cfg` came
+/// from, re-read on reload (none: reload is refused).
+pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let ub = powermail_userbase::open(&cfg.userbase)
         .with_context(|| format!("opening userbase {}", cfg.userbase))?;
     let cache = CacheConfig {
@@ -52,19 +59,25 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         relay_timeout: Duration::from_millis(cfg.forward.timeout_ms),
     });
     let tls = cfg.tls.as_ref().map(|t| t.load()).transpose()?;
-    let cfg = Arc::new(cfg);
+    let current = Arc::new(Reloadable::new(cfg));
+    let cfg = current.get();
+    let admin = Arc::new(Admin {
+        shared: shared.clone(),
+        current: current.clone(),
+        path,
+    });
     if let Some(listen) = &cfg.admin_listen {
         let token = match &cfg.admin_token {
             Some(t) => t.clone(),
             None => String::from_utf8_lossy(&secret).into_owned(),
         };
-        let handler = Arc::new(Admin {
-            shared: shared.clone(),
-            cfg: cfg.clone(),
-        });
-        let server = powermail_admin::spawn(listen, &token, handler)?;
+        let server = powermail_admin::spawn(listen, &token, admin.clone())?;
         println!("powersmtp: admin port on {}", server.local_addr());
     }
+    let on_hup = admin.clone();
+    on_sighup(move || {
+        let _ = on_hup.reload();
+    })?;
     let listener =
         TcpListener::bind(&cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
     let local = listener.local_addr()?;
@@ -72,7 +85,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     println!("powersmtp: listening on {local}");
     for stream in listener.incoming() {
         match stream {
-            Ok(s) => accept(s, &shared, &cfg, &tls),
+            Ok(s) => accept(s, &shared, &current.get(), &tls),
             Err(e) => {
                 log::warn!("accept: {e}");
                 // Out of file descriptors and the like: do not spin.
@@ -237,7 +250,57 @@ impl Conversation<'_> {
 /// The admin port's view of this process.
 struct Admin {
     shared: Arc<Shared>,
-    cfg: Arc<Config>,
+    /// The configuration new sessions get.
+    current: Arc<Reloadable<Config>>,
+    /// The file it is re-read from.
+    path: Option<PathBuf>,
+}
+
+/// Top-level keys whose changes a reload applies (to new sessions).
+const RELOADABLE: &[&str] = &["limits"];
+
+impl Admin {
+    /// Re-reads the configuration file and applies its `[limits]` to new sessions.
+    /// A file that does not parse changes nothing.
+    fn reload(&self) -> Result<String, String> {
+        let result = self.read().map(|new| {
+            let old = self.current.get();
+            let (live, restart) =
+                split_live(changes(&old.public_json(), &new.public_json()), RELOADABLE);
+            let mut next = (*old).clone();
+            next.limits = new.limits;
+            self.current.set(next);
+            log::warn!(
+                "reload: applied [{}]; need a restart: [{}]",
+                live.join("; "),
+                restart.join("; ")
+            );
+            format!(
+                "reloaded: {} change(s) applied to new sessions, {} need a restart{}",
+                live.len(),
+                restart.len(),
+                if restart.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", restart.join("; "))
+                }
+            )
+        });
+        if let Err(e) = &result {
+            log::error!("reload failed, configuration unchanged: {e}");
+        }
+        result
+    }
+
+    fn read(&self) -> Result<Config, String> {
+        let path = self
+            .path
+            .as_ref()
+            .ok_or("started without a configuration file")?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        Config::parse(&text).map_err(|e| format!("parsing {}: {e:#}", path.display()))
+    }
 }
 
 impl AdminHandler for Admin {
@@ -338,12 +401,18 @@ impl AdminHandler for Admin {
     }
 
     fn config(&self) -> serde_json::Value {
-        self.cfg.public_json()
+        self.current.get().public_json()
     }
 
-    fn control(&self, action: &str, _params: &[(String, String)]) -> Result<String, String> {
-        Err(format!(
-            "unknown action {action:?} (powersmtp has only loglevel)"
-        ))
+    fn control(&self, action: &str, params: &[(String, String)]) -> Result<String, String> {
+        if let Some(result) = self.shared.cluster.control(action, params) {
+            return result;
+        }
+        match action {
+            "reload" => self.reload(),
+            _ => Err(format!(
+                "unknown action {action:?} (loglevel, disable, enable, reload)"
+            )),
+        }
     }
 }

@@ -225,6 +225,9 @@ fn run_ops(target: &UserbaseTarget, command: Command) -> anyhow::Result<bool> {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` ends quietly, as for any Unix tool, instead of a panic.
+    // SAFETY: signal(2) with SIG_DFL, before any other thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::User { command } => user::run(&cli.target, command).map(|()| true),

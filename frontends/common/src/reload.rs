@@ -1,0 +1,126 @@
+//! Configuration reload without a restart.
+//!
+//! A frontend keeps the parts of its configuration that may change at run time in a
+//! [`Reloadable`]: every new session takes the current value once ([`Reloadable::get`],
+//! an `Arc` clone) and keeps it to its end, so a reload never changes the rules under an
+//! open connection and never drops one. A reload is asked for by `SIGHUP`
+//! ([`on_sighup`]) or the admin port (`POST /control/reload`); both re-read the same file.
+//! [`changes`] compares the old and new effective configurations so the frontend can log
+//! what it applied and what still needs a restart (listening addresses, TLS, the
+//! backend list, the userbase).
+
+use std::sync::{Arc, RwLock};
+
+/// A value replaced as a whole at run time and read by cloning an `Arc`.
+#[derive(Debug)]
+pub struct Reloadable<T> {
+    current: RwLock<Arc<T>>,
+}
+
+impl<T> Reloadable<T> {
+    /// Starts with `value`.
+    pub fn new(value: T) -> Reloadable<T> {
+        Reloadable {
+            current: RwLock::new(Arc::new(value)),
+        }
+    }
+
+    /// The current value (sessions keep it for their whole life).
+    pub fn get(&self) -> Arc<T> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the value for everyone who calls [`get`](Self::get) from now on.
+    pub fn set(&self, value: T) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
+    }
+}
+
+/// Calls `reload` (on a thread of its own) every time the process gets `SIGHUP`.
+pub fn on_sighup(reload: impl Fn() + Send + 'static) -> std::io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
+    std::thread::Builder::new()
+        .name("sighup".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                reload();
+            }
+        })?;
+    Ok(())
+}
+
+/// Every leaf that differs between two JSON configurations, as `path: old -> new`
+/// (`limits.connections_max: 512 -> 2`), in key order.
+pub fn changes(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    walk("", old, new, &mut out);
+    out
+}
+
+fn walk(path: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let sub = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                walk(
+                    &sub,
+                    a.get(k).unwrap_or(&Value::Null),
+                    b.get(k).unwrap_or(&Value::Null),
+                    out,
+                );
+            }
+        }
+        (a, b) if a != b => out.push(format!("{path}: {a} -> {b}")),
+        _ => {}
+    }
+}
+
+/// Splits [`changes`] into those under one of `live` prefixes (applied now) and the
+/// rest (need a restart).
+pub fn split_live(changes: Vec<String>, live: &[&str]) -> (Vec<String>, Vec<String>) {
+    changes
+        .into_iter()
+        .partition(|c| live.iter().any(|p| c.starts_with(&format!("{p}."))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_changed_leaves() {
+        let old = serde_json::json!({"limits": {"a": 1, "b": 2}, "listen": "x", "gone": 1});
+        let new = serde_json::json!({"limits": {"a": 1, "b": 3}, "listen": "y"});
+        let c = changes(&old, &new);
+        assert_eq!(
+            c,
+            vec![
+                "gone: 1 -> null",
+                "limits.b: 2 -> 3",
+                "listen: \"x\" -> \"y\""
+            ]
+        );
+        let (live, restart) = split_live(c, &["limits"]);
+        assert_eq!(live, vec!["limits.b: 2 -> 3"]);
+        assert_eq!(restart.len(), 2);
+    }
+
+    #[test]
+    fn sessions_keep_their_value() {
+        let r = Reloadable::new(1);
+        let held = r.get();
+        r.set(2);
+        assert_eq!((*held, *r.get()), (1, 2));
+    }
+}
