@@ -261,6 +261,13 @@ impl<S: Store> Session<S> {
                 return Ok(Self::step("error"));
             }
         };
+        if line.contains(&0) {
+            // No POP3 command or SASL response has a NUL; it would only
+            // truncate names further down (C strings, logs).
+            self.cancel_sasl();
+            self.refuse(out, "NUL byte in command")?;
+            return Ok(Self::step("error"));
+        }
         if let State::Authorization {
             sasl_pending: true, ..
         } = self.state

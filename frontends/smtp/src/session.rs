@@ -339,6 +339,12 @@ impl Session {
     }
 
     fn command<D: Delivery>(&mut self, line: &[u8], d: &mut D, out: &mut Vec<u8>) {
+        if line.contains(&0) {
+            // No command may carry a NUL (RFC 5321 4.1.1: printable text);
+            // a HELO name with one would end up in the Received header.
+            let r = Reply::new(500, "5.5.2 Syntax error, NUL byte in command");
+            return self.refuse(d, out, r);
+        }
         match Request::parse(&mut line.iter()) {
             Ok(req) => self.request(req, d, out),
             Err(e) => {

@@ -277,3 +277,16 @@ fn proxied_login_hands_over_the_connection() {
     assert!(step.proxy && !step.close, "{step:?}");
     assert!(String::from_utf8_lossy(&out).ends_with("+OK legacy maildrop ready\r\n"));
 }
+
+#[test]
+fn nul_bytes_in_commands_are_refused() {
+    let mut session = Session::new(fake(), SessionLimits::default());
+    let mut out = Vec::new();
+    let line = |s: &[u8]| Line::Complete(s.to_vec());
+    session.handle(line(b"USER bob\0x"), &mut out).unwrap();
+    session.handle(line(b"PASS pw"), &mut out).unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("-ERR NUL byte in command\r\n"), "{text}");
+    assert!(text.ends_with("-ERR USER first\r\n"), "{text}");
+    assert!(!session.authenticated());
+}

@@ -294,3 +294,14 @@ fn starttls_discards_pipelined_plain_text_and_starts_over() {
     assert!(!text.contains("STARTTLS"), "not offered again: {text}");
     assert!(mock.begun[0].tls);
 }
+
+#[test]
+fn nul_bytes_in_commands_are_refused() {
+    let (out, mock, _) = run(b"HELO a\0b\r\nEHLO ok\r\nMAIL FROM:<a\0@b.c>\r\nQUIT\r\n");
+    assert_eq!(codes(&out), ["220", "500", "250", "500", "221"], "{out}");
+    assert!(
+        out.contains("500 5.5.2 Syntax error, NUL byte in command"),
+        "{out}"
+    );
+    assert!(mock.begun.is_empty());
+}
