@@ -23,6 +23,11 @@ pub struct Config {
     /// Certificate for STLS and the implicit-TLS port; none: no TLS.
     #[serde(default)]
     pub tls: Option<TlsSettings>,
+    /// Accept USER/PASS and AUTH PLAIN on unencrypted connections from
+    /// non-loopback clients. Default false: such logins need STLS or the
+    /// implicit-TLS port (loopback clients are always allowed).
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
     /// Admin HTTP port; none: no admin port.
     #[serde(default)]
     pub admin_listen: Option<String>,
@@ -204,6 +209,7 @@ impl Config {
             "listen": self.listen,
             "tls_listen": self.tls_listen,
             "tls": self.tls,
+            "allow_plaintext_auth": self.allow_plaintext_auth,
             "admin_listen": self.admin_listen,
             "default_domain": self.default_domain,
             "state_dir": self.state_dir,

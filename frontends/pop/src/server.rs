@@ -210,6 +210,9 @@ fn serve(
     if tls.is_some() && !implicit {
         session.offer_stls();
     }
+    if !implicit && !shared.cfg.allow_plaintext_auth && !client.ip().is_loopback() {
+        session.refuse_plaintext_auth();
+    }
     let mut latencies = Latencies::new();
     let result = converse(shared, &mut session, stream, tls, implicit, &mut latencies);
     let result = match result {

@@ -144,6 +144,8 @@ pub struct Session<S: Store> {
     stls_offered: bool,
     /// The connection is encrypted (after STLS or on the implicit-TLS port).
     tls_active: bool,
+    /// Plain-text logins (USER/PASS, AUTH PLAIN) are refused until TLS is up.
+    plaintext_refused: bool,
     /// The last login went to the fallback server.
     proxied: bool,
 }
@@ -169,6 +171,7 @@ impl<S: Store> Session<S> {
             counters: SessionCounters::default(),
             stls_offered: false,
             tls_active: false,
+            plaintext_refused: false,
             proxied: false,
         }
     }
@@ -176,6 +179,18 @@ impl<S: Store> Session<S> {
     /// Offers STLS (RFC 2595) in CAPA and accepts it before login.
     pub fn offer_stls(&mut self) {
         self.stls_offered = true;
+    }
+
+    /// Refuses plain-text logins (USER/PASS, AUTH PLAIN) until TLS is up,
+    /// with `-ERR [AUTH]`, and stops advertising them in CAPA: passwords
+    /// must not cross the network in the clear (docs/SECURITY.md).
+    pub fn refuse_plaintext_auth(&mut self) {
+        self.plaintext_refused = true;
+    }
+
+    /// Whether a plain-text login would be refused now.
+    fn plaintext_blocked(&self) -> bool {
+        self.plaintext_refused && !self.tls_active
     }
 
     /// The connection is now encrypted: STLS is no longer offered and, as
@@ -306,11 +321,11 @@ impl<S: Store> Session<S> {
 
     fn capa<W: Write>(&self, out: &mut W) -> io::Result<()> {
         out.write_all(b"+OK capability list follows\r\n")?;
-        if !self.authenticated() {
+        if !self.authenticated() && !self.plaintext_blocked() {
             out.write_all(b"USER\r\nSASL PLAIN\r\n")?;
-            if self.stls_offered && !self.tls_active {
-                out.write_all(b"STLS\r\n")?;
-            }
+        }
+        if !self.authenticated() && self.stls_offered && !self.tls_active {
+            out.write_all(b"STLS\r\n")?;
         }
         write!(
             out,
@@ -334,6 +349,15 @@ impl<S: Store> Session<S> {
                 out.write_all(b"+OK powerpop signing off\r\n")?;
                 self.state = State::Closed;
                 "QUIT"
+            }
+            Command::User(_) | Command::Pass(_) | Command::Auth { .. }
+                if self.plaintext_blocked() =>
+            {
+                self.refuse(
+                    out,
+                    "[AUTH] plain-text login disallowed on an unencrypted connection, use STLS",
+                )?;
+                "AUTH"
             }
             Command::User(name) => {
                 self.state = State::Authorization {

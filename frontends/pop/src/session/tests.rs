@@ -279,6 +279,41 @@ fn proxied_login_hands_over_the_connection() {
 }
 
 #[test]
+fn plaintext_logins_need_tls_when_refused() {
+    let mut session = Session::new(fake(), SessionLimits::default());
+    session.offer_stls();
+    session.refuse_plaintext_auth();
+    let mut out = Vec::new();
+    let line = |s: &str| Line::Complete(s.as_bytes().to_vec());
+    for cmd in ["CAPA", "USER bob", "PASS pw", "AUTH PLAIN AGJvYgBwdw=="] {
+        session.handle(line(cmd), &mut out).unwrap();
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert!(
+        !text.contains("\r\nUSER\r\n") && !text.contains("SASL PLAIN"),
+        "{text}"
+    );
+    assert!(text.contains("\r\nSTLS\r\n"), "{text}");
+    assert_eq!(
+        text.matches("-ERR [AUTH] plain-text login disallowed")
+            .count(),
+        3,
+        "{text}"
+    );
+    assert!(!session.authenticated());
+    // Once TLS is up, the same login works.
+    session.handle(line("STLS"), &mut out).unwrap();
+    session.tls_started();
+    out.clear();
+    session.handle(line("CAPA"), &mut out).unwrap();
+    session.handle(line("USER bob"), &mut out).unwrap();
+    session.handle(line("PASS pw"), &mut out).unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("\r\nUSER\r\n"), "{text}");
+    assert!(session.authenticated(), "{text}");
+}
+
+#[test]
 fn nul_bytes_in_commands_are_refused() {
     let mut session = Session::new(fake(), SessionLimits::default());
     let mut out = Vec::new();
