@@ -74,11 +74,19 @@ pub fn init_logging() {
 const BODY_MAX_BYTES: u64 = 64 << 10;
 
 /// Starts the admin port on `listen`, requiring `token` on every request.
+/// Fails if `token` is empty (an empty token would let in anyone who sends
+/// `Authorization: Bearer `) or the address cannot be bound.
 pub fn spawn(
     listen: &str,
     token: &str,
     handler: Arc<dyn AdminHandler>,
 ) -> Result<AdminServer, AdminError> {
+    if token.trim().is_empty() {
+        return Err(AdminError {
+            listen: listen.to_string(),
+            reason: "the admin token must not be empty".into(),
+        });
+    }
     let server = tiny_http::Server::http(listen).map_err(|e| AdminError {
         listen: listen.to_string(),
         reason: e.to_string(),
@@ -206,6 +214,32 @@ mod tests {
             vec![("backend".into(), "1".into()), ("x".into(), String::new())]
         );
         assert_eq!(split_url("/stats").1, vec![]);
+    }
+
+    struct Nothing;
+
+    impl AdminHandler for Nothing {
+        fn stats(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+        fn metrics(&self) -> String {
+            String::new()
+        }
+        fn config(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+        fn control(&self, _: &str, _: &[(String, String)]) -> Result<String, String> {
+            Err(String::new())
+        }
+    }
+
+    #[test]
+    fn an_empty_token_is_refused() {
+        for token in ["", "  "] {
+            let e = spawn("127.0.0.1:0", token, Arc::new(Nothing)).err();
+            assert!(e.is_some_and(|e| e.to_string().contains("must not be empty")));
+        }
+        assert!(spawn("127.0.0.1:0", "t0ken", Arc::new(Nothing)).is_ok());
     }
 
     #[test]
