@@ -42,11 +42,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A base port with `n` free consecutive ports after it.
+/// A base port with `n` free consecutive ports after it, below the ephemeral range
+/// (32768 and up on Linux): a restarted backend must get its port back, and a port in the
+/// ephemeral range may meanwhile be some outgoing connection's source port.
 fn free_range(n: u16) -> u16 {
-    for _ in 0..100 {
-        let base = free_port();
-        if base < 60_000 && (0..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+    let seed = u32::from(free_port()) ^ std::process::id();
+    for i in 0..1000u32 {
+        let base = 20_000 + ((seed.wrapping_mul(7919) + i * 97) % 12_000) as u16;
+        if (0..n).all(|k| TcpListener::bind(("127.0.0.1", base + k)).is_ok()) {
             return base;
         }
     }
