@@ -158,8 +158,11 @@ struct Counts {
     duplicated: usize,
     corrupt: usize,
     under_replicated: usize,
-    /// Listed though never acknowledged (allowed: the sender got a 4xx or
-    /// lost the connection after the copies were made).
+    /// Listed though never acknowledged. Allowed (the sender got a 4xx and
+    /// will retry, so this is a duplicate, never a loss): a backend killed
+    /// after its copy was durable but before its `+OK` reached powersmtp
+    /// keeps that copy, while powersmtp deletes the others and answers 451.
+    /// `ppadmin orphans` finds such copies.
     unacknowledged_listed: usize,
 }
 
@@ -695,7 +698,6 @@ fn mariadb_killed_and_restarted_under_load() {
     let pop = Frontend::pop(root.path(), &refs, &url, "", cache);
     let blast = Blast::new(smtp.addr, "db", USERS, 1_000_000, small);
     let (mut down_from, mut down_until) = (Instant::now(), Instant::now());
-    let mut acked_before_restart = 0;
     std::thread::scope(|s| {
         for _ in 0..4 {
             s.spawn(|| blast.worker());
@@ -704,10 +706,11 @@ fn mariadb_killed_and_restarted_under_load() {
         db.kill9();
         down_from = Instant::now();
         std::thread::sleep(Duration::from_secs(3));
-        acked_before_restart = blast.acked.load(Relaxed);
         db.up();
         down_until = Instant::now();
-        blast.wait_acked(acked_before_restart + 300);
+        // Counted from here: the server may have answered a few before up() returned.
+        let acked_at_up = blast.acked.load(Relaxed);
+        blast.wait_acked(acked_at_up + 300);
         blast.stop.store(true, Relaxed);
     });
     let sent = blast.results();
@@ -723,7 +726,7 @@ fn mariadb_killed_and_restarted_under_load() {
     assert!(refused_while_down > 0, "the outage was noticed");
     assert!(
         resumed >= 300,
-        "service resumed by itself ({resumed} accepted after the restart)"
+        "service resumed by itself, without a restart of the frontends ({resumed} accepted after the restart)"
     );
     let got = retrieve_all(pop.addr, USERS, 2);
     let c = account(&sent, &got, &refs, 2);
