@@ -328,7 +328,21 @@ impl BackendConn {
 
     /// The mailboxes this backend holds (at most `max_mailboxes`).
     pub fn dir(&mut self, max_mailboxes: usize) -> Result<Vec<MailboxName>> {
-        self.command(&Request::Dir)?;
+        self.dir_after(None, max_mailboxes)
+    }
+
+    /// One page of the mailboxes this backend holds, in name order: those after
+    /// `after` (all from the first when `None`), as many as the backend's
+    /// `list_max_entries` (at most `max_mailboxes` accepted). An empty page means
+    /// the end; otherwise ask again with the last name.
+    pub fn dir_after(
+        &mut self,
+        after: Option<&MailboxName>,
+        max_mailboxes: usize,
+    ) -> Result<Vec<MailboxName>> {
+        self.command(&Request::Dir {
+            after: after.cloned(),
+        })?;
         self.lines(max_mailboxes)?
             .iter()
             .map(|l| MailboxName::parse(l).map_err(|e| BackendError::Protocol(e.to_string())))

@@ -349,7 +349,7 @@ mod tests {
     #[test]
     fn abort_and_invalid_lines() {
         let input =
-            b"FROB\r\nGET a@b\r\nGET a@b ../x\r\nPUT m 1\r\na@b\r\n2\r\nxyABORT\r\nDIR x\r\n";
+            b"FROB\r\nGET a@b\r\nGET a@b ../x\r\nPUT m 1\r\na@b\r\n2\r\nxyABORT\r\nDIR a@b c@d\r\n";
         let ev = all_splits(input, Limits::default());
         assert_eq!(ev[0], Owned::Invalid(RequestError::UnknownVerb));
         assert!(matches!(ev[1], Owned::Invalid(RequestError::Syntax(_))));
@@ -407,7 +407,10 @@ mod tests {
             },
             Request::Usage { mailbox: mb("a@b") },
             Request::Nuke { mailbox: mb("a@b") },
-            Request::Dir,
+            Request::Dir { after: None },
+            Request::Dir {
+                after: Some(mb("a@b")),
+            },
             Request::Status,
             Request::ReadOnly,
             Request::ReadWrite,

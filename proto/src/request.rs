@@ -7,7 +7,7 @@
 //! ```text
 //! AUTH <proof>                 PUT <msgid> <mailbox-count>   (then the mailbox lines, then the body)
 //! LIST <mailbox>               GET <mailbox> <msgid>         DEL <mailbox> <msgid>
-//! USAGE <mailbox>              NUKE <mailbox>                DIR
+//! USAGE <mailbox>              NUKE <mailbox>                DIR [<after>]
 //! STATUS                       READONLY                      READWRITE
 //! PING                         QUIT
 //! ```
@@ -60,8 +60,12 @@ pub enum Request {
         /// The mailbox.
         mailbox: MailboxName,
     },
-    /// List the mailboxes this backend holds.
-    Dir,
+    /// List the mailboxes this backend holds, in name order: the first
+    /// `list_max_entries` of them, or of those after `after` (the next page).
+    Dir {
+        /// Only mailboxes whose name sorts after this one.
+        after: Option<MailboxName>,
+    },
     /// Mode, free space and load.
     Status,
     /// Refuse PUTs from now on.
@@ -102,7 +106,7 @@ impl Request {
             Request::Del { .. } => "DEL",
             Request::Usage { .. } => "USAGE",
             Request::Nuke { .. } => "NUKE",
-            Request::Dir => "DIR",
+            Request::Dir { .. } => "DIR",
             Request::Status => "STATUS",
             Request::ReadOnly => "READONLY",
             Request::ReadWrite => "READWRITE",
@@ -129,6 +133,7 @@ impl Request {
             Request::Del { mailbox, msgid } => format!("DEL {mailbox} {msgid}\r\n"),
             Request::Usage { mailbox } => format!("USAGE {mailbox}\r\n"),
             Request::Nuke { mailbox } => format!("NUKE {mailbox}\r\n"),
+            Request::Dir { after: Some(after) } => format!("DIR {after}\r\n"),
             other => format!("{}\r\n", other.verb()),
         }
     }
@@ -215,7 +220,13 @@ pub(crate) fn parse_line(line: &[u8], mailboxes_max: usize) -> Result<Line, Requ
                 mailbox: mailbox(0)?,
             }
         }
-        "DIR" => Request::Dir,
+        "DIR" => match args.len() {
+            0 => Request::Dir { after: None },
+            1 => Request::Dir {
+                after: Some(mailbox(0)?),
+            },
+            _ => return Err(RequestError::Syntax("DIR takes at most one mailbox")),
+        },
         "STATUS" => Request::Status,
         "READONLY" => Request::ReadOnly,
         "READWRITE" => Request::ReadWrite,
@@ -224,8 +235,7 @@ pub(crate) fn parse_line(line: &[u8], mailboxes_max: usize) -> Result<Line, Requ
         _ => return Err(RequestError::UnknownVerb),
     };
     match req {
-        Request::Dir
-        | Request::Status
+        Request::Status
         | Request::ReadOnly
         | Request::ReadWrite
         | Request::Ping

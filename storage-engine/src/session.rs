@@ -541,16 +541,18 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
             }
             Err(e) => conn.queue(&io_err_line(&e)),
         },
-        Request::Dir => match blocking(ctx, move |s| s.mailboxes(max)).await {
-            Ok(list) => {
-                conn.queue(&ok_line(&list.len().to_string()));
-                for m in list {
-                    conn.queue(&format!("{m}\r\n"));
+        Request::Dir { after } => {
+            match blocking(ctx, move |s| s.mailboxes_after(max, after.as_ref())).await {
+                Ok(list) => {
+                    conn.queue(&ok_line(&list.len().to_string()));
+                    for m in list {
+                        conn.queue(&format!("{m}\r\n"));
+                    }
+                    conn.queue(".\r\n");
                 }
-                conn.queue(".\r\n");
+                Err(e) => conn.queue(&io_err_line(&e)),
             }
-            Err(e) => conn.queue(&io_err_line(&e)),
-        },
+        }
         Request::Status => {
             let s = &ctx.shared;
             let l = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);

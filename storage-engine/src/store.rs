@@ -335,6 +335,38 @@ impl Store {
         Ok(out)
     }
 
+    /// The first `max` mailboxes in name order that sort after `after` (from the
+    /// first when `None`): one page of `DIR`. Walks every mailbox directory and
+    /// keeps only the page, so memory stays bounded by `max` whatever the store holds.
+    pub fn mailboxes_after(
+        &self,
+        max: usize,
+        after: Option<&MailboxName>,
+    ) -> io::Result<Vec<MailboxName>> {
+        let mut page = std::collections::BTreeSet::new();
+        for l1 in fs::read_dir(&self.mbox)? {
+            for l2 in fs::read_dir(l1?.path())? {
+                for m in fs::read_dir(l2?.path())? {
+                    let Some(name) = m?
+                        .file_name()
+                        .to_str()
+                        .and_then(|n| MailboxName::parse(n).ok())
+                    else {
+                        continue;
+                    };
+                    if after.is_some_and(|a| name <= *a) {
+                        continue;
+                    }
+                    page.insert(name);
+                    if page.len() > max {
+                        page.pop_last();
+                    }
+                }
+            }
+        }
+        Ok(page.into_iter().collect())
+    }
+
     /// `(free, total)` bytes of the file system holding the store.
     pub fn space(&self) -> io::Result<(u64, u64)> {
         statvfs(&self.root)
@@ -434,6 +466,15 @@ mod tests {
         );
         assert_eq!(store.usage(&boxes[2]).unwrap(), (1, 5));
         assert_eq!(store.mailboxes(100).unwrap().len(), 3);
+        // DIR pages: name order, bounded, resumed after the last name.
+        let all = store.mailboxes_after(100, None).unwrap();
+        assert_eq!(all.len(), 3);
+        assert!(all.windows(2).all(|w| w[0] < w[1]));
+        let first = store.mailboxes_after(2, None).unwrap();
+        assert_eq!(first, all[..2]);
+        let rest = store.mailboxes_after(2, first.last()).unwrap();
+        assert_eq!(rest, all[2..]);
+        assert!(store.mailboxes_after(2, rest.last()).unwrap().is_empty());
         assert_eq!(store.nuke(&boxes[2]).unwrap(), 1);
         assert_eq!(store.list(&boxes[2], 10).unwrap(), vec![]);
         assert_eq!(store.link_count(&boxes[1], &id).unwrap(), 1);

@@ -463,3 +463,23 @@ fn empty_mailboxes_are_answered_from_memory() {
     assert!(c.list(&mb("somebody@x.org"), 10).unwrap().is_empty());
     assert_eq!(fast(&l), 1, "after NUKE the mailbox is unknown again");
 }
+
+#[test]
+fn dir_is_paged_in_name_order() {
+    let l = Listener::start(1, "[limits]\nlist_max_entries = 3\n");
+    let mut c = l.conn(0);
+    let names: Vec<MailboxName> = (0..8).map(|i| mb(&format!("u{i}@x.org"))).collect();
+    c.put(&id("m1"), &names, b"hi\r\n").unwrap();
+    let mut seen: Vec<MailboxName> = Vec::new();
+    loop {
+        let page = c.dir_after(seen.last(), 100).unwrap();
+        assert!(page.len() <= 3, "{page:?}");
+        if page.is_empty() {
+            break;
+        }
+        seen.extend(page);
+    }
+    assert_eq!(seen, names, "every mailbox once, in order");
+    // The first page without a start name is the first three.
+    assert_eq!(c.dir(100).unwrap(), names[..3]);
+}

@@ -15,9 +15,13 @@ use powermail_proto::{BackendConn, BackendError, MailboxName, MessageId};
 
 use crate::cluster::ClusterInfo;
 
-/// Most mailboxes taken from one backend's `DIR` (pplistener's own `list_max_entries`
-/// default; a backend with more answers the first this many, sorted).
-pub const DIR_MAX: usize = 100_000;
+/// Most mailboxes accepted in one `DIR` page (pplistener's `list_max_entries` default;
+/// the backend decides the page size, up to this).
+pub const DIR_PAGE_MAX: usize = 100_000;
+
+/// Most `DIR` pages asked of one backend in one run (10 million mailboxes at the
+/// default page size): a bound on the loop, not expected to be reached.
+pub const DIR_PAGES_MAX: usize = 100;
 
 /// Most messages taken from one backend's `LIST` of one mailbox.
 pub const LIST_MAX: usize = 100_000;
@@ -144,14 +148,8 @@ impl<'a> Store<'a> {
     pub fn dir_all(&mut self) -> BTreeMap<MailboxName, Vec<Bid>> {
         let mut out: BTreeMap<MailboxName, Vec<Bid>> = BTreeMap::new();
         for b in self.up() {
-            match self.call(b, |c| c.dir(DIR_MAX)) {
+            match self.dir_of(b) {
                 Ok(names) => {
-                    if names.len() >= DIR_MAX {
-                        eprintln!(
-                            "ppadmin: backend {} has at least {DIR_MAX} mailboxes; only the first are seen (run again after repair/drain)",
-                            self.name(b)
-                        );
-                    }
                     for n in names {
                         out.entry(n).or_default().push(b);
                     }
@@ -162,9 +160,27 @@ impl<'a> Store<'a> {
         out
     }
 
-    /// One backend's mailboxes (empty when it is down).
+    /// All of one backend's mailboxes, in name order, asked page by page (`DIR <after>`).
     pub fn dir_of(&mut self, b: Bid) -> anyhow::Result<Vec<MailboxName>> {
-        self.call(b, |c| c.dir(DIR_MAX))
+        let mut all: Vec<MailboxName> = Vec::new();
+        for _ in 0..DIR_PAGES_MAX {
+            let after = all.last().cloned();
+            let page = self.call(b, |c| c.dir_after(after.as_ref(), DIR_PAGE_MAX))?;
+            match (page.last(), &after) {
+                (None, _) => return Ok(all),
+                // A backend that ignores the start name would repeat itself for ever.
+                (Some(last), Some(prev)) if last <= prev => {
+                    bail!("backend {} answered DIR {prev} out of order", self.name(b))
+                }
+                _ => all.extend(page),
+            }
+        }
+        eprintln!(
+            "ppadmin: backend {} has more than {} pages of mailboxes; only those are seen",
+            self.name(b),
+            DIR_PAGES_MAX
+        );
+        Ok(all)
     }
 
     /// `mailbox` on every backend that answers, merged by message id.
