@@ -698,6 +698,7 @@ fn mariadb_killed_and_restarted_under_load() {
     let pop = Frontend::pop(root.path(), &refs, &url, "", cache);
     let blast = Blast::new(smtp.addr, "db", USERS, 1_000_000, small);
     let (mut down_from, mut down_until) = (Instant::now(), Instant::now());
+    let mut pop_while_down = String::new();
     std::thread::scope(|s| {
         for _ in 0..4 {
             s.spawn(|| blast.worker());
@@ -705,6 +706,9 @@ fn mariadb_killed_and_restarted_under_load() {
         blast.wait_acked(300);
         db.kill9();
         down_from = Instant::now();
+        // A reader meanwhile gets a temporary error, not "wrong password".
+        let login = Pop::login(pop.addr, 0).err().map(|e| e.to_string());
+        pop_while_down = login.unwrap_or_else(|| "+OK (logged in)".into());
         std::thread::sleep(Duration::from_secs(3));
         db.up();
         down_until = Instant::now();
@@ -725,6 +729,10 @@ fn mariadb_killed_and_restarted_under_load() {
         .count();
     assert!(refused_while_down > 0, "the outage was noticed");
     assert!(
+        pop_while_down.contains("[SYS/TEMP]"),
+        "POP login with the database down: {pop_while_down}"
+    );
+    assert!(
         resumed >= 300,
         "service resumed by itself, without a restart of the frontends ({resumed} accepted after the restart)"
     );
@@ -734,6 +742,6 @@ fn mariadb_killed_and_restarted_under_load() {
         format!("{}\n{}", smtp.log_text(), pop.log_text())
     });
     report(&format!(
-        "fault MariaDB restart: refused_while_down={refused_while_down} accepted_after_restart={resumed}"
+        "fault MariaDB restart: refused_while_down={refused_while_down} (all 4xx) pop_login_while_down=[SYS/TEMP] accepted_after_restart={resumed}"
     ));
 }
