@@ -125,6 +125,12 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
     },
+    /// Every daemon's raw statistics (`GET /stats`) as JSON.
+    Stats {
+        /// Only this daemon (pplistener, powersmtp, powerpop).
+        #[arg(long)]
+        daemon: Option<String>,
+    },
     /// Every mailbox on any backend, and which backends hold it.
     Dir,
     /// A mailbox's messages: size, copies/K, holders; `UNDER` when fewer than K copies.
@@ -189,6 +195,7 @@ fn run_ops(target: &UserbaseTarget, command: Command) -> anyhow::Result<bool> {
         Command::Status { interval_ms } => {
             status::status(info, Duration::from_millis(interval_ms))?
         }
+        Command::Stats { daemon } => status::stats(info, daemon.as_deref())?,
         Command::Dir => inspect::dir(info)?,
         Command::List { mailbox } => return Ok(inspect::list(info, &mailbox)? == 0),
         Command::Usage { mailbox } => inspect::usage(info, &mailbox)?,

@@ -144,6 +144,23 @@ fn add_buckets(into: &mut BTreeMap<u64, u64>, summary: &Value) {
     }
 }
 
+/// `stats [--daemon NAME]`: every daemon's `/stats` JSON as it is, one object per daemon.
+pub fn stats(info: &ClusterInfo, only: Option<&str>) -> anyhow::Result<()> {
+    let mut out = serde_json::Map::new();
+    for d in info
+        .daemons
+        .iter()
+        .filter(|d| only.is_none_or(|n| n == d.name))
+    {
+        let v = http::get_json(&d.addr, info.token_for(d).as_deref(), "/stats")
+            .unwrap_or_else(|e| serde_json::json!({ "error": format!("{e:#}") }));
+        out.insert(d.name.clone(), v);
+    }
+    anyhow::ensure!(!out.is_empty(), "no matching daemon with an admin port");
+    println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
+    Ok(())
+}
+
 /// `status [--interval-ms N]`.
 pub fn status(info: &ClusterInfo, interval: Duration) -> anyhow::Result<()> {
     let fetch = |name: &str| -> Result<Value, String> {
@@ -203,6 +220,27 @@ fn store_stats<'v>(sampled: &'v [Sampled<'_>], after: bool) -> BTreeMap<String, 
     out
 }
 
+/// The frontends that have backend `name` disabled for new messages.
+fn disabled_by<'a>(sampled: &'a [Sampled<'_>], name: &str) -> Vec<&'a str> {
+    sampled
+        .iter()
+        .filter(|s| {
+            s.after
+                .as_ref()
+                .ok()
+                .and_then(|v| v.get("backends"))
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .any(|b| {
+                    b.get("name").and_then(Value::as_str) == Some(name)
+                        && b.get("disabled").and_then(Value::as_bool) == Some(true)
+                })
+        })
+        .map(|s| s.name)
+        .collect()
+}
+
 fn backends_table(info: &ClusterInfo, sampled: &[Sampled<'_>], interval: Duration) {
     let (before, after) = (store_stats(sampled, false), store_stats(sampled, true));
     let mut rows = vec![[
@@ -216,6 +254,7 @@ fn backends_table(info: &ClusterInfo, sampled: &[Sampled<'_>], interval: Duratio
         "OPS/s",
         "BYTES/s",
         "PUT p50/p99/p999",
+        "DISABLED IN",
     ]
     .map(String::from)
     .to_vec()];
@@ -250,6 +289,10 @@ fn backends_table(info: &ClusterInfo, sampled: &[Sampled<'_>], interval: Duratio
                         _ => "-".into(),
                     },
                     percentiles(b1.and_then(|v| latency_map(v)).and_then(|m| m.get("PUT"))),
+                    match disabled_by(sampled, &b.name) {
+                        d if d.is_empty() => "-".into(),
+                        d => d.join(","),
+                    },
                 ]
             }
             Err(_) => vec![b.name.clone(), b.addr.clone(), "DOWN".into()],

@@ -147,14 +147,14 @@ impl Up {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// The pid of the supervised pplistener.
-    fn pplistener_pid(&self) -> Option<i32> {
-        let config = self.data.join("etc/pplistener.toml");
+    /// The pid of the supervised daemon `name`.
+    fn pid(&self, name: &str) -> Option<i32> {
+        let config = self.data.join(format!("etc/{name}.toml"));
         let needle = config.to_string_lossy().into_owned();
         std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
             let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
-            (cmdline.contains("pplistener") && cmdline.contains(&needle))
+            (cmdline.contains(name) && cmdline.contains(&needle))
                 .then(|| e.file_name().to_string_lossy().parse().ok())
                 .flatten()
         })
@@ -339,7 +339,7 @@ fn list_flags_repair_restores_and_drain_moves_everything() {
 
     // Backend b1's disk is lost: pplistener dies, the disk comes back empty, the
     // supervisor restarts pplistener.
-    let pid = up.pplistener_pid().expect("pplistener running");
+    let pid = up.pid("pplistener").expect("pplistener running");
     // SAFETY: kill(2) on a process of this test's own cluster.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     remove_contents(&up.data.join("disks/1"));
@@ -404,6 +404,11 @@ fn disable_reload_loglevel_and_status() {
     let listed = rows(&up.run(0, &["list", mb]));
     assert_eq!(listed.len(), 6);
     assert!(listed.iter().all(|r| r.2 == "b1"), "{listed:?}");
+    let status = up.run(0, &["status", "--interval-ms", "0"]);
+    assert!(
+        status.contains("powersmtp,powerpop"),
+        "disabled in both:\n{status}"
+    );
     up.run(0, &["enable", "b0"]);
     up.run(1, &["disable", "nosuch"]);
 
@@ -433,8 +438,27 @@ fn disable_reload_loglevel_and_status() {
     let ehlo = fresh.cmd("EHLO after.example");
     assert!(ehlo.contains("SIZE 50000"), "{ehlo}");
     fresh.cmd("QUIT");
-    // powerpop reloads by SIGHUP as well as by the admin port.
     assert!(up.run(0, &["reload"]).contains("powerpop\treloaded"));
+    // SIGHUP does the same as the admin call.
+    let path = up.data.join("etc/powerpop.toml");
+    let text = std::fs::read_to_string(&path).expect("config");
+    let at = text.find("[[backend]]").expect("backend table");
+    let edited = format!("{}[limits]\nerrors_max = 7\n\n{}", &text[..at], &text[at..]);
+    std::fs::write(&path, edited).expect("edit config");
+    let pid = up.pid("powerpop").expect("powerpop running");
+    // SAFETY: kill(2) on a process of this test's own cluster.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let log_path = up.data.join("log/powerpop.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log_path)
+        .unwrap_or_default()
+        .contains("reload: applied [limits.errors_max: 20 -> 7]")
+    {
+        assert!(Instant::now() < deadline, "no reload after SIGHUP");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stats = up.run(0, &["stats", "--daemon", "powerpop"]);
+    assert!(stats.contains("\"powerpop\""), "{stats}");
 
     let out = up.run(0, &["loglevel", "debug"]);
     assert_eq!(out.lines().count(), 3, "{out}");
