@@ -58,6 +58,10 @@ pub struct ClusterInfo {
     pub daemons: Vec<Daemon>,
     /// Default bearer token for the admin ports.
     pub admin_token: Option<String>,
+    /// powerpop's mailbox lock directory (`state_dir/locks`) on this host, if known:
+    /// `repair` and `drain` take the same lock as a POP3 session before they touch a
+    /// mailbox.
+    pub pop_lock_dir: Option<PathBuf>,
 }
 
 /// `--cluster FILE`: the explicit form (also what a `powermail up` tree boils down to).
@@ -72,6 +76,8 @@ struct ClusterFile {
     secret_file: Option<PathBuf>,
     #[serde(default)]
     admin_token: Option<String>,
+    #[serde(default)]
+    pop_state_dir: Option<PathBuf>,
     #[serde(default, rename = "daemon")]
     daemons: Vec<Daemon>,
     #[serde(rename = "backend")]
@@ -95,6 +101,8 @@ struct DaemonFile {
     secret_file: Option<PathBuf>,
     #[serde(default)]
     replicas: Option<usize>,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
     #[serde(default, rename = "backend")]
     backends: Vec<Backend>,
 }
@@ -125,6 +133,7 @@ impl ClusterInfo {
             replicas: f.replicas,
             daemons: f.daemons,
             admin_token: f.admin_token,
+            pop_lock_dir: f.pop_state_dir.map(|d| d.join("locks")),
         }
         .checked()
     }
@@ -169,12 +178,17 @@ impl ClusterInfo {
                 });
             }
         }
+        let pop_lock_dir = pop
+            .as_ref()
+            .and_then(|p| p.state_dir.as_ref())
+            .map(|d| d.join("locks"));
         ClusterInfo {
             backends: smtp.backends.clone(),
             secret,
             replicas: smtp.replicas.unwrap_or(1),
             daemons,
             admin_token,
+            pop_lock_dir,
         }
         .checked()
     }

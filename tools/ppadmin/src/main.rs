@@ -142,9 +142,17 @@ enum Command {
         /// Only this mailbox.
         #[arg(long)]
         mailbox: Option<String>,
+        /// How long to wait for a mailbox a POP3 session holds before skipping it.
+        #[arg(long, default_value_t = 10_000)]
+        lock_wait_ms: u64,
     },
     /// Make a backend read-only and move all its messages to others, keeping K copies.
-    Drain { backend: String },
+    Drain {
+        backend: String,
+        /// How long to wait for a mailbox a POP3 session holds before skipping it.
+        #[arg(long, default_value_t = 10_000)]
+        lock_wait_ms: u64,
+    },
     /// Mailboxes on the backends that the userbase no longer has.
     Orphans,
     /// Remove orphan mailboxes from every backend (a dry run without --yes).
@@ -199,21 +207,29 @@ fn run_ops(target: &UserbaseTarget, command: Command) -> anyhow::Result<bool> {
         Command::Dir => inspect::dir(info)?,
         Command::List { mailbox } => return Ok(inspect::list(info, &mailbox)? == 0),
         Command::Usage { mailbox } => inspect::usage(info, &mailbox)?,
-        Command::Repair { mailbox } => {
-            let t = repair::repair(info, mailbox.as_deref())?;
+        Command::Repair {
+            mailbox,
+            lock_wait_ms,
+        } => {
+            let locks = repair::PopLocks::new(info, Duration::from_millis(lock_wait_ms));
+            let t = repair::repair(info, mailbox.as_deref(), &locks)?;
             println!(
-                "repair: {} mailboxes, {} messages, {} copies made ({} bytes), {} short of K, {} failed",
-                t.mailboxes, t.messages, t.copied, t.bytes, t.short, t.failed
+                "repair: {} mailboxes, {} messages, {} copies made ({} bytes), {} short of K, {} failed, {} busy",
+                t.mailboxes, t.messages, t.copied, t.bytes, t.short, t.failed, t.busy
             );
-            return Ok(t.short == 0 && t.failed == 0);
+            return Ok(t.complete());
         }
-        Command::Drain { backend } => {
-            let t = repair::drain(info, &backend)?;
+        Command::Drain {
+            backend,
+            lock_wait_ms,
+        } => {
+            let locks = repair::PopLocks::new(info, Duration::from_millis(lock_wait_ms));
+            let t = repair::drain(info, &backend, &locks)?;
             println!(
-                "drain {backend}: {} messages moved, {} copies made ({} bytes), {} short of K, {} failed",
-                t.moved, t.copied, t.bytes, t.short, t.failed
+                "drain {backend}: {} messages moved, {} copies made ({} bytes), {} short of K, {} failed, {} busy",
+                t.moved, t.copied, t.bytes, t.short, t.failed, t.busy
             );
-            return Ok(t.short == 0 && t.failed == 0);
+            return Ok(t.complete());
         }
         Command::Orphans => orphans::orphans(info, target.open()?.as_ref())?,
         Command::Purge { yes } => orphans::purge(info, target.open()?.as_ref(), yes)?,

@@ -13,12 +13,19 @@
 //! finds nothing left, which also catches a PUT that was already under way when the
 //! switch happened. Empty mailbox directories are left on the drained disk: removing one
 //! (`NUKE`) could race such a late PUT, and the disk is being retired anyway.
+//!
+//! A POP3 reader deleting a message while it is being copied would see it come back. So
+//! when powerpop's lock directory is known (same host), each mailbox is worked on under
+//! the same lock a POP3 session takes (`powerpop::lock`); a mailbox whose lock is not
+//! free within `--lock-wait-ms` is skipped and reported busy, for the next run.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use powermail_proto::{MailboxName, MessageId};
+use powerpop::lock::{Locks, MailboxLock};
 
 use crate::cluster::ClusterInfo;
 use crate::inspect::mailbox;
@@ -47,6 +54,77 @@ pub struct Tally {
     pub short: u64,
     /// Copies or deletions that failed.
     pub failed: u64,
+    /// Mailboxes skipped because a POP3 session held them.
+    pub busy: u64,
+}
+
+impl Tally {
+    /// True when nothing was left undone.
+    pub fn complete(&self) -> bool {
+        self.short == 0 && self.failed == 0 && self.busy == 0
+    }
+}
+
+/// powerpop's mailbox locks, when ppadmin runs on the same host.
+pub struct PopLocks {
+    locks: Option<Arc<Locks>>,
+    wait: Duration,
+}
+
+/// A held mailbox lock (or nothing, when the lock directory is unknown).
+pub struct Held(#[allow(dead_code)] Option<MailboxLock>);
+
+impl PopLocks {
+    /// The lock table of `info`'s powerpop, waiting up to `wait` for a busy mailbox.
+    pub fn new(info: &ClusterInfo, wait: Duration) -> PopLocks {
+        PopLocks {
+            locks: info.pop_lock_dir.clone().map(|d| Locks::new(Some(d))),
+            wait,
+        }
+    }
+
+    /// Takes `mailbox`'s lock; `Ok(None)` when a POP3 session kept it for the whole wait.
+    fn acquire(&self, mailbox: &MailboxName) -> anyhow::Result<Option<Held>> {
+        let Some(locks) = &self.locks else {
+            return Ok(Some(Held(None)));
+        };
+        let deadline = Instant::now() + self.wait;
+        loop {
+            if let Some(lock) = locks
+                .try_lock(mailbox)
+                .with_context(|| format!("locking {mailbox}"))?
+            {
+                return Ok(Some(Held(Some(lock))));
+            }
+            if Instant::now() >= deadline {
+                eprintln!("ppadmin: {mailbox} is in use by a POP3 session; skipped");
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Warns when a powerpop owes deletions to backends: a message a reader deleted while a
+/// backend was down is still on that backend until powerpop replays the deletion, and
+/// a copy made from it now would bring it back.
+fn warn_owed_deletes(info: &ClusterInfo) {
+    for d in info
+        .daemons
+        .iter()
+        .filter(|d| d.name.starts_with("powerpop"))
+    {
+        let owed = crate::http::get_json(&d.addr, info.token_for(d).as_deref(), "/stats")
+            .ok()
+            .and_then(|v| v.get("deletes_owed").and_then(serde_json::Value::as_u64))
+            .unwrap_or(0);
+        if owed > 0 {
+            eprintln!(
+                "ppadmin: warning: {} owes {owed} deletions to backends (replayed when those mailboxes are next read); messages they concern may be copied back",
+                d.name
+            );
+        }
+    }
 }
 
 /// Prints progress on stderr at most once per [`PROGRESS_EVERY`].
@@ -69,7 +147,7 @@ impl Progress {
         if force || self.last.elapsed() >= PROGRESS_EVERY {
             self.last = Instant::now();
             eprintln!(
-                "{}: {done}/{} mailboxes, {} messages, {} copies made ({}), {} moved, {} short, {} failed",
+                "{}: {done}/{} mailboxes, {} messages, {} copies made ({}), {} moved, {} short, {} failed, {} busy",
                 self.what,
                 self.total,
                 t.messages,
@@ -77,7 +155,8 @@ impl Progress {
                 human_bytes(t.bytes),
                 t.moved,
                 t.short,
-                t.failed
+                t.failed,
+                t.busy
             );
         }
     }
@@ -160,8 +239,9 @@ impl Mover {
 }
 
 /// `repair [--mailbox M]`: every message (of every mailbox, or of `only`) up to K copies.
-pub fn repair(info: &ClusterInfo, only: Option<&str>) -> anyhow::Result<Tally> {
+pub fn repair(info: &ClusterInfo, only: Option<&str>, locks: &PopLocks) -> anyhow::Result<Tally> {
     let k = info.replicas;
+    warn_owed_deletes(info);
     let mut store = Store::open(info);
     let mailboxes: Vec<MailboxName> = match only {
         Some(m) => vec![mailbox(m)?],
@@ -176,6 +256,10 @@ pub fn repair(info: &ClusterInfo, only: Option<&str>) -> anyhow::Result<Tally> {
     let mut run = Mover::new(k);
     let mut progress = Progress::new("repair".into(), mailboxes.len());
     for (i, mb) in mailboxes.iter().enumerate() {
+        let Some(_held) = locks.acquire(mb)? else {
+            run.tally.busy += 1;
+            continue;
+        };
         for (msgid, h) in store.holders(mb) {
             run.tally.messages += 1;
             if h.copies() < k {
@@ -192,8 +276,9 @@ pub fn repair(info: &ClusterInfo, only: Option<&str>) -> anyhow::Result<Tally> {
 
 /// `drain BACKEND`: read-only, then every message moved to others (keeping K), then
 /// deleted from it.
-pub fn drain(info: &ClusterInfo, name: &str) -> anyhow::Result<Tally> {
+pub fn drain(info: &ClusterInfo, name: &str, locks: &PopLocks) -> anyhow::Result<Tally> {
     let k = info.replicas;
+    warn_owed_deletes(info);
     let wanted = info.backend(name)?.name.clone();
     let d = info
         .backends
@@ -216,9 +301,15 @@ pub fn drain(info: &ClusterInfo, name: &str) -> anyhow::Result<Tally> {
     for pass in 1..=DRAIN_PASSES_MAX {
         let mailboxes = store.dir_of(d)?;
         let moved_before = run.tally.moved;
+        run.tally.busy = 0;
         let mut left = 0u64;
         let mut progress = Progress::new(format!("drain {wanted} pass {pass}"), mailboxes.len());
         for (i, mb) in mailboxes.iter().enumerate() {
+            let Some(_held) = locks.acquire(mb)? else {
+                run.tally.busy += 1;
+                left += 1;
+                continue;
+            };
             for (msgid, h) in store.holders(mb) {
                 if !h.on(d) {
                     continue;
