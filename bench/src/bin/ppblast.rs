@@ -112,7 +112,10 @@ struct PopArgs {
     /// Sessions in total.
     #[arg(long, default_value_t = 1000)]
     sessions: u64,
-    /// "user:password" (repeatable); sessions use them round-robin.
+    /// "user:password" (repeatable). With no more sessions than logins each session
+    /// takes the next unused login; with more, connection `i` cycles through logins
+    /// `i, i + connections, ...`, so no two connections share a mailbox (POP3 locks it)
+    /// as long as the number of logins is a multiple of --connections.
     #[arg(long)]
     login: Vec<String>,
     /// A file of "user:password" lines.
@@ -510,7 +513,7 @@ fn pop(a: PopArgs) -> anyhow::Result<()> {
         (a.common.duration_s > 0).then(|| started + Duration::from_secs(a.common.duration_s));
     let retrieved = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..a.common.connections)
-        .map(|_| {
+        .map(|worker| {
             let (a, logins, totals, next, pb, retrieved) = (
                 a.clone(),
                 logins.clone(),
@@ -521,12 +524,20 @@ fn pop(a: PopArgs) -> anyhow::Result<()> {
             );
             std::thread::spawn(move || -> Histogram<u64> {
                 let mut h = histogram();
+                let connections = a.common.connections;
+                let mut mine = 0usize;
                 loop {
                     let n = next.fetch_add(1, Relaxed);
                     if n >= a.sessions || deadline.is_some_and(|d| Instant::now() >= d) {
                         return h;
                     }
-                    let (user, pass) = &logins[n as usize % logins.len()];
+                    let index = if a.sessions as usize <= logins.len() {
+                        n as usize
+                    } else {
+                        worker + mine * connections
+                    };
+                    mine += 1;
+                    let (user, pass) = &logins[index % logins.len()];
                     let t = Instant::now();
                     match pop_session(&a, user, pass) {
                         Ok((msgs, bytes)) => {
