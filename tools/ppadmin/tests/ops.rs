@@ -470,6 +470,23 @@ fn disable_reload_loglevel_and_status() {
     let stats = up.run(0, &["stats", "--daemon", "powerpop"]);
     assert!(stats.contains("\"powerpop\""), "{stats}");
 
+    // A mailbox deleted from the userbase leaves its mail: orphans finds it, purge removes it.
+    up.run(0, &["user", "add", "gone@x.org", "--password", "x"]);
+    deliver(up.smtp, 2, &["gone@x.org"]);
+    up.run(0, &["user", "del", "gone@x.org"]);
+    let out = up.run(0, &["orphans"]);
+    assert!(out.starts_with("gone@x.org\t"), "{out}");
+    assert!(out.contains("# 1 orphan mailboxes"), "{out}");
+    assert!(up.run(0, &["purge"]).contains("would purge gone@x.org"));
+    assert!(
+        up.run(0, &["dir"]).contains("gone@x.org"),
+        "dry run keeps it"
+    );
+    let out = up.run(0, &["purge", "--yes"]);
+    assert!(out.contains("2 messages removed"), "{out}");
+    assert!(up.run(0, &["orphans"]).contains("# 0 orphan mailboxes"));
+    assert!(!up.run(0, &["dir"]).contains("gone@x.org"));
+
     let out = up.run(0, &["loglevel", "debug"]);
     assert_eq!(out.lines().count(), 3, "{out}");
     up.run(0, &["loglevel", "info"]);
