@@ -248,7 +248,7 @@ fn serve(
         .unwrap_or_else(|| "-".into());
     // The one key=value line per session operators grep (Dovecot style).
     log::info!(
-        "session id={} user={user} client={client} msgs={} retr={} top={} dele={} size={} auth_failures={} status={result} delay_ms={}",
+        "session={} user={user} client={client} msgs={} retr={} top={} dele={} size={} auth_failures={} status={result} delay_ms={}",
         SESSIONS.fetch_add(1, Ordering::Relaxed),
         c.messages,
         c.retrieved - c.top,

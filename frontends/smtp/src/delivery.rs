@@ -261,7 +261,7 @@ impl BackendDelivery {
     }
 
     /// The one `key=value` line per transaction operators grep (Postfix style):
-    /// `txn session=... msgid=... client=... from=<...> rcpts=N to=a,b size=...
+    /// `session=... msgid=... client=... from=<...> rcpts=N to=a,b size=...
     /// copies=K backends=b0,b1 status=sent(250) delay_ms=...`. `copies` counts the
     /// durable copies kept (0 when the transaction failed and they were undone).
     fn log_txn(&self, txn: &Txn, backends: &[BackendId], result: &Reply, started: Instant) {
@@ -276,7 +276,7 @@ impl BackendDelivery {
             _ => ("rejected", 0),
         };
         log::info!(
-            "txn session={} msgid={} client={} from=<{}> rcpts={} to={} size={} copies={copies} backends={} status={status}({}) delay_ms={}",
+            "session={} msgid={} client={} from=<{}> rcpts={} to={} size={} copies={copies} backends={} status={status}({}) delay_ms={}",
             self.session,
             txn.msgid,
             self.client,
@@ -578,7 +578,7 @@ impl Delivery for BackendDelivery {
         // Closing the relay connection before the final "." abandons its copy.
         self.relay = None;
         log::info!(
-            "txn session={} msgid={} client={} aborted size={}",
+            "session={} msgid={} client={} status=aborted size={}",
             self.session,
             txn.msgid,
             self.client,
