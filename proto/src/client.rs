@@ -12,10 +12,14 @@ use std::time::Duration;
 
 use crate::names::{MailboxName, MessageId};
 use crate::reply::{ErrorCode, Reply};
-use crate::request::Request;
+use crate::request::{Request, DEL_MANY_MAX};
 
 /// Longest reply line a client accepts.
 pub const REPLY_LINE_MAX_BYTES: usize = 4096;
+
+/// Longest `DELM` line [`BackendConn::del_many`] sends, CRLF included: below
+/// pplistener's default `line_max_bytes` (1024).
+pub const DEL_MANY_LINE_BYTES: usize = 1000;
 
 /// Why a backend call failed.
 #[derive(Debug, thiserror::Error)]
@@ -302,6 +306,47 @@ impl BackendConn {
             msgid: msgid.clone(),
         })
         .map(drop)
+    }
+
+    /// Removes every message of `msgids` from `mailbox` with as few directory
+    /// syncs as the command line allows (`DELM`, up to [`DEL_MANY_LINE_BYTES`]
+    /// per line); ids not present are skipped. Returns how many were removed.
+    /// A backend without `DELM` gets one `DEL` per message.
+    pub fn del_many(&mut self, mailbox: &MailboxName, msgids: &[&MessageId]) -> Result<u64> {
+        let mut removed = 0;
+        let mut rest = msgids;
+        while !rest.is_empty() {
+            let mut line_bytes = "DELM ".len() + mailbox.as_str().len() + 2;
+            let mut n = 0;
+            while n < rest.len() && n < DEL_MANY_MAX {
+                line_bytes += 1 + rest[n].as_str().len();
+                if n > 0 && line_bytes > DEL_MANY_LINE_BYTES {
+                    break;
+                }
+                n += 1;
+            }
+            let (batch, tail) = rest.split_at(n);
+            let req = Request::DelMany {
+                mailbox: mailbox.clone(),
+                msgids: batch.iter().map(|id| (*id).clone()).collect(),
+            };
+            match self.command(&req) {
+                Ok(text) => removed += text.trim().parse::<u64>().unwrap_or(0),
+                Err(e) if e.code() == Some(ErrorCode::Proto) => {
+                    for id in rest {
+                        match self.del(mailbox, id) {
+                            Ok(()) => removed += 1,
+                            Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    return Ok(removed);
+                }
+                Err(e) => return Err(e),
+            }
+            rest = tail;
+        }
+        Ok(removed)
     }
 
     /// `(messages, bytes)` of a mailbox on this backend.

@@ -7,7 +7,8 @@
 //! ```text
 //! AUTH <proof>                 PUT <msgid> <mailbox-count>   (then the mailbox lines, then the body)
 //! LIST <mailbox>               GET <mailbox> <msgid>         DEL <mailbox> <msgid>
-//! USAGE <mailbox>              NUKE <mailbox>                DIR [<after>]
+//! DELM <mailbox> <msgid>...    USAGE <mailbox>               NUKE <mailbox>
+//! DIR [<after>]
 //! STATUS                       READONLY                      READWRITE
 //! PING                         QUIT
 //! ```
@@ -50,6 +51,14 @@ pub enum Request {
         /// The message.
         msgid: MessageId,
     },
+    /// Remove several messages from one mailbox with one directory sync
+    /// (a POP3 QUIT that deleted many). Ids not present are skipped.
+    DelMany {
+        /// The mailbox.
+        mailbox: MailboxName,
+        /// The messages: 1 to [`DEL_MANY_MAX`], as many as fit a command line.
+        msgids: Vec<MessageId>,
+    },
     /// Message count and bytes of a mailbox on this backend.
     Usage {
         /// The mailbox.
@@ -78,6 +87,9 @@ pub enum Request {
     Quit,
 }
 
+/// Most message ids in one `DELM` (the command line's length limits it too).
+pub const DEL_MANY_MAX: usize = 64;
+
 /// Why a command line was refused. The connection stays usable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
@@ -104,6 +116,7 @@ impl Request {
             Request::List { .. } => "LIST",
             Request::Get { .. } => "GET",
             Request::Del { .. } => "DEL",
+            Request::DelMany { .. } => "DELM",
             Request::Usage { .. } => "USAGE",
             Request::Nuke { .. } => "NUKE",
             Request::Dir { .. } => "DIR",
@@ -131,6 +144,15 @@ impl Request {
             Request::List { mailbox } => format!("LIST {mailbox}\r\n"),
             Request::Get { mailbox, msgid } => format!("GET {mailbox} {msgid}\r\n"),
             Request::Del { mailbox, msgid } => format!("DEL {mailbox} {msgid}\r\n"),
+            Request::DelMany { mailbox, msgids } => {
+                let mut s = format!("DELM {mailbox}");
+                for id in msgids {
+                    s.push(' ');
+                    s.push_str(id.as_str());
+                }
+                s.push_str("\r\n");
+                s
+            }
             Request::Usage { mailbox } => format!("USAGE {mailbox}\r\n"),
             Request::Nuke { mailbox } => format!("NUKE {mailbox}\r\n"),
             Request::Dir { after: Some(after) } => format!("DIR {after}\r\n"),
@@ -206,6 +228,15 @@ pub(crate) fn parse_line(line: &[u8], mailboxes_max: usize) -> Result<Line, Requ
             Request::Del {
                 mailbox: mailbox(0)?,
                 msgid: msgid(1)?,
+            }
+        }
+        "DELM" => {
+            if args.len() < 2 || args.len() > DEL_MANY_MAX + 1 {
+                return Err(RequestError::Syntax("DELM takes 1 to 64 message ids"));
+            }
+            Request::DelMany {
+                mailbox: mailbox(0)?,
+                msgids: (1..args.len()).map(msgid).collect::<Result<_, _>>()?,
             }
         }
         "USAGE" => {

@@ -459,7 +459,8 @@ fn answer_unknown_mailbox(ctx: &Ctx, conn: &mut Connection, req: &Request) -> bo
         Request::List { mailbox }
         | Request::Usage { mailbox }
         | Request::Get { mailbox, .. }
-        | Request::Del { mailbox, .. } => mailbox,
+        | Request::Del { mailbox, .. }
+        | Request::DelMany { mailbox, .. } => mailbox,
         _ => return false,
     };
     if ctx.known.borrow().contains(mailbox) {
@@ -473,6 +474,7 @@ fn answer_unknown_mailbox(ctx: &Ctx, conn: &mut Connection, req: &Request) -> bo
             conn.queue(".\r\n");
         }
         Request::Usage { .. } => conn.queue(&ok_line("0 0")),
+        Request::DelMany { .. } => conn.queue(&ok_line("0")),
         _ => conn.queue(&err_line(ErrorCode::NotFound, "no such message")),
     }
     true
@@ -521,6 +523,15 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                 Ok(()) => {
                     add(&c.dels, 1);
                     conn.queue(&ok_line("deleted"));
+                }
+                Err(e) => conn.queue(&io_err_line(&e)),
+            }
+        }
+        Request::DelMany { mailbox, msgids } => {
+            match blocking(ctx, move |s| s.delete_many(&mailbox, &msgids)).await {
+                Ok(n) => {
+                    add(&c.dels, n);
+                    conn.queue(&ok_line(&n.to_string()));
                 }
                 Err(e) => conn.queue(&io_err_line(&e)),
             }

@@ -284,6 +284,30 @@ impl Store {
         sync_dir(&dir)
     }
 
+    /// Removes each of `msgids` that `mailbox` holds, then syncs the directory
+    /// once; returns how many were removed. Missing ids are skipped: a retried
+    /// or replayed deletion is not an error.
+    pub fn delete_many(&self, mailbox: &MailboxName, msgids: &[MessageId]) -> io::Result<u64> {
+        let dir = self.mailbox_dir(mailbox);
+        let mut removed = 0;
+        for msgid in msgids {
+            match fs::remove_file(dir.join(msgid.as_str())) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    if removed > 0 {
+                        sync_dir(&dir)?;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if removed > 0 {
+            sync_dir(&dir)?;
+        }
+        Ok(removed)
+    }
+
     /// `(messages, bytes)` of a mailbox.
     pub fn usage(&self, mailbox: &MailboxName) -> io::Result<(u64, u64)> {
         let list = self.list(mailbox, usize::MAX)?;

@@ -123,6 +123,45 @@ fn delete_one_link_leaves_the_others_and_restart_keeps_everything() {
 }
 
 #[test]
+fn delm_removes_many_skips_missing_and_survives_kill_9() {
+    let mut l = Listener::start(1, "");
+    let mut c = l.conn(0);
+    // Long ids: 150 of them need several DELM lines (and more than DEL_MANY_MAX ids).
+    let ids: Vec<_> = (0..150).map(|i| id(&format!("{i:060}"))).collect();
+    for m in &ids {
+        c.put(m, &[mb("a@x.org"), mb("b@x.org")], m.as_str().as_bytes())
+            .unwrap();
+    }
+    let gone: Vec<_> = ids.iter().step_by(2).collect(); // 75 of them
+    let mut asked = gone.clone();
+    let never = id("never-stored");
+    asked.push(&never);
+    assert_eq!(c.del_many(&mb("a@x.org"), &asked).unwrap(), 75);
+    // Again: nothing left to remove, and no error.
+    assert_eq!(c.del_many(&mb("a@x.org"), &asked).unwrap(), 0);
+    // A mailbox this backend never saw.
+    assert_eq!(c.del_many(&mb("nobody@x.org"), &asked).unwrap(), 0);
+    drop(c);
+    l.kill9();
+    l.restart();
+    let mut c = l.conn(0);
+    let left: Vec<String> = c
+        .list(&mb("a@x.org"), 1000)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.msgid.to_string())
+        .collect();
+    let want: Vec<String> = ids
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .map(|m| m.to_string())
+        .collect();
+    assert_eq!(left, want);
+    assert_eq!(c.list(&mb("b@x.org"), 1000).unwrap().len(), 150);
+}
+
+#[test]
 fn kill_9_during_a_big_put_leaves_nothing_partial() {
     let mut l = Listener::start(1, "");
     let mut c = l.conn(0);

@@ -14,7 +14,7 @@ use anyhow::Context;
 use powermail_admin::Latencies;
 use powermail_frontend::reload::{on_sighup, Reloadable};
 use powermail_frontend::{BackendId, Cluster};
-use powermail_proto::{BackendError, ErrorCode, MailboxName};
+use powermail_proto::{BackendError, ErrorCode, MailboxName, MessageId};
 use powermail_userbase::{CacheConfig, CachedUserbase, Userbase, UserbaseError};
 
 use crate::config::{Config, Limits};
@@ -774,16 +774,18 @@ fn delete_on<'a>(
             return msgs.to_vec();
         }
     };
-    for (i, m) in msgs.iter().enumerate() {
-        match conn.del(mailbox, &m.msgid) {
-            Ok(()) => {}
-            Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
-            Err(e) => {
-                cluster.report_error(b, &e);
-                return msgs[i..].to_vec();
-            }
+    // One DELM per command line's worth of ids: one directory sync each,
+    // not one per message. On an error the whole set stays owed (replaying a
+    // deletion that did happen is harmless).
+    let ids: Vec<&MessageId> = msgs.iter().map(|m| &m.msgid).collect();
+    match conn.del_many(mailbox, &ids) {
+        Ok(_) => {
+            conn.release();
+            Vec::new()
+        }
+        Err(e) => {
+            cluster.report_error(b, &e);
+            msgs.to_vec()
         }
     }
-    conn.release();
-    Vec::new()
 }
