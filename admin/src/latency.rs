@@ -97,6 +97,55 @@ impl Latencies {
     }
 }
 
+/// Most samples a [`Samples`] holds before it flushes them into its sink.
+pub const SAMPLES_MAX: usize = 256;
+
+/// Latencies of one session or transaction on their way into a shared
+/// [`Latencies`]. A histogram is ~160 KiB of counters: creating one per
+/// session and merging it cost powersmtp ~100 µs of zeroing, page faults and
+/// bucket walks per message. A `Samples` is a short list instead, flushed under
+/// the sink's lock when full and when dropped.
+pub struct Samples<'a> {
+    sink: &'a std::sync::Mutex<Latencies>,
+    buf: Vec<(&'static str, u64)>,
+}
+
+impl<'a> Samples<'a> {
+    /// An empty list that will flush into `sink`.
+    pub fn new(sink: &'a std::sync::Mutex<Latencies>) -> Samples<'a> {
+        Samples {
+            sink,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Records one `op` that took `latency_us` microseconds.
+    pub fn record(&mut self, op: &'static str, latency_us: u64) {
+        if self.buf.len() >= SAMPLES_MAX {
+            self.flush();
+        }
+        self.buf.push((op, latency_us));
+    }
+
+    /// Moves the samples into the sink (a poisoned lock is still used: the
+    /// histograms cannot be left half-updated by a panic elsewhere).
+    pub fn flush(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let mut sink = self.sink.lock().unwrap_or_else(|e| e.into_inner());
+        for (op, us) in self.buf.drain(..) {
+            sink.record(op, us);
+        }
+    }
+}
+
+impl Drop for Samples<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 use crate::Prometheus;
 
 /// Non-empty power-of-two buckets of `h`: `[[upper_us, count], ...]`, at most ~30.
@@ -110,6 +159,21 @@ fn log2_buckets(h: &Histogram<u64>) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn samples_reach_the_sink_when_full_and_when_dropped() {
+        let sink = std::sync::Mutex::new(Latencies::new());
+        let mut s = Samples::new(&sink);
+        for us in 0..(SAMPLES_MAX as u64 + 10) {
+            s.record("RETR", us + 1);
+        }
+        assert_eq!(sink.lock().unwrap().summary()["RETR"]["count"], SAMPLES_MAX);
+        drop(s);
+        assert_eq!(
+            sink.lock().unwrap().summary()["RETR"]["count"],
+            SAMPLES_MAX + 10
+        );
+    }
 
     #[test]
     fn percentiles_and_merge() {

@@ -13,7 +13,7 @@
 mod latency;
 mod prom;
 
-pub use latency::{Latencies, LATENCY_MAX_US};
+pub use latency::{Latencies, Samples, LATENCY_MAX_US, SAMPLES_MAX};
 pub use prom::Prometheus;
 
 use std::sync::Arc;

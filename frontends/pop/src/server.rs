@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use powermail_admin::Latencies;
+use powermail_admin::Samples;
 use powermail_frontend::reload::{on_sighup, Reloadable};
 use powermail_frontend::{BackendId, Cluster};
 use powermail_proto::{BackendError, ErrorCode, MailboxName, MessageId};
@@ -213,8 +213,9 @@ fn serve(
     if !implicit && !shared.cfg.allow_plaintext_auth && !client.ip().is_loopback() {
         session.refuse_plaintext_auth();
     }
-    let mut latencies = Latencies::new();
+    let mut latencies = Samples::new(&shared.stats.latencies);
     let result = converse(shared, &mut session, stream, tls, implicit, &mut latencies);
+    drop(latencies);
     let result = match result {
         Ok(r) => r,
         Err(e)
@@ -227,12 +228,6 @@ fn serve(
         }
         Err(_) => "io-error",
     };
-    shared
-        .stats
-        .latencies
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .merge(&latencies);
     let c = session.counters().clone();
     Stats::inc(&shared.stats.counters.sessions);
     let st = &shared.stats.counters;
@@ -267,7 +262,7 @@ fn converse(
     mut plain: TcpStream,
     tls: Option<Arc<rustls::ServerConfig>>,
     implicit: bool,
-    latencies: &mut Latencies,
+    latencies: &mut Samples<'_>,
 ) -> io::Result<&'static str> {
     let client_fd = plain.as_raw_fd();
     let idle = shared.limits.get().idle_timeout();
@@ -399,7 +394,7 @@ fn drive<S: Read + Write>(
     shared: &Shared,
     session: &mut Session<LiveStore>,
     stream: &mut S,
-    latencies: &mut Latencies,
+    latencies: &mut Samples<'_>,
     greet: bool,
 ) -> io::Result<Ended> {
     if greet {

@@ -317,7 +317,7 @@ impl BackendDelivery {
 
     /// Ends every PUT, then reads every reply (so the K fsyncs overlap).
     /// Returns the copies that are durable, and their latencies.
-    fn end_copies(&self, txn: &mut Txn) -> (Vec<(BackendId, PooledConn)>, Latencies) {
+    fn end_copies(&self, txn: &mut Txn) -> (Vec<(BackendId, PooledConn)>, Vec<u64>) {
         let msgid = txn.msgid.clone();
         for copy in txn.copies.iter_mut() {
             if let Some(Err(e)) = copy.conn.as_mut().map(|c| c.put_end()) {
@@ -325,7 +325,7 @@ impl BackendDelivery {
             }
         }
         let mut ok = Vec::new();
-        let mut lat = Latencies::new();
+        let mut put_us = Vec::with_capacity(txn.copies.len());
         for copy in txn.copies.iter_mut() {
             let Some(mut conn) = copy.conn.take() else {
                 continue;
@@ -333,7 +333,7 @@ impl BackendDelivery {
             match conn.put_reply() {
                 Ok(receipt) => {
                     debug_assert_eq!(receipt.size_bytes, txn.size_bytes);
-                    lat.record("backend_put", copy.started.elapsed().as_micros() as u64);
+                    put_us.push(copy.started.elapsed().as_micros() as u64);
                     ok.push((copy.id, conn));
                 }
                 Err(e) => {
@@ -342,7 +342,7 @@ impl BackendDelivery {
                 }
             }
         }
-        (ok, lat)
+        (ok, put_us)
     }
 
     /// The relay's final answer (250 when nothing is forwarded). A refusal
@@ -526,7 +526,7 @@ impl Delivery for BackendDelivery {
         } else {
             self.shared.replicas
         };
-        let (ok, lat) = self.end_copies(&mut txn);
+        let (ok, put_us) = self.end_copies(&mut txn);
         let backends: Vec<BackendId> = ok.iter().map(|(id, _)| *id).collect();
         let mut reply = if ok.len() == want {
             self.end_relay(&txn)
@@ -548,12 +548,13 @@ impl Delivery for BackendDelivery {
             self.undo(&txn, ok);
             stats.messages_failed.fetch_add(1, Ordering::Relaxed);
         }
-        let mut lat = lat;
-        lat.record("eod_to_reply", eod.elapsed().as_micros() as u64);
         let started = self.txn_started.take().unwrap_or(eod);
-        lat.record("transaction", started.elapsed().as_micros() as u64);
         if let Ok(mut l) = stats.latencies.lock() {
-            l.merge(&lat);
+            for us in put_us {
+                l.record("backend_put", us);
+            }
+            l.record("eod_to_reply", eod.elapsed().as_micros() as u64);
+            l.record("transaction", started.elapsed().as_micros() as u64);
         }
         self.log_txn(&txn, &backends, &reply, started);
         reply

@@ -496,7 +496,8 @@ fn disable_reload_loglevel_and_status() {
     }
     let log = std::fs::read_to_string(up.data.join("log/powersmtp.log")).expect("log");
     assert!(
-        log.lines().any(|l| l.contains("session=") && l.contains("msgid=")
+        log.lines().any(|l| l.contains("session=")
+            && l.contains("msgid=")
             && l.contains("status=sent(250)")
             && l.contains("copies=1")),
         "{log}"
