@@ -501,17 +501,27 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
             }
         }
         Request::Get { mailbox, msgid } => {
-            match blocking(ctx, move |s| s.open_message(&mailbox, &msgid)).await {
-                Ok((file, size)) => {
-                    conn.queue(&ok_line(&size.to_string()));
-                    conn.flush().await?;
-                    let sock = conn.stream.as_raw_fd();
-                    let timeout = Duration::from_millis(ctx.limits.idle_timeout_ms);
-                    glommio::executor()
-                        .spawn_blocking(move || {
-                            crate::zerocopy::sendfile_all(sock, &file, size, timeout)
-                        })
-                        .await?;
+            // Replies queued before this one go first; then one trip to the
+            // blocking pool opens the file, writes the +OK line and sendfiles
+            // the body (the socket is not touched by the executor meanwhile).
+            conn.flush().await?;
+            let sock = conn.stream.as_raw_fd();
+            let timeout = Duration::from_millis(ctx.limits.idle_timeout_ms);
+            let store = ctx.store.clone();
+            let opened = glommio::executor()
+                .spawn_blocking(move || -> io::Result<io::Result<u64>> {
+                    let (file, size) = match store.open_message(&mailbox, &msgid) {
+                        Ok(opened) => opened,
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    let header = ok_line(&size.to_string());
+                    crate::zerocopy::send_all(sock, header.as_bytes(), timeout)?;
+                    crate::zerocopy::sendfile_all(sock, &file, size, timeout)?;
+                    Ok(Ok(size))
+                })
+                .await?;
+            match opened {
+                Ok(size) => {
                     add(&c.gets, 1);
                     add(&c.bytes_out, size);
                 }

@@ -47,6 +47,30 @@ pub fn sendfile_all(
     Ok(())
 }
 
+/// Writes all of `data` to the non-blocking socket `sock`, waiting for
+/// `POLLOUT` on `EAGAIN` (at most `timeout` per wait). For the reply line that
+/// precedes a [`sendfile_all`], from the same blocking-pool call.
+pub fn send_all(sock: RawFd, mut data: &[u8], timeout: Duration) -> io::Result<()> {
+    while !data.is_empty() {
+        // SAFETY: `data` is a valid buffer for its length; the fd is open.
+        let n = unsafe { libc::send(sock, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
+        if n > 0 {
+            data = &data[n as usize..];
+            continue;
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EAGAIN) => wait_writable(sock, timeout)?,
+            Some(libc::EINTR) => {}
+            _ => return Err(err),
+        }
+    }
+    Ok(())
+}
+
 fn wait_writable(sock: RawFd, timeout: Duration) -> io::Result<()> {
     let mut pfd = libc::pollfd {
         fd: sock,
