@@ -15,6 +15,8 @@
 //!   higher priority, then weighted by free space, random among equals;
 //! * [`settings`] — configuration both frontends share: TLS certificate,
 //!   userbase cache, backend secret;
+//! * [`deadline`] — client writes held to a deadline for a whole reply, so a
+//!   client that reads a trickle cannot hold a connection thread for ever;
 //! * [`reload`] — configuration reload without a restart (SIGHUP or the admin port),
 //!   applied to new sessions only.
 //!
@@ -32,10 +34,12 @@
 
 pub mod cluster;
 pub mod config;
+pub mod deadline;
 pub mod reload;
 pub mod select;
 pub mod settings;
 
 pub use cluster::{BackendId, BackendSnapshot, Cluster, Health, PoolError, PooledConn};
 pub use config::{BackendSpec, PoolConfig};
+pub use deadline::DeadlineWrite;
 pub use select::{select, Candidate};

@@ -99,7 +99,10 @@ pub struct Limits {
     pub errors_max: u32,
     /// Waiting for the next command (RFC 1939: at least 10 minutes).
     pub idle_timeout_ms: u64,
-    /// Writing to a client that does not read.
+    /// The longest time one answer may take to be written, from its first
+    /// byte to its last: a whole RETR or TOP included, however slowly the
+    /// client reads (a deadline, not a per-write time-out). Size it for the largest
+    /// message over the slowest link served: 600 s move ~70 MiB at 1 Mbit/s.
     pub send_timeout_ms: u64,
     /// Waiting for all backends' listings; a slower backend is skipped.
     pub listing_timeout_ms: u64,
@@ -114,7 +117,7 @@ impl Default for Limits {
             line_max_bytes: 1024,
             errors_max: 20,
             idle_timeout_ms: 600_000,
-            send_timeout_ms: 120_000,
+            send_timeout_ms: 600_000,
             listing_timeout_ms: 2_000,
             listing_max_messages: 100_000,
         }
@@ -125,6 +128,11 @@ impl Limits {
     /// The idle time-out.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// The send deadline of one answer (`send_timeout_ms`).
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_millis(self.send_timeout_ms)
     }
 }
 
@@ -179,6 +187,9 @@ impl Config {
         }
         if cfg.limits.errors_max == 0 {
             bail!("limits.errors_max must be at least 1");
+        }
+        if cfg.limits.send_timeout_ms == 0 || cfg.limits.idle_timeout_ms == 0 {
+            bail!("limits.send_timeout_ms and limits.idle_timeout_ms must be at least 1");
         }
         if cfg.throttle.failures_max == 0 {
             bail!("throttle.failures_max must be at least 1");

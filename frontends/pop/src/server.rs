@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use powermail_admin::Samples;
 use powermail_frontend::reload::{on_sighup, Reloadable};
-use powermail_frontend::{BackendId, Cluster};
+use powermail_frontend::{BackendId, Cluster, DeadlineWrite};
 use powermail_proto::{BackendError, ErrorCode, MailboxName, MessageId};
 use powermail_userbase::{CacheConfig, CachedUserbase, Userbase, UserbaseError};
 
@@ -189,7 +189,7 @@ fn serve(
     };
     let limits = shared.limits.get();
     let _ = stream.set_read_timeout(Some(limits.idle_timeout()));
-    let _ = stream.set_write_timeout(Some(Duration::from_millis(limits.send_timeout_ms)));
+    let _ = stream.set_write_timeout(Some(limits.send_timeout()));
     let _ = stream.set_nodelay(true);
     let store = LiveStore {
         shared: shared.clone(),
@@ -265,9 +265,15 @@ fn converse(
     latencies: &mut Samples<'_>,
 ) -> io::Result<&'static str> {
     let client_fd = plain.as_raw_fd();
-    let idle = shared.limits.get().idle_timeout();
+    let limits = shared.limits.get();
+    let idle = limits.idle_timeout();
+    // `drive` leaves the socket's send time-out at what was left of the last
+    // reply's deadline: the TLS handshake and a relay get the full one again.
+    let send_timeout = limits.send_timeout();
     if !implicit {
-        match drive(shared, session, &mut plain, latencies, true)? {
+        let ended = drive(shared, session, &mut plain, latencies, true)?;
+        plain.set_write_timeout(Some(send_timeout))?;
+        match ended {
             Ended::Done(result) => return Ok(result),
             Ended::Proxy => return relay(&mut plain, client_fd, session, idle),
             Ended::StartTls => {}
@@ -282,7 +288,9 @@ fn converse(
         secure.conn.complete_io(&mut secure.sock)?;
     }
     session.tls_started();
-    match drive(shared, session, &mut secure, latencies, implicit)? {
+    let ended = drive(shared, session, &mut secure, latencies, implicit)?;
+    secure.sock.set_write_timeout(Some(send_timeout))?;
+    match ended {
         Ended::Done(result) => Ok(result),
         Ended::Proxy => relay(&mut secure, client_fd, session, idle),
         Ended::StartTls => Ok("closed"),
@@ -362,18 +370,42 @@ const OUT_BUFFER_BYTES: usize = 64 << 10;
 
 /// A bounded output buffer in front of a stream that is also read from
 /// (so a `BufWriter` owning it would not do): RETR streams through it.
-struct Out<'a, S: Write> {
+/// Every byte of one command's answer must reach the socket within
+/// `send_timeout` of the answer's first write to it, however slowly the
+/// client reads (the time the command took before that does not count).
+struct Out<'a, S: DeadlineWrite> {
     buf: &'a mut Vec<u8>,
     stream: &'a mut S,
+    send_timeout: Duration,
+    /// Set by the current answer's first write to the socket.
+    deadline: Option<Instant>,
 }
 
-impl<S: Write> Write for Out<'_, S> {
+impl<S: DeadlineWrite> Out<'_, S> {
+    /// The next command's answer gets a deadline of its own.
+    fn next_answer(&mut self) {
+        self.deadline = None;
+    }
+
+    /// Writes `data` by the deadline, which the answer's first write sets.
+    fn send(
+        stream: &mut S,
+        deadline: &mut Option<Instant>,
+        send_timeout: Duration,
+        data: &[u8],
+    ) -> io::Result<()> {
+        let deadline = *deadline.get_or_insert_with(|| Instant::now() + send_timeout);
+        stream.write_all_by(data, deadline)
+    }
+}
+
+impl<S: DeadlineWrite> Write for Out<'_, S> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if self.buf.len() + data.len() > OUT_BUFFER_BYTES {
-            self.stream.write_all(self.buf)?;
+            Self::send(self.stream, &mut self.deadline, self.send_timeout, self.buf)?;
             self.buf.clear();
             if data.len() >= OUT_BUFFER_BYTES {
-                self.stream.write_all(data)?;
+                Self::send(self.stream, &mut self.deadline, self.send_timeout, data)?;
                 return Ok(data.len());
             }
         }
@@ -382,15 +414,18 @@ impl<S: Write> Write for Out<'_, S> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.stream.write_all(self.buf)?;
+        Self::send(self.stream, &mut self.deadline, self.send_timeout, self.buf)?;
         self.buf.clear();
-        self.stream.flush()
+        Ok(())
     }
 }
 
 /// The read-parse-answer loop. Replies are flushed when no complete command
 /// is left in the input (PIPELINING: one write for a batch of commands).
-fn drive<S: Read + Write>(
+/// Each command's answer must be written within `send_timeout_ms` of its first
+/// write to the socket (a pipelined batch's buffered answers go with the
+/// answer that sends them).
+fn drive<S: Read + Write + DeadlineWrite>(
     shared: &Shared,
     session: &mut Session<LiveStore>,
     stream: &mut S,
@@ -401,7 +436,9 @@ fn drive<S: Read + Write>(
         stream.write_all(session.greeting().as_bytes())?;
         stream.flush()?;
     }
-    let mut lines = LineReader::new(shared.limits.get().line_max_bytes);
+    let limits = shared.limits.get();
+    let mut lines = LineReader::new(limits.line_max_bytes);
+    let send_timeout = limits.send_timeout();
     let mut buf = vec![0u8; 4096];
     let mut pending = Vec::with_capacity(4096);
     loop {
@@ -426,9 +463,12 @@ fn drive<S: Read + Write>(
         let mut out = Out {
             buf: &mut pending,
             stream: &mut *stream,
+            send_timeout,
+            deadline: None,
         };
         while let Some(line) = lines.next_line() {
             let t = Instant::now();
+            out.next_answer();
             let step = session.handle(line, &mut out)?;
             latencies.record(step.op, t.elapsed().as_micros() as u64);
             if step.proxy {

@@ -554,3 +554,125 @@ fn top_of_a_big_message_stops_early_and_the_session_goes_on() {
     }
     assert_eq!(o[3], format!("[100002, {}]", big.len()));
 }
+
+/// Connects to `addr` with a receive buffer of `rcvbuf_bytes`, set before the
+/// connection so the advertised window stays small.
+fn connect_small_window(addr: std::net::SocketAddr, rcvbuf_bytes: i32) -> std::net::TcpStream {
+    use std::os::unix::io::FromRawFd;
+    let std::net::SocketAddr::V4(v4) = addr else {
+        panic!("IPv4 test address expected");
+    };
+    // SAFETY: socket/setsockopt/connect on a descriptor owned by the returned
+    // stream; the structs are fully initialised and sized for each call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let stream = std::net::TcpStream::from_raw_fd(fd);
+        let rc = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &rcvbuf_bytes as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            &sa as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+        stream
+    }
+}
+
+/// A client that reads a big RETR a few bytes at a time is cut off once
+/// `send_timeout_ms` has passed since the answer began — its trickle of
+/// progress does not restart the clock — while another client is served.
+#[test]
+fn a_trickle_reader_is_cut_off_by_the_send_deadline() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    const ALICE: &str = "alice@example.org";
+    let users = Users::new(&[(BOB, "pw"), (ALICE, "pw")]);
+    let b0 = Backend::start();
+    let mut big = b"Subject: big\r\n\r\n".to_vec();
+    while big.len() < 16 << 20 {
+        big.extend_from_slice(b"a line of a big message that a slow reader will never finish\r\n");
+    }
+    b0.put(BOB, "0001.slow.1", &big);
+    b0.put(ALICE, "0001.fast.1", b"Subject: small\r\n\r\nserved\r\n");
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start(
+        &users,
+        &[&b0],
+        state.path(),
+        "\n[limits]\nsend_timeout_ms = 1000\n",
+    );
+
+    let mut slow = connect_small_window(pop.addr, 4096);
+    slow.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    slow.write_all(b"USER bob\r\nPASS pw\r\nRETR 1\r\n")
+        .unwrap();
+    let started = Instant::now();
+    // A few bytes every 50 ms: ~320 B/s, the 16 MiB would take over 14 hours,
+    // and each read lets the server make a little progress.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trickle = {
+        let mut s = slow.try_clone().unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16];
+            let mut got = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            got
+        })
+    };
+
+    // Another client is served meanwhile.
+    let out = pop.py("p.user('alice'); p.pass_('pw')\nout(p.retr(1)[1][-1].decode())\np.quit()");
+    assert_eq!(out.trim(), "\"served\"");
+
+    // Both sessions end: alice's by QUIT, bob's by the send deadline.
+    let ended = |pop: &Pop| pop.stats()["counters"]["sessions"].as_u64().unwrap_or(0);
+    while ended(&pop) < 2 && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cut_after = started.elapsed();
+    assert!(
+        ended(&pop) >= 2,
+        "the trickle reader still held its session after {cut_after:?}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let trickled = trickle.join().unwrap();
+    // Whatever the kernel still had queued arrives, then the end: far less
+    // than the message.
+    let mut rest = Vec::new();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = slow.read_to_end(&mut rest);
+    assert!(
+        trickled + rest.len() < big.len(),
+        "the whole message went out ({} bytes)",
+        trickled + rest.len()
+    );
+    eventually("no connection left open", || {
+        pop.stats()["connections"] == 0
+    });
+}

@@ -98,7 +98,9 @@ pub struct Limits {
     pub recipients_max: usize,
     /// Most refused commands per session before `421` and close.
     pub errors_max: u32,
-    /// Waiting for the next command (RFC 5321: at least 5 minutes).
+    /// Waiting for the next command (RFC 5321: at least 5 minutes); also the
+    /// deadline for writing the replies to one read of input, from their start
+    /// to their last byte, however slowly the client reads.
     pub command_timeout_ms: u64,
     /// Waiting for the next block of message data (RFC 5321: 3 minutes).
     pub data_timeout_ms: u64,

@@ -16,12 +16,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use powermail_admin::{AdminHandler, Prometheus};
 use powermail_frontend::reload::{changes, on_sighup, split_live, Reloadable};
-use powermail_frontend::Cluster;
+use powermail_frontend::{Cluster, DeadlineWrite};
 use powermail_userbase::{CacheConfig, CachedUserbase};
 
 use crate::config::Config;
@@ -170,6 +170,9 @@ fn serve(
     if c.run(&mut plain)? != Flow::StartTls {
         return Ok(());
     }
+    // `run` left the send time-out at what remained of the last reply's
+    // deadline: the handshake gets the full one again.
+    stream.set_write_timeout(Some(cfg.limits.command_timeout()))?;
     let tls = tls.expect("STARTTLS is only offered with a certificate");
     let conn = rustls::ServerConnection::new(tls).map_err(io::Error::other)?;
     let mut secure = rustls::StreamOwned::new(conn, plain);
@@ -196,7 +199,9 @@ struct Conversation<'a> {
 
 impl Conversation<'_> {
     /// Runs until the session closes (`Close`) or asks for TLS (`StartTls`).
-    fn run<S: Read + Write>(&mut self, stream: &mut S) -> io::Result<Flow> {
+    /// The replies to each read of input must all be written within
+    /// `command_timeout_ms` of their start, however slowly the client reads.
+    fn run<S: Read + DeadlineWrite>(&mut self, stream: &mut S) -> io::Result<Flow> {
         let limits = &self.cfg.limits;
         loop {
             self.out.clear();
@@ -219,7 +224,8 @@ impl Conversation<'_> {
                     ) =>
                 {
                     self.session.timed_out(&mut self.delivery, &mut self.out);
-                    let _ = stream.write_all(&self.out).and_then(|_| stream.flush());
+                    let deadline = Instant::now() + limits.command_timeout();
+                    let _ = stream.write_all_by(&self.out, deadline);
                     return Ok(Flow::Close);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -231,7 +237,8 @@ impl Conversation<'_> {
             let flow = self
                 .session
                 .feed(&self.buf[..n], &mut self.delivery, &mut self.out);
-            if let Err(e) = stream.write_all(&self.out).and_then(|_| stream.flush()) {
+            let deadline = Instant::now() + limits.command_timeout();
+            if let Err(e) = stream.write_all_by(&self.out, deadline) {
                 self.session.lost(&mut self.delivery);
                 return Err(e);
             }

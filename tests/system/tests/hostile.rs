@@ -628,8 +628,8 @@ fn pop_hostile_input() {
         idle_auth.closed_within(Duration::from_secs(15)),
         "idle_timeout_ms after login"
     );
-    // Every blocked write waits send_timeout_ms, but trickles of window
-    // restart the wait: the whole cut takes a few seconds here.
+    // send_timeout_ms is a deadline for the whole answer (trickles of window
+    // do not restart it): the RETR is cut about 1.5 s after it began.
     eventually("powerpop gives up on the stalled reader", || {
         sys.pop.log_text().contains("broke off mid-stream")
     });

@@ -1,0 +1,141 @@
+//! Writes held to a deadline: a reply (a whole POP3 RETR included) must be on
+//! the wire by a given instant, however slowly the client reads.
+//!
+//! A socket's send time-out (`SO_SNDTIMEO`, [`TcpStream::set_write_timeout`])
+//! bounds one `write()` call only. A client that reads a trickle lets every
+//! call make a little progress, and each new call starts the clock again, so a
+//! reply of megabytes could be stretched for hours. [`DeadlineWrite`] sets the
+//! socket's time-out to the time *left* before every system call and fails with
+//! [`io::ErrorKind::TimedOut`] once none is left: the whole reply then takes at
+//! most as long as the caller allowed.
+
+use std::io::{self, Write};
+use std::net::TcpStream;
+use std::time::Instant;
+
+/// A client stream whose writes can be held to a deadline.
+pub trait DeadlineWrite {
+    /// Writes all of `data` to the socket (over TLS: encrypts it and sends the
+    /// records, nothing stays buffered). Fails with [`io::ErrorKind::TimedOut`]
+    /// when that is not done by `deadline`, or with the socket's own error; how
+    /// much went out is then unknown and the connection should be closed.
+    fn write_all_by(&mut self, data: &[u8], deadline: Instant) -> io::Result<()>;
+}
+
+/// Sets the socket's send time-out to the time left before `deadline`.
+fn arm(sock: &TcpStream, deadline: Instant) -> io::Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "reply not sent by its deadline",
+        ));
+    }
+    // std rounds a non-zero duration up to at least 1 µs (0 would mean "never").
+    sock.set_write_timeout(Some(left))
+}
+
+/// The kernel reports an expired `SO_SNDTIMEO` as `EAGAIN`: call it a time-out.
+fn timed_out(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        io::Error::new(io::ErrorKind::TimedOut, "reply not sent by its deadline")
+    } else {
+        e
+    }
+}
+
+impl DeadlineWrite for TcpStream {
+    fn write_all_by(&mut self, mut data: &[u8], deadline: Instant) -> io::Result<()> {
+        while !data.is_empty() {
+            arm(self, deadline)?;
+            match self.write(data) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(timed_out(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DeadlineWrite for rustls::StreamOwned<rustls::ServerConnection, TcpStream> {
+    fn write_all_by(&mut self, mut data: &[u8], deadline: Instant) -> io::Result<()> {
+        loop {
+            // Records rustls still holds go first: its buffer is bounded, so
+            // plaintext is only taken once there is room.
+            while self.conn.wants_write() {
+                arm(&self.sock, deadline)?;
+                match self.conn.write_tls(&mut self.sock) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(timed_out(e)),
+                }
+            }
+            if data.is_empty() {
+                return Ok(());
+            }
+            match self.conn.writer().write(data)? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => data = &data[n..],
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    /// A peer that reads a few bytes now and then cannot stretch a reply past
+    /// its deadline (a per-write time-out would restart with every read).
+    #[test]
+    fn a_trickle_reader_does_not_extend_the_deadline() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = [0u8; 64];
+                let mut got = 0usize;
+                // Stops when told: what the kernels buffered would take
+                // minutes to trickle out.
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(5));
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n,
+                    }
+                }
+                got
+            })
+        };
+        let mut s = TcpStream::connect(addr).unwrap();
+        let data = vec![b'x'; 64 << 20];
+        let started = Instant::now();
+        let e = s
+            .write_all_by(&data, started + Duration::from_millis(300))
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        // Generous: the point is that it ends, not how precisely.
+        assert!(started.elapsed() < Duration::from_secs(10));
+        stop.store(true, Ordering::Relaxed);
+        assert!(reader.join().unwrap() < data.len());
+    }
+
+    #[test]
+    fn a_passed_deadline_fails_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut s = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let e = s.write_all_by(b"late", Instant::now()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        s.write_all_by(b"", Instant::now()).unwrap();
+    }
+}
