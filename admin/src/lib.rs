@@ -5,20 +5,22 @@
 //! `POST /control/<action>?k=v` for runtime switches (`loglevel` is handled
 //! here for every daemon; the daemon handles the rest). Every request must
 //! carry the configured token (`Authorization: Bearer <token>`), so an admin
-//! port is never an open door even when bound beyond loopback.
+//! port is never an open door even when bound beyond loopback. The port is
+//! bounded like the mail ports: [`AdminLimits`] caps concurrent connections
+//! (`503` beyond) and the time one request may take (`src/http.rs`).
 //!
 //! [`Latencies`] keeps one HdrHistogram per operation and renders the
 //! percentiles operators ask for (p50, p90, p99, p99.9, max).
 
+mod http;
 mod latency;
 mod prom;
 
+pub use http::{default_connections_max, default_request_timeout_ms, AdminLimits};
 pub use latency::{Latencies, Samples, LATENCY_MAX_US, SAMPLES_MAX};
 pub use prom::Prometheus;
 
 use std::sync::Arc;
-use std::thread;
-use std::time::Duration;
 
 /// What a daemon exposes on its admin port.
 pub trait AdminHandler: Send + Sync + 'static {
@@ -70,55 +72,44 @@ pub fn init_logging() {
     log::set_max_level(initial);
 }
 
-/// Longest request body accepted on the admin port.
-const BODY_MAX_BYTES: u64 = 64 << 10;
-
-/// Starts the admin port on `listen`, requiring `token` on every request.
-/// Fails if `token` is empty (an empty token would let in anyone who sends
-/// `Authorization: Bearer `) or the address cannot be bound.
+/// Starts the admin port on `listen`, requiring `token` on every request,
+/// within `limits`. Fails if `token` is empty (an empty token would let in
+/// anyone who sends `Authorization: Bearer `), if a limit is zero, or if the
+/// address cannot be bound.
 pub fn spawn(
     listen: &str,
     token: &str,
     handler: Arc<dyn AdminHandler>,
+    limits: AdminLimits,
 ) -> Result<AdminServer, AdminError> {
+    let fail = |reason: String| AdminError {
+        listen: listen.to_string(),
+        reason,
+    };
     if token.trim().is_empty() {
-        return Err(AdminError {
-            listen: listen.to_string(),
-            reason: "the admin token must not be empty".into(),
-        });
+        return Err(fail("the admin token must not be empty".into()));
     }
-    let server = tiny_http::Server::http(listen).map_err(|e| AdminError {
-        listen: listen.to_string(),
-        reason: e.to_string(),
-    })?;
-    let local_addr = server.server_addr().to_ip().ok_or_else(|| AdminError {
-        listen: listen.to_string(),
-        reason: "not an IP address".into(),
-    })?;
+    if limits.connections_max == 0 || limits.request_timeout_ms == 0 {
+        return Err(fail(
+            "admin_connections_max and admin_request_timeout_ms must be at least 1".into(),
+        ));
+    }
+    let listener = std::net::TcpListener::bind(listen).map_err(|e| fail(e.to_string()))?;
+    let local_addr = listener.local_addr().map_err(|e| fail(e.to_string()))?;
     let token = token.to_string();
-    thread::Builder::new()
-        .name("admin".into())
-        .spawn(move || loop {
-            match server.recv_timeout(Duration::from_secs(1)) {
-                Ok(Some(req)) => serve(req, &token, handler.as_ref()),
-                Ok(None) => {}
-                Err(e) => log::warn!("admin: accept failed: {e}"),
-            }
-        })
-        .map_err(|e| AdminError {
-            listen: listen.to_string(),
-            reason: e.to_string(),
-        })?;
+    http::serve(listener, limits, move |req| {
+        answer(req, &token, handler.as_ref())
+    })
+    .map_err(|e| fail(e.to_string()))?;
     log::info!("admin port listening on {local_addr}");
     Ok(AdminServer { local_addr })
 }
 
-fn authorised(req: &tiny_http::Request, token: &str) -> bool {
+fn authorised(req: &http::Request, token: &str) -> bool {
     let want = format!("Bearer {token}");
-    req.headers().iter().any(|h| {
-        h.field.equiv("Authorization")
-            && constant_time_eq(h.value.as_str().as_bytes(), want.as_bytes())
-    })
+    req.authorization
+        .as_ref()
+        .is_some_and(|got| constant_time_eq(got.as_bytes(), want.as_bytes()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -139,44 +130,26 @@ fn split_url(url: &str) -> (&str, Vec<(String, String)>) {
     (path, params)
 }
 
-fn serve(mut req: tiny_http::Request, token: &str, handler: &dyn AdminHandler) {
-    let (status, content_type, body) = if !authorised(&req, token) {
-        (401, "text/plain", "admin token required\n".to_string())
-    } else {
-        // Drain a bounded body so keep-alive works; its content is unused.
-        let _ = std::io::copy(
-            &mut req.as_reader().take(BODY_MAX_BYTES),
-            &mut std::io::sink(),
-        );
-        let method = req.method().clone();
-        let (path, params) = split_url(req.url());
-        route(&method, path, &params, handler)
-    };
-    let response = tiny_http::Response::from_string(body)
-        .with_status_code(status)
-        .with_header(
-            tiny_http::Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes())
-                .expect("static header is valid"),
-        );
-    if let Err(e) = req.respond(response) {
-        log::debug!("admin: reply failed: {e}");
+/// The answer to one request (its body, at most 64 KiB, was skipped).
+fn answer(req: &http::Request, token: &str, handler: &dyn AdminHandler) -> http::Answer {
+    if !authorised(req, token) {
+        return (401, "text/plain", "admin token required\n".to_string());
     }
+    let (path, params) = split_url(&req.target);
+    route(&req.method, path, &params, handler)
 }
 
-use std::io::Read;
-
 fn route(
-    method: &tiny_http::Method,
+    method: &str,
     path: &str,
     params: &[(String, String)],
     handler: &dyn AdminHandler,
-) -> (u16, &'static str, String) {
-    use tiny_http::Method::{Get, Post};
+) -> http::Answer {
     match (method, path) {
-        (Get, "/stats") => (200, "application/json", pretty(&handler.stats())),
-        (Get, "/config") => (200, "application/json", pretty(&handler.config())),
-        (Get, "/metrics") => (200, "text/plain; version=0.0.4", handler.metrics()),
-        (Post, "/control/loglevel") => match params.iter().find(|(k, _)| k == "level") {
+        ("GET", "/stats") => (200, "application/json", pretty(&handler.stats())),
+        ("GET", "/config") => (200, "application/json", pretty(&handler.config())),
+        ("GET", "/metrics") => (200, "text/plain; version=0.0.4", handler.metrics()),
+        ("POST", "/control/loglevel") => match params.iter().find(|(k, _)| k == "level") {
             Some((_, level)) => match level.parse::<log::LevelFilter>() {
                 Ok(filter) => {
                     log::set_max_level(filter);
@@ -187,7 +160,7 @@ fn route(
             },
             None => (400, "text/plain", "level=... required\n".into()),
         },
-        (Post, p) if p.starts_with("/control/") => {
+        ("POST", p) if p.starts_with("/control/") => {
             match handler.control(&p["/control/".len()..], params) {
                 Ok(text) => (200, "text/plain", text + "\n"),
                 Err(text) => (400, "text/plain", text + "\n"),
@@ -204,6 +177,7 @@ fn pretty(v: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn urls_split_into_path_and_params() {
@@ -236,10 +210,83 @@ mod tests {
     #[test]
     fn an_empty_token_is_refused() {
         for token in ["", "  "] {
-            let e = spawn("127.0.0.1:0", token, Arc::new(Nothing)).err();
+            let e = spawn(
+                "127.0.0.1:0",
+                token,
+                Arc::new(Nothing),
+                AdminLimits::default(),
+            )
+            .err();
             assert!(e.is_some_and(|e| e.to_string().contains("must not be empty")));
         }
-        assert!(spawn("127.0.0.1:0", "t0ken", Arc::new(Nothing)).is_ok());
+        assert!(spawn(
+            "127.0.0.1:0",
+            "t0ken",
+            Arc::new(Nothing),
+            AdminLimits::default()
+        )
+        .is_ok());
+    }
+
+    /// Sends one request on a fresh connection; the status line of the answer.
+    fn status_of(addr: std::net::SocketAddr, request: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        // A refused connection may be closed before the request is written.
+        let _ = s.write_all(request.as_bytes());
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        answer.lines().next().unwrap_or("").to_string()
+    }
+
+    /// More idle connections than `connections_max`: a request on a fresh
+    /// connection is refused cleanly (503) or served, the idle ones are cut
+    /// by the request time-out, and then requests are served again.
+    #[test]
+    fn connections_beyond_the_limit_are_refused_and_idle_ones_cut() {
+        use std::io::Read;
+        let limits = AdminLimits {
+            connections_max: 2,
+            request_timeout_ms: 1_000,
+        };
+        let server = spawn("127.0.0.1:0", "t0ken", Arc::new(Nothing), limits).expect("spawn");
+        let addr = server.local_addr();
+        let get = "GET /stats HTTP/1.0\r\nAuthorization: Bearer t0ken\r\n\r\n";
+        let started = Instant::now();
+        let idle: Vec<std::net::TcpStream> = (0..5)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let status = status_of(addr, get);
+        assert!(
+            status == "HTTP/1.1 503 Service Unavailable" || status == "HTTP/1.1 200 OK",
+            "beyond connections_max: {status:?}"
+        );
+        // Every idle connection ends (time-out, or 503 and close); generous bound.
+        for mut c in idle {
+            c.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            let mut rest = Vec::new();
+            let ended = c.read_to_end(&mut rest);
+            assert!(ended.is_ok(), "idle connection not closed: {ended:?}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(20));
+        // The server is healthy: requests are served again.
+        let served = (0..100).any(|_| {
+            let ok = status_of(addr, get) == "HTTP/1.1 200 OK";
+            if !ok {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            ok
+        });
+        assert!(served, "no request served after the idle connections ended");
+        assert_eq!(
+            status_of(addr, "GET /stats HTTP/1.0\r\n\r\n"),
+            "HTTP/1.1 401 Unauthorized"
+        );
     }
 
     #[test]

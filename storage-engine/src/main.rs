@@ -152,7 +152,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             backends: shared_all,
             config: config_json,
         });
-        let server = powermail_admin::spawn(listen, &token, handler)?;
+        let server = powermail_admin::spawn(listen, &token, handler, cfg.admin_limits())?;
         println!("pplistener: admin port on {}", server.local_addr());
     }
     for h in handles {

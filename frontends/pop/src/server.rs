@@ -95,7 +95,8 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             Some(t) => t.clone(),
             None => String::from_utf8_lossy(&secret).into_owned(),
         };
-        let server = powermail_admin::spawn(admin_listen, &token, admin.clone())?;
+        let server =
+            powermail_admin::spawn(admin_listen, &token, admin.clone(), cfg.admin_limits())?;
         println!("powerpop admin port on {}", server.local_addr());
     }
     on_sighup(move || {

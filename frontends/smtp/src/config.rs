@@ -32,6 +32,13 @@ pub struct Config {
     /// Bearer token for the admin port (default: the backend secret).
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// Admin connections served at once (one thread each); beyond: `503` and close.
+    #[serde(default = "powermail_admin::default_connections_max")]
+    pub admin_connections_max: usize,
+    /// The longest one admin connection may take, in ms, to send its request
+    /// and read the answer; then it is closed (slow or silent clients).
+    #[serde(default = "powermail_admin::default_request_timeout_ms")]
+    pub admin_request_timeout_ms: u64,
     /// Userbase URL: `sqlite:///path.db` or `mysql://user:pass@host/db`.
     pub userbase: String,
     /// The userbase look-up cache.
@@ -156,6 +163,14 @@ fn default_replicas() -> usize {
 }
 
 impl Config {
+    /// The admin port's limits (`admin_connections_max`, `admin_request_timeout_ms`).
+    pub fn admin_limits(&self) -> powermail_admin::AdminLimits {
+        powermail_admin::AdminLimits {
+            connections_max: self.admin_connections_max,
+            request_timeout_ms: self.admin_request_timeout_ms,
+        }
+    }
+
     /// Parses and checks a configuration text.
     pub fn parse(text: &str) -> anyhow::Result<Config> {
         let cfg: Config = toml::from_str(text)?;

@@ -71,7 +71,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             Some(t) => t.clone(),
             None => String::from_utf8_lossy(&secret).into_owned(),
         };
-        let server = powermail_admin::spawn(listen, &token, admin.clone())?;
+        let server = powermail_admin::spawn(listen, &token, admin.clone(), cfg.admin_limits())?;
         println!("powersmtp: admin port on {}", server.local_addr());
     }
     let on_hup = admin.clone();
