@@ -1,6 +1,6 @@
 //! A tiny blocking HTTP/1.0 client for the daemons' admin ports.
 //!
-//! The admin ports are tiny_http servers on trusted addresses that answer small JSON or
+//! The admin ports (`admin/src/http.rs`) are bounded HTTP servers on trusted addresses that answer small JSON or
 //! text bodies, one request per connection. That needs one request line, three headers and
 //! a bounded read to EOF — less code than configuring a general client crate, and no
 //! dependency tree to build on small machines. Everything here is bounded: the connect and
