@@ -1,10 +1,11 @@
 //! A tiny blocking HTTP/1.0 client for the daemons' admin ports.
 //!
-//! The admin ports (`admin/src/http.rs`) are bounded HTTP servers on trusted addresses
-//! that answer small JSON or text bodies, one request per connection. That needs one request line, three headers and
-//! a bounded read to EOF — less code than configuring a general client crate, and no
-//! dependency tree to build on small machines. Everything here is bounded: the connect and
-//! every read/write time out, and a reply over [`REPLY_MAX_BYTES`] is refused.
+//! The admin ports (`admin/src/http.rs`) are bounded HTTP servers on trusted addresses that
+//! answer small JSON or text bodies, one request per connection. That needs one request
+//! line, three headers and a bounded read to EOF — less code than configuring a general
+//! client crate, and no dependency tree to build on small machines. Everything here is
+//! bounded: the connect and every read/write time out, and a reply over [`REPLY_MAX_BYTES`]
+//! is refused.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
