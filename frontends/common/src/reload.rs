@@ -94,6 +94,49 @@ pub fn split_live(changes: Vec<String>, live: &[&str]) -> (Vec<String>, Vec<Stri
         .partition(|c| live.iter().any(|p| c.starts_with(&format!("{p}."))))
 }
 
+/// One reload: re-reads the file at `path` with `parse`, hands the new configuration to
+/// `apply` (which applies what it can and returns the changes it applied and those that
+/// need a restart, as [`split_live`] does), logs both and returns the admin reply. A file
+/// that cannot be read or parsed changes nothing: the error is logged and returned.
+pub fn reload_file<C, E: std::fmt::Display>(
+    path: Option<&std::path::Path>,
+    parse: impl FnOnce(&str) -> Result<C, E>,
+    apply: impl FnOnce(C) -> (Vec<String>, Vec<String>),
+) -> Result<String, String> {
+    let result = read_file(path, parse).map(|new| {
+        let (live, restart) = apply(new);
+        log::warn!(
+            "reload: applied [{}]; need a restart: [{}]",
+            live.join("; "),
+            restart.join("; ")
+        );
+        format!(
+            "reloaded: {} change(s) applied to new sessions, {} need a restart{}",
+            live.len(),
+            restart.len(),
+            if restart.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", restart.join("; "))
+            }
+        )
+    });
+    if let Err(e) = &result {
+        log::error!("reload failed, configuration unchanged: {e}");
+    }
+    result
+}
+
+fn read_file<C, E: std::fmt::Display>(
+    path: Option<&std::path::Path>,
+    parse: impl FnOnce(&str) -> Result<C, E>,
+) -> Result<C, String> {
+    let path = path.ok_or("started without a configuration file")?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    parse(&text).map_err(|e| format!("parsing {}: {e:#}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

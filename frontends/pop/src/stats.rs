@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use powermail_admin::{AdminHandler, Latencies, Prometheus};
-use powermail_frontend::reload::{changes, split_live, Reloadable};
+use powermail_frontend::reload::{changes, reload_file, split_live, Reloadable};
 use powermail_frontend::Cluster;
 
 use crate::config::{Config, Limits};
@@ -112,42 +112,14 @@ impl Admin {
     /// every other change is logged as needing a restart. A file that does not parse
     /// changes nothing.
     pub fn reload(&self) -> Result<String, String> {
-        let result = self.read().map(|new| {
-            let (live, restart) = split_live(
+        reload_file(self.path.as_deref(), Config::parse, |new: Config| {
+            let split = split_live(
                 changes(&self.effective().public_json(), &new.public_json()),
                 RELOADABLE,
             );
             self.limits.set(new.limits);
-            log::warn!(
-                "reload: applied [{}]; need a restart: [{}]",
-                live.join("; "),
-                restart.join("; ")
-            );
-            format!(
-                "reloaded: {} change(s) applied to new sessions, {} need a restart{}",
-                live.len(),
-                restart.len(),
-                if restart.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", restart.join("; "))
-                }
-            )
-        });
-        if let Err(e) = &result {
-            log::error!("reload failed, configuration unchanged: {e}");
-        }
-        result
-    }
-
-    fn read(&self) -> Result<Config, String> {
-        let path = self
-            .path
-            .as_ref()
-            .ok_or("started without a configuration file")?;
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        Config::parse(&text).map_err(|e| format!("parsing {}: {e:#}", path.display()))
+            split
+        })
     }
 }
 

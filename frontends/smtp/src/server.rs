@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use powermail_admin::{AdminHandler, Prometheus};
-use powermail_frontend::reload::{changes, on_sighup, split_live, Reloadable};
+use powermail_frontend::reload::{changes, on_sighup, reload_file, split_live, Reloadable};
 use powermail_frontend::{Cluster, DeadlineWrite};
 use powermail_userbase::{CacheConfig, CachedUserbase};
 
@@ -270,43 +270,14 @@ impl Admin {
     /// Re-reads the configuration file and applies its `[limits]` to new sessions.
     /// A file that does not parse changes nothing.
     fn reload(&self) -> Result<String, String> {
-        let result = self.read().map(|new| {
+        reload_file(self.path.as_deref(), Config::parse, |new: Config| {
             let old = self.current.get();
-            let (live, restart) =
-                split_live(changes(&old.public_json(), &new.public_json()), RELOADABLE);
+            let split = split_live(changes(&old.public_json(), &new.public_json()), RELOADABLE);
             let mut next = (*old).clone();
             next.limits = new.limits;
             self.current.set(next);
-            log::warn!(
-                "reload: applied [{}]; need a restart: [{}]",
-                live.join("; "),
-                restart.join("; ")
-            );
-            format!(
-                "reloaded: {} change(s) applied to new sessions, {} need a restart{}",
-                live.len(),
-                restart.len(),
-                if restart.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", restart.join("; "))
-                }
-            )
-        });
-        if let Err(e) = &result {
-            log::error!("reload failed, configuration unchanged: {e}");
-        }
-        result
-    }
-
-    fn read(&self) -> Result<Config, String> {
-        let path = self
-            .path
-            .as_ref()
-            .ok_or("started without a configuration file")?;
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        Config::parse(&text).map_err(|e| format!("parsing {}: {e:#}", path.display()))
+            split
+        })
     }
 }
 
