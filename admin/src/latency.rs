@@ -3,7 +3,8 @@
 //! One HdrHistogram per operation name, in microseconds, so that p99.9 and
 //! max are exact to three significant digits whatever the load. Owners keep
 //! a `Latencies` where they record (a glommio executor keeps its own, with no
-//! lock) and hand a clone or a merged copy to the admin thread.
+//! lock; threads share one behind a mutex and reach it through [`Samples`]) and
+//! hand a clone to the admin thread.
 
 use std::collections::BTreeMap;
 
@@ -31,21 +32,6 @@ impl Latencies {
                 .expect("static histogram bounds are valid")
         });
         h.saturating_record(latency_us.clamp(1, LATENCY_MAX_US));
-    }
-
-    /// Adds every histogram of `other` into this one.
-    pub fn merge(&mut self, other: &Latencies) {
-        for (op, h) in &other.by_op {
-            match self.by_op.get_mut(op) {
-                Some(mine) => {
-                    // Same bounds on both sides: cannot fail.
-                    let _ = mine.add(h);
-                }
-                None => {
-                    self.by_op.insert(op, h.clone());
-                }
-            }
-        }
     }
 
     /// The histogram of one operation, if it was ever recorded.
@@ -176,15 +162,13 @@ mod tests {
     }
 
     #[test]
-    fn percentiles_and_merge() {
+    fn percentiles_buckets_and_prometheus() {
         let mut a = Latencies::new();
         for us in 1..=1000 {
             a.record("PUT", us);
         }
-        let mut b = Latencies::new();
-        b.record("PUT", 5000);
-        b.record("GET", 7);
-        a.merge(&b);
+        a.record("PUT", 5000);
+        a.record("GET", 7);
         let s = a.summary();
         assert_eq!(s["PUT"]["count"], 1001);
         assert_eq!(s["GET"]["count"], 1);

@@ -37,12 +37,7 @@ pub fn sendfile_all(
                 "file shorter than its size",
             ));
         }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EAGAIN) => wait_writable(sock, timeout)?,
-            Some(libc::EINTR) => {}
-            _ => return Err(err),
-        }
+        wait_after_error(sock, timeout)?;
     }
     Ok(())
 }
@@ -61,14 +56,20 @@ pub fn send_all(sock: RawFd, mut data: &[u8], timeout: Duration) -> io::Result<(
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EAGAIN) => wait_writable(sock, timeout)?,
-            Some(libc::EINTR) => {}
-            _ => return Err(err),
-        }
+        wait_after_error(sock, timeout)?;
     }
     Ok(())
+}
+
+/// After a failed call on the non-blocking socket: waits for room on `EAGAIN`,
+/// returns at once on `EINTR` (the caller retries), fails on anything else.
+fn wait_after_error(sock: RawFd, timeout: Duration) -> io::Result<()> {
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN) => wait_writable(sock, timeout),
+        Some(libc::EINTR) => Ok(()),
+        _ => Err(err),
+    }
 }
 
 fn wait_writable(sock: RawFd, timeout: Duration) -> io::Result<()> {
