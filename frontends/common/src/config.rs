@@ -42,6 +42,39 @@ impl BackendSpec {
     }
 }
 
+/// Why a `[[backend]]` list is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendListError {
+    /// No `[[backend]]` table at all.
+    #[error("no [[backend]] configured")]
+    Empty,
+    /// A backend with an empty name (logs, stats and `disable` need one).
+    #[error("a [[backend]] has an empty name")]
+    EmptyName,
+    /// Two backends share a name: `disable NAME` would act on one of them only,
+    /// and powerpop's delete journal (and powersmtp's undo journal) are keyed by name.
+    #[error("backend name {0:?} is used more than once; names must be unique")]
+    DuplicateName(String),
+}
+
+/// Checks a frontend's `[[backend]]` list: at least one backend, every name
+/// non-empty and unique. Both frontends call it when parsing their file, so
+/// a list one accepts the other accepts too.
+pub fn validate_backends(specs: &[BackendSpec]) -> Result<(), BackendListError> {
+    if specs.is_empty() {
+        return Err(BackendListError::Empty);
+    }
+    let mut names: Vec<&str> = specs.iter().map(|b| b.name.as_str()).collect();
+    if names.iter().any(|n| n.trim().is_empty()) {
+        return Err(BackendListError::EmptyName);
+    }
+    names.sort_unstable();
+    match names.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(BackendListError::DuplicateName(w[0].to_string())),
+        None => Ok(()),
+    }
+}
+
 /// Health checking and connection pooling, shared by every backend.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -117,5 +150,23 @@ mod tests {
         assert_eq!(f.backends[1].priority, 5);
         assert_eq!(f.backend_pool.health_interval_ms, 250);
         assert_eq!(f.backend_pool.io_timeout_ms, 30_000);
+    }
+
+    #[test]
+    fn backend_lists_are_checked() {
+        let a = BackendSpec::new("a", "127.0.0.1:1");
+        let b = BackendSpec::new("b", "127.0.0.1:2");
+        assert_eq!(validate_backends(&[a.clone(), b.clone()]), Ok(()));
+        assert_eq!(validate_backends(&[]), Err(BackendListError::Empty));
+        // Same name, different address: still refused.
+        let a2 = BackendSpec::new("a", "127.0.0.1:3");
+        assert_eq!(
+            validate_backends(&[a.clone(), b, a2]),
+            Err(BackendListError::DuplicateName("a".into()))
+        );
+        assert_eq!(
+            validate_backends(&[a, BackendSpec::new(" ", "127.0.0.1:4")]),
+            Err(BackendListError::EmptyName)
+        );
     }
 }

@@ -40,6 +40,6 @@ pub mod select;
 pub mod settings;
 
 pub use cluster::{BackendId, BackendSnapshot, Cluster, Health, PoolError, PooledConn};
-pub use config::{BackendSpec, PoolConfig};
+pub use config::{validate_backends, BackendListError, BackendSpec, PoolConfig};
 pub use deadline::DeadlineWrite;
 pub use select::{select, Candidate};

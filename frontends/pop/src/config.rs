@@ -212,12 +212,8 @@ impl Config {
         if cfg.secret.is_none() == cfg.secret_file.is_none() {
             bail!("set exactly one of secret and secret_file");
         }
-        let mut names: Vec<&str> = cfg.backends.iter().map(|b| b.name.as_str()).collect();
-        names.sort();
-        if names.windows(2).any(|w| w[0] == w[1]) {
-            // The delete journal is keyed by backend name.
-            bail!("backend names must be unique");
-        }
+        // The delete journal is keyed by backend name.
+        powermail_frontend::validate_backends(&cfg.backends)?;
         Ok(cfg)
     }
 

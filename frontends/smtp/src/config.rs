@@ -174,9 +174,7 @@ impl Config {
     /// Parses and checks a configuration text.
     pub fn parse(text: &str) -> anyhow::Result<Config> {
         let cfg: Config = toml::from_str(text)?;
-        if cfg.backends.is_empty() {
-            bail!("no [[backend]] configured");
-        }
+        powermail_frontend::validate_backends(&cfg.backends)?;
         if cfg.replicas == 0 || cfg.replicas > cfg.backends.len() {
             bail!(
                 "replicas = {} must be between 1 and the number of backends ({})",
@@ -260,6 +258,9 @@ mod tests {
         assert!(Config::parse(&format!("{base}{one}")).is_ok());
         assert!(Config::parse(base).is_err(), "no backends");
         assert!(Config::parse(&format!("{base}replicas = 2\n{one}")).is_err());
+        let other = "[[backend]]\nname = \"a\"\naddr = \"127.0.0.1:2\"\n";
+        let err = Config::parse(&format!("{base}{one}{other}")).unwrap_err();
+        assert!(err.to_string().contains("used more than once"), "{err}");
         assert!(Config::parse(&format!("{base}bogus = 1\n{one}")).is_err());
     }
 
