@@ -3,8 +3,9 @@
 //! hot path: each accepts, reads, writes and counts on its own.
 //!
 //! Besides the accept loop, each executor runs one timer task that publishes
-//! its latency histograms for the admin thread and checks free space (turning
-//! the backend read-only under the configured floor, and back above it).
+//! its latency histograms for the admin thread and checks free space and inodes
+//! (turning the backend read-only under either floor, and back only once a real
+//! write succeeds again).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -21,7 +22,7 @@ use powermail_admin::Latencies;
 use crate::config::{Backend, LimitsConfig};
 use crate::session::{serve, Ctx};
 use crate::stats::{add, BackendShared};
-use crate::store::Store;
+use crate::store::{Space, Store};
 
 /// How often latencies are published and free space is checked.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
@@ -152,23 +153,128 @@ async fn housekeeping(ctx: Rc<Ctx>) {
             published.clone_from(&ctx.latencies.borrow());
         }
         let store = ctx.store.clone();
-        if let Ok((free, total)) = glommio::executor()
-            .spawn_blocking(move || store.space())
-            .await
-        {
-            let s = &ctx.shared;
-            s.free_bytes.store(free, Relaxed);
-            s.total_bytes.store(total, Relaxed);
-            let low = free < ctx.limits.free_bytes_min;
-            if s.auto_readonly.swap(low, Relaxed) != low {
-                log::warn!(
-                    "backend={} free_bytes={free} floor={} mode={}",
-                    s.name,
-                    ctx.limits.free_bytes_min,
-                    s.mode()
-                );
+        let limits = ctx.limits.clone();
+        let s = &ctx.shared;
+        let was = s.auto_readonly.load(Relaxed);
+        let checked = glommio::executor()
+            .spawn_blocking(move || {
+                let space = store.space()?;
+                let next = auto_readonly_after(was, &space, &limits, || probe_write(&store));
+                Ok::<_, std::io::Error>((space, next))
+            })
+            .await;
+        match checked {
+            Ok((space, next)) => {
+                s.free_bytes.store(space.free_bytes, Relaxed);
+                s.total_bytes.store(space.total_bytes, Relaxed);
+                if s.auto_readonly.swap(next, Relaxed) != next {
+                    log::warn!(
+                        "backend={} free_bytes={} floor={} free_inodes={} inode_floor={} mode={}",
+                        s.name,
+                        space.free_bytes,
+                        ctx.limits.free_bytes_min,
+                        space.free_inodes,
+                        ctx.limits.free_inodes_min,
+                        s.mode()
+                    );
+                }
             }
+            Err(e) => log::error!("backend={} statvfs failed: {e}", s.name),
         }
         glommio::timer::sleep(HOUSEKEEPING_INTERVAL).await;
+    }
+}
+
+/// Size of the probe write that must succeed before an ro-auto backend takes PUTs again.
+const PROBE_WRITE_BYTES: usize = 4096;
+
+/// Whether a small write really succeeds now: a nameless `O_TMPFILE` in `tmp/` (it
+/// needs an inode, like every message) holding [`PROBE_WRITE_BYTES`], gone on close.
+/// Statistics cannot show a quota (EDQUOT) nor the blocks ext4 keeps for itself;
+/// this write can.
+fn probe_write(store: &Store) -> bool {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(store.tmp_dir())
+        .and_then(|mut f| f.write_all(&[0u8; PROBE_WRITE_BYTES]));
+    written.is_ok()
+}
+
+/// The automatic read-only flag after a housekeeping tick.
+///
+/// Below either floor (`free_bytes_min`, `free_inodes_min`) the backend is
+/// read-only. Above both it leaves ro-auto only when a real write succeeds
+/// (`probe`, called only then): ro-auto set by an ENOSPC or EDQUOT write
+/// (see `session::note_io_error`) thus lasts until space is really back, even
+/// with a floor of 0, on a full quota or with no inodes left, instead of
+/// flapping back to rw every tick. An operator's READWRITE clears it at once.
+fn auto_readonly_after(
+    was_readonly: bool,
+    space: &Space,
+    limits: &LimitsConfig,
+    probe: impl FnOnce() -> bool,
+) -> bool {
+    let below =
+        space.free_bytes < limits.free_bytes_min || space.free_inodes < limits.free_inodes_min;
+    if below {
+        return true;
+    }
+    was_readonly && !probe()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn space(free_bytes: u64, free_inodes: u64) -> Space {
+        Space {
+            free_bytes,
+            total_bytes: 1 << 30,
+            free_inodes,
+        }
+    }
+
+    #[test]
+    fn floors_and_probe_decide_ro_auto() {
+        let limits = LimitsConfig {
+            free_bytes_min: 1000,
+            free_inodes_min: 10,
+            ..LimitsConfig::default()
+        };
+        let never = || -> bool { panic!("probe not expected") };
+        // Under either floor: read-only, no probe.
+        assert!(auto_readonly_after(false, &space(999, 100), &limits, never));
+        assert!(auto_readonly_after(false, &space(5000, 9), &limits, never));
+        // Above both floors and writable: stays writable, no probe.
+        assert!(!auto_readonly_after(
+            false,
+            &space(5000, 100),
+            &limits,
+            never
+        ));
+        // ro-auto (an ENOSPC write) above both floors: only a write that works clears it.
+        assert!(auto_readonly_after(
+            true,
+            &space(5000, 100),
+            &limits,
+            || false
+        ));
+        assert!(!auto_readonly_after(
+            true,
+            &space(5000, 100),
+            &limits,
+            || true
+        ));
+        // Floors of 0 no longer clear an ENOSPC read-only by themselves.
+        let zero = LimitsConfig {
+            free_bytes_min: 0,
+            free_inodes_min: 0,
+            ..LimitsConfig::default()
+        };
+        assert!(auto_readonly_after(true, &space(0, 0), &zero, || false));
     }
 }

@@ -74,6 +74,10 @@ pub struct LimitsConfig {
     pub list_max_entries: usize,
     /// Below this many free bytes the backend turns read-only by itself.
     pub free_bytes_min: u64,
+    /// Below this many free inodes the backend turns read-only by itself
+    /// (every message and every mailbox directory takes one; a disk can run out
+    /// of inodes with bytes to spare).
+    pub free_inodes_min: u64,
 }
 
 impl Default for LimitsConfig {
@@ -87,6 +91,7 @@ impl Default for LimitsConfig {
             idle_timeout_ms: 300_000,
             list_max_entries: 100_000,
             free_bytes_min: 256 << 20,
+            free_inodes_min: 1024,
         }
     }
 }

@@ -60,7 +60,8 @@ pub struct BackendShared {
     pub cpu: usize,
     /// An operator made it read-only (persisted by a marker file).
     pub operator_readonly: AtomicBool,
-    /// Free space fell under the floor or a write hit ENOSPC.
+    /// Free space or inodes fell under a floor, or a write hit ENOSPC/EDQUOT
+    /// (then it stays until a probe write succeeds or an operator says READWRITE).
     pub auto_readonly: AtomicBool,
     /// Free bytes at the last check.
     pub free_bytes: AtomicU64,
@@ -104,6 +105,11 @@ impl BackendShared {
             crate::store::sync_dir(dir)?;
         }
         self.operator_readonly.store(on, Relaxed);
+        if !on {
+            // READWRITE also overrides an ro-auto left by an ENOSPC/EDQUOT write; the
+            // next housekeeping tick sets it again only if a floor is not met.
+            self.auto_readonly.store(false, Relaxed);
+        }
         log::warn!("backend={} mode={} (operator)", self.name, self.mode());
         Ok(())
     }

@@ -391,8 +391,8 @@ impl Store {
         Ok(page.into_iter().collect())
     }
 
-    /// `(free, total)` bytes of the file system holding the store.
-    pub fn space(&self) -> io::Result<(u64, u64)> {
+    /// Free and total bytes and free inodes of the file system holding the store.
+    pub fn space(&self) -> io::Result<Space> {
         statvfs(&self.root)
     }
 
@@ -437,8 +437,19 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// `(free bytes for unprivileged users, total bytes)` of the file system at `path`.
-pub fn statvfs(path: &Path) -> io::Result<(u64, u64)> {
+/// What `statvfs(2)` says of a file system, as this (unprivileged) process sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes available (`f_bavail` blocks).
+    pub free_bytes: u64,
+    /// Size of the file system in bytes.
+    pub total_bytes: u64,
+    /// Inodes available (`f_favail`): every message and mailbox directory takes one.
+    pub free_inodes: u64,
+}
+
+/// Free and total bytes and free inodes of the file system holding `path`.
+pub fn statvfs(path: &Path) -> io::Result<Space> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
@@ -448,7 +459,11 @@ pub fn statvfs(path: &Path) -> io::Result<(u64, u64)> {
         return Err(io::Error::last_os_error());
     }
     let frsize = s.f_frsize as u64;
-    Ok((s.f_bavail as u64 * frsize, s.f_blocks as u64 * frsize))
+    Ok(Space {
+        free_bytes: (s.f_bavail as u64).saturating_mul(frsize),
+        total_bytes: (s.f_blocks as u64).saturating_mul(frsize),
+        free_inodes: s.f_favail as u64,
+    })
 }
 
 #[cfg(test)]

@@ -478,45 +478,6 @@ fn backend_down_at_quit_deleted_messages_stay_deleted() {
     ));
 }
 
-/// Mounts a small ext4 image (loop device) at a directory; unmounts on drop.
-struct SmallDisk {
-    image: PathBuf,
-    dir: PathBuf,
-}
-
-impl SmallDisk {
-    fn mount(root: &Path, size_mib: u64) -> SmallDisk {
-        let image = root.join("small.img");
-        let dir = root.join("small");
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::File::create(&image)
-            .and_then(|f| f.set_len(size_mib << 20))
-            .expect("image");
-        let run = |cmd: &mut Command| {
-            let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-            assert!(
-                out.status.success(),
-                "{cmd:?}: {} (the disk-full case needs root, mkfs.ext4 and loop devices; \
-                 PM_SKIP_DISKFULL=1 skips it)",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
-        run(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&image)
-            .arg(&dir));
-        SmallDisk { image, dir }
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        let _ = std::fs::remove_file(&self.image);
-    }
-}
-
 /// Issue #6, case 6: one backend's disk fills; it turns read-only by
 /// itself, delivery goes on to the others, nothing is lost.
 #[test]
@@ -584,6 +545,72 @@ fn a_full_disk_turns_its_backend_read_only_and_nothing_is_lost() {
         backends[2].mode(),
         backends[2].links().len(),
         sent.iter().filter(|s| s.code != 250).count()
+    ));
+}
+
+/// Issue #16: a backend whose file system runs out of inodes (bytes to spare, both
+/// floors 0) turns read-only on the failed write and stays so, tick after tick,
+/// refusing PUTs with `[READONLY]`, until inodes are freed; then it takes PUTs again.
+#[test]
+fn out_of_inodes_keeps_its_backend_read_only_until_inodes_are_freed() {
+    if std::env::var("PM_SKIP_DISKFULL").as_deref() == Ok("1") {
+        report("fault out of inodes: SKIPPED (PM_SKIP_DISKFULL=1)");
+        return;
+    }
+    let _g = serial();
+    let root = tempfile::tempdir().expect("tempdir");
+    // 32 MiB but only ~128 inodes. Declared before the backend: unmounted after it.
+    let disk = SmallDisk::mount_with(root.path(), 32, Some(128));
+    let b = Backend::start(
+        root.path(),
+        0,
+        disk.dir.join("data"),
+        "free_inodes_min = 0\n",
+    );
+    let mailbox = MailboxName::parse(&user(0)).expect("mailbox");
+    let body = message("inodes", 2000);
+    let put = |i: u64| {
+        let id = powermail_proto::MessageId::generate(1_700_000_000_000_000 + i, "inodes", i);
+        b.conn().put(&id, std::slice::from_ref(&mailbox), &body)
+    };
+    put(0).expect("PUT while inodes are free");
+    // Take every free inode with empty files.
+    let filler = disk.dir.join("filler");
+    std::fs::create_dir(&filler).expect("filler dir");
+    let mut files = 0u32;
+    loop {
+        match std::fs::File::create(filler.join(files.to_string())) {
+            Ok(_) => files += 1,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling inodes: {e}"),
+        }
+        assert!(files < 100_000, "the file system should run out of inodes");
+    }
+    let err = put(1).expect_err("PUT with no inode left");
+    assert_eq!(b.mode(), "ro-auto", "ENOSPC turned it read-only: {err}");
+    // Several housekeeping ticks (1 s each): it must not flap back to rw while no
+    // inode is free, and every PUT is refused up front.
+    let watch_from = Instant::now();
+    let mut refused = 0;
+    while watch_from.elapsed() < Duration::from_millis(3500) {
+        assert_eq!(b.mode(), "ro-auto", "still out of inodes\n{}", b.log_text());
+        let err = put(2 + refused).expect_err("PUT while out of inodes");
+        assert_eq!(
+            err.code(),
+            Some(powermail_proto::ErrorCode::ReadOnly),
+            "refused as read-only, not tried: {err}"
+        );
+        refused += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    std::fs::remove_dir_all(&filler).expect("free the inodes");
+    eventually("the backend is writable once inodes are free", || {
+        b.mode() == "rw"
+    });
+    put(1000).expect("PUT once inodes are free");
+    assert_eq!(b.links().len(), 2, "the first and the last PUT are stored");
+    report(&format!(
+        "fault out of inodes: filler_files={files} refused_readonly={refused} flapped=0"
     ));
 }
 

@@ -838,3 +838,57 @@ pub fn http(
         .unwrap_or_default();
     Ok((code, body))
 }
+
+/// A small ext4 image mounted on a loop device at a directory; unmounted on drop.
+/// Needs root, `mkfs.ext4` and loop devices (the disk-full cases; `PM_SKIP_DISKFULL=1`
+/// skips them).
+pub struct SmallDisk {
+    image: PathBuf,
+    /// The mount point.
+    pub dir: PathBuf,
+}
+
+impl SmallDisk {
+    /// `size_mib` MiB of ext4 under `root` with mkfs's default inode count.
+    pub fn mount(root: &Path, size_mib: u64) -> SmallDisk {
+        SmallDisk::mount_with(root, size_mib, None)
+    }
+
+    /// Like [`SmallDisk::mount`], with about `inodes` inodes (`mkfs.ext4 -N`) when set:
+    /// a file system that runs out of inodes long before it runs out of bytes.
+    pub fn mount_with(root: &Path, size_mib: u64, inodes: Option<u32>) -> SmallDisk {
+        let image = root.join("small.img");
+        let dir = root.join("small");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(size_mib << 20))
+            .expect("image");
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {} (the disk-full cases need root, mkfs.ext4 and loop devices; \
+                 PM_SKIP_DISKFULL=1 skips them)",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let mut mkfs = Command::new("mkfs.ext4");
+        mkfs.args(["-q", "-F"]);
+        if let Some(n) = inodes {
+            mkfs.arg("-N").arg(n.to_string());
+        }
+        run(mkfs.arg(&image));
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&dir));
+        SmallDisk { image, dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
