@@ -17,6 +17,8 @@
 //!   userbase cache, backend secret;
 //! * [`deadline`] — client writes held to a deadline for a whole reply, so a
 //!   client that reads a trickle cannot hold a connection thread for ever;
+//! * [`journal`] — deletions owed to backends that could not take them (powerpop's
+//!   delete journal, powersmtp's undo journal), durable and replayed;
 //! * [`reload`] — configuration reload without a restart (SIGHUP or the admin port),
 //!   applied to new sessions only.
 //!
@@ -35,6 +37,7 @@
 pub mod cluster;
 pub mod config;
 pub mod deadline;
+pub mod journal;
 pub mod reload;
 pub mod select;
 pub mod settings;

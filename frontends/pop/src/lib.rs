@@ -18,7 +18,7 @@
 
 pub mod command;
 pub mod config;
-pub mod journal;
+pub use powermail_frontend::journal;
 pub mod line;
 pub mod listing;
 pub mod lock;

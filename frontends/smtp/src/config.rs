@@ -53,6 +53,14 @@ pub struct Config {
     /// File holding the backend secret (trailing whitespace ignored).
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
+    /// Where the undo journal lives (`undo.journal`: deletions owed for
+    /// copies of refused messages, replayed until acknowledged). None: the
+    /// journal is kept in memory only and lost on a restart.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// How often deletions still owed in the undo journal are sent again.
+    #[serde(default = "default_undo_replay_interval_ms")]
+    pub undo_replay_interval_ms: u64,
     /// Limits and time-outs.
     #[serde(default)]
     pub limits: Limits,
@@ -158,6 +166,10 @@ fn default_hostname() -> String {
     "localhost".into()
 }
 
+fn default_undo_replay_interval_ms() -> u64 {
+    1000
+}
+
 fn default_replicas() -> usize {
     1
 }
@@ -191,6 +203,9 @@ impl Config {
         if cfg.secret.is_none() == cfg.secret_file.is_none() {
             bail!("set exactly one of secret and secret_file");
         }
+        if cfg.undo_replay_interval_ms == 0 {
+            bail!("undo_replay_interval_ms must be at least 1");
+        }
         Ok(cfg)
     }
 
@@ -217,6 +232,8 @@ impl Config {
             "userbase": redact_url(&self.userbase),
             "userbase_cache": self.userbase_cache,
             "replicas": self.replicas,
+            "state_dir": self.state_dir,
+            "undo_replay_interval_ms": self.undo_replay_interval_ms,
             "limits": self.limits,
             "backend_pool": self.backend_pool,
             "forward": self.forward,

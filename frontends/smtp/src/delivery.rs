@@ -7,9 +7,9 @@
 //! beginning with the `Received:` header. Every chunk of the message goes to
 //! all of them as it arrives. At the end, all K are told to finish first and
 //! their replies are read afterwards, so the K `fdatasync`s overlap. Only when
-//! all K said OK is the reply `250`; otherwise the copies that did succeed
-//! are deleted again (no orphan duplicates when the sender retries) and the
-//! reply is `451 4.3.0`.
+//! all K said OK is the reply `250`; otherwise every copy that may be stored
+//! is recorded in the undo journal and deleted again (no orphan duplicates
+//! when the sender retries; see [`crate::undo`]) and the reply is `451 4.3.0`.
 
 use std::collections::HashMap;
 use std::io;
@@ -77,6 +77,8 @@ pub struct Shared {
     pub relay: Option<String>,
     /// Time-out of every step with the relay.
     pub relay_timeout: Duration,
+    /// Deletions owed for copies of refused messages.
+    pub undo: Arc<crate::undo::Undo>,
 }
 
 /// One backend receiving a copy.
@@ -294,22 +296,18 @@ impl BackendDelivery {
         );
     }
 
-    /// Deletes the copies that succeeded when fewer than K did.
+    /// Deletes every copy that may be stored when the message is refused: first
+    /// records one deletion per copy begun (a backend whose `+OK` was lost may
+    /// hold one) in the undo journal, durably, then deletes the copies known to
+    /// be durable at once. Whatever is not acknowledged now is replayed later
+    /// (see [`crate::undo`]), so a refused message is not left listed.
     fn undo(&self, txn: &Txn, ok: Vec<(BackendId, PooledConn)>) {
-        for (id, mut conn) in ok {
-            let mut clean = true;
-            for m in &txn.rcpts {
-                if let Err(e) = conn.del(m, &txn.msgid) {
-                    log::error!(
-                        "msgid={} backend={} cannot delete partial copy for {m}: {e}",
-                        txn.msgid,
-                        self.shared.cluster.spec(id).name
-                    );
-                    clean = false;
-                    break;
-                }
-            }
-            if clean {
+        let cluster = &self.shared.cluster;
+        let begun: Vec<BackendId> = txn.copies.iter().map(|c| c.id).collect();
+        let undo = &self.shared.undo;
+        undo.record(cluster, &begun, &txn.rcpts, &txn.msgid);
+        for (id, conn) in ok {
+            if let Some(conn) = undo.delete_now(cluster, id, conn, &txn.rcpts, &txn.msgid) {
                 conn.release();
             }
         }

@@ -27,6 +27,8 @@ use powermail_userbase::{CacheConfig, CachedUserbase};
 use crate::config::Config;
 use crate::delivery::{BackendDelivery, Shared};
 use crate::session::{Flow, Session};
+use crate::undo::Undo;
+use powermail_frontend::journal::Journal;
 
 /// Bytes read from a client at once; DATA chunks to backends are at most twice this.
 const READ_BUFFER_BYTES: usize = 64 << 10;
@@ -47,7 +49,23 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         cfg.backends.clone(),
         cfg.backend_pool.clone(),
     );
+    let journal = match &cfg.state_dir {
+        Some(dir) => Journal::open_named(dir, "undo.journal", "undo.journal.lock")
+            .with_context(|| format!("opening the undo journal in {}", dir.display()))?,
+        None => {
+            log::warn!("no state_dir: the undo journal is kept in memory only");
+            Journal::in_memory()
+        }
+    };
+    let undo = Arc::new(Undo::new(journal));
+    crate::undo::spawn_replayer(
+        &undo,
+        &cluster,
+        Duration::from_millis(cfg.undo_replay_interval_ms),
+    )
+    .context("starting the undo replayer")?;
     let shared = Arc::new(Shared {
+        undo,
         cluster,
         userbase: CachedUserbase::new(ub, cache),
         stats: Default::default(),
@@ -293,6 +311,9 @@ impl AdminHandler for Admin {
             "connections": s.connections.load(Ordering::Relaxed),
             "messages": l(&s.messages),
             "messages_failed": l(&s.messages_failed),
+            "undo_owed": self.shared.undo.owed_count(),
+            "undo_journaled": l(&self.shared.undo.journaled),
+            "undo_acknowledged": l(&self.shared.undo.acknowledged),
             "recipients": l(&s.recipients),
             "bytes": l(&s.bytes),
             "replies": {
@@ -344,6 +365,13 @@ impl AdminHandler for Admin {
         for (name, help, v) in counters {
             p.metric(name, "counter", help, "", v);
         }
+        p.metric(
+            "powersmtp_undo_owed",
+            "gauge",
+            "deletions of refused messages' copies not yet acknowledged by a backend",
+            "",
+            self.shared.undo.owed_count() as f64,
+        );
         p.metric(
             "powersmtp_connections",
             "gauge",

@@ -181,8 +181,10 @@ fn write_configs(
         l.backend_base_port
     );
     let smtp = format!(
-        "# Written by `powermail up`; regenerated at every start.\nlisten = \"{}\"\nhostname = \"localhost\"\nfrontend_id = \"up\"\nadmin_listen = \"{}\"\nadmin_token = \"{token}\"\nuserbase = \"{userbase}\"\nreplicas = {k}\nsecret = \"{secret}\"\n\n{backends}",
-        l.smtp_listen, l.smtp_admin
+        "# Written by `powermail up`; regenerated at every start.\nlisten = \"{}\"\nhostname = \"localhost\"\nfrontend_id = \"up\"\nadmin_listen = \"{}\"\nadmin_token = \"{token}\"\nuserbase = \"{userbase}\"\nreplicas = {k}\nsecret = \"{secret}\"\nstate_dir = \"{}\"\n\n{backends}",
+        l.smtp_listen,
+        l.smtp_admin,
+        abs.join("smtpstate").display()
     );
     let pop = format!(
         "# Written by `powermail up`; regenerated at every start.\nlisten = \"{}\"\nadmin_listen = \"{}\"\nadmin_token = \"{token}\"\nuserbase = \"{userbase}\"\nsecret = \"{secret}\"\nstate_dir = \"{}\"\n\n{backends}",

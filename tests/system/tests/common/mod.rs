@@ -297,7 +297,8 @@ pub struct Frontend {
 const POOL: &str = "\n[backend_pool]\nhealth_interval_ms = 100\nhealth_timeout_ms = 500\nconnect_timeout_ms = 1000\nio_timeout_ms = 10000\nping_after_idle_ms = 500\n";
 
 impl Frontend {
-    /// powersmtp over `backends` with K = `k`. `limits` goes inside
+    /// powersmtp over `backends` with K = `k`, its undo journal in
+    /// `root/smtpstate` (replayed every 200 ms). `limits` goes inside
     /// `[limits]`; `tables` are more TOML tables (a `[backend_pool]` there
     /// replaces the quick default); `priorities` (by index) default to 0.
     pub fn smtp(
@@ -311,10 +312,13 @@ impl Frontend {
     ) -> Frontend {
         let addr = free_addr();
         let admin = free_addr();
+        let state = root.join("smtpstate");
         let mut toml = format!(
             "listen = \"{addr}\"\nhostname = \"mx.sys.test\"\nfrontend_id = \"sys1\"\n\
              admin_listen = \"{admin}\"\nadmin_token = \"{TOKEN}\"\nuserbase = \"{userbase}\"\n\
-             replicas = {k}\nsecret = \"{SECRET}\"\n[limits]\n{limits}\n{tables}\n"
+             replicas = {k}\nsecret = \"{SECRET}\"\nstate_dir = \"{}\"\n\
+             undo_replay_interval_ms = 200\n[limits]\n{limits}\n{tables}\n",
+            state.display()
         );
         if !tables.contains("[backend_pool]") {
             toml.push_str(POOL);
@@ -418,6 +422,21 @@ impl Frontend {
     /// The log file (stderr) of this daemon.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A top-level counter of the admin port's `/stats` (`"key":N`), if the port
+    /// answers and has it.
+    pub fn stat(&self, key: &str) -> Option<u64> {
+        let (code, body) = http(self.admin, "GET", "/stats", Some(TOKEN)).ok()?;
+        if code != 200 {
+            return None;
+        }
+        let at = body.find(&format!("\"{key}\":"))? + key.len() + 3;
+        let digits: String = body[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        digits.parse().ok()
     }
 }
 

@@ -1,12 +1,17 @@
-//! The delete journal: deletions owed to backends that could not take them.
+//! Deletions owed to backends that could not take them, durable across restarts.
 //!
-//! At QUIT a message is deleted on every backend that listed it. When one of
+//! Both frontends keep one. powerpop's delete journal (`deletes.journal`):
+//! at QUIT a message is deleted on every backend that listed it. When one of
 //! those backends fails — or a backend was not listed at all in this session
 //! (down, slow, disabled) and might hold a copy — the deletion is appended
 //! here and `fsync`ed before the client hears `+OK`. Before a backend's
 //! listing of a mailbox is used again, the deletions owed to it for that
 //! mailbox are replayed (DEL; "not found" counts as done) and anything still
 //! owed is filtered out of the listing, so deleted mail never comes back.
+//! powersmtp's undo journal (`undo.journal`): when a message is refused (`451`)
+//! after copies may have been stored, a deletion of each possible copy is recorded
+//! before the reply, and a replayer thread sends them until every backend
+//! acknowledged, so a message that got no `250` is not left listed.
 //!
 //! Format: one record per line, `D <backend> <mailbox> <msgid>` (owed) or
 //! `C <backend> <mailbox> <msgid>` (done). Names cannot contain spaces or
@@ -60,7 +65,7 @@ impl State {
                 (w.next(), w.next(), w.next(), w.next(), w.next())
             else {
                 if !line.is_empty() {
-                    log::warn!("delete journal: skipping malformed record {line:?}");
+                    log::warn!("journal: skipping malformed record {line:?}");
                 }
                 continue;
             };
@@ -77,7 +82,7 @@ impl State {
                         }
                     }
                 }
-                _ => log::warn!("delete journal: unknown record {line:?}"),
+                _ => log::warn!("journal: unknown record {line:?}"),
             }
         }
         end
@@ -92,9 +97,10 @@ impl State {
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
-    file: File,
+    /// None: kept in memory only (no state directory configured).
+    file: Option<File>,
     /// Held (shared) for the process's life; see the module documentation.
-    _lock: File,
+    _lock: Option<File>,
     state: Mutex<State>,
 }
 
@@ -122,16 +128,22 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 impl Journal {
-    /// Opens (creating) `dir/deletes.journal`, compacting it if no other
-    /// process uses it.
+    /// Opens (creating) powerpop's `dir/deletes.journal`, compacting it if no
+    /// other process uses it.
     pub fn open(dir: &Path) -> io::Result<Journal> {
+        Self::open_named(dir, "deletes.journal", "journal.lock")
+    }
+
+    /// Opens (creating) `dir/name`, shared by the processes that lock `dir/lock_name`,
+    /// compacting it if no other process uses it.
+    pub fn open_named(dir: &Path, name: &str, lock_name: &str) -> io::Result<Journal> {
         std::fs::create_dir_all(dir)?;
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(dir.join("journal.lock"))?;
-        let path = dir.join("deletes.journal");
+            .open(dir.join(lock_name))?;
+        let path = dir.join(name);
         if flock(&lock, libc::LOCK_EX | libc::LOCK_NB).is_ok() {
             Self::compact(&path, dir)?;
         }
@@ -143,12 +155,23 @@ impl Journal {
             .open(&path)?;
         let journal = Journal {
             path,
-            file,
-            _lock: lock,
+            file: Some(file),
+            _lock: Some(lock),
             state: Mutex::new(State::default()),
         };
         journal.refresh()?;
         Ok(journal)
+    }
+
+    /// A journal kept in memory only: replayed while the process runs, lost
+    /// with it. For a frontend configured without a state directory.
+    pub fn in_memory() -> Journal {
+        Journal {
+            path: PathBuf::from("(memory)"),
+            file: None,
+            _lock: None,
+            state: Mutex::new(State::default()),
+        }
     }
 
     /// Rewrites the journal with only what is still owed (caller is alone).
@@ -162,7 +185,7 @@ impl Journal {
         let mut st = State::default();
         let used = st.apply(&text);
         if used != text.len() {
-            log::warn!("delete journal: dropping a torn last record");
+            log::warn!("journal {}: dropping a torn last record", path.display());
         }
         let mut owed: Vec<Owed> = st
             .owed
@@ -178,14 +201,20 @@ impl Journal {
         owed.sort_by(|a, b| {
             (&a.backend, &a.mailbox, &a.msgid).cmp(&(&b.backend, &b.mailbox, &b.msgid))
         });
-        let tmp = dir.join("deletes.journal.tmp");
+        let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+        tmp_name.push(".tmp");
+        let tmp = dir.join(tmp_name);
         let mut f = File::create(&tmp)?;
         f.write_all(&render('D', &owed))?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         sync_dir(dir)?;
         if !owed.is_empty() {
-            log::info!("delete journal: {} deletions still owed", owed.len());
+            log::info!(
+                "journal {}: {} deletions still owed",
+                path.display(),
+                owed.len()
+            );
         }
         Ok(())
     }
@@ -196,7 +225,10 @@ impl Journal {
 
     /// Applies what any process appended since the last look.
     fn refresh_locked(&self, st: &mut State) -> io::Result<()> {
-        let len = self.file.metadata()?.len();
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let len = file.metadata()?.len();
         if len < st.offset {
             // Cannot happen while we hold the shared lock; recover anyway.
             *st = State::default();
@@ -205,7 +237,7 @@ impl Journal {
             return Ok(());
         }
         let mut buf = vec![0u8; (len - st.offset) as usize];
-        self.file.read_exact_at(&mut buf, st.offset)?;
+        file.read_exact_at(&mut buf, st.offset)?;
         let used = st.apply(&buf);
         st.offset += used as u64;
         Ok(())
@@ -223,9 +255,15 @@ impl Journal {
         }
         let text = render(kind, records);
         let mut st = self.lock();
-        (&self.file).write_all(&text)?;
+        let Some(file) = &self.file else {
+            let used = st.apply(&text);
+            debug_assert_eq!(used, text.len());
+            return Ok(());
+        };
+        let mut writer = file;
+        writer.write_all(&text)?;
         if durable {
-            self.file.sync_data()?;
+            file.sync_data()?;
         }
         self.refresh_locked(&mut st)
     }
@@ -246,12 +284,36 @@ impl Journal {
     pub fn owed(&self, backend: &str, mailbox: &str) -> Vec<String> {
         let mut st = self.lock();
         if let Err(e) = self.refresh_locked(&mut st) {
-            log::error!("delete journal {}: {e}", self.path.display());
+            log::error!("journal {}: {e}", self.path.display());
         }
         st.owed
             .get(&(backend.to_string(), mailbox.to_string()))
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// At most `max` deletions owed to backends for which `wanted(name)` is true
+    /// (after a refresh), in no particular order: what a replayer works through.
+    /// Backends it cannot reach now are left out, so they do not starve the others.
+    pub fn some_owed(&self, max: usize, wanted: impl Fn(&str) -> bool) -> Vec<Owed> {
+        let mut st = self.lock();
+        if let Err(e) = self.refresh_locked(&mut st) {
+            log::error!("journal {}: {e}", self.path.display());
+        }
+        let mut out = Vec::new();
+        for ((backend, mailbox), ids) in st.owed.iter().filter(|((b, _), _)| wanted(b)) {
+            for msgid in ids {
+                if out.len() == max {
+                    return out;
+                }
+                out.push(Owed {
+                    backend: backend.clone(),
+                    mailbox: mailbox.clone(),
+                    msgid: msgid.clone(),
+                });
+            }
+        }
+        out
     }
 
     /// Deletions owed in total.
@@ -297,6 +359,36 @@ mod tests {
         assert_eq!(c.owed_count(), 2);
         let text = std::fs::read_to_string(dir.path().join("deletes.journal")).unwrap();
         assert_eq!(text, "D b0 x@y 2\nD b1 x@y 1\n");
+    }
+
+    #[test]
+    fn named_journals_are_separate_and_listed_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let pop = Journal::open(dir.path()).unwrap();
+        let undo = Journal::open_named(dir.path(), "undo.journal", "undo.lock").unwrap();
+        undo.record(&[owed("b0", "x@y", "1"), owed("b1", "z@y", "1")])
+            .unwrap();
+        assert_eq!(pop.owed_count(), 0, "another file");
+        assert_eq!(undo.some_owed(10, |b| b == "b1").len(), 1, "filtered");
+        let mut all = undo.some_owed(10, |_| true);
+        all.sort_by(|a, b| a.backend.cmp(&b.backend));
+        assert_eq!(all, vec![owed("b0", "x@y", "1"), owed("b1", "z@y", "1")]);
+        assert_eq!(undo.some_owed(1, |_| true).len(), 1, "bounded");
+        undo.complete(&all[..1]).unwrap();
+        drop(undo);
+        let undo = Journal::open_named(dir.path(), "undo.journal", "undo.lock").unwrap();
+        assert_eq!(undo.some_owed(10, |_| true), vec![owed("b1", "z@y", "1")]);
+        let text = std::fs::read_to_string(dir.path().join("undo.journal")).unwrap();
+        assert_eq!(text, "D b1 z@y 1\n", "compacted at open");
+    }
+
+    #[test]
+    fn in_memory_journal_works_without_a_file() {
+        let j = Journal::in_memory();
+        j.record(&[owed("b0", "x@y", "1")]).unwrap();
+        assert_eq!(j.owed("b0", "x@y"), vec!["1"]);
+        j.complete(&[owed("b0", "x@y", "1")]).unwrap();
+        assert_eq!(j.owed_count(), 0);
     }
 
     #[test]
