@@ -419,6 +419,10 @@ impl Userbase for CachedUserbase {
         self.changed(self.inner.set_enabled(name, enabled))
     }
 
+    fn set_deliver_to(&self, name: &str, target: Option<&str>) -> Result<(), UserbaseError> {
+        self.changed(self.inner.set_deliver_to(name, target))
+    }
+
     fn list_mailboxes(&self) -> Result<Vec<Mailbox>, UserbaseError> {
         self.inner.list_mailboxes()
     }

@@ -70,6 +70,10 @@ pub struct Mailbox {
     pub keep_local_copy: bool,
     /// A disabled mailbox neither receives nor authenticates; callers decide what to answer.
     pub enabled: bool,
+    /// Catch-all rows only: the mailbox that receives mail for addresses of the domain
+    /// that have no row of their own (column `deliver_to`, `''` = none). [`Userbase::lookup`]
+    /// follows it and returns that mailbox. Ignored on other rows.
+    pub deliver_to: Option<String>,
 }
 
 /// A listening address mapped to the domain that unqualified user names belong to.
@@ -89,6 +93,10 @@ pub struct VirtualServer {
 /// case-insensitive and invalid names fail with [`UserbaseError::InvalidName`].
 pub trait Userbase: Send + Sync {
     /// The mailbox for `address`: the exact row, else the catch-all row `*@domain`.
+    /// An enabled catch-all with a `deliver_to` is followed: the named mailbox is
+    /// returned (its quota, forwards and flags apply); a `deliver_to` naming no
+    /// mailbox, or another catch-all, is [`UserbaseError::Data`] (frontends answer
+    /// with a temporary error until the row is fixed, they never bounce the mail).
     /// Disabled mailboxes are returned with `enabled == false`; the caller decides.
     /// `Ok(None)` means no such mailbox and no catch-all.
     fn lookup(&self, address: &str) -> Result<Option<Mailbox>, UserbaseError>;
@@ -151,6 +159,12 @@ pub trait Userbase: Send + Sync {
     /// Enables or disables a mailbox. `NotFound` if absent.
     fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), UserbaseError>;
 
+    /// Sets (or with `None` clears) where the catch-all row `name` (`*@domain`)
+    /// delivers: an ordinary mailbox. `InvalidName` if `name` is not a catch-all or
+    /// `target` is one, `NotFound` if the row is absent. The target's existence is
+    /// checked at delivery (see [`Userbase::lookup`]).
+    fn set_deliver_to(&self, name: &str, target: Option<&str>) -> Result<(), UserbaseError>;
+
     /// Every mailbox, sorted by name.
     fn list_mailboxes(&self) -> Result<Vec<Mailbox>, UserbaseError>;
 
@@ -162,6 +176,61 @@ pub trait Userbase: Send + Sync {
 
     /// Every mapping, sorted by listening address text.
     fn list_virtual_servers(&self) -> Result<Vec<VirtualServer>, UserbaseError>;
+}
+
+/// Follows an enabled catch-all row's `deliver_to` (one step: the target must be an
+/// ordinary mailbox). Used by every implementation's `lookup`.
+pub(crate) fn resolve_catch_all<U: Userbase + ?Sized>(
+    userbase: &U,
+    found: Option<Mailbox>,
+) -> Result<Option<Mailbox>, UserbaseError> {
+    let Some(row) = found else {
+        return Ok(None);
+    };
+    let target = match &row.deliver_to {
+        Some(target) if row.enabled && is_catch_all(&row.name) => target,
+        _ => return Ok(Some(row)),
+    };
+    let broken = |why: &str| {
+        UserbaseError::Data(format!(
+            "catch-all {} delivers to {target:?}, which {why}",
+            row.name
+        ))
+    };
+    let name = normalise_address(target).map_err(|_| broken("is not an address"))?;
+    if is_catch_all(&name) {
+        return Err(broken("is a catch-all itself"));
+    }
+    match userbase.get_mailbox(&name)? {
+        Some(mailbox) => Ok(Some(mailbox)),
+        None => Err(broken("does not exist")),
+    }
+}
+
+/// Checks a `set_deliver_to` call; returns (catch-all name, stored target text).
+pub(crate) fn check_deliver_to(
+    name: &str,
+    target: Option<&str>,
+) -> Result<(String, String), UserbaseError> {
+    let name = normalise_address(name)?;
+    if !is_catch_all(&name) {
+        return Err(UserbaseError::InvalidName(format!(
+            "deliver_to is for catch-all rows (*@domain), not {name}"
+        )));
+    }
+    let target = match target {
+        None => String::new(),
+        Some(t) => {
+            let t = normalise_address(t)?;
+            if is_catch_all(&t) {
+                return Err(UserbaseError::InvalidName(format!(
+                    "a catch-all cannot deliver to a catch-all: {t}"
+                )));
+            }
+            t
+        }
+    };
+    Ok((name, target))
 }
 
 /// Checks a quota against what the databases can store.

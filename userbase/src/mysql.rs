@@ -312,14 +312,14 @@ impl MysqlUserbase {
 
     /// Runs a mailbox `SELECT`, returning all rows.
     fn select(&self, sql: &str, params: Params) -> Result<Vec<Mailbox>, UserbaseError> {
-        type Row = (String, String, i64, String, i64, i64);
+        type Row = (String, String, i64, String, i64, i64, String);
         let rows: Vec<Row> = self
             .conn()?
             .exec(sql, params)
             .map_err(|e| self.error(e, ""))?;
         rows.into_iter()
             .map(
-                |(name, password, quota_bytes, forwards, keep_local_copy, enabled)| {
+                |(name, password, quota_bytes, forwards, keep_local_copy, enabled, deliver_to)| {
                     RawMailbox {
                         name,
                         password,
@@ -327,6 +327,7 @@ impl MysqlUserbase {
                         forwards,
                         keep_local_copy,
                         enabled,
+                        deliver_to,
                     }
                     .into_mailbox()
                 },
@@ -339,10 +340,11 @@ impl Userbase for MysqlUserbase {
     fn lookup(&self, address: &str) -> Result<Option<Mailbox>, UserbaseError> {
         let name = normalise_address(address)?;
         let catch_all = catch_all_for(&name).unwrap_or_else(|| name.clone());
-        Ok(self
+        let found = self
             .select(q::LOOKUP, (name.as_str(), catch_all, name.as_str()).into())?
             .into_iter()
-            .next())
+            .next();
+        crate::resolve_catch_all(self, found)
     }
 
     fn get_mailbox(&self, name: &str) -> Result<Option<Mailbox>, UserbaseError> {
@@ -420,6 +422,11 @@ impl Userbase for MysqlUserbase {
     fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), UserbaseError> {
         let name = normalise_address(name)?;
         self.change(q::SET_ENABLED, (enabled, name.as_str()).into(), &name)
+    }
+
+    fn set_deliver_to(&self, name: &str, target: Option<&str>) -> Result<(), UserbaseError> {
+        let (name, target) = crate::check_deliver_to(name, target)?;
+        self.change(q::SET_DELIVER_TO, (target, name.as_str()).into(), &name)
     }
 
     fn list_mailboxes(&self) -> Result<Vec<Mailbox>, UserbaseError> {

@@ -6,7 +6,7 @@
 /// Columns of a mailbox row, in the order [`crate::Mailbox`] is built from.
 macro_rules! mailbox_columns {
     () => {
-        "name, password, quota_bytes, forwards, keep_local_copy, enabled"
+        "name, password, quota_bytes, forwards, keep_local_copy, enabled, deliver_to"
     };
 }
 
@@ -42,6 +42,9 @@ pub(crate) const SET_QUOTA: &str =
 /// Parameters: forwards text, keep_local_copy, name.
 pub(crate) const SET_FORWARDS: &str =
     "UPDATE mailboxes SET forwards = ?, keep_local_copy = ?, updated_at = CURRENT_TIMESTAMP WHERE name = ?";
+/// Parameters: deliver_to, name.
+pub(crate) const SET_DELIVER_TO: &str =
+    "UPDATE mailboxes SET deliver_to = ?, updated_at = CURRENT_TIMESTAMP WHERE name = ?";
 /// Parameters: enabled, name.
 pub(crate) const SET_ENABLED: &str =
     "UPDATE mailboxes SET enabled = ?, updated_at = CURRENT_TIMESTAMP WHERE name = ?";
@@ -70,6 +73,7 @@ pub(crate) struct RawMailbox {
     pub forwards: String,
     pub keep_local_copy: i64,
     pub enabled: i64,
+    pub deliver_to: String,
 }
 
 impl RawMailbox {
@@ -84,6 +88,10 @@ impl RawMailbox {
             quota_bytes,
             keep_local_copy: self.keep_local_copy != 0,
             enabled: self.enabled != 0,
+            deliver_to: match self.deliver_to.trim() {
+                "" => None,
+                target => Some(target.to_string()),
+            },
         })
     }
 }

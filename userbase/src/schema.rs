@@ -19,7 +19,7 @@ pub(crate) struct Migration {
 }
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Creates the bookkeeping table itself (not a numbered migration).
 pub(crate) const SQLITE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (
@@ -76,6 +76,13 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             created_at DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP,
             CONSTRAINT virtual_servers_domain_normalised CHECK (domain = LOWER(TRIM(domain)) AND CHAR_LENGTH(domain) >= 1)
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"],
+    },
+    Migration {
+        version: 3,
+        description: "mailboxes.deliver_to for catch-all rows",
+        sqlite: &["ALTER TABLE mailboxes ADD COLUMN deliver_to TEXT NOT NULL DEFAULT ''"],
+        // MariaDB's IF NOT EXISTS keeps the statement safe to re-run.
+        mysql: &["ALTER TABLE mailboxes ADD COLUMN IF NOT EXISTS deliver_to VARCHAR(254) NOT NULL DEFAULT ''"],
     },
 ];
 

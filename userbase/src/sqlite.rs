@@ -267,6 +267,7 @@ fn raw_mailbox(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawMailbox> {
         forwards: row.get(3)?,
         keep_local_copy: row.get(4)?,
         enabled: row.get(5)?,
+        deliver_to: row.get(6)?,
     })
 }
 
@@ -274,7 +275,8 @@ impl Userbase for SqliteUserbase {
     fn lookup(&self, address: &str) -> Result<Option<Mailbox>, UserbaseError> {
         let name = normalise_address(address)?;
         let catch_all = catch_all_for(&name).unwrap_or_else(|| name.clone());
-        self.select_one(q::LOOKUP, params![name, catch_all, name])
+        let found = self.select_one(q::LOOKUP, params![name, catch_all, name])?;
+        crate::resolve_catch_all(self, found)
     }
 
     fn get_mailbox(&self, name: &str) -> Result<Option<Mailbox>, UserbaseError> {
@@ -355,6 +357,11 @@ impl Userbase for SqliteUserbase {
     fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), UserbaseError> {
         let name = normalise_address(name)?;
         self.change(q::SET_ENABLED, params![enabled, name], &name)
+    }
+
+    fn set_deliver_to(&self, name: &str, target: Option<&str>) -> Result<(), UserbaseError> {
+        let (name, target) = crate::check_deliver_to(name, target)?;
+        self.change(q::SET_DELIVER_TO, params![target, name], &name)
     }
 
     fn list_mailboxes(&self) -> Result<Vec<Mailbox>, UserbaseError> {

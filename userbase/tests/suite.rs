@@ -135,6 +135,79 @@ fn catch_all(db: &dyn Backend) {
     );
 }
 
+/// Issue #16: a catch-all row gets a real destination with ONE INSERT (`deliver_to`
+/// names a mailbox): look-ups of unknown addresses return that mailbox.
+fn catch_all_delivers_to_a_named_mailbox(db: &dyn Backend) {
+    let ub = db.userbase();
+    db.exec(
+        "INSERT INTO mailboxes (name, password) VALUES ('postmaster@company.biz', '{PLAIN}pm')",
+    );
+    db.exec(
+        "INSERT INTO mailboxes (name, password, deliver_to) \
+         VALUES ('*@company.biz', '', 'postmaster@company.biz')",
+    );
+    let found = must_find(ub.as_ref(), "Stranger@company.biz");
+    assert_eq!(
+        found.name, "postmaster@company.biz",
+        "followed to the named mailbox"
+    );
+    assert_eq!(found.deliver_to, None);
+    ub.add_mailbox("boss@company.biz", "pw", 0).expect("add");
+    assert_eq!(
+        must_find(ub.as_ref(), "boss@company.biz").name,
+        "boss@company.biz"
+    );
+    // The named mailbox can log in; the catch-all still cannot.
+    assert!(ub
+        .authenticate("postmaster@company.biz", "pm")
+        .expect("auth")
+        .is_some());
+    assert!(ub
+        .authenticate("*@company.biz", "")
+        .expect("auth")
+        .is_none());
+    // Without deliver_to the catch-all row itself comes back (for forwards only).
+    db.exec("INSERT INTO mailboxes (name, password) VALUES ('*@other.biz', '')");
+    let bare = must_find(ub.as_ref(), "x@other.biz");
+    assert_eq!((bare.name.as_str(), bare.deliver_to), ("*@other.biz", None));
+    // A deliver_to naming nothing, or a catch-all, is bad data, never "no such user".
+    db.exec("INSERT INTO mailboxes (name, password, deliver_to) VALUES ('*@broken.biz', '', 'nobody@broken.biz')");
+    assert!(matches!(
+        ub.lookup("x@broken.biz"),
+        Err(UserbaseError::Data(_))
+    ));
+    db.exec("INSERT INTO mailboxes (name, password, deliver_to) VALUES ('*@loop.biz', '', '*@company.biz')");
+    assert!(matches!(
+        ub.lookup("x@loop.biz"),
+        Err(UserbaseError::Data(_))
+    ));
+    // A disabled catch-all is returned as such, not followed.
+    db.exec("UPDATE mailboxes SET enabled = 0 WHERE name = '*@company.biz'");
+    let off = must_find(ub.as_ref(), "stranger@company.biz");
+    assert_eq!((off.name.as_str(), off.enabled), ("*@company.biz", false));
+    // The same through the API.
+    ub.set_deliver_to("*@other.biz", Some("Boss@company.biz"))
+        .expect("set");
+    assert_eq!(
+        must_find(ub.as_ref(), "y@other.biz").name,
+        "boss@company.biz"
+    );
+    ub.set_deliver_to("*@other.biz", None).expect("clear");
+    assert_eq!(must_find(ub.as_ref(), "y@other.biz").name, "*@other.biz");
+    assert!(matches!(
+        ub.set_deliver_to("boss@company.biz", Some("x@company.biz")),
+        Err(UserbaseError::InvalidName(_))
+    ));
+    assert!(matches!(
+        ub.set_deliver_to("*@other.biz", Some("*@company.biz")),
+        Err(UserbaseError::InvalidName(_))
+    ));
+    assert!(matches!(
+        ub.set_deliver_to("*@absent.biz", Some("boss@company.biz")),
+        Err(UserbaseError::NotFound(_))
+    ));
+}
+
 fn not_found_and_exists(db: &dyn Backend) {
     let ub = db.userbase();
     assert!(ub.lookup("nobody@nowhere.test").expect("lookup").is_none());
@@ -713,6 +786,7 @@ suite!(
     one_insert_makes_a_working_mailbox,
     lookup_exact_and_case_insensitive,
     catch_all,
+    catch_all_delivers_to_a_named_mailbox,
     not_found_and_exists,
     disabled,
     authenticate_every_hash_format,

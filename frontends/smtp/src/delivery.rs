@@ -160,7 +160,16 @@ impl BackendDelivery {
     /// Quota, then forwards, for an existing, enabled mailbox.
     fn accept(&mut self, mb: powermail_userbase::Mailbox, name: MailboxName) -> RcptVerdict {
         let forwards = !mb.forwards.is_empty();
-        let local = !forwards || mb.keep_local_copy || self.shared.relay.is_none();
+        // A catch-all row that reaches here has no `deliver_to` (lookup follows it):
+        // mail stored under `*@domain` could never be read, so it is only relayed.
+        let catch_all = powermail_userbase::is_catch_all(&mb.name);
+        if catch_all && !(forwards && self.shared.relay.is_some()) {
+            log::warn!(
+                "rcpt={name} catch-all has no deliver_to (nor a forward through a relay): refused"
+            );
+            return RcptVerdict::Unknown;
+        }
+        let local = !catch_all && (!forwards || mb.keep_local_copy || self.shared.relay.is_none());
         if forwards && self.shared.relay.is_none() {
             log::warn!("rcpt={name} forwards but no [forward] relay is configured: stored locally");
         }
