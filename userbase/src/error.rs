@@ -5,7 +5,7 @@
 //! itself was wrong). "No such mailbox" is not an error at all but `Ok(None)`.
 
 /// What can go wrong when asking or changing the userbase.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum UserbaseError {
     /// The database is down, timed out, refused us, or its file is unreadable or corrupt.
     /// Frontends answer with a temporary failure (SMTP 4xx, POP3 `-ERR [SYS/TEMP]`).

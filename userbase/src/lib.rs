@@ -43,7 +43,7 @@ pub use error::UserbaseError;
 pub use mysql::{MysqlConfig, MysqlUserbase};
 pub use schema::SCHEMA_VERSION;
 pub use sqlite::{SqliteConfig, SqliteUserbase};
-pub use url::open;
+pub use url::{open, open_lazy};
 
 use std::net::SocketAddr;
 

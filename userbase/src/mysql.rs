@@ -10,7 +10,8 @@
 //! the `mysql` crate unchanged (e.g. `socket=...`, `prefer_socket=false`).
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use mysql::consts::CapabilityFlags;
 use mysql::prelude::Queryable;
@@ -30,6 +31,9 @@ const ER_DUP_ENTRY: u16 = 1062;
 const ER_CONSTRAINT_FAILED: [u16; 2] = [4025, 3819];
 /// Name of the advisory lock that serialises migrations between processes.
 const MIGRATION_LOCK: &str = "powermail_userbase_migrate";
+/// While the server cannot be reached, a new connection attempt at most this often
+/// (lazily opened userbases; calls in between get the last error).
+const CONNECT_RETRY_INTERVAL: Duration = Duration::from_millis(250);
 /// Seconds to wait for [`MIGRATION_LOCK`].
 const MIGRATION_LOCK_TIMEOUT_S: u32 = 10;
 
@@ -186,8 +190,20 @@ impl MysqlConfig {
 }
 
 /// The MySQL/MariaDB implementation of [`Userbase`].
+///
+/// Opened eagerly ([`MysqlUserbase::open`]: connect and migrate now, for tools) or
+/// lazily ([`MysqlUserbase::open_lazy`], for daemons): then the pool is made on the
+/// first call that finds the server up, and every call before that fails with
+/// [`UserbaseError::Unavailable`], so a frontend starts, answers "try again later"
+/// while the database is down, and serves as soon as it is back.
 pub struct MysqlUserbase {
-    pool: Pool,
+    opts: Opts,
+    /// Made once, by the first call that reaches the server (and finds the schema right).
+    pool: OnceLock<Pool>,
+    /// Serialises the attempts to make `pool`; holds the last failed attempt.
+    connecting: Mutex<Option<(Instant, UserbaseError)>>,
+    /// Whether this process may bring the schema up to date (else it only checks it).
+    migrate: bool,
     pool_wait: Duration,
     label: String,
 }
@@ -205,22 +221,98 @@ impl MysqlUserbase {
     /// reached or refuses us; `InvalidUrl` for bad options; `Schema` if the database was
     /// written by a newer version.
     pub fn open(config: MysqlConfig) -> Result<Self, UserbaseError> {
-        let label = config.redacted();
-        let pool = Pool::new(config.opts()?)
-            .map_err(|e| UserbaseError::Unavailable(format!("mysql {label}: {e}")))?;
-        let userbase = MysqlUserbase {
-            pool,
-            pool_wait: config.pool_wait,
-            label,
-        };
-        userbase.migrate()?;
+        let userbase = Self::open_lazy(config, true)?;
+        userbase.pool()?;
         Ok(userbase)
+    }
+
+    /// Checks the options but connects only when first used (see the type's
+    /// documentation). With `migrate` the first connection brings the schema up to
+    /// [`SCHEMA_VERSION`]; without, a database at an older version is
+    /// `Unavailable` ("run `ppadmin userbase migrate`") until someone migrates it.
+    /// Fails only with `InvalidUrl`.
+    pub fn open_lazy(config: MysqlConfig, migrate: bool) -> Result<Self, UserbaseError> {
+        Ok(MysqlUserbase {
+            opts: config.opts()?,
+            pool: OnceLock::new(),
+            connecting: Mutex::new(None),
+            migrate,
+            pool_wait: config.pool_wait,
+            label: config.redacted(),
+        })
+    }
+
+    /// The pool, made (connect, then migrate or check the schema) if not yet.
+    fn pool(&self) -> Result<&Pool, UserbaseError> {
+        if let Some(pool) = self.pool.get() {
+            return Ok(pool);
+        }
+        let mut last_failure = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pool) = self.pool.get() {
+            return Ok(pool);
+        }
+        // While the server is down, callers get the last error at once instead of
+        // each trying to connect again.
+        if let Some((at, error)) = last_failure.as_ref() {
+            if at.elapsed() < CONNECT_RETRY_INTERVAL {
+                return Err(error.clone());
+            }
+        }
+        match self.make_pool() {
+            Ok(pool) => {
+                *last_failure = None;
+                Ok(self.pool.get_or_init(|| pool))
+            }
+            Err(e) => {
+                *last_failure = Some((Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Connects, then migrates or checks the schema.
+    fn make_pool(&self) -> Result<Pool, UserbaseError> {
+        let label = &self.label;
+        let pool = Pool::new(self.opts.clone())
+            .map_err(|e| UserbaseError::Unavailable(format!("mysql {label}: {e}")))?;
+        let mut conn = pool
+            .try_get_conn(self.pool_wait)
+            .map_err(|e| self.error(e, ""))?;
+        if self.migrate {
+            self.migrate(&mut conn)?;
+        } else {
+            self.check_version(&mut conn)?;
+        }
+        drop(conn);
+        Ok(pool)
+    }
+
+    /// Refuses a schema this program cannot use, without changing it.
+    fn check_version(&self, conn: &mut PooledConn) -> Result<(), UserbaseError> {
+        let label = &self.label;
+        let current: Option<i64> = conn.query_first(q::MAX_VERSION).map_err(|e| {
+            UserbaseError::Unavailable(format!(
+                "mysql {label}: no schema version ({e}); run `ppadmin userbase migrate`"
+            ))
+        })?;
+        let current = current.unwrap_or(0);
+        if current > i64::from(SCHEMA_VERSION) {
+            return Err(UserbaseError::Schema(format!(
+                "{label} has schema version {current}, this program knows up to {SCHEMA_VERSION}"
+            )));
+        }
+        if current < i64::from(SCHEMA_VERSION) {
+            return Err(UserbaseError::Unavailable(format!(
+                "mysql {label}: schema version {current}, this program needs {SCHEMA_VERSION}; \
+                 run `ppadmin userbase migrate` (or set userbase_migrate = true)"
+            )));
+        }
+        Ok(())
     }
 
     /// Brings the schema up to [`SCHEMA_VERSION`] under an advisory lock (MySQL DDL cannot
     /// be rolled back, so the lock, not a transaction, keeps two openers apart).
-    fn migrate(&self) -> Result<(), UserbaseError> {
-        let mut conn = self.conn()?;
+    fn migrate(&self, conn: &mut PooledConn) -> Result<(), UserbaseError> {
         let locked: Option<i64> = conn
             .exec_first(
                 "SELECT GET_LOCK(?, ?)",
@@ -233,7 +325,7 @@ impl MysqlUserbase {
                 self.label
             )));
         }
-        let result = self.migrate_locked(&mut conn);
+        let result = self.migrate_locked(conn);
         let released = conn.exec_drop("SELECT RELEASE_LOCK(?)", (MIGRATION_LOCK,));
         result?;
         released.map_err(|e| self.error(e, ""))
@@ -275,7 +367,7 @@ impl MysqlUserbase {
 
     /// A pooled connection, waiting at most `pool_wait_ms`.
     fn conn(&self) -> Result<PooledConn, UserbaseError> {
-        self.pool
+        self.pool()?
             .try_get_conn(self.pool_wait)
             .map_err(|e| self.error(e, ""))
     }

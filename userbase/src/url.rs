@@ -28,6 +28,20 @@ pub fn open(url: &str) -> Result<Box<dyn Userbase>, UserbaseError> {
     )))
 }
 
+/// Opens a userbase for a daemon: like [`open`], but a MySQL server that is down does
+/// not fail it. The connection is made on first use and retried on every call until
+/// the server answers (calls fail with `Unavailable` meanwhile), and the schema is
+/// migrated only when `migrate` is true; otherwise an older schema is `Unavailable`
+/// until `ppadmin userbase migrate` ran. SQLite is a local file: opened (and migrated)
+/// at once, as by [`open`].
+pub fn open_lazy(url: &str, migrate: bool) -> Result<Box<dyn Userbase>, UserbaseError> {
+    if url.starts_with("mysql://") {
+        let config = MysqlConfig::from_url(url)?;
+        return Ok(Box::new(MysqlUserbase::open_lazy(config, migrate)?));
+    }
+    open(url)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,7 +52,10 @@ pub struct Shared {
 /// `cfg` came from, re-read on reload (none: reload is refused).
 pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let secret = cfg.secret()?;
-    let inner = powermail_userbase::open(&cfg.userbase).context("opening the userbase")?;
+    // A MySQL server that is down does not stop the start: logins get
+    // `-ERR [SYS/TEMP]` until it is back.
+    let inner = powermail_userbase::open_lazy(&cfg.userbase, cfg.userbase_migrate)
+        .context("opening the userbase")?;
     let cache = CacheConfig {
         positive_ttl: Duration::from_millis(cfg.userbase_cache.positive_ttl_ms),
         negative_ttl: Duration::from_millis(cfg.userbase_cache.negative_ttl_ms),

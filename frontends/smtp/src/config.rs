@@ -41,6 +41,12 @@ pub struct Config {
     pub admin_request_timeout_ms: u64,
     /// Userbase URL: `sqlite:///path.db` or `mysql://user:pass@host/db`.
     pub userbase: String,
+    /// MySQL: bring the userbase schema up to date at the first connection. Default
+    /// false: migrations are run by `ppadmin userbase migrate`, and an older schema
+    /// is answered with a temporary error until then. (SQLite is always migrated at
+    /// start: an embedded file, as `powermail up` uses it.)
+    #[serde(default)]
+    pub userbase_migrate: bool,
     /// The userbase look-up cache.
     #[serde(default)]
     pub userbase_cache: CacheSettings,

@@ -36,7 +36,8 @@ const READ_BUFFER_BYTES: usize = 64 << 10;
 /// Starts everything and serves until the process ends. `path` is the file `cfg` came
 /// from, re-read on reload (none: reload is refused).
 pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
-    let ub = powermail_userbase::open(&cfg.userbase)
+    // A MySQL server that is down does not stop the start: RCPT answers 451 until it is back.
+    let ub = powermail_userbase::open_lazy(&cfg.userbase, cfg.userbase_migrate)
         .with_context(|| format!("opening userbase {}", cfg.userbase))?;
     let cache = CacheConfig {
         positive_ttl: Duration::from_millis(cfg.userbase_cache.positive_ttl_ms),

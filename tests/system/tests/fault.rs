@@ -791,3 +791,60 @@ fn mariadb_killed_and_restarted_under_load() {
         "fault MariaDB restart: refused_while_down={refused_while_down} (all 4xx) pop_login_while_down=[SYS/TEMP] accepted_after_restart={resumed}"
     ));
 }
+
+/// Issue #16: with a MySQL userbase, powersmtp and powerpop start while the
+/// database is down, answer with temporary errors (SMTP 4xx, POP3
+/// `-ERR [SYS/TEMP]`), and serve once it is back, without a restart.
+#[test]
+fn frontends_start_while_the_database_is_down() {
+    if !mariadbd_installed() {
+        if std::env::var("PM_SKIP_MARIADB").as_deref() == Ok("1") {
+            report("fault MariaDB down at start: SKIPPED (PM_SKIP_MARIADB=1)");
+            return;
+        }
+        panic!("mariadbd is not installed: install mariadb-server (as .ci/run does) or set PM_SKIP_MARIADB=1");
+    }
+    let _g = serial();
+    let db = PrivateMariadb::start();
+    let url = db.url();
+    // Schema and users made by the tools' path (which migrates), then the database dies.
+    add_users(&url, 1);
+    db.kill9();
+    let root = tempfile::tempdir().expect("tempdir");
+    let b = Backend::start(root.path(), 0, root.path().join("disk0"), "");
+    let cache = "[userbase_cache]\npositive_ttl_ms = 0\nnegative_ttl_ms = 0\n";
+    // Both must come up (before the fix they exited: "daemon exited during start-up").
+    let smtp = Frontend::smtp(root.path(), &[&b], &url, 1, "", cache, &[]);
+    let pop = Frontend::pop(root.path(), &[&b], &url, "", cache);
+    let mut c = Smtp::connect(smtp.addr).expect("connect");
+    let msg = message("db-was-down", 600);
+    let code = c.send("a@sender.test", &[&user(0)], &msg).expect("send");
+    assert!(
+        (400..500).contains(&code),
+        "database down: a temporary refusal, got {code}"
+    );
+    c.quit();
+    let login = Pop::login(pop.addr, 0).err().map(|e| e.to_string());
+    let login = login.unwrap_or_else(|| "+OK (logged in)".into());
+    assert!(login.contains("[SYS/TEMP]"), "POP login: {login}");
+    db.up();
+    eventually("powersmtp accepts once the database is back", || {
+        Smtp::connect(smtp.addr)
+            .and_then(|mut c| c.send("a@sender.test", &[&user(0)], &msg))
+            .map(|code| code == 250)
+            .unwrap_or(false)
+    });
+    let mut listed = 0;
+    eventually(
+        "powerpop logs in once the database is back",
+        || match Pop::login(pop.addr, 0).and_then(|mut p| p.uidl()) {
+            Ok(uidl) => {
+                listed = uidl.len();
+                true
+            }
+            Err(_) => false,
+        },
+    );
+    assert_eq!(listed, 1, "the message accepted after the outage is listed");
+    report("fault MariaDB down at start: smtp=4xx pop=[SYS/TEMP] then both served, no restart");
+}

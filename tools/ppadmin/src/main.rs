@@ -118,6 +118,12 @@ enum Command {
         #[command(subcommand)]
         command: vserver::VserverCommand,
     },
+    /// The userbase itself: `migrate` brings its schema up to date (the frontends
+    /// only do so with `userbase_migrate = true`).
+    Userbase {
+        #[command(subcommand)]
+        command: UserbaseCommand,
+    },
     /// Every backend and daemon: up/down, mode, free space, connections, rates, latency
     /// percentiles, and latency histograms.
     Status {
@@ -194,12 +200,21 @@ enum Command {
     },
 }
 
+/// Verbs on the userbase database itself.
+#[derive(Debug, Subcommand)]
+enum UserbaseCommand {
+    /// Apply pending schema migrations (safe to run again; serialised between processes).
+    Migrate,
+}
+
 /// Runs one store or admin verb; `Ok(false)` means "done, but incomplete" (exit 2).
 fn run_ops(target: &UserbaseTarget, command: Command) -> anyhow::Result<bool> {
     let info = target.cluster()?;
     let info = &info;
     match command {
-        Command::User { .. } | Command::Vserver { .. } => unreachable!("userbase verbs"),
+        Command::User { .. } | Command::Vserver { .. } | Command::Userbase { .. } => {
+            unreachable!("userbase verbs")
+        }
         Command::Status { interval_ms } => {
             status::status(info, Duration::from_millis(interval_ms))?
         }
@@ -255,6 +270,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::User { command } => user::run(&cli.target, command).map(|()| true),
         Command::Vserver { command } => vserver::run(&cli.target, command).map(|()| true),
+        Command::Userbase {
+            command: UserbaseCommand::Migrate,
+        } => cli.target.open().map(|_| {
+            // Opening migrates; say what the schema is now.
+            println!(
+                "userbase schema at version {}",
+                powermail_userbase::SCHEMA_VERSION
+            );
+            true
+        }),
         other => run_ops(&cli.target, other),
     };
     match result {
