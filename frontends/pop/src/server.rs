@@ -605,6 +605,12 @@ fn read_reply(s: &mut TcpStream) -> io::Result<String> {
     Err(io::Error::other("fallback reply line too long"))
 }
 
+/// `VERB arg\r\n` for the fallback server; `None` when `arg` holds CR, LF
+/// or NUL, which would let the client put a command of its own on that wire.
+fn fallback_line(verb: &str, arg: &str) -> Option<Vec<u8>> {
+    crate::sasl::is_line_safe(arg).then(|| format!("{verb} {arg}\r\n").into_bytes())
+}
+
 impl LiveStore {
     /// Logs in to the fallback server with what the client typed.
     fn proxy_login(
@@ -613,6 +619,14 @@ impl LiveStore {
         user: &str,
         password: &str,
     ) -> AuthResult {
+        // The one guard at the relay: only lines the client sent as one line
+        // go to the legacy server, whatever the checks before this missed.
+        let (Some(user_line), Some(pass_line)) =
+            (fallback_line("USER", user), fallback_line("PASS", password))
+        else {
+            log::warn!("fallback login refused: CR, LF or NUL in a field");
+            return AuthResult::Bad;
+        };
         let timeout = Duration::from_millis(fallback.timeout_ms);
         let attempt = || -> io::Result<Option<(TcpStream, String)>> {
             let addr = std::net::ToSocketAddrs::to_socket_addrs(&fallback.addr)?
@@ -624,11 +638,11 @@ impl LiveStore {
             if !read_reply(&mut s)?.starts_with("+OK") {
                 return Err(io::Error::other("fallback greeting is not +OK"));
             }
-            s.write_all(format!("USER {user}\r\n").as_bytes())?;
+            s.write_all(&user_line)?;
             if !read_reply(&mut s)?.starts_with("+OK") {
                 return Ok(None);
             }
-            s.write_all(format!("PASS {password}\r\n").as_bytes())?;
+            s.write_all(&pass_line)?;
             let reply = read_reply(&mut s)?;
             Ok(reply.starts_with("+OK").then_some((s, reply)))
         };
@@ -654,6 +668,23 @@ impl LiveStore {
 }
 
 impl Store for LiveStore {
+    fn refuse_login(&mut self, user: &str) {
+        let sh = self.shared.clone();
+        let address = match self.address(user) {
+            Ok(Some(a)) => a.to_lowercase(),
+            _ => user.to_lowercase(),
+        };
+        let ip = self.client.ip();
+        Stats::inc(&sh.stats.counters.logins_failed);
+        sh.throttle.failed(ip, &address, Instant::now());
+        log::info!(
+            "login refused user={} client={}: CR, LF or NUL in a field",
+            address.escape_debug(),
+            self.client
+        );
+        std::thread::sleep(sh.throttle.failure_delay());
+    }
+
     fn authenticate(&mut self, user: &str, password: &str) -> AuthResult {
         let name = match self.check(user, password) {
             Ok(name) => name,
