@@ -77,7 +77,10 @@ impl State {
                         }
                     }
                 }
-                _ => log::warn!("delete journal: unknown record {line:?}"),
+                _ => log::warn!(
+                    "delete journal: unknown record={}",
+                    powermail_admin::kv(&*line)
+                ),
             }
         }
         end

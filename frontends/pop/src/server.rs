@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use powermail_admin::Samples;
+use powermail_admin::{kv, Samples};
 use powermail_frontend::reload::{on_sighup, Reloadable};
 use powermail_frontend::{BackendId, Cluster, DeadlineWrite};
 use powermail_proto::{BackendError, ErrorCode, MailboxName, MessageId};
@@ -242,10 +242,12 @@ fn serve(
     let user = mailbox
         .or_else(|| session.user().map(|u| format!("{u}(proxied)")))
         .unwrap_or_else(|| "-".into());
-    // The one key=value line per session operators grep (Dovecot style).
+    // The one key=value line per session operators grep (Dovecot style);
+    // the user name is the client's: escaped by `kv`.
     log::info!(
-        "session={} user={user} client={client} msgs={} retr={} top={} dele={} size={} auth_failures={} status={result} delay_ms={}",
+        "session={} user={} client={client} msgs={} retr={} top={} dele={} size={} auth_failures={} status={result} delay_ms={}",
         SESSIONS.fetch_add(1, Ordering::Relaxed),
+        kv(&user),
         c.messages,
         c.retrieved - c.top,
         c.top,
@@ -555,7 +557,7 @@ impl LiveStore {
                     return Err(result);
                 }
                 Err(e) => {
-                    log::warn!("userbase unavailable: {e}");
+                    log::warn!("userbase unavailable: error={}", kv(&e.to_string()));
                     Stats::inc(&counters.logins_unavailable);
                     return Err(AuthResult::Unavailable);
                 }
@@ -563,7 +565,7 @@ impl LiveStore {
         }
         let found = match sh.userbase.authenticate(&address, password) {
             Err(UserbaseError::Unavailable(why)) => {
-                log::warn!("userbase unavailable: {why}");
+                log::warn!("userbase unavailable: error={}", kv(&why));
                 Stats::inc(&counters.logins_unavailable);
                 return Err(AuthResult::Unavailable);
             }
@@ -574,7 +576,7 @@ impl LiveStore {
         let Some(name) = name else {
             Stats::inc(&counters.logins_failed);
             sh.throttle.failed(ip, &address, Instant::now());
-            log::info!("login failed user={address} client={}", self.client);
+            log::info!("login failed user={} client={}", kv(&address), self.client);
             std::thread::sleep(sh.throttle.failure_delay());
             return Err(AuthResult::Bad);
         };
@@ -652,15 +654,20 @@ impl LiveStore {
                 let _ = s.set_read_timeout(Some(idle));
                 self.upstream = Some(s);
                 log::info!(
-                    "login proxied user={user} client={} to {}",
+                    "login proxied user={} client={} fallback={}",
+                    kv(user),
                     self.client,
-                    fallback.addr
+                    kv(&fallback.addr)
                 );
                 AuthResult::Proxied(reply)
             }
             Ok(None) => AuthResult::Bad,
             Err(e) => {
-                log::warn!("fallback server {}: {e}", fallback.addr);
+                log::warn!(
+                    "fallback={} unavailable: error={}",
+                    kv(&fallback.addr),
+                    kv(&e.to_string())
+                );
                 AuthResult::Unavailable
             }
         }
@@ -679,7 +686,7 @@ impl Store for LiveStore {
         sh.throttle.failed(ip, &address, Instant::now());
         log::info!(
             "login refused user={} client={}: CR, LF or NUL in a field",
-            address.escape_debug(),
+            kv(&address),
             self.client
         );
         std::thread::sleep(sh.throttle.failure_delay());

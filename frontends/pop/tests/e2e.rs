@@ -791,3 +791,35 @@ fn login_fields_cannot_inject_commands_into_the_fallback_server() {
     let seen = String::from_utf8_lossy(&old.seen.lock().unwrap()).into_owned();
     assert!(seen.ends_with("USER old\r\nPASS secret\r\n"), "{seen:?}");
 }
+
+#[test]
+fn hostile_user_names_stay_on_one_log_line() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let b0 = Backend::start();
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start(&users, &[&b0], state.path(), "");
+    let (mut s, _) = raw_greeting(pop.addr);
+    // AUTH PLAIN "\0x\r\nsession=1 user=forged status=quit\0pw" (refused: CR/LF)
+    // and USER 'evil"forged=1\' / PASS (unknown user; quote, `=`, backslash).
+    assert_eq!(
+        say(
+            &mut s,
+            b"AUTH PLAIN AHgNCnNlc3Npb249MSB1c2VyPWZvcmdlZCBzdGF0dXM9cXVpdABwdw=="
+        ),
+        "-ERR [AUTH] authentication failed"
+    );
+    assert_eq!(say(&mut s, b"USER evil\"forged=1\\"), "+OK send PASS");
+    assert_eq!(say(&mut s, b"PASS pw"), "-ERR [AUTH] authentication failed");
+    assert_eq!(say(&mut s, b"QUIT"), "+OK powerpop signing off");
+    eventually("the session line", || {
+        std::fs::read_to_string(&pop.log).is_ok_and(|l| l.contains("status=quit"))
+    });
+    let log = std::fs::read_to_string(&pop.log).unwrap();
+    let forged: Vec<&str> = log.lines().filter(|l| l.contains("forged")).collect();
+    assert_eq!(forged.len(), 2, "{log}");
+    assert!(
+        forged[0].contains(r#"user="x\r\nsession=1 user=forged status=quit"#),
+        "{log}"
+    );
+    assert!(forged[1].contains(r#"user="evil\"forged=1\\"#), "{log}");
+}
