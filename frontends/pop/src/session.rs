@@ -273,6 +273,16 @@ impl<S: Store> Session<S> {
     }
 
     fn dispatch<W: Write>(&mut self, line: Line, out: &mut W) -> io::Result<Step> {
+        if let State::Closed = self.state {
+            // After QUIT (or a proxied login, or too many errors) nothing
+            // is answered and nothing is done, whatever the line holds.
+            return Ok(Step {
+                op: "error",
+                close: true,
+                starttls: false,
+                proxy: false,
+            });
+        }
         let line = match line {
             Line::Complete(l) => l,
             Line::TooLong => {

@@ -359,3 +359,25 @@ fn line_breaks_in_login_fields_are_failed_guesses_never_tried() {
     assert_eq!(store.logins, vec![("bob".to_string(), "pw".to_string())]);
     assert_eq!(store.refused_logins, vec!["old", "old\r\nDELE 1", "old"]);
 }
+
+#[test]
+fn nothing_is_answered_or_done_after_quit() {
+    let mut session = Session::new(fake(), SessionLimits::default());
+    let mut out = Vec::new();
+    let line = |s: &[u8]| Line::Complete(s.to_vec());
+    session.handle(line(b"USER bob"), &mut out).unwrap();
+    session.handle(line(b"PASS pw"), &mut out).unwrap();
+    session.handle(line(b"DELE 1"), &mut out).unwrap();
+    assert!(session.handle(line(b"QUIT"), &mut out).unwrap().close);
+    out.clear();
+    for l in [
+        Line::TooLong,
+        line(b"RETR\0 1"),
+        line(b"DELE 2"),
+        line(b"QUIT"),
+    ] {
+        assert!(session.handle(l, &mut out).unwrap().close);
+    }
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    assert_eq!(session.store.commits, vec![vec![0]]);
+}
