@@ -14,10 +14,12 @@
 
 mod http;
 mod latency;
+mod logfmt;
 mod prom;
 
 pub use http::{default_connections_max, default_request_timeout_ms, AdminLimits};
 pub use latency::{Latencies, Samples, LATENCY_MAX_US, SAMPLES_MAX};
+pub use logfmt::{kv, LogValue, LOG_VALUE_MAX_BYTES};
 pub use prom::Prometheus;
 
 use std::sync::Arc;

@@ -15,7 +15,7 @@ pub struct Config {
     /// Either this or `secret_file`.
     #[serde(default)]
     pub secret: Option<String>,
-    /// A file holding the secret (trailing whitespace ignored).
+    /// A file holding the secret (surrounding whitespace ignored).
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
     /// Admin HTTP port (stats, metrics, runtime switches). None: no admin port.
@@ -143,18 +143,13 @@ impl Config {
         Ok(toml::from_str(text)?)
     }
 
-    /// The secret bytes, from `secret` or `secret_file`.
+    /// The secret bytes, from `secret` or `secret_file`, by the rule all
+    /// PowerMail processes share ([`powermail_proto::auth::load_secret`]).
     pub fn secret(&self) -> anyhow::Result<Vec<u8>> {
-        let s = match (&self.secret, &self.secret_file) {
-            (Some(s), None) => s.clone(),
-            (None, Some(f)) => std::fs::read_to_string(f)
-                .map_err(|e| anyhow::anyhow!("secret_file {}: {e}", f.display()))?
-                .trim_end()
-                .to_string(),
-            _ => anyhow::bail!("exactly one of secret and secret_file must be set"),
-        };
-        anyhow::ensure!(s.len() >= 16, "the secret must be at least 16 bytes");
-        Ok(s.into_bytes())
+        Ok(powermail_proto::auth::load_secret(
+            self.secret.as_deref(),
+            self.secret_file.as_deref(),
+        )?)
     }
 
     /// The backends with names, CPUs and (when none are listed) the

@@ -160,7 +160,11 @@ pub async fn serve(ctx: Rc<Ctx>, stream: TcpStream) {
     };
     match session(&ctx, &mut conn, &peer).await {
         Ok(()) => log::debug!("backend={} client={peer} closed", ctx.shared.name),
-        Err(e) => log::info!("backend={} client={peer} dropped: {e}", ctx.shared.name),
+        Err(e) => log::info!(
+            "backend={} client={peer} dropped: error={}",
+            ctx.shared.name,
+            powermail_admin::kv(&e.to_string())
+        ),
     }
 }
 
@@ -198,7 +202,11 @@ async fn session(ctx: &Ctx, conn: &mut Connection, peer: &str) -> io::Result<()>
                 if let Some(Put::Writing { writer, .. }) = put.take() {
                     writer.discard().await;
                 }
-                log::info!("backend={} client={peer} error={fatal}", ctx.shared.name);
+                log::info!(
+                    "backend={} client={peer} error={}",
+                    ctx.shared.name,
+                    powermail_admin::kv(&fatal.to_string())
+                );
                 conn.queue(&err_line(code, &format!("{fatal}; closing")));
                 conn.flush().await?;
                 return conn.linger().await;

@@ -2,7 +2,7 @@
 //! certificate, the userbase cache and the backend secret. One definition, so
 //! `powersmtp.toml` and `powerpop.toml` cannot drift apart.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
@@ -63,19 +63,5 @@ impl Default for CacheSettings {
             negative_ttl_ms: 5_000,
             max_entries: 10_000,
         }
-    }
-}
-
-/// The backend secret from `secret` or, else, `secret_file` (trailing
-/// whitespace ignored).
-pub fn load_secret(secret: Option<&str>, secret_file: Option<&Path>) -> anyhow::Result<Vec<u8>> {
-    match (secret, secret_file) {
-        (Some(s), _) => Ok(s.as_bytes().to_vec()),
-        (None, Some(path)) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Ok(text.trim_end().as_bytes().to_vec())
-        }
-        (None, None) => bail!("no secret"),
     }
 }

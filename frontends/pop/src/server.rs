@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use powermail_admin::Samples;
+use powermail_admin::{kv, Samples};
 use powermail_frontend::reload::{on_sighup, Reloadable};
 use powermail_frontend::{BackendId, Cluster, DeadlineWrite};
 use powermail_proto::{BackendError, ErrorCode, MailboxName, MessageId};
@@ -245,10 +245,12 @@ fn serve(
     let user = mailbox
         .or_else(|| session.user().map(|u| format!("{u}(proxied)")))
         .unwrap_or_else(|| "-".into());
-    // The one key=value line per session operators grep (Dovecot style).
+    // The one key=value line per session operators grep (Dovecot style);
+    // the user name is the client's: escaped by `kv`.
     log::info!(
-        "session={} user={user} client={client} msgs={} retr={} top={} dele={} size={} auth_failures={} status={result} delay_ms={}",
+        "session={} user={} client={client} msgs={} retr={} top={} dele={} size={} auth_failures={} status={result} delay_ms={}",
         SESSIONS.fetch_add(1, Ordering::Relaxed),
+        kv(&user),
         c.messages,
         c.retrieved - c.top,
         c.top,
@@ -558,7 +560,7 @@ impl LiveStore {
                     return Err(result);
                 }
                 Err(e) => {
-                    log::warn!("userbase unavailable: {e}");
+                    log::warn!("userbase unavailable: error={}", kv(&e.to_string()));
                     Stats::inc(&counters.logins_unavailable);
                     return Err(AuthResult::Unavailable);
                 }
@@ -566,7 +568,7 @@ impl LiveStore {
         }
         let found = match sh.userbase.authenticate(&address, password) {
             Err(UserbaseError::Unavailable(why)) => {
-                log::warn!("userbase unavailable: {why}");
+                log::warn!("userbase unavailable: error={}", kv(&why));
                 Stats::inc(&counters.logins_unavailable);
                 return Err(AuthResult::Unavailable);
             }
@@ -577,7 +579,7 @@ impl LiveStore {
         let Some(name) = name else {
             Stats::inc(&counters.logins_failed);
             sh.throttle.failed(ip, &address, Instant::now());
-            log::info!("login failed user={address} client={}", self.client);
+            log::info!("login failed user={} client={}", kv(&address), self.client);
             std::thread::sleep(sh.throttle.failure_delay());
             return Err(AuthResult::Bad);
         };
@@ -608,6 +610,12 @@ fn read_reply(s: &mut TcpStream) -> io::Result<String> {
     Err(io::Error::other("fallback reply line too long"))
 }
 
+/// `VERB arg\r\n` for the fallback server; `None` when `arg` holds CR, LF
+/// or NUL, which would let the client put a command of its own on that wire.
+fn fallback_line(verb: &str, arg: &str) -> Option<Vec<u8>> {
+    crate::sasl::is_line_safe(arg).then(|| format!("{verb} {arg}\r\n").into_bytes())
+}
+
 impl LiveStore {
     /// Logs in to the fallback server with what the client typed.
     fn proxy_login(
@@ -616,6 +624,14 @@ impl LiveStore {
         user: &str,
         password: &str,
     ) -> AuthResult {
+        // The one guard at the relay: only lines the client sent as one line
+        // go to the legacy server, whatever the checks before this missed.
+        let (Some(user_line), Some(pass_line)) =
+            (fallback_line("USER", user), fallback_line("PASS", password))
+        else {
+            log::warn!("fallback login refused: CR, LF or NUL in a field");
+            return AuthResult::Bad;
+        };
         let timeout = Duration::from_millis(fallback.timeout_ms);
         let attempt = || -> io::Result<Option<(TcpStream, String)>> {
             let addr = std::net::ToSocketAddrs::to_socket_addrs(&fallback.addr)?
@@ -627,11 +643,11 @@ impl LiveStore {
             if !read_reply(&mut s)?.starts_with("+OK") {
                 return Err(io::Error::other("fallback greeting is not +OK"));
             }
-            s.write_all(format!("USER {user}\r\n").as_bytes())?;
+            s.write_all(&user_line)?;
             if !read_reply(&mut s)?.starts_with("+OK") {
                 return Ok(None);
             }
-            s.write_all(format!("PASS {password}\r\n").as_bytes())?;
+            s.write_all(&pass_line)?;
             let reply = read_reply(&mut s)?;
             Ok(reply.starts_with("+OK").then_some((s, reply)))
         };
@@ -641,15 +657,20 @@ impl LiveStore {
                 let _ = s.set_read_timeout(Some(idle));
                 self.upstream = Some(s);
                 log::info!(
-                    "login proxied user={user} client={} to {}",
+                    "login proxied user={} client={} fallback={}",
+                    kv(user),
                     self.client,
-                    fallback.addr
+                    kv(&fallback.addr)
                 );
                 AuthResult::Proxied(reply)
             }
             Ok(None) => AuthResult::Bad,
             Err(e) => {
-                log::warn!("fallback server {}: {e}", fallback.addr);
+                log::warn!(
+                    "fallback={} unavailable: error={}",
+                    kv(&fallback.addr),
+                    kv(&e.to_string())
+                );
                 AuthResult::Unavailable
             }
         }
@@ -657,6 +678,23 @@ impl LiveStore {
 }
 
 impl Store for LiveStore {
+    fn refuse_login(&mut self, user: &str) {
+        let sh = self.shared.clone();
+        let address = match self.address(user) {
+            Ok(Some(a)) => a.to_lowercase(),
+            _ => user.to_lowercase(),
+        };
+        let ip = self.client.ip();
+        Stats::inc(&sh.stats.counters.logins_failed);
+        sh.throttle.failed(ip, &address, Instant::now());
+        log::info!(
+            "login refused user={} client={}: CR, LF or NUL in a field",
+            kv(&address),
+            self.client
+        );
+        std::thread::sleep(sh.throttle.failure_delay());
+    }
+
     fn authenticate(&mut self, user: &str, password: &str) -> AuthResult {
         let name = match self.check(user, password) {
             Ok(name) => name,

@@ -59,6 +59,11 @@ pub trait Store {
     /// Checks `user` (as typed: `name`, `name@domain` or `name%domain`) and
     /// `password`; on success locks the mailbox and lists it.
     fn authenticate(&mut self, user: &str, password: &str) -> AuthResult;
+    /// A login the session refused without asking [`Store::authenticate`]:
+    /// a field held CR, LF or NUL. It counts as a failed guess (throttle,
+    /// counters) for `user` as typed; `user` is hostile and must be escaped
+    /// wherever it is written.
+    fn refuse_login(&mut self, user: &str);
     /// Writes the stored bytes of listing entry `index` to `out`.
     fn retrieve(&mut self, index: usize, out: &mut dyn Write) -> Result<(), RetrieveError>;
     /// Deletes the listing entries `deleted` (UPDATE state). `Err` text is
@@ -268,6 +273,16 @@ impl<S: Store> Session<S> {
     }
 
     fn dispatch<W: Write>(&mut self, line: Line, out: &mut W) -> io::Result<Step> {
+        if let State::Closed = self.state {
+            // After QUIT (or a proxied login, or too many errors) nothing
+            // is answered and nothing is done, whatever the line holds.
+            return Ok(Step {
+                op: "error",
+                close: true,
+                starttls: false,
+                proxy: false,
+            });
+        }
         let line = match line {
             Line::Complete(l) => l,
             Line::TooLong => {
@@ -433,8 +448,9 @@ impl<S: Store> Session<S> {
             return self.refuse(out, "authentication cancelled");
         }
         match sasl::decode_plain(response) {
-            Some((user, password)) => self.login(&user, &password, out),
-            None => {
+            Ok((user, password)) => self.login(&user, &password, out),
+            Err(sasl::PlainError::LineBreak(user)) => self.refuse_hostile_login(&user, out),
+            Err(sasl::PlainError::Malformed) => {
                 self.counters.auth_failures += 1;
                 self.refuse(out, "[AUTH] malformed PLAIN response")
             }
@@ -442,6 +458,12 @@ impl<S: Store> Session<S> {
     }
 
     fn login<W: Write>(&mut self, user: &str, password: &str, out: &mut W) -> io::Result<()> {
+        // The one field check for every way in (USER/PASS, AUTH PLAIN): a
+        // field that could end a line here could start a command on the
+        // fallback server or a line in the log. Refused as a failed guess.
+        if !(sasl::is_line_safe(user) && sasl::is_line_safe(password)) {
+            return self.refuse_hostile_login(user, out);
+        }
         let reply = match self.store.authenticate(user, password) {
             AuthResult::Ok(listing) => {
                 let total: u64 = listing.iter().map(|m| m.size_bytes).sum();
@@ -469,6 +491,14 @@ impl<S: Store> Session<S> {
         };
         self.counters.auth_failures += 1;
         self.refuse(out, reply)
+    }
+
+    /// Refuses a login whose fields hold CR, LF or NUL, counted as a failed
+    /// guess, with the same reply a wrong password gets.
+    fn refuse_hostile_login<W: Write>(&mut self, user: &str, out: &mut W) -> io::Result<()> {
+        self.store.refuse_login(user);
+        self.counters.auth_failures += 1;
+        self.refuse(out, "[AUTH] authentication failed")
     }
 
     /// Maps a client message number to a live listing index.

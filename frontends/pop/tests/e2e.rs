@@ -676,3 +676,150 @@ fn a_trickle_reader_is_cut_off_by_the_send_deadline() {
         pop.stats()["connections"] == 0
     });
 }
+
+/// A fake legacy POP3 server in this process that records every byte it
+/// receives. It is as lenient as old servers are: a bare CR also ends a
+/// line, and it answers `+OK` to any command but a wrong PASS — so a command
+/// smuggled into a login field would be answered and taken for the PASS
+/// reply.
+struct Recorder {
+    port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+fn recorder() -> Recorder {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let _ = conn.write_all(b"+OK legacy ready\r\n");
+                let mut line = Vec::new();
+                let mut byte = [0u8; 1];
+                while matches!(conn.read(&mut byte), Ok(1)) {
+                    log.lock().unwrap().push(byte[0]);
+                    if byte[0] != b'\r' && byte[0] != b'\n' {
+                        line.push(byte[0]);
+                        continue;
+                    }
+                    if line.is_empty() {
+                        continue;
+                    }
+                    let reply: &[u8] = match &line[..] {
+                        l if l.starts_with(b"PASS ") && l != b"PASS secret" => b"-ERR no\r\n",
+                        _ => b"+OK\r\n",
+                    };
+                    line.clear();
+                    if conn.write_all(reply).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Recorder { port, seen }
+}
+
+/// Sends `line` + CRLF and reads one reply line (byte by byte: nothing past
+/// it is consumed).
+fn say(s: &mut std::net::TcpStream, line: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut l = line.to_vec();
+    l.extend_from_slice(b"\r\n");
+    s.write_all(&l).unwrap();
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while reply.last() != Some(&b'\n') {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "closed after {reply:?}");
+        reply.push(byte[0]);
+    }
+    String::from_utf8_lossy(&reply).trim_end().to_string()
+}
+
+#[test]
+fn login_fields_cannot_inject_commands_into_the_fallback_server() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let b0 = Backend::start();
+    let old = recorder();
+    let state = tempfile::tempdir().unwrap();
+    let tables = format!(
+        "\n[fallback]\naddr = \"127.0.0.1:{}\"\n\
+         [throttle]\nfailure_delay_ms = 1\nfailures_max = 100\n",
+        old.port
+    );
+    let pop = Pop::start(&users, &[&b0], state.path(), &tables);
+    let (mut s, greeting) = raw_greeting(pop.addr);
+    assert!(greeting.starts_with("+OK"), "{greeting}");
+    const FAILED: &str = "-ERR [AUTH] authentication failed";
+    let hostile: [(&[&[u8]], &str); 5] = [
+        // AUTH PLAIN "\0old\r\nNOOP\0wrong" and "\0old\0wrong\r\nNOOP".
+        (&[b"AUTH PLAIN AG9sZA0KTk9PUAB3cm9uZw=="], FAILED),
+        (&[b"AUTH PLAIN AG9sZAB3cm9uZw0KTk9PUA=="], FAILED),
+        // The same in a continuation line.
+        (&[b"AUTH PLAIN", b"AG9sZAB3cm9uZw0KTk9PUA=="], FAILED),
+        // A bare CR in PASS (the rest of the line is the password).
+        (&[b"USER old", b"PASS wrong\rNOOP"], FAILED),
+        // A bare CR in USER splits the name: a syntax error, then no USER.
+        (&[b"USER old\rNOOP", b"PASS wrong"], "-ERR USER first"),
+    ];
+    for (attempt, want) in hostile {
+        let mut reply = String::new();
+        for line in attempt {
+            reply = say(&mut s, line);
+        }
+        assert_eq!(reply, want, "{attempt:?}");
+    }
+    let seen = String::from_utf8_lossy(&old.seen.lock().unwrap()).into_owned();
+    assert!(
+        !seen.contains("NOOP"),
+        "an injected command reached the legacy server: {seen:?}"
+    );
+    assert_eq!(
+        pop.stats()["counters"]["logins_failed"],
+        4,
+        "every hostile login is a counted failed guess"
+    );
+    // The fallback itself still works for a clean login.
+    let (mut s, _) = raw_greeting(pop.addr);
+    assert_eq!(say(&mut s, b"USER old"), "+OK send PASS");
+    assert_eq!(say(&mut s, b"PASS secret"), "+OK");
+    let seen = String::from_utf8_lossy(&old.seen.lock().unwrap()).into_owned();
+    assert!(seen.ends_with("USER old\r\nPASS secret\r\n"), "{seen:?}");
+}
+
+#[test]
+fn hostile_user_names_stay_on_one_log_line() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let b0 = Backend::start();
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start(&users, &[&b0], state.path(), "");
+    let (mut s, _) = raw_greeting(pop.addr);
+    // AUTH PLAIN "\0x\r\nsession=1 user=forged status=quit\0pw" (refused: CR/LF)
+    // and USER 'evil"forged=1\' / PASS (unknown user; quote, `=`, backslash).
+    assert_eq!(
+        say(
+            &mut s,
+            b"AUTH PLAIN AHgNCnNlc3Npb249MSB1c2VyPWZvcmdlZCBzdGF0dXM9cXVpdABwdw=="
+        ),
+        "-ERR [AUTH] authentication failed"
+    );
+    assert_eq!(say(&mut s, b"USER evil\"forged=1\\"), "+OK send PASS");
+    assert_eq!(say(&mut s, b"PASS pw"), "-ERR [AUTH] authentication failed");
+    assert_eq!(say(&mut s, b"QUIT"), "+OK powerpop signing off");
+    eventually("the session line", || {
+        std::fs::read_to_string(&pop.log).is_ok_and(|l| l.contains("status=quit"))
+    });
+    let log = std::fs::read_to_string(&pop.log).unwrap();
+    let forged: Vec<&str> = log.lines().filter(|l| l.contains("forged")).collect();
+    assert_eq!(forged.len(), 2, "{log}");
+    assert!(
+        forged[0].contains(r#"user="x\r\nsession=1 user=forged status=quit"#),
+        "{log}"
+    );
+    assert!(forged[1].contains(r#"user="evil\"forged=1\\"#), "{log}");
+}

@@ -215,12 +215,13 @@ impl Config {
         Ok(cfg)
     }
 
-    /// The backend secret.
+    /// The backend secret, by the rule all PowerMail processes share
+    /// ([`powermail_proto::auth::load_secret`]).
     pub fn secret(&self) -> anyhow::Result<Vec<u8>> {
-        powermail_frontend::settings::load_secret(
+        Ok(powermail_proto::auth::load_secret(
             self.secret.as_deref(),
             self.secret_file.as_deref(),
-        )
+        )?)
     }
 
     /// The message-id component naming this frontend.

@@ -17,13 +17,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use powermail_admin::Latencies;
+use powermail_admin::{kv, Latencies};
 use powermail_frontend::{BackendId, Cluster, PooledConn};
 use powermail_proto::{BackendError, ErrorCode, MailboxName, MessageId};
 use powermail_userbase::{CachedUserbase, Userbase, UserbaseError};
 
 use crate::relay::Relay;
-use crate::session::{printable, Delivery, Envelope, RcptVerdict, Reply};
+use crate::session::{Delivery, Envelope, RcptVerdict, Reply};
 
 /// Most entries asked of one backend when summing a mailbox's usage.
 const LIST_MAX_ENTRIES: usize = 100_000;
@@ -92,7 +92,10 @@ struct Copy {
 struct Txn {
     msgid: MessageId,
     rcpts: Vec<MailboxName>,
+    /// The envelope sender and EHLO name as the client sent them (hostile:
+    /// logged only through `kv`).
     from: String,
+    helo: String,
     copies: Vec<Copy>,
     size_bytes: u64,
 }
@@ -171,7 +174,10 @@ impl BackendDelivery {
         }
         let local = !catch_all && (!forwards || mb.keep_local_copy || self.shared.relay.is_none());
         if forwards && self.shared.relay.is_none() {
-            log::warn!("rcpt={name} forwards but no [forward] relay is configured: stored locally");
+            log::warn!(
+                "rcpt={} forwards but no [forward] relay is configured: stored locally",
+                kv(name.as_str())
+            );
         }
         let mut quota = None;
         if local && mb.quota_bytes > 0 {
@@ -286,20 +292,22 @@ impl BackendDelivery {
             400..=499 => ("deferred", 0),
             _ => ("rejected", 0),
         };
+        // Every value through `kv`: one record per line, whatever the client sent.
         log::info!(
-            "session={} msgid={} client={} from=<{}> rcpts={} to={} size={} copies={copies} backends={} status={status}({}) delay_ms={}",
+            "session={} msgid={} client={} helo={} from={} rcpts={} to={} size={} copies={copies} backends={} status={status}({}) delay_ms={}",
             self.session,
-            txn.msgid,
-            self.client,
-            printable(&txn.from),
+            kv(txn.msgid.as_str()),
+            kv(&self.client),
+            kv(&txn.helo),
+            kv(&format!("<{}>", txn.from)),
             rcpts.len() + self.forwarded,
-            if rcpts.is_empty() { "-".to_string() } else { rcpts.join(",") },
+            kv(&if rcpts.is_empty() { "-".to_string() } else { rcpts.join(",") }),
             txn.size_bytes,
-            if names.is_empty() {
+            kv(&if names.is_empty() {
                 "-".to_string()
             } else {
                 names.join(",")
-            },
+            }),
             result.code,
             started.elapsed().as_millis()
         );
@@ -371,18 +379,32 @@ impl BackendDelivery {
         match answer {
             Ok(r) if r.code / 100 == 2 => Reply::new(250, "2.0.0 Ok"),
             Ok(r) if r.code / 100 == 5 => {
-                log::warn!("msgid={} relay refused: {} {}", txn.msgid, r.code, r.text);
+                log::warn!(
+                    "msgid={} relay refused: code={} text={}",
+                    txn.msgid,
+                    r.code,
+                    kv(&r.text)
+                );
                 Reply::new(
                     554,
                     format!("5.7.1 Forwarding refused: {} {}", r.code, r.text),
                 )
             }
             Ok(r) => {
-                log::warn!("msgid={} relay deferred: {} {}", txn.msgid, r.code, r.text);
+                log::warn!(
+                    "msgid={} relay deferred: code={} text={}",
+                    txn.msgid,
+                    r.code,
+                    kv(&r.text)
+                );
                 Reply::new(451, "4.4.0 Forwarding deferred, try again later")
             }
             Err(e) => {
-                log::warn!("msgid={} relay failed: {e}", txn.msgid);
+                log::warn!(
+                    "msgid={} relay failed: error={}",
+                    txn.msgid,
+                    kv(&e.to_string())
+                );
                 Reply::new(451, "4.4.0 Forwarding relay failed, try again later")
             }
         }
@@ -411,16 +433,21 @@ impl Delivery for BackendDelivery {
                 Ok(name) => self.accept(mb, name),
                 Err(e) => {
                     log::warn!(
-                        "rcpt={} mailbox name {:?} unusable: {e}",
-                        printable(address),
-                        mb.name
+                        "rcpt={} mailbox={} unusable: error={}",
+                        kv(address),
+                        kv(&mb.name),
+                        kv(&e.to_string())
                     );
                     RcptVerdict::Unknown
                 }
             },
             Ok(None) | Err(UserbaseError::InvalidName(_)) => RcptVerdict::Unknown,
             Err(e) => {
-                log::warn!("rcpt={} userbase: {e}", printable(address));
+                log::warn!(
+                    "rcpt={} userbase: error={}",
+                    kv(address),
+                    kv(&e.to_string())
+                );
                 RcptVerdict::TempFail
             }
         }
@@ -465,7 +492,8 @@ impl Delivery for BackendDelivery {
         let txn = Txn {
             msgid,
             rcpts: env.rcpts.clone(),
-            from: printable(&env.from),
+            from: env.from.clone(),
+            helo: env.helo.clone(),
             copies,
             size_bytes: header.len() as u64,
         };
@@ -481,7 +509,11 @@ impl Delivery for BackendDelivery {
                 .ok_or_else(|| io::Error::other("relay gone"))
                 .and_then(|r| r.data().and_then(|_| r.chunk(header.as_bytes())));
             started.err().map(|e| {
-                log::warn!("msgid={} relay DATA failed: {e}", txn.msgid);
+                log::warn!(
+                    "msgid={} relay DATA failed: error={}",
+                    txn.msgid,
+                    kv(&e.to_string())
+                );
                 Reply::new(451, "4.4.0 Forwarding relay failed, try again later")
             })
         } else {
@@ -511,7 +543,11 @@ impl Delivery for BackendDelivery {
             }
         }
         if let Some(Err(e)) = self.relay.as_mut().map(|r| r.chunk(bytes)) {
-            log::warn!("msgid={} relay failed during DATA: {e}", txn.msgid);
+            log::warn!(
+                "msgid={} relay failed during DATA: error={}",
+                txn.msgid,
+                kv(&e.to_string())
+            );
             self.relay = None;
         }
         self.txn = Some(txn);

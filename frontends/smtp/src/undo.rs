@@ -92,8 +92,11 @@ impl Undo {
                 Err(e) => {
                     cluster.report_error(id, &e);
                     log::warn!(
-                        "msgid={msgid} backend={name} cannot delete partial copy for {m} yet \
-                         (journaled, replayed later): {e}"
+                        "msgid={msgid} backend={} rcpt={} cannot delete partial copy yet \
+                         (journaled, replayed later): {}",
+                        powermail_admin::kv(&name),
+                        powermail_admin::kv(m.as_str()),
+                        powermail_admin::kv(&e.to_string())
                     );
                     clean = false;
                     break;

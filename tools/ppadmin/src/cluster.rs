@@ -107,16 +107,9 @@ struct DaemonFile {
     backends: Vec<Backend>,
 }
 
+/// The backend secret by the rule every PowerMail process shares.
 fn load_secret(inline: Option<&str>, file: Option<&Path>) -> anyhow::Result<Vec<u8>> {
-    match (inline, file) {
-        (Some(s), _) => Ok(s.trim().as_bytes().to_vec()),
-        (None, Some(p)) => Ok(std::fs::read_to_string(p)
-            .with_context(|| format!("reading {}", p.display()))?
-            .trim()
-            .as_bytes()
-            .to_vec()),
-        (None, None) => bail!("no backend secret configured"),
-    }
+    Ok(powermail_proto::auth::load_secret(inline, file)?)
 }
 
 impl ClusterInfo {
@@ -238,7 +231,7 @@ mod tests {
         std::fs::write(
             etc.join("powersmtp.toml"),
             "listen = \"x\"\nadmin_listen = \"127.0.0.1:8025\"\nadmin_token = \"t\"\nreplicas = 2\n\
-             secret = \"s3\"\nuserbase = \"sqlite://x\"\n[limits]\nconnections_max = 3\n\
+             secret = \" 0123456789abcdef\t\"\nuserbase = \"sqlite://x\"\n[limits]\nconnections_max = 3\n\
              [[backend]]\nname = \"b0\"\naddr = \"127.0.0.1:7000\"\n\
              [[backend]]\nname = \"b1\"\naddr = \"127.0.0.1:7001\"\n",
         )
@@ -250,7 +243,10 @@ mod tests {
         .unwrap();
         let c = ClusterInfo::from_up_tree(dir.path()).unwrap();
         assert_eq!(c.replicas, 2);
-        assert_eq!(c.secret, b"s3");
+        assert_eq!(
+            c.secret, b"0123456789abcdef",
+            "trimmed as pplistener trims it"
+        );
         assert_eq!(c.backends.len(), 2);
         let names: Vec<&str> = c.daemons.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["pplistener", "powersmtp"]);

@@ -9,6 +9,7 @@ struct Fake {
     commits: Vec<Vec<usize>>,
     next_auth: Option<AuthResult>,
     logins: Vec<(String, String)>,
+    refused_logins: Vec<String>,
 }
 
 impl Store for Fake {
@@ -32,6 +33,10 @@ impl Store for Fake {
         } else {
             AuthResult::Bad
         }
+    }
+
+    fn refuse_login(&mut self, user: &str) {
+        self.refused_logins.push(user.into());
     }
 
     fn retrieve(&mut self, index: usize, out: &mut dyn Write) -> Result<(), RetrieveError> {
@@ -324,4 +329,55 @@ fn nul_bytes_in_commands_are_refused() {
     assert!(text.starts_with("-ERR NUL byte in command\r\n"), "{text}");
     assert!(text.ends_with("-ERR USER first\r\n"), "{text}");
     assert!(!session.authenticated());
+}
+
+#[test]
+fn line_breaks_in_login_fields_are_failed_guesses_never_tried() {
+    // A bare CR in PASS (the line reader only strips the final one), and
+    // AUTH PLAIN fields with CR/LF once decoded ("\0old\r\nDELE 1\0pw",
+    // "\0old\0pw\rNOOP"): none reaches `authenticate`, each is counted.
+    // A CR inside a USER name splits it in two: a syntax error, no guess.
+    let input = "USER old\rDELE 1\r\nPASS pw\r\n\
+                 USER old\r\nPASS wrong\rPASS secret\r\n\
+                 AUTH PLAIN AG9sZA0KREVMRSAxAHB3\r\n\
+                 AUTH PLAIN\r\nAG9sZABwdw1OT09Q\r\n\
+                 USER bob\r\nPASS pw\r\n";
+    let (out, store) = every_chunking(fake, input);
+    assert!(
+        out.starts_with("+OK powerpop ready\r\n-ERR USER needs one name\r\n-ERR USER first\r\n"),
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("-ERR [AUTH] authentication failed\r\n").count(),
+        3,
+        "{out}"
+    );
+    assert!(
+        out.ends_with("+OK maildrop has 4 messages (76 octets)\r\n"),
+        "{out}"
+    );
+    assert_eq!(store.logins, vec![("bob".to_string(), "pw".to_string())]);
+    assert_eq!(store.refused_logins, vec!["old", "old\r\nDELE 1", "old"]);
+}
+
+#[test]
+fn nothing_is_answered_or_done_after_quit() {
+    let mut session = Session::new(fake(), SessionLimits::default());
+    let mut out = Vec::new();
+    let line = |s: &[u8]| Line::Complete(s.to_vec());
+    session.handle(line(b"USER bob"), &mut out).unwrap();
+    session.handle(line(b"PASS pw"), &mut out).unwrap();
+    session.handle(line(b"DELE 1"), &mut out).unwrap();
+    assert!(session.handle(line(b"QUIT"), &mut out).unwrap().close);
+    out.clear();
+    for l in [
+        Line::TooLong,
+        line(b"RETR\0 1"),
+        line(b"DELE 2"),
+        line(b"QUIT"),
+    ] {
+        assert!(session.handle(l, &mut out).unwrap().close);
+    }
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    assert_eq!(session.store.commits, vec![vec![0]]);
 }

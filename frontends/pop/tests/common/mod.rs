@@ -174,6 +174,8 @@ pub struct Pop {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub state_dir: PathBuf,
+    /// powerpop's stderr (its log).
+    pub log: PathBuf,
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -208,11 +210,12 @@ impl Pop {
         }
         let config = dir.path().join("powerpop.toml");
         std::fs::write(&config, toml).unwrap();
+        let log = dir.path().join("powerpop.log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_powerpop"))
             .arg("--config")
             .arg(&config)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start powerpop");
         wait_ready(&mut child, &["powerpop listening on", "admin port on"], 2);
@@ -220,6 +223,7 @@ impl Pop {
             addr,
             admin,
             state_dir: state_dir.to_path_buf(),
+            log,
             child,
             _dir: dir,
         }
