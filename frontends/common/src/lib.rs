@@ -17,6 +17,7 @@
 //!   userbase cache, backend secret;
 //! * [`deadline`] — client writes held to a deadline for a whole reply, so a
 //!   client that reads a trickle cannot hold a connection thread for ever;
+//! * [`proxy`] — the PROXY protocol (v1/v2) from trusted balancers only;
 //! * [`reload`] — configuration reload without a restart (SIGHUP or the admin port),
 //!   applied to new sessions only.
 //!
@@ -35,6 +36,7 @@
 pub mod cluster;
 pub mod config;
 pub mod deadline;
+pub mod proxy;
 pub mod reload;
 pub mod select;
 pub mod settings;

@@ -298,8 +298,9 @@ const POOL: &str = "\n[backend_pool]\nhealth_interval_ms = 100\nhealth_timeout_m
 
 impl Frontend {
     /// powersmtp over `backends` with K = `k`. `limits` goes inside
-    /// `[limits]`; `tables` are more TOML tables (a `[backend_pool]` there
-    /// replaces the quick default); `priorities` (by index) default to 0.
+    /// `[limits]`; `tables` are more TOML, top-level keys first, then tables
+    /// (a `[backend_pool]` there replaces the quick default); `priorities`
+    /// (by index) default to 0.
     pub fn smtp(
         root: &Path,
         backends: &[&Backend],
@@ -314,7 +315,7 @@ impl Frontend {
         let mut toml = format!(
             "listen = \"{addr}\"\nhostname = \"mx.sys.test\"\nfrontend_id = \"sys1\"\n\
              admin_listen = \"{admin}\"\nadmin_token = \"{TOKEN}\"\nuserbase = \"{userbase}\"\n\
-             replicas = {k}\nsecret = \"{SECRET}\"\n[limits]\n{limits}\n{tables}\n"
+             replicas = {k}\nsecret = \"{SECRET}\"\n{tables}\n[limits]\n{limits}\n"
         );
         if !tables.contains("[backend_pool]") {
             toml.push_str(POOL);
@@ -346,7 +347,7 @@ impl Frontend {
         let mut toml = format!(
             "listen = \"{addr}\"\nadmin_listen = \"{admin}\"\nadmin_token = \"{TOKEN}\"\n\
              userbase = \"{userbase}\"\ndefault_domain = \"{DOMAIN}\"\nstate_dir = \"{}\"\n\
-             secret = \"{SECRET}\"\n[limits]\n{limits}\n{tables}\n",
+             secret = \"{SECRET}\"\n{tables}\n[limits]\n{limits}\n",
             state.display()
         );
         if !tables.contains("[backend_pool]") {
