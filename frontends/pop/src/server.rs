@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use powermail_admin::{kv, Samples};
+use powermail_frontend::proxy::{self, ProxyPolicy};
 use powermail_frontend::reload::{on_sighup, Reloadable};
 use powermail_frontend::{BackendId, Cluster, DeadlineWrite};
 use powermail_proto::{BackendError, ErrorCode, MailboxName, MessageId};
@@ -44,6 +45,8 @@ pub struct Shared {
     pub locks: Arc<Locks>,
     /// Login throttling.
     pub throttle: Throttle,
+    /// Which peers must (and which must not) send a PROXY header.
+    pub proxy: ProxyPolicy,
     /// Counters.
     pub stats: Arc<Stats>,
 }
@@ -105,9 +108,11 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     on_sighup(move || {
         let _ = admin.reload();
     })?;
+    let proxy = ProxyPolicy::new(&cfg.proxy_from, cfg.proxy_timeout_ms)?;
     let shared = Arc::new(Shared {
         limits,
         throttle: Throttle::new(cfg.throttle.clone()),
+        proxy,
         cfg,
         cluster,
         userbase,
@@ -188,8 +193,13 @@ fn serve(
     implicit: bool,
 ) {
     let started = Instant::now();
-    let (Ok(client), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
-        return;
+    let (client, local) = match shared.proxy.accept(&stream) {
+        Ok(ends) => (ends.client, ends.local),
+        Err(e) => {
+            Stats::inc(&shared.stats.counters.proxy_refused);
+            log::warn!("connection refused: {e}");
+            return;
+        }
     };
     let limits = shared.limits.get();
     let _ = stream.set_read_timeout(Some(limits.idle_timeout()));
@@ -447,6 +457,7 @@ fn drive<S: Read + Write + DeadlineWrite>(
     let send_timeout = limits.send_timeout();
     let mut buf = vec![0u8; 4096];
     let mut pending = Vec::with_capacity(4096);
+    let mut first = greet;
     loop {
         let n = match stream.read(&mut buf) {
             Ok(0) => return Ok(Ended::Done("disconnected")),
@@ -465,6 +476,16 @@ fn drive<S: Read + Write + DeadlineWrite>(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
+        if std::mem::take(&mut first) && proxy::looks_like_header(&buf[..n]) {
+            // A trusted balancer's header was read before the greeting: this
+            // one comes from a source that may not choose its address.
+            Stats::inc(&shared.stats.counters.proxy_refused);
+            log::warn!("connection refused: PROXY header from an untrusted source");
+            let _ = stream
+                .write_all(b"-ERR [SYS/PERM] PROXY header not accepted from this address\r\n");
+            let _ = stream.flush();
+            return Ok(Ended::Done("proxy-refused"));
+        }
         lines.feed(&buf[..n]);
         let mut out = Out {
             buf: &mut pending,

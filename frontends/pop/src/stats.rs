@@ -32,6 +32,7 @@ macro_rules! counters {
 counters! {
     connections_accepted: "connections accepted",
     connections_refused: "connections refused at connections_max",
+    proxy_refused: "connections refused for a missing, malformed or untrusted PROXY header",
     sessions: "sessions ended",
     logins_ok: "successful logins",
     logins_failed: "failed logins (bad credentials)",

@@ -26,6 +26,15 @@ pub struct Config {
     /// share backends. Default: `hostname`.
     #[serde(default)]
     pub frontend_id: Option<String>,
+    /// Load balancers trusted to send a PROXY protocol header (v1 or v2),
+    /// as CIDR blocks or addresses. Connections from them must start with
+    /// one; its client address is then what the Received header and the logs
+    /// see. From anyone else a PROXY header is refused. Default: none.
+    #[serde(default)]
+    pub proxy_from: Vec<String>,
+    /// Time a trusted balancer has to send its PROXY header, in ms.
+    #[serde(default = "powermail_frontend::proxy::default_timeout_ms")]
+    pub proxy_timeout_ms: u64,
     /// Admin HTTP port; none: no admin port.
     #[serde(default)]
     pub admin_listen: Option<String>,

@@ -38,6 +38,8 @@ pub struct Stats {
     pub sessions: AtomicU64,
     /// Connections refused with 421 (over `connections_max`).
     pub sessions_refused: AtomicU64,
+    /// Connections refused for a missing, malformed or untrusted PROXY header.
+    pub proxy_refused: AtomicU64,
     /// Sessions open now.
     pub connections: AtomicUsize,
     /// Messages accepted (250 after DATA).

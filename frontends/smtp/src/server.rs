@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use powermail_admin::{AdminHandler, Prometheus};
+use powermail_frontend::proxy::{self, ProxyPolicy};
 use powermail_frontend::reload::{changes, on_sighup, reload_file, split_live, Reloadable};
 use powermail_frontend::{Cluster, DeadlineWrite};
 use powermail_userbase::{CacheConfig, CachedUserbase};
@@ -97,6 +98,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     on_sighup(move || {
         let _ = on_hup.reload();
     })?;
+    let proxy = Arc::new(ProxyPolicy::new(&cfg.proxy_from, cfg.proxy_timeout_ms)?);
     let listener =
         TcpListener::bind(&cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
     let local = listener.local_addr()?;
@@ -104,7 +106,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     println!("powersmtp: listening on {local}");
     for stream in listener.incoming() {
         match stream {
-            Ok(s) => accept(s, &shared, &current.get(), &tls),
+            Ok(s) => accept(s, &shared, &current.get(), &tls, &proxy),
             Err(e) => {
                 log::warn!("accept: {e}");
                 // Out of file descriptors and the like: do not spin.
@@ -129,6 +131,7 @@ fn accept(
     shared: &Arc<Shared>,
     cfg: &Arc<Config>,
     tls: &Option<Arc<rustls::ServerConfig>>,
+    proxy: &Arc<ProxyPolicy>,
 ) {
     let stats = &shared.stats;
     let open = stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -139,13 +142,13 @@ fn accept(
         return;
     }
     stats.sessions.fetch_add(1, Ordering::Relaxed);
-    let (shared, cfg, tls) = (shared.clone(), cfg.clone(), tls.clone());
+    let (shared, cfg, tls, proxy) = (shared.clone(), cfg.clone(), tls.clone(), proxy.clone());
     let spawned = thread::Builder::new()
         .name("smtp".into())
         .stack_size(256 << 10)
         .spawn(move || {
             let _slot = slot;
-            if let Err(e) = serve(stream, shared, &cfg, tls) {
+            if let Err(e) = serve(stream, shared, &cfg, tls, &proxy) {
                 log::debug!("session ended: {e}");
             }
         });
@@ -165,11 +168,19 @@ fn serve(
     shared: Arc<Shared>,
     cfg: &Config,
     tls: Option<Arc<rustls::ServerConfig>>,
+    proxy: &ProxyPolicy,
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(cfg.limits.command_timeout()))?;
-    let ip = stream.peer_addr()?.ip().to_string();
-    let mut delivery = BackendDelivery::new(shared, &ip);
+    let ip = match proxy.accept(&stream) {
+        Ok(ends) => ends.client.ip().to_string(),
+        Err(e) => {
+            shared.stats.proxy_refused.fetch_add(1, Ordering::Relaxed);
+            log::warn!("connection refused: {e}");
+            return Ok(());
+        }
+    };
+    let mut delivery = BackendDelivery::new(shared.clone(), &ip);
     let mut session = Session::new(&cfg.hostname, &ip, cfg.limits.session());
     if tls.is_some() {
         session.offer_starttls();
@@ -185,6 +196,7 @@ fn serve(
         out,
         cfg,
         tcp: &stream,
+        shared,
     };
     if c.run(&mut plain)? != Flow::StartTls {
         return Ok(());
@@ -214,6 +226,8 @@ struct Conversation<'a> {
     cfg: &'a Config,
     /// The socket underneath, for time-outs and shutdown.
     tcp: &'a TcpStream,
+    /// What every session shares (counters).
+    shared: Arc<Shared>,
 }
 
 impl Conversation<'_> {
@@ -222,6 +236,7 @@ impl Conversation<'_> {
     /// `command_timeout_ms` of their start, however slowly the client reads.
     fn run<S: Read + DeadlineWrite>(&mut self, stream: &mut S) -> io::Result<Flow> {
         let limits = &self.cfg.limits;
+        let mut first = true;
         loop {
             self.out.clear();
             let timeout = if self.session.in_data() {
@@ -253,6 +268,18 @@ impl Conversation<'_> {
                     return Err(e);
                 }
             };
+            if std::mem::take(&mut first) && proxy::looks_like_header(&self.buf[..n]) {
+                // A trusted balancer's header was read before the greeting:
+                // this one comes from a source that may not choose its address.
+                let stats = &self.shared.stats;
+                stats.proxy_refused.fetch_add(1, Ordering::Relaxed);
+                log::warn!("connection refused: PROXY header from an untrusted source");
+                let refusal = b"421 4.7.0 PROXY header not accepted from this address\r\n";
+                let _ = stream.write_all_by(refusal, Instant::now() + limits.command_timeout());
+                self.session.lost(&mut self.delivery);
+                let _ = self.tcp.shutdown(Shutdown::Both);
+                return Ok(Flow::Close);
+            }
             let flow = self
                 .session
                 .feed(&self.buf[..n], &mut self.delivery, &mut self.out);
@@ -309,6 +336,7 @@ impl AdminHandler for Admin {
         serde_json::json!({
             "sessions": l(&s.sessions),
             "sessions_refused": l(&s.sessions_refused),
+            "proxy_refused": l(&s.proxy_refused),
             "connections": s.connections.load(Ordering::Relaxed),
             "messages": l(&s.messages),
             "messages_failed": l(&s.messages_failed),
@@ -341,6 +369,11 @@ impl AdminHandler for Admin {
                 "powersmtp_sessions_refused_total",
                 "connections refused over the limit",
                 l(&s.sessions_refused),
+            ),
+            (
+                "powersmtp_proxy_refused_total",
+                "connections refused for a missing, malformed or untrusted PROXY header",
+                l(&s.proxy_refused),
             ),
             (
                 "powersmtp_messages_total",

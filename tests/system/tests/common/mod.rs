@@ -299,8 +299,9 @@ const POOL: &str = "\n[backend_pool]\nhealth_interval_ms = 100\nhealth_timeout_m
 impl Frontend {
     /// powersmtp over `backends` with K = `k`, its undo journal in
     /// `root/smtpstate` (replayed every 200 ms). `limits` goes inside
-    /// `[limits]`; `tables` are more TOML tables (a `[backend_pool]` there
-    /// replaces the quick default); `priorities` (by index) default to 0.
+    /// `[limits]`; `tables` are more TOML, top-level keys first, then tables
+    /// (a `[backend_pool]` there replaces the quick default); `priorities`
+    /// (by index) default to 0.
     pub fn smtp(
         root: &Path,
         backends: &[&Backend],
@@ -317,7 +318,7 @@ impl Frontend {
             "listen = \"{addr}\"\nhostname = \"mx.sys.test\"\nfrontend_id = \"sys1\"\n\
              admin_listen = \"{admin}\"\nadmin_token = \"{TOKEN}\"\nuserbase = \"{userbase}\"\n\
              replicas = {k}\nsecret = \"{SECRET}\"\nstate_dir = \"{}\"\n\
-             undo_replay_interval_ms = 200\n[limits]\n{limits}\n{tables}\n",
+             undo_replay_interval_ms = 200\n{tables}\n[limits]\n{limits}\n",
             state.display()
         );
         if !tables.contains("[backend_pool]") {
@@ -350,7 +351,7 @@ impl Frontend {
         let mut toml = format!(
             "listen = \"{addr}\"\nadmin_listen = \"{admin}\"\nadmin_token = \"{TOKEN}\"\n\
              userbase = \"{userbase}\"\ndefault_domain = \"{DOMAIN}\"\nstate_dir = \"{}\"\n\
-             secret = \"{SECRET}\"\n[limits]\n{limits}\n{tables}\n",
+             secret = \"{SECRET}\"\n{tables}\n[limits]\n{limits}\n",
             state.display()
         );
         if !tables.contains("[backend_pool]") {

@@ -1,0 +1,194 @@
+//! The PROXY protocol behind a real HAProxy (Debian package `haproxy`).
+//!
+//! HAProxy listens on loopback and connects to powersmtp and powerpop from
+//! 127.0.0.2, the only trusted source (`proxy_from`); clients connect from
+//! 127.0.0.1. So the original client's address (127.0.0.1) is what the
+//! Received header and the session log must show, never HAProxy's. A header
+//! from an untrusted source, and a trusted source without one, are refused.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// The balancer's source address, the only one trusted.
+const BALANCER: &str = "127.0.0.2";
+
+/// A running `haproxy -db`, killed on drop.
+struct Haproxy(Child);
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether haproxy is installed; under CI it must be (`.ci/run` installs it).
+fn have_haproxy() -> bool {
+    let found = Command::new("haproxy")
+        .arg("-v")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "haproxy is required in CI"
+        );
+        eprintln!("SKIP: haproxy is not installed");
+    }
+    found
+}
+
+/// Starts haproxy with one TCP listener per `(listen, server, server options)`.
+fn haproxy(root: &Path, routes: &[(SocketAddr, SocketAddr, &str)]) -> Haproxy {
+    let mut cfg = String::from(
+        "global\n  maxconn 256\ndefaults\n  mode tcp\n  timeout connect 2s\n  \
+         timeout client 30s\n  timeout server 30s\n",
+    );
+    for (i, (listen, server, opts)) in routes.iter().enumerate() {
+        cfg.push_str(&format!(
+            "frontend f{i}\n  bind {listen}\n  default_backend b{i}\n\
+             backend b{i}\n  server s{i} {server} source {BALANCER} {opts}\n"
+        ));
+    }
+    let path = root.join("haproxy.cfg");
+    std::fs::write(&path, cfg).expect("write haproxy.cfg");
+    let log = std::fs::File::create(root.join("haproxy.log")).expect("haproxy log");
+    let child = Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn haproxy");
+    let h = Haproxy(child);
+    for (listen, _, _) in routes {
+        eventually("haproxy listens", || connect(*listen).is_ok());
+    }
+    h
+}
+
+/// The trusted-source lines every frontend of this suite gets.
+fn trust() -> String {
+    format!("proxy_from = [\"{BALANCER}/32\"]\nproxy_timeout_ms = 1000\n")
+}
+
+fn counter(admin: SocketAddr, name: &str) -> u64 {
+    let mut s = connect(admin).expect("admin port");
+    write!(
+        s,
+        "GET /stats HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    )
+    .expect("admin request");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    let key = format!("\"{name}\":");
+    let at = body
+        .find(&key)
+        .unwrap_or_else(|| panic!("{name} not in /stats: {body}"));
+    body[at + key.len()..]
+        .trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{name} is not a number in {body}"))
+}
+
+#[test]
+fn proxy_protocol_behind_haproxy() {
+    let _serial = serial();
+    if !have_haproxy() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let backend = Backend::start(root, 0, root.join("disk0"), "");
+    let userbase = sqlite_userbase(root, 1);
+    let smtp = Frontend::smtp(root, &[&backend], &userbase, 1, "", &trust(), &[]);
+    let pop = Frontend::pop(root, &[&backend], &userbase, "", &trust());
+    let (smtp_v2, pop_v1, smtp_bare) = (free_addr(), free_addr(), free_addr());
+    let _haproxy = haproxy(
+        root,
+        &[
+            (smtp_v2, smtp.addr, "send-proxy-v2"),
+            (pop_v1, pop.addr, "send-proxy"),
+            (smtp_bare, smtp.addr, ""),
+        ],
+    );
+
+    // SMTP through HAProxy (v2): the Received header names the real client.
+    let mut c = Smtp::connect(smtp_v2).expect("SMTP through haproxy");
+    let code = c
+        .send("a@b.test", &[&user(0)], &message("proxied", 200))
+        .expect("send");
+    assert_eq!(code, 250);
+    c.quit();
+
+    // POP3 through HAProxy (v1): the message, and the session log names the
+    // real client, not the balancer.
+    let mut p = Pop::connect(pop_v1).expect("POP through haproxy");
+    p.auth(&user(0), &password(0))
+        .expect("login through haproxy");
+    let raw = p.retr(1).expect("RETR");
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        text.starts_with("Received: from client.sys.test ([127.0.0.1])"),
+        "Received header should name the client, not {BALANCER}: {text:.200}"
+    );
+    assert!(p.quit().expect("QUIT").starts_with("+OK"));
+    eventually(
+        "powerpop logs the session with the client's address",
+        || {
+            pop.log_text().lines().any(|l| {
+                l.contains(&format!("user={}", user(0))) && l.contains("client=127.0.0.1:")
+            })
+        },
+    );
+    assert!(
+        !pop.log_text().contains(&format!("client={BALANCER}")),
+        "the balancer's address leaked into the session log"
+    );
+
+    // A trusted source that sends no header: refused, no greeting.
+    let mut s = connect(smtp_bare).expect("connect");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(
+        !got.starts_with(b"220"),
+        "a trusted source without a header was greeted: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    eventually(
+        "powersmtp counts the header-less trusted connection",
+        || counter(smtp.admin, "proxy_refused") >= 1,
+    );
+
+    // An untrusted client (127.0.0.1, directly) that sends a header: refused.
+    for (addr, refusal) in [(smtp.addr, "421 "), (pop.addr, "-ERR ")] {
+        let mut s = connect(addr).expect("connect");
+        let mut greeting = [0u8; 3];
+        s.read_exact(&mut greeting).expect("greeting");
+        s.write_all(b"PROXY TCP4 192.0.2.1 192.0.2.2 1234 25\r\n")
+            .expect("send header");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(
+            rest.lines()
+                .any(|l| l.starts_with(refusal) && l.contains("PROXY")),
+            "{addr}: untrusted PROXY header not refused: {rest:?}"
+        );
+    }
+    assert!(counter(pop.admin, "proxy_refused") >= 1);
+    assert!(counter(smtp.admin, "proxy_refused") >= 2);
+}
