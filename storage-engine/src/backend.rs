@@ -92,7 +92,17 @@ async fn run(start: Start) {
         }
     };
     let max_conns = limits.connections_per_backend_max as u64;
-    let committer = crate::commit::Committer::start(store.clone());
+    let committer = match crate::commit::Committer::start(store.clone(), shared.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(format!(
+                "{}: opening {} for syncfs: {e}",
+                backend.name,
+                backend.data_dir.display()
+            )));
+            return;
+        }
+    };
     let ctx = Rc::new(Ctx {
         shared: shared.clone(),
         store,
@@ -104,11 +114,12 @@ async fn run(start: Start) {
     });
     glommio::spawn_local(housekeeping(ctx.clone())).detach();
     let _ = ready.send(Ok(format!(
-        "backend {} listening on {} data {} cpu {}",
+        "backend {} listening on {} data {} cpu {} durability {}",
         backend.name,
         backend.listen,
         backend.data_dir.display(),
-        backend.cpu
+        backend.cpu,
+        backend.durability.as_str()
     )));
     loop {
         let stream = match listener.accept().await {

@@ -1,22 +1,36 @@
-//! Group commit of the link stage.
+//! Group commit of the link stage, and the durability of each batch.
 //!
-//! Each PUT makes its own body durable (its `fdatasync` runs concurrently with
-//! everyone else's through io_uring). Linking is different: linking and
-//! fsyncing directories one message at a time costs a thread hand-off and a
-//! directory flush per message. So finished bodies queue here, and one task
-//! per executor links everything queued in one blocking call, then fsyncs
-//! each touched directory once for the whole batch, all of them concurrently
-//! through io_uring. Durability per message, cost per batch.
+//! Finished bodies queue here, and one task per executor links everything
+//! queued in one blocking call. What makes the batch durable depends on the
+//! backend's `durability`:
 //!
-//! The queue is bounded by the connection limit: each connection has at most
-//! one PUT waiting.
+//! * `file` (default): each PUT made its own body durable (its `fdatasync`
+//!   runs concurrently with everyone else's through io_uring); after the
+//!   links, each touched directory is fsynced once for the whole batch, all
+//!   of them concurrently through io_uring.
+//! * `syncfs`: bodies were written (and their writes completed) without a
+//!   sync; after the links, in the same blocking call, one `syncfs(2)` of the
+//!   backend's file system makes every body, link and directory of the batch
+//!   durable at once. The file descriptor it is called on is opened when the
+//!   committer starts, before any PUT, so the file system's writeback error
+//!   sequence (Linux >= 5.8) reports to it any error since the previous call:
+//!   such an error fails the whole batch, nothing of it acknowledged.
+//!
+//! Durability per message, cost per batch. A PUT's reply waits for the batch
+//! that holds its links. The queue is bounded by the connection limit: each
+//! connection has at most one PUT waiting.
 
 use std::cell::RefCell;
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 
+use crate::config::Durability;
+use crate::stats::BackendShared;
 use crate::store::{LinkJob, LinkOutcome, Store};
 
 /// Most messages linked in one blocking call.
@@ -34,15 +48,20 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Creates the queue and starts its task on the current executor.
-    pub fn start(store: Store) -> Rc<Committer> {
+    /// Creates the queue and starts its task on the current executor. In
+    /// `syncfs` mode this opens the data directory for the batch's `syncfs`.
+    pub fn start(store: Store, shared: Arc<BackendShared>) -> io::Result<Rc<Committer>> {
+        let syncfs_on = match shared.durability {
+            Durability::File => None,
+            Durability::Syncfs => Some(Arc::new(File::open(store.root())?)),
+        };
         let (doorbell, ring) = local_channel::new_bounded(1);
         let c = Rc::new(Committer {
             queue: RefCell::new(Vec::new()),
             doorbell,
         });
-        glommio::spawn_local(run(store, c.clone(), ring)).detach();
-        c
+        glommio::spawn_local(run(store, shared, syncfs_on, c.clone(), ring)).detach();
+        Ok(c)
     }
 
     /// Links `job` as part of the next batch; returns once its links are durable.
@@ -58,7 +77,14 @@ impl Committer {
     }
 }
 
-async fn run(store: Store, c: Rc<Committer>, ring: LocalReceiver<()>) {
+async fn run(
+    store: Store,
+    shared: Arc<BackendShared>,
+    syncfs_on: Option<Arc<File>>,
+    c: Rc<Committer>,
+    ring: LocalReceiver<()>,
+) {
+    let counters = &shared.counters;
     while ring.recv().await.is_some() {
         loop {
             let batch: Vec<Waiting> = {
@@ -71,24 +97,72 @@ async fn run(store: Store, c: Rc<Committer>, ring: LocalReceiver<()>) {
             }
             let (jobs, done): (Vec<LinkJob>, Vec<_>) =
                 batch.into_iter().map(|w| (w.job, w.done)).unzip();
+            counters.batch(jobs.len() as u64);
             let s = store.clone();
-            let (mut results, dirs) = glommio::executor()
-                .spawn_blocking(move || s.link_batch(&jobs))
+            let fs = syncfs_on.clone();
+            // Links, then (syncfs mode) the one flush, in one trip to the pool.
+            let (mut results, dirs, synced) = glommio::executor()
+                .spawn_blocking(move || {
+                    let (results, dirs) = s.link_batch(&jobs, fs.is_none());
+                    let synced = match &fs {
+                        Some(f) if results.iter().any(|r| r.is_ok()) => Some(syncfs(f)),
+                        _ => None,
+                    };
+                    (results, dirs, synced)
+                })
                 .await;
             debug_assert_eq!(results.len(), done.len());
-            if let Err(e) = sync_dirs(dirs).await {
+            let flushed = match synced {
+                Some(r) => {
+                    counters.flushed(&counters.flushes_syncfs, 1);
+                    r.map_err(|e| ("syncfs", e))
+                }
+                None if syncfs_on.is_none() => {
+                    let copies: u64 = results.iter().flatten().map(|o| o.extra_copies).sum();
+                    counters.flushed(&counters.flushes_fdatasync, copies);
+                    counters.flushed(&counters.flushes_dir_fsync, dirs.len() as u64);
+                    sync_dirs(dirs).await.map_err(|e| ("directory fsync", e))
+                }
+                // syncfs mode and nothing linked: nothing to make durable.
+                None => Ok(()),
+            };
+            if let Err((what, e)) = flushed {
+                crate::stats::add(&counters.flush_errors, 1);
                 log::error!(
-                    "directory fsync failed, batch of {} refused: {e}",
+                    "backend={} {what} failed, batch of {} refused: {e}",
+                    shared.name,
                     done.len()
                 );
                 for r in results.iter_mut().filter(|r| r.is_ok()) {
-                    *r = Err(io::Error::new(e.kind(), format!("directory fsync: {e}")));
+                    *r = Err(flush_error(what, &e));
                 }
             }
             for (d, r) in done.into_iter().zip(results) {
                 let _ = d.try_send(r);
             }
         }
+    }
+}
+
+/// The error a PUT gets when its batch's flush failed: the OS error itself
+/// where there is one (so a full disk still turns the backend read-only; the
+/// log names the flush), else the flush named in the text.
+fn flush_error(what: &str, e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), format!("{what}: {e}")),
+    }
+}
+
+/// `syncfs(2)` of the file system holding `f`: writes back every dirty inode
+/// and the journal, flushes the device, and reports writeback errors seen
+/// on that file system since the last call on `f` (Linux >= 5.8).
+pub fn syncfs(f: &File) -> io::Result<()> {
+    // SAFETY: a valid open descriptor, owned by `f` for the whole call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -119,4 +193,113 @@ async fn sync_dirs(dirs: Vec<std::path::PathBuf>) -> io::Result<()> {
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::Counters;
+    use powermail_proto::{MailboxName, MessageId};
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+    /// PUTs queued before the committer first runs: one batch.
+    const PUTS: usize = 16;
+
+    fn shared(durability: Durability, dir: &std::path::Path) -> Arc<BackendShared> {
+        Arc::new(BackendShared {
+            name: "t".into(),
+            listen: "127.0.0.1:1".parse().expect("address"),
+            data_dir: dir.to_path_buf(),
+            cpu: 0,
+            durability,
+            operator_readonly: AtomicBool::new(false),
+            auto_readonly: AtomicBool::new(false),
+            free_bytes: AtomicU64::new(0),
+            total_bytes: AtomicU64::new(0),
+            counters: Counters::default(),
+            latencies: Default::default(),
+            readonly_marker: dir.join("readonly"),
+        })
+    }
+
+    /// Queues `PUTS` bodies (written like the writer does in this mode) to
+    /// one new mailbox at once and returns the counters afterwards.
+    fn batch_of_puts(durability: Durability) -> Arc<BackendShared> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("open store");
+        let shared = shared(durability, dir.path());
+        let s = shared.clone();
+        glommio::LocalExecutorBuilder::default()
+            .blocking_thread_pool_placement(glommio::PoolPlacement::Unbound(1))
+            .spawn(move || async move {
+                let committer = Committer::start(store.clone(), s).expect("committer");
+                let bodies: Vec<File> = (0..PUTS)
+                    .map(|i| {
+                        let mut f = std::fs::OpenOptions::new()
+                            .write(true)
+                            .custom_flags(libc::O_TMPFILE)
+                            .mode(0o600)
+                            .open(store.tmp_dir())
+                            .expect("O_TMPFILE");
+                        f.write_all(format!("body {i}").as_bytes()).expect("write");
+                        if durability == Durability::File {
+                            f.sync_data().expect("fdatasync");
+                        }
+                        f
+                    })
+                    .collect();
+                // Every link() queues before the committer task first runs.
+                let tasks: Vec<_> = bodies
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| {
+                        let job = LinkJob {
+                            fd: f.as_raw_fd(),
+                            msgid: MessageId::parse(&format!("m{i}")).expect("id"),
+                            mailboxes: vec![MailboxName::parse("a@x").expect("name")],
+                        };
+                        let c = committer.clone();
+                        glommio::spawn_local(async move { c.link(job).await })
+                    })
+                    .collect();
+                for t in tasks {
+                    assert_eq!(t.await.expect("linked").created, 1);
+                }
+                let listed = store
+                    .list(&MailboxName::parse("a@x").expect("name"), 100)
+                    .expect("list");
+                assert_eq!(listed.len(), PUTS);
+                drop(bodies);
+            })
+            .expect("executor")
+            .join()
+            .expect("join");
+        shared
+    }
+
+    #[test]
+    fn a_batch_costs_one_syncfs() {
+        let s = batch_of_puts(Durability::Syncfs);
+        let c = &s.counters;
+        assert_eq!(c.batches.load(Relaxed), 1);
+        assert_eq!(c.batch_puts.load(Relaxed), PUTS as u64);
+        assert_eq!(c.flushes_syncfs.load(Relaxed), 1);
+        assert_eq!(c.flushes.load(Relaxed), 1, "one flush for {PUTS} PUTs");
+        assert_eq!(c.flush_errors.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_batch_in_file_mode_fsyncs_each_touched_directory_once() {
+        let s = batch_of_puts(Durability::File);
+        let c = &s.counters;
+        assert_eq!(c.batches.load(Relaxed), 1);
+        assert_eq!(c.batch_puts.load(Relaxed), PUTS as u64);
+        assert_eq!(c.flushes_syncfs.load(Relaxed), 0);
+        // mbox/, mbox/h1/, mbox/h1/h2/ (each got a new entry) and the mailbox.
+        assert_eq!(c.flushes_dir_fsync.load(Relaxed), 4);
+        // Body fdatasyncs are counted by the session, not here.
+        assert_eq!(c.flushes.load(Relaxed), 4);
+    }
 }

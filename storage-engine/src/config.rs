@@ -52,6 +52,35 @@ pub struct Config {
     /// With no `[[backend]]` tables: how many backends (default: online CPUs).
     #[serde(default)]
     pub backend_count: Option<usize>,
+    /// Durability mode of backends that do not set their own (default `file`).
+    #[serde(default)]
+    pub durability: Durability,
+}
+
+/// How a backend makes a PUT durable before it answers `+OK`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Each body gets its own `fdatasync`, and each directory touched by a
+    /// batch of links one `fsync`: right on any file system, including one
+    /// shared with other data.
+    #[default]
+    File,
+    /// Bodies are written without their own sync; after a batch of
+    /// concurrent PUTs is linked, one `syncfs(2)` of the backend's file
+    /// system makes bodies, links and directories durable together. Right
+    /// when `data_dir` is its own file system (it flushes everything on it).
+    Syncfs,
+}
+
+impl Durability {
+    /// The name used in the configuration and on the admin port.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::File => "file",
+            Durability::Syncfs => "syncfs",
+        }
+    }
 }
 
 /// Limits, each answered with a clear protocol error when exceeded.
@@ -110,6 +139,9 @@ pub struct BackendConfig {
     /// CPU to pin the executor to (default: spread over the online CPUs).
     #[serde(default)]
     pub cpu: Option<usize>,
+    /// `file` or `syncfs` (default: the top-level `durability`).
+    #[serde(default)]
+    pub durability: Option<Durability>,
 }
 
 fn default_blocking_threads() -> usize {
@@ -127,6 +159,8 @@ pub struct Backend {
     pub listen: SocketAddr,
     /// CPU it is pinned to.
     pub cpu: usize,
+    /// How PUTs are made durable.
+    pub durability: Durability,
 }
 
 impl Config {
@@ -167,6 +201,7 @@ impl Config {
                     data_dir: root.join("disks").join(i.to_string()),
                     listen: SocketAddr::new(base.ip(), base.port() + i as u16),
                     cpu: None,
+                    durability: None,
                 })
                 .collect()
         } else {
@@ -193,6 +228,7 @@ impl Config {
                 data_dir: b.data_dir,
                 listen: b.listen,
                 cpu,
+                durability: b.durability.unwrap_or(self.durability),
             });
         }
         Ok(out)
@@ -215,6 +251,23 @@ mod tests {
         assert_eq!(b[1].data_dir, PathBuf::from("/d/disks/1"));
         assert_eq!(b[1].cpu, 1);
         assert_eq!(c.limits.message_max_bytes, 64 << 20);
+        assert_eq!(b[0].durability, Durability::File);
+    }
+
+    #[test]
+    fn durability_is_per_backend_with_a_default() {
+        let c = Config::parse(
+            "secret = \"0123456789abcdef\"\ndurability = \"syncfs\"\n\
+             [[backend]]\ndata_dir = \"/d0\"\nlisten = \"127.0.0.1:1\"\n\
+             [[backend]]\ndata_dir = \"/d1\"\nlisten = \"127.0.0.1:2\"\ndurability = \"file\"\n",
+        )
+        .unwrap();
+        let b = c.resolve_backends(&[0, 1]).unwrap();
+        assert_eq!(b[0].durability, Durability::Syncfs);
+        assert_eq!(b[1].durability, Durability::File);
+        let bad = "secret = \"0123456789abcdef\"\n[[backend]]\ndata_dir = \"/d\"\n\
+                   listen = \"127.0.0.1:1\"\ndurability = \"fsync\"\n";
+        assert!(Config::parse(bad).is_err(), "unknown modes are refused");
     }
 
     #[test]

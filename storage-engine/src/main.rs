@@ -65,6 +65,67 @@ fn raise_fd_limit() {
     }
 }
 
+/// Warns about each `durability = "syncfs"` backend whose data directory
+/// shares its file system with `/` or with another backend: its `syncfs`
+/// then also flushes everything else written there (correct, but slower and
+/// unfair to the others). Each backend on its own file system is the
+/// intended deployment.
+fn warn_shared_file_systems(backends: &[config::Backend]) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+    let root = dev(std::path::Path::new("/"));
+    for (i, b) in backends.iter().enumerate() {
+        if b.durability != config::Durability::Syncfs {
+            continue;
+        }
+        let Some(mine) = dev(&b.data_dir) else {
+            continue;
+        };
+        if ext4_without_journal(mine) {
+            log::warn!(
+                "backend={} durability=syncfs on an ext4 without a journal ({}): syncfs may \
+                 flush before the directory blocks are written; use durability=file there \
+                 (kernel-notes/README.md)",
+                b.name,
+                b.data_dir.display()
+            );
+        }
+        if Some(mine) == root {
+            log::warn!(
+                "backend={} durability=syncfs but data_dir {} is on the root file system: \
+                 each batch's syncfs flushes everything written there",
+                b.name,
+                b.data_dir.display()
+            );
+        }
+        for (j, other) in backends.iter().enumerate() {
+            if i != j && dev(&other.data_dir) == Some(mine) {
+                log::warn!(
+                    "backend={} durability=syncfs shares its file system with backend={}: \
+                     each one's syncfs flushes the other's writes too",
+                    b.name,
+                    other.name
+                );
+            }
+        }
+    }
+}
+
+/// Whether the file system on device `dev` is an ext4 with no journal, as
+/// `/sys/fs/ext4/<device>/journal_task` tells (`<none>`). Unknown: false.
+fn ext4_without_journal(dev: u64) -> bool {
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let Ok(link) = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}")) else {
+        return false;
+    };
+    let Some(name) = link.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    std::fs::read_to_string(format!("/sys/fs/ext4/{name}/journal_task"))
+        .map(|t| t.trim() == "<none>")
+        .unwrap_or(false)
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     raise_fd_limit();
     let text = std::fs::read_to_string(&args.config)
@@ -83,11 +144,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(backends.len());
+    let mut stores = Vec::with_capacity(backends.len());
+    for b in &backends {
+        stores.push(
+            store::Store::open(&b.data_dir)
+                .with_context(|| format!("opening {}", b.data_dir.display()))?,
+        );
+    }
+    warn_shared_file_systems(&backends);
     let mut shared_all = Vec::new();
     let mut handles = Vec::new();
-    for b in &backends {
-        let (store, removed) = store::Store::open(&b.data_dir)
-            .with_context(|| format!("opening {}", b.data_dir.display()))?;
+    for (b, (store, removed)) in backends.iter().zip(stores) {
         if removed > 0 {
             log::warn!(
                 "backend={} removed {removed} temporary files left by a crash",
@@ -106,6 +173,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             listen: b.listen,
             data_dir: b.data_dir.clone(),
             cpu: b.cpu,
+            durability: b.durability,
             operator_readonly: AtomicBool::new(marker.exists()),
             auto_readonly: AtomicBool::new(false),
             free_bytes: AtomicU64::new(0),
@@ -147,6 +215,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             })).collect::<Vec<_>>(),
             "limits": format!("{:?}", cfg.limits),
             "blocking_threads": cfg.blocking_threads,
+            "durability": backends.iter().map(|b| b.durability.as_str()).collect::<Vec<_>>(),
         });
         let handler = Arc::new(stats::Process {
             backends: shared_all,

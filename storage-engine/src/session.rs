@@ -6,7 +6,9 @@
 //! requests share one write). [`serve`] authenticates and then applies each
 //! request against the [`Store`](crate::store::Store). A body is written as it
 //! arrives; `+OK` for a PUT is sent only once the body is durable and linked
-//! into every mailbox, with the links durable too.
+//! into every mailbox, with the links durable too (by the body's own
+//! `fdatasync` and the batch's directory fsyncs, or by the batch's one
+//! `syncfs`: see [`crate::commit`]).
 
 use std::cell::RefCell;
 use std::io;
@@ -390,8 +392,14 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
             return err_line(code, &text);
         }
     };
-    let (file, size_bytes) = match writer.finish().await {
-        Ok(done) => done,
+    let sync_body = ctx.shared.durability == crate::config::Durability::File;
+    let (file, size_bytes) = match writer.finish(sync_body).await {
+        Ok(done) => {
+            if sync_body {
+                c.flushed(&c.flushes_fdatasync, 1);
+            }
+            done
+        }
         Err(e) => {
             note_io_error(ctx, &e);
             add(&c.put_errors, 1);
@@ -434,10 +442,10 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
             note_io_error(ctx, &e);
             add(&c.put_errors, 1);
             log::error!(
-                "backend={} put msgid={msgid} link failed: {e}",
+                "backend={} put msgid={msgid} link or flush failed: {e}",
                 ctx.shared.name
             );
-            err_line(ErrorCode::Temp, &format!("link failed: {e}"))
+            err_line(ErrorCode::Temp, &format!("link or flush failed: {e}"))
         }
     }
 }

@@ -40,6 +40,38 @@ pub struct Counters {
     pub dels: AtomicU64,
     /// Protocol errors (bad lines, fatal framing errors).
     pub protocol_errors: AtomicU64,
+    /// Device flushes made for PUTs: the sum of the three below.
+    pub flushes: AtomicU64,
+    /// Body `fdatasync`s (`durability = "file"`, and extra copies past the link limit).
+    pub flushes_fdatasync: AtomicU64,
+    /// Directory `fsync`s after a batch of links (`durability = "file"`).
+    pub flushes_dir_fsync: AtomicU64,
+    /// `syncfs` calls, one per batch (`durability = "syncfs"`).
+    pub flushes_syncfs: AtomicU64,
+    /// Flushes that reported an error (each failed its whole batch).
+    pub flush_errors: AtomicU64,
+    /// Link batches made durable together.
+    pub batches: AtomicU64,
+    /// PUTs in those batches (divided by `batches`: PUTs per batch).
+    pub batch_puts: AtomicU64,
+    /// The most PUTs one batch held.
+    pub batch_puts_max: AtomicU64,
+}
+
+impl Counters {
+    /// Counts `n` device flushes of one kind (`which` is one of the
+    /// `flushes_*` counters) in it and in the total.
+    pub fn flushed(&self, which: &AtomicU64, n: u64) {
+        add(which, n);
+        add(&self.flushes, n);
+    }
+
+    /// Counts one batch of `puts` PUTs.
+    pub fn batch(&self, puts: u64) {
+        add(&self.batches, 1);
+        add(&self.batch_puts, puts);
+        self.batch_puts_max.fetch_max(puts, Relaxed);
+    }
 }
 
 /// Adds `n` to a counter.
@@ -58,6 +90,8 @@ pub struct BackendShared {
     pub data_dir: PathBuf,
     /// CPU.
     pub cpu: usize,
+    /// How PUTs are made durable.
+    pub durability: crate::config::Durability,
     /// An operator made it read-only (persisted by a marker file).
     pub operator_readonly: AtomicBool,
     /// Free space or inodes fell under a floor, or a write hit ENOSPC/EDQUOT
@@ -139,6 +173,16 @@ impl BackendShared {
             "empty_fast_path": l(&c.empty_fast_path),
             "dels": l(&c.dels),
             "protocol_errors": l(&c.protocol_errors),
+            "durability": self.durability.as_str(),
+            "flushes": l(&c.flushes),
+            "flushes_fdatasync": l(&c.flushes_fdatasync),
+            "flushes_dir_fsync": l(&c.flushes_dir_fsync),
+            "flushes_syncfs": l(&c.flushes_syncfs),
+            "flush_errors": l(&c.flush_errors),
+            "batches": l(&c.batches),
+            "batch_puts": l(&c.batch_puts),
+            "batch_puts_max": l(&c.batch_puts_max),
+            "puts_per_batch": if l(&c.batches) == 0 { 0.0 } else { l(&c.batch_puts) as f64 / l(&c.batches) as f64 },
             "latency": self.latencies.lock().map(|l| l.summary()).unwrap_or_default(),
         })
     }
@@ -267,6 +311,54 @@ impl AdminHandler for Process {
                     "counter",
                     "protocol errors",
                     l(&c.protocol_errors),
+                ),
+                (
+                    "pplistener_flushes_total",
+                    "counter",
+                    "device flushes for PUTs (fdatasync, directory fsync, syncfs)",
+                    l(&c.flushes),
+                ),
+                (
+                    "pplistener_flushes_fdatasync_total",
+                    "counter",
+                    "body fdatasyncs",
+                    l(&c.flushes_fdatasync),
+                ),
+                (
+                    "pplistener_flushes_dir_fsync_total",
+                    "counter",
+                    "directory fsyncs after link batches",
+                    l(&c.flushes_dir_fsync),
+                ),
+                (
+                    "pplistener_flushes_syncfs_total",
+                    "counter",
+                    "syncfs calls, one per batch in syncfs mode",
+                    l(&c.flushes_syncfs),
+                ),
+                (
+                    "pplistener_flush_errors_total",
+                    "counter",
+                    "flushes that failed their batch",
+                    l(&c.flush_errors),
+                ),
+                (
+                    "pplistener_batches_total",
+                    "counter",
+                    "link batches made durable together",
+                    l(&c.batches),
+                ),
+                (
+                    "pplistener_batch_puts_total",
+                    "counter",
+                    "PUTs in link batches (divide by batches: PUTs per batch)",
+                    l(&c.batch_puts),
+                ),
+                (
+                    "pplistener_batch_puts_max",
+                    "gauge",
+                    "most PUTs in one batch since start",
+                    l(&c.batch_puts_max),
                 ),
                 (
                     "pplistener_free_bytes",

@@ -89,6 +89,11 @@ impl Store {
         Ok((store, removed))
     }
 
+    /// The data directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The probe file the executor opens first.
     pub fn probe_path(&self) -> PathBuf {
         self.root.join(".probe")
@@ -143,7 +148,7 @@ impl Store {
             msgid: msgid.clone(),
             mailboxes: mailboxes.to_vec(),
         };
-        let (mut results, dirs) = self.link_batch(std::slice::from_ref(&job));
+        let (mut results, dirs) = self.link_batch(std::slice::from_ref(&job), true);
         for d in dirs {
             sync_dir(&d)?;
         }
@@ -157,13 +162,19 @@ impl Store {
     ///
     /// Mailboxes that already hold the id are left alone (PUT is idempotent:
     /// ids are unique and bodies immutable). On `EMLINK` a second copy of the
-    /// body is made and linking goes on from it.
-    pub fn link_batch(&self, jobs: &[LinkJob]) -> (Vec<io::Result<LinkOutcome>>, Vec<PathBuf>) {
+    /// body is made and linking goes on from it; `sync_copies` says whether
+    /// such a copy gets its own `fdatasync` (not when a `syncfs` of the whole
+    /// file system follows the batch).
+    pub fn link_batch(
+        &self,
+        jobs: &[LinkJob],
+        sync_copies: bool,
+    ) -> (Vec<io::Result<LinkOutcome>>, Vec<PathBuf>) {
         let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
         let mut temps: Vec<PathBuf> = Vec::new();
         let results: Vec<io::Result<LinkOutcome>> = jobs
             .iter()
-            .map(|job| self.link_one(job, &mut dirs, &mut temps))
+            .map(|job| self.link_one(job, sync_copies, &mut dirs, &mut temps))
             .collect();
         // Extra copies past the link limit are named temporaries: their names
         // are not needed for durability, and any that survives a crash is
@@ -179,6 +190,7 @@ impl Store {
     fn link_one(
         &self,
         job: &LinkJob,
+        sync_copies: bool,
         dirs: &mut BTreeSet<PathBuf>,
         temps: &mut Vec<PathBuf>,
     ) -> io::Result<LinkOutcome> {
@@ -196,7 +208,9 @@ impl Store {
                     Err(e) if e.raw_os_error() == Some(libc::EMLINK) => {
                         let copy = self.temp_path(&job.msgid);
                         fs::copy(&source, &copy)?;
-                        File::open(&copy)?.sync_data()?;
+                        if sync_copies {
+                            File::open(&copy)?.sync_data()?;
+                        }
                         temps.push(copy.clone());
                         source = copy;
                         follow = false;

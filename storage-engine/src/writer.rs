@@ -1,5 +1,6 @@
 //! Writes one message body to an anonymous file (`O_TMPFILE`) with
-//! `O_DIRECT` through io_uring, and makes it durable.
+//! `O_DIRECT` through io_uring, and (in `durability = "file"`) makes it
+//! durable; in `syncfs` mode the batch's `syncfs` does that instead.
 //!
 //! The file has no name until the store links it into the mailboxes, so a
 //! crash before that leaves nothing behind, and making it durable does not
@@ -84,10 +85,12 @@ impl BodyWriter {
         Ok(())
     }
 
-    /// Writes the padded tail, truncates to the true size and `fdatasync`s.
-    /// Returns the still open file (link it, then close it) and the body
-    /// size. Only after this returns `Ok` is the body durable.
-    pub async fn finish(mut self) -> io::Result<(DmaFile, u64)> {
+    /// Writes the padded tail, truncates to the true size and, when `sync`,
+    /// `fdatasync`s. Returns the still open file (link it, then close it)
+    /// and the body size. Every write has completed when this returns `Ok`
+    /// (io_uring completions awaited), so a later `syncfs` covers them;
+    /// with `sync` the body is already durable.
+    pub async fn finish(mut self, sync: bool) -> io::Result<(DmaFile, u64)> {
         let size_bytes = self.pos_bytes + self.fill_bytes as u64;
         if self.fill_bytes > 0 {
             let padded = self.file.align_up(self.fill_bytes as u64) as usize;
@@ -102,7 +105,9 @@ impl BodyWriter {
                 self.file.truncate(size_bytes).await?;
             }
         }
-        self.file.fdatasync().await?;
+        if sync {
+            self.file.fdatasync().await?;
+        }
         Ok((self.file, size_bytes))
     }
 

@@ -522,3 +522,86 @@ fn dir_is_paged_in_name_order() {
     // The first page without a start name is the first three.
     assert_eq!(c.dir(100).unwrap(), names[..3]);
 }
+
+/// Sends `n` PUTs of 4 KiB to one existing mailbox on `n` connections at
+/// once (bodies first, then every end marker, then the replies) and returns
+/// the deltas of (puts, batches, batch_puts, flushes, fdatasync, dir fsync, syncfs).
+fn concurrent_puts(l: &Listener, n: usize, tag: &str) -> [u64; 7] {
+    let names = [
+        "puts",
+        "batches",
+        "batch_puts",
+        "flushes",
+        "flushes_fdatasync",
+        "flushes_dir_fsync",
+        "flushes_syncfs",
+    ];
+    let mut c = l.conn(0);
+    // The mailbox exists before counting: no parent directory is created.
+    c.put(
+        &id(&format!("{tag}-warm")),
+        &[mb("f@x.org")],
+        &body(1, 4096),
+    )
+    .unwrap();
+    let before = names.map(|s| l.stat(0, s));
+    let mut conns: Vec<BackendConn> = (0..n).map(|_| l.conn(0)).collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.put_begin(&id(&format!("{tag}-{i}")), &[mb("f@x.org")])
+            .unwrap();
+        c.put_chunk(&body(i as u64, 4096)).unwrap();
+    }
+    for c in conns.iter_mut() {
+        c.put_end().unwrap();
+    }
+    for c in conns.iter_mut() {
+        assert_eq!(c.put_reply().unwrap().links_created, 1);
+    }
+    let after = names.map(|s| l.stat(0, s));
+    let mut d = [0; 7];
+    for k in 0..7 {
+        d[k] = after[k] - before[k];
+    }
+    assert_eq!(d[0], n as u64, "every PUT counted");
+    assert_eq!(d[2], n as u64, "every PUT went through a batch");
+    assert!(d[1] >= 1 && d[1] <= n as u64, "batches {}", d[1]);
+    assert_eq!(
+        c.list(&mb("f@x.org"), 1000).unwrap().len(),
+        n + 1,
+        "all listed"
+    );
+    d
+}
+
+#[test]
+fn syncfs_mode_costs_one_flush_per_batch_of_concurrent_puts() {
+    const N: usize = 32;
+    let l = Listener::start_in(1, "", "durability = \"syncfs\"\n");
+    let [_, batches, _, flushes, fdatasync, dir_fsync, syncfs] = concurrent_puts(&l, N, "s");
+    assert_eq!((fdatasync, dir_fsync), (0, 0), "no per-file flush");
+    assert_eq!(syncfs, batches, "one syncfs per batch");
+    assert_eq!(flushes, batches, "one flush per batch");
+    // 32 end markers arrive while the first batch's syncfs runs: they share.
+    assert!(batches < N as u64, "{N} PUTs made {batches} batches");
+    // Durable across kill -9 (the page cache survives it, so this checks the
+    // links and names, not the flush; the flush is what the counters show).
+    let mut l = l;
+    l.kill9();
+    l.restart();
+    assert_eq!(l.conn(0).list(&mb("f@x.org"), 1000).unwrap().len(), N + 1);
+    assert_eq!(l.temp_files(0), 0);
+}
+
+#[test]
+fn file_mode_costs_one_fdatasync_per_put_and_one_dir_fsync_per_batch() {
+    const N: usize = 32;
+    let l = Listener::start_in(1, "", "durability = \"file\"\n");
+    let [_, batches, _, flushes, fdatasync, dir_fsync, syncfs] = concurrent_puts(&l, N, "f");
+    assert_eq!(syncfs, 0);
+    assert_eq!(fdatasync, N as u64, "one body fdatasync per PUT");
+    assert_eq!(
+        dir_fsync, batches,
+        "the one mailbox directory, once per batch"
+    );
+    assert_eq!(flushes, N as u64 + batches);
+}

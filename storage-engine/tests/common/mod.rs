@@ -31,9 +31,26 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The `durability` line for each `[[backend]]` table: `PM_TEST_DURABILITY`
+/// (`file` or `syncfs`) runs a suite in that mode; unset, the default (`file`).
+pub fn durability_line() -> String {
+    match std::env::var("PM_TEST_DURABILITY") {
+        Ok(m) if m == "file" || m == "syncfs" => format!("durability = \"{m}\"\n"),
+        Ok(m) if m.is_empty() => String::new(),
+        Ok(m) => panic!("PM_TEST_DURABILITY={m:?}: use file or syncfs"),
+        Err(_) => String::new(),
+    }
+}
+
 impl Listener {
     /// Starts `n` backends; `extra` is appended to the TOML (e.g. `[limits]`).
+    /// Their durability mode comes from `PM_TEST_DURABILITY` (see [`durability_line`]).
     pub fn start(n: usize, extra: &str) -> Listener {
+        Listener::start_in(n, extra, &durability_line())
+    }
+
+    /// [`Listener::start`] with `durability` (a TOML line, or empty) in each `[[backend]]`.
+    pub fn start_in(n: usize, extra: &str, durability: &str) -> Listener {
         let dir = tempfile::tempdir().unwrap();
         let backends: Vec<SocketAddr> = (0..n)
             .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
@@ -45,8 +62,9 @@ impl Listener {
         toml.push('\n');
         for (i, a) in backends.iter().enumerate() {
             toml.push_str(&format!(
-                "[[backend]]\ndata_dir = \"{}\"\nlisten = \"{a}\"\n",
-                dir.path().join(format!("disk{i}")).display()
+                "[[backend]]\ndata_dir = \"{}\"\nlisten = \"{a}\"\n{}",
+                dir.path().join(format!("disk{i}")).display(),
+                durability
             ));
         }
         let config = dir.path().join("pplistener.toml");
@@ -144,6 +162,16 @@ impl Listener {
             .map(|(_, b)| b.to_string())
             .unwrap_or_default();
         (status, body)
+    }
+
+    /// One counter of one backend from the admin port's `/stats`.
+    pub fn stat(&self, backend: usize, name: &str) -> u64 {
+        let (status, body) = self.admin("GET", "/stats", Some("tok"));
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["backends"][backend][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name} in {body}"))
     }
 
     /// Waits (bounded) until the admin port reports `n` open connections on `backend`.

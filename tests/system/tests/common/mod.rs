@@ -149,6 +149,17 @@ pub struct Backend {
     child: Option<Child>,
 }
 
+/// The `durability` line for each `[[backend]]` table: `PM_TEST_DURABILITY`
+/// (`file` or `syncfs`) runs a suite in that mode; unset, the default (`file`).
+pub fn durability_line() -> String {
+    match std::env::var("PM_TEST_DURABILITY") {
+        Ok(m) if m == "file" || m == "syncfs" => format!("durability = \"{m}\"\n"),
+        Ok(m) if m.is_empty() => String::new(),
+        Ok(m) => panic!("PM_TEST_DURABILITY={m:?}: use file or syncfs"),
+        Err(_) => String::new(),
+    }
+}
+
 impl Backend {
     /// Writes the config of backend `i` under `root` (data in `data`,
     /// `limits` lines inside `[limits]`) and starts it.
@@ -166,9 +177,10 @@ impl Backend {
             format!(
                 "secret = \"{SECRET}\"\nadmin_listen = \"{admin}\"\nadmin_token = \"{TOKEN}\"\n\
                  [limits]\n{floor}{limits}\n\
-                 [[backend]]\nname = \"b{i}\"\ndata_dir = \"{}\"\nlisten = \"{addr}\"\ncpu = {}\n",
+                 [[backend]]\nname = \"b{i}\"\ndata_dir = \"{}\"\nlisten = \"{addr}\"\ncpu = {}\n{}",
                 data.display(),
-                i % 2
+                i % 2,
+                durability_line()
             ),
         )
         .expect("write config");
