@@ -196,6 +196,14 @@ async fn housekeeping(ctx: Rc<Ctx>) {
     }
 }
 
+/// True for "no space" errors: ENOSPC (bytes or inodes) and EDQUOT, whether raw or
+/// as glommio hands them over (a new `io::Error` keeping only the kind).
+pub fn is_out_of_space(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || matches!(e.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded)
+}
+
 /// Size of the probe write that must succeed before an ro-auto backend takes PUTs again.
 const PROBE_WRITE_BYTES: usize = 4096;
 
@@ -287,5 +295,17 @@ mod tests {
             ..LimitsConfig::default()
         };
         assert!(auto_readonly_after(true, &space(0, 0), &zero, || false));
+    }
+
+    #[test]
+    fn out_of_space_is_recognised_raw_and_wrapped() {
+        use std::io::{Error, ErrorKind};
+        assert!(is_out_of_space(&Error::from_raw_os_error(libc::ENOSPC)));
+        assert!(is_out_of_space(&Error::from_raw_os_error(libc::EDQUOT)));
+        // glommio's EnhancedIoError becomes io::Error::new(kind, text): no errno left.
+        let wrapped = Error::new(ErrorKind::StorageFull, "op: Creating path ...");
+        assert!(is_out_of_space(&wrapped));
+        assert!(!is_out_of_space(&Error::from_raw_os_error(libc::EIO)));
+        assert!(!is_out_of_space(&Error::other("x")));
     }
 }

@@ -370,7 +370,7 @@ async fn refuse_after_io_error(ctx: &Ctx, put: Option<Put>, e: io::Error) -> Put
 
 /// A full disk turns the backend read-only by itself.
 fn note_io_error(ctx: &Ctx, e: &io::Error) {
-    if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+    if crate::backend::is_out_of_space(e) {
         ctx.shared
             .auto_readonly
             .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -445,7 +445,9 @@ impl Frontend {
             return None;
         }
         let at = body.find(&format!("\"{key}\":"))? + key.len() + 3;
+        // The admin port may pretty-print: skip blanks after the colon.
         let digits: String = body[at..]
+            .trim_start()
             .chars()
             .take_while(|c| c.is_ascii_digit())
             .collect();
