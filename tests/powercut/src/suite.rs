@@ -30,6 +30,15 @@ pub const AFTER_CUT: Duration = Duration::from_millis(100);
 /// The crash disk's cut modes, used in turn.
 pub const CUT_MODES: [&str; 3] = ["drop-all", "random-subset", "reorder"];
 
+/// The cut modes of a run: `PM_POWERCUT_MODES` (comma-separated crash-disk
+/// `--cut-mode` names), else all of [`CUT_MODES`].
+pub fn cut_modes() -> Vec<String> {
+    match std::env::var("PM_POWERCUT_MODES") {
+        Ok(v) if !v.trim().is_empty() => v.split(',').map(|m| m.trim().to_string()).collect(),
+        _ => CUT_MODES.iter().map(|m| m.to_string()).collect(),
+    }
+}
+
 /// What one run is.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -136,14 +145,15 @@ pub fn run(cfg: &RunConfig) -> Report {
         paths.root.display()
     );
     format(cfg.fs, &paths);
+    let modes = cut_modes();
     let shared = Arc::new(Shared::default());
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     for cycle in 0..=cfg.cuts {
-        let mode = CUT_MODES[cycle % CUT_MODES.len()];
+        let mode = modes[cycle % modes.len()].clone();
         let disk = CrashDisk::start(
             &paths.image,
             &paths.fuse,
-            mode,
+            &mode,
             rng.gen(),
             &paths.root.join("crashdisk.log"),
         );
@@ -166,7 +176,7 @@ pub fn run(cfg: &RunConfig) -> Report {
             });
         add(&mut report.findings, &found);
         if !found.clean() {
-            let before = CUT_MODES[(cycle + CUT_MODES.len() - 1) % CUT_MODES.len()];
+            let before = &modes[(cycle + modes.len() - 1) % modes.len()];
             eprintln!(
                 "{} cycle {cycle} (after a {before} cut): {found:?}",
                 report.name

@@ -6,7 +6,9 @@
 //! Needs root (FUSE, loop devices, mount), `e2fsprogs` and `xfsprogs`
 //! (.ci/run installs them); skips with a message when not root.
 //! `PM_POWERCUT_CUTS` changes the cuts per file system (default 50),
-//! `PM_POWERCUT_SEED` the seed (default: from the clock, printed).
+//! `PM_POWERCUT_SEED` the seed (default: from the clock, printed),
+//! `PM_POWERCUT_MODES` the crash disk's cut modes (e.g. `drop-all`),
+//! `PM_POWERCUT_KEEP=1` keeps the image and logs for a post-mortem.
 
 use std::io::Write;
 use std::sync::Mutex;
