@@ -1,0 +1,326 @@
+//! The FUSE face of one [`Disk`]: a flat directory with three files.
+//!
+//! * `disk.img` — the disk. Opened with `FOPEN_DIRECT_IO`, so the kernel's
+//!   page cache never holds its data: every write of a loop device over it
+//!   reaches [`Disk::write`], and every `fsync`/`fdatasync` (a device flush
+//!   of the file system on the loop device) reaches [`Disk::flush`].
+//! * `ctl` — write `cut` to cut the power now, `arm N` to cut it instead of
+//!   completing the Nth flush from now.
+//! * `status` — one `key value` line per counter of [`DiskStats`].
+
+use std::ffi::OsStr;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, LockOwner, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request,
+    WriteFlags,
+};
+
+use crate::cache::{Disk, DiskError};
+
+/// Name of the image file in the mount.
+pub const IMAGE_NAME: &str = "disk.img";
+/// Name of the control file.
+pub const CTL_NAME: &str = "ctl";
+/// Name of the status file.
+pub const STATUS_NAME: &str = "status";
+/// Longest command the control file accepts.
+pub const CTL_MAX_BYTES: usize = 64;
+
+const ROOT: u64 = 1;
+const IMAGE: u64 = 2;
+const CTL: u64 = 3;
+const STATUS: u64 = 4;
+const TTL: Duration = Duration::from_secs(1);
+
+/// The file system: the disk behind a lock (fuser may call from several
+/// threads; the disk is one device, so one request at a time is right).
+pub struct CrashFs {
+    disk: Mutex<Disk>,
+}
+
+impl CrashFs {
+    /// The file system over `disk`.
+    pub fn new(disk: Disk) -> CrashFs {
+        CrashFs {
+            disk: Mutex::new(disk),
+        }
+    }
+
+    fn disk(&self) -> MutexGuard<'_, Disk> {
+        self.disk.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Cuts the power (what `ctl` does on `cut`).
+    pub fn cut(&self) -> Result<(), DiskError> {
+        self.disk().cut()
+    }
+
+    /// Writes the cache back if the power is on (a clean unmount).
+    pub fn shutdown(&self) -> Result<(), DiskError> {
+        self.disk().shutdown()
+    }
+
+    fn status_text(&self) -> String {
+        let disk = self.disk();
+        let s = disk.stats();
+        format!(
+            "flushes {}\nwrites {}\npending_writes {}\npending_bytes {}\nwritebacks {}\ncut {}\n\
+             lost_writes {}\nlanded_writes {}\narmed_at_flush {}\n",
+            s.flushes,
+            s.writes,
+            s.pending_writes,
+            s.pending_bytes,
+            s.writebacks,
+            u8::from(s.cut),
+            s.lost_writes,
+            s.landed_writes,
+            disk.armed_at_flush()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "-".into()),
+        )
+    }
+
+    /// Runs one control command (`cut`, or `arm N`).
+    pub fn control(&self, command: &[u8]) -> Result<(), Errno> {
+        let text = std::str::from_utf8(command).map_err(|_| Errno::EINVAL)?;
+        let mut words = text.split_ascii_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("cut"), None, None) => self.cut().map_err(|e| Errno::from_i32(e.errno())),
+            (Some("arm"), Some(n), None) => {
+                let n: u64 = n.parse().map_err(|_| Errno::EINVAL)?;
+                if n == 0 {
+                    return Err(Errno::EINVAL);
+                }
+                self.disk().arm(n);
+                Ok(())
+            }
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    /// One flush of the image (or the armed cut instead).
+    pub fn flush_image(&self) -> Result<(), DiskError> {
+        self.disk().flush()
+    }
+
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        let (kind, perm, size) = match ino {
+            ROOT => (FileType::Directory, 0o755, 0),
+            IMAGE => (FileType::RegularFile, 0o600, self.disk().size_bytes()),
+            CTL => (FileType::RegularFile, 0o200, 0),
+            STATUS => (FileType::RegularFile, 0o444, 0),
+            _ => return None,
+        };
+        let now = SystemTime::UNIX_EPOCH;
+        Some(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            kind,
+            perm,
+            nlink: if kind == FileType::Directory { 2 } else { 1 },
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+}
+
+fn by_name(name: &OsStr) -> Option<u64> {
+    match name.to_str()? {
+        IMAGE_NAME => Some(IMAGE),
+        CTL_NAME => Some(CTL),
+        STATUS_NAME => Some(STATUS),
+        _ => None,
+    }
+}
+
+fn errno(e: &DiskError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+impl Filesystem for CrashFs {
+    /// Unmounted: a clean stop writes the cache back (after a cut, a no-op).
+    fn destroy(&mut self) {
+        let disk = self.disk.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = disk.shutdown() {
+            log::error!("writing the cache back at unmount: {e}");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match (parent.0, by_name(name).and_then(|ino| self.attr(ino))) {
+            (ROOT, Some(attr)) => reply.entry(&TTL, &attr, fuser::Generation(0)),
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino.0) {
+            Some(attr) => reply.attr(&TTL, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // The disk has a fixed size; truncating `ctl` (O_TRUNC) is harmless.
+        let Some(attr) = self.attr(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match size {
+            Some(s) if ino.0 == IMAGE && s != attr.size => reply.error(Errno::EPERM),
+            _ => reply.attr(&TTL, &attr),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match ino.0 {
+            IMAGE | CTL | STATUS => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+            _ => reply.error(Errno::EISDIR),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match ino.0 {
+            IMAGE => {
+                let mut disk = self.disk();
+                let len = u64::from(size).min(disk.size_bytes().saturating_sub(offset)) as u32;
+                match disk.read(offset, len) {
+                    Ok(data) => reply.data(&data),
+                    Err(e) => reply.error(errno(&e)),
+                }
+            }
+            STATUS => {
+                let text = self.status_text().into_bytes();
+                let from = (offset as usize).min(text.len());
+                let to = (from + size as usize).min(text.len());
+                reply.data(&text[from..to]);
+            }
+            _ => reply.error(Errno::EACCES),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match ino.0 {
+            IMAGE => match self.disk().write(offset, data) {
+                Ok(()) => reply.written(data.len() as u32),
+                Err(e) => reply.error(errno(&e)),
+            },
+            CTL if data.len() <= CTL_MAX_BYTES => match self.control(data) {
+                Ok(()) => reply.written(data.len() as u32),
+                Err(e) => reply.error(e),
+            },
+            CTL => reply.error(Errno::EFBIG),
+            _ => reply.error(Errno::EACCES),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2) of the image: a flush, as the issue asks (a loop device
+        // closes its file only when detached).
+        if ino.0 != IMAGE {
+            return reply.ok();
+        }
+        match self.flush_image() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        if ino.0 != IMAGE {
+            return reply.ok();
+        }
+        match self.flush_image() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino.0 != ROOT {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let entries = [
+            (ROOT, FileType::Directory, "."),
+            (ROOT, FileType::Directory, ".."),
+            (IMAGE, FileType::RegularFile, IMAGE_NAME),
+            (CTL, FileType::RegularFile, CTL_NAME),
+            (STATUS, FileType::RegularFile, STATUS_NAME),
+        ];
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
