@@ -90,3 +90,22 @@ fn ext4_with_journal_file_durability() {
 fn xfs_file_durability() {
     cut_the_power(FsKind::Xfs, Durability::File);
 }
+
+/// `durability = "syncfs"`: one syncfs(2) per batch writes every dirty
+/// metadata block of the backend's file system, bitmaps and group
+/// descriptors included — so even ext4 without a journal can keep what it
+/// acknowledged.
+#[test]
+fn ext4_without_journal_syncfs_durability() {
+    cut_the_power(FsKind::Ext4NoJournal, Durability::Syncfs);
+}
+
+#[test]
+fn ext4_with_journal_syncfs_durability() {
+    cut_the_power(FsKind::Ext4Journal, Durability::Syncfs);
+}
+
+#[test]
+fn xfs_syncfs_durability() {
+    cut_the_power(FsKind::Xfs, Durability::Syncfs);
+}
