@@ -19,7 +19,7 @@ fn stored(seed: usize, size_bytes: usize) -> Vec<u8> {
         x ^= x >> 7;
         x ^= x << 17;
         let len = (x % 200) as usize;
-        if x % 5 == 0 {
+        if x.is_multiple_of(5) {
             out.extend_from_slice(b"..");
         }
         for k in 0..len {
