@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::names::{MailboxName, MessageId};
 use crate::reply::{ErrorCode, Reply};
-use crate::request::{Request, DEL_MANY_MAX};
+use crate::request::{Request, DEL_MANY_MAX, GET_MANY_MAX};
 
 /// Longest reply line a client accepts.
 pub const REPLY_LINE_MAX_BYTES: usize = 4096;
@@ -297,6 +297,97 @@ impl BackendConn {
         let mut body = Vec::with_capacity(size.min(64 << 20) as usize);
         self.read_body(size, &mut body)?;
         Ok(body)
+    }
+
+    /// Fetches several messages of `mailbox` into memory in one round trip
+    /// (`GETM` lines of up to [`DEL_MANY_LINE_BYTES`], sent together), calling
+    /// `each(i, body)` as message `msgids[i]` arrives, in order: `Ok(bytes)`,
+    /// or the backend's refusal for that id (`NOTFOUND`, `TEMP`). At most
+    /// `bytes_max` body bytes in all are accepted; a backend announcing more
+    /// is a protocol error. A backend without `GETM` gets one `GET` each.
+    ///
+    /// `Err` means the connection failed part-way (drop it): the messages
+    /// already given to `each` are complete and exact.
+    pub fn get_many(
+        &mut self,
+        mailbox: &MailboxName,
+        msgids: &[&MessageId],
+        bytes_max: u64,
+        mut each: impl FnMut(usize, Result<Vec<u8>>),
+    ) -> Result<()> {
+        let mut lines = Vec::new();
+        let mut rest = msgids;
+        while !rest.is_empty() {
+            let mut line_bytes = "GETM ".len() + mailbox.as_str().len() + 2;
+            let mut n = 0;
+            while n < rest.len() && n < GET_MANY_MAX {
+                line_bytes += 1 + rest[n].as_str().len();
+                if n > 0 && line_bytes > DEL_MANY_LINE_BYTES {
+                    break;
+                }
+                n += 1;
+            }
+            let (batch, tail) = rest.split_at(n);
+            lines.push(batch.len());
+            let req = Request::GetMany {
+                mailbox: mailbox.clone(),
+                msgids: batch.iter().map(|id| (*id).clone()).collect(),
+            };
+            self.writer.write_all(req.encode().as_bytes())?;
+            rest = tail;
+        }
+        self.writer.flush()?;
+        let mut left = bytes_max;
+        let mut index = 0;
+        for (line, &count) in lines.iter().enumerate() {
+            for k in 0..count {
+                match self.reply() {
+                    Ok(text) => {
+                        let size = text.trim().parse::<u64>().map_err(|_| {
+                            BackendError::Protocol(format!("bad GETM reply {text:?}"))
+                        })?;
+                        if size > left {
+                            return Err(BackendError::Protocol(format!(
+                                "GETM answer of {size} bytes over the {bytes_max} asked for"
+                            )));
+                        }
+                        left -= size;
+                        let mut body = Vec::with_capacity(size as usize);
+                        self.read_body(size, &mut body)?;
+                        each(index, Ok(body));
+                    }
+                    // A backend without GETM refuses each line once: read
+                    // the other lines' refusals, then fetch one by one.
+                    Err(e) if k == 0 && e.code() == Some(ErrorCode::Proto) => {
+                        for _ in line + 1..lines.len() {
+                            let _ = self.reply();
+                        }
+                        for (i, id) in msgids.iter().enumerate().skip(index) {
+                            match self.get_begin(mailbox, id) {
+                                Ok(size) if size > left => {
+                                    return Err(BackendError::Protocol(format!(
+                                        "GET answer of {size} bytes over the {bytes_max} asked for"
+                                    )))
+                                }
+                                Ok(size) => {
+                                    left -= size;
+                                    let mut body = Vec::with_capacity(size as usize);
+                                    self.read_body(size, &mut body)?;
+                                    each(i, Ok(body));
+                                }
+                                Err(e @ BackendError::Refused { .. }) => each(i, Err(e)),
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        return Ok(());
+                    }
+                    Err(e @ BackendError::Refused { .. }) => each(index, Err(e)),
+                    Err(e) => return Err(e),
+                }
+                index += 1;
+            }
+        }
+        Ok(())
     }
 
     /// Removes `msgid` from `mailbox`.

@@ -373,6 +373,32 @@ mod tests {
     }
 
     #[test]
+    fn getm_takes_one_to_max_ids_and_checks_each() {
+        let many: String = (0..=crate::request::GET_MANY_MAX)
+            .map(|i| format!(" m{i}"))
+            .collect();
+        let input = format!("GETM a@b\r\nGETM a@b m1 ../x\r\nGETM a@b{many}\r\ngetm a@b m1 m2\r\n");
+        let limits = Limits {
+            line_max_bytes: 4096,
+            ..Limits::default()
+        };
+        let ev = all_splits(input.as_bytes(), limits);
+        assert!(matches!(ev[0], Owned::Invalid(RequestError::Syntax(_))));
+        assert!(matches!(ev[1], Owned::Invalid(RequestError::BadName(_))));
+        assert!(matches!(ev[2], Owned::Invalid(RequestError::Syntax(_))));
+        assert_eq!(
+            ev[3],
+            Owned::Request(Request::GetMany {
+                mailbox: mb("a@b"),
+                msgids: vec![
+                    MessageId::parse("m1").unwrap(),
+                    MessageId::parse("m2").unwrap()
+                ],
+            })
+        );
+    }
+
+    #[test]
     fn abort_and_invalid_lines() {
         let input =
             b"FROB\r\nGET a@b\r\nGET a@b ../x\r\nPUT m 1\r\na@b\r\n2\r\nxyABORT\r\nDIR a@b c@d\r\n";
@@ -437,6 +463,10 @@ mod tests {
                     MessageId::parse("m").unwrap(),
                     MessageId::parse("n.1").unwrap(),
                 ],
+            },
+            Request::GetMany {
+                mailbox: mb("a@b"),
+                msgids: vec![MessageId::parse("m").unwrap()],
             },
             Request::Usage { mailbox: mb("a@b") },
             Request::Nuke { mailbox: mb("a@b") },

@@ -18,7 +18,7 @@ pub use client::{BackendConn, BackendError, ListEntry, PutReceipt};
 pub use decoder::{Decoder, Event, Fatal, Limits};
 pub use names::{MailboxName, MessageId, NameError};
 pub use reply::{ErrorCode, Reply};
-pub use request::{Request, RequestError};
+pub use request::{Request, RequestError, GET_MANY_MAX};
 
 /// The protocol version, first word of every greeting.
 pub const VERSION: &str = "PPL/1";

@@ -8,6 +8,7 @@
 //! AUTH <proof>                 PUT <msgid> <mailbox-count>   (then the mailbox lines, then the body)
 //! LIST <mailbox>               GET <mailbox> <msgid>         DEL <mailbox> <msgid>
 //! DELM <mailbox> <msgid>...    USAGE <mailbox>               NUKE <mailbox>
+//! GETM <mailbox> <msgid>...
 //! DIR [<after>]
 //! STATUS                       READONLY                      READWRITE
 //! PING                         QUIT
@@ -43,6 +44,14 @@ pub enum Request {
         mailbox: MailboxName,
         /// The message.
         msgid: MessageId,
+    },
+    /// Fetch several messages of one mailbox in one round trip: for each id
+    /// in order `+OK <size>` and the bytes, or `-ERR [NOTFOUND] <id>`.
+    GetMany {
+        /// The mailbox.
+        mailbox: MailboxName,
+        /// The messages: 1 to [`GET_MANY_MAX`], as many as fit a command line.
+        msgids: Vec<MessageId>,
     },
     /// Remove one message from one mailbox.
     Del {
@@ -90,6 +99,9 @@ pub enum Request {
 /// Most message ids in one `DELM` (the command line's length limits it too).
 pub const DEL_MANY_MAX: usize = 64;
 
+/// Most message ids in one `GETM` (the command line's length limits it too).
+pub const GET_MANY_MAX: usize = 64;
+
 /// Why a command line was refused. The connection stays usable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
@@ -115,6 +127,7 @@ impl Request {
             Request::Put { .. } => "PUT",
             Request::List { .. } => "LIST",
             Request::Get { .. } => "GET",
+            Request::GetMany { .. } => "GETM",
             Request::Del { .. } => "DEL",
             Request::DelMany { .. } => "DELM",
             Request::Usage { .. } => "USAGE",
@@ -144,8 +157,13 @@ impl Request {
             Request::List { mailbox } => format!("LIST {mailbox}\r\n"),
             Request::Get { mailbox, msgid } => format!("GET {mailbox} {msgid}\r\n"),
             Request::Del { mailbox, msgid } => format!("DEL {mailbox} {msgid}\r\n"),
-            Request::DelMany { mailbox, msgids } => {
-                let mut s = format!("DELM {mailbox}");
+            Request::DelMany { mailbox, msgids } | Request::GetMany { mailbox, msgids } => {
+                let verb = if matches!(self, Request::GetMany { .. }) {
+                    "GETM"
+                } else {
+                    "DELM"
+                };
+                let mut s = format!("{verb} {mailbox}");
                 for id in msgids {
                     s.push(' ');
                     s.push_str(id.as_str());
@@ -235,6 +253,15 @@ pub(crate) fn parse_line(line: &[u8], mailboxes_max: usize) -> Result<Line, Requ
                 return Err(RequestError::Syntax("DELM takes 1 to 64 message ids"));
             }
             Request::DelMany {
+                mailbox: mailbox(0)?,
+                msgids: (1..args.len()).map(msgid).collect::<Result<_, _>>()?,
+            }
+        }
+        "GETM" => {
+            if args.len() < 2 || args.len() > GET_MANY_MAX + 1 {
+                return Err(RequestError::Syntax("GETM takes 1 to 64 message ids"));
+            }
+            Request::GetMany {
                 mailbox: mailbox(0)?,
                 msgids: (1..args.len()).map(msgid).collect::<Result<_, _>>()?,
             }

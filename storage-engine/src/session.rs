@@ -475,6 +475,7 @@ fn answer_unknown_mailbox(ctx: &Ctx, conn: &mut Connection, req: &Request) -> bo
         Request::List { mailbox }
         | Request::Usage { mailbox }
         | Request::Get { mailbox, .. }
+        | Request::GetMany { mailbox, .. }
         | Request::Del { mailbox, .. }
         | Request::DelMany { mailbox, .. } => mailbox,
         _ => return false,
@@ -491,6 +492,11 @@ fn answer_unknown_mailbox(ctx: &Ctx, conn: &mut Connection, req: &Request) -> bo
         }
         Request::Usage { .. } => conn.queue(&ok_line("0 0")),
         Request::DelMany { .. } => conn.queue(&ok_line("0")),
+        Request::GetMany { msgids, .. } => {
+            for id in msgids {
+                conn.queue(&err_line(ErrorCode::NotFound, id.as_str()));
+            }
+        }
         _ => conn.queue(&err_line(ErrorCode::NotFound, "no such message")),
     }
     true
@@ -544,6 +550,41 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                 Err(e) => conn.queue(&io_err_line(&e)),
             }
         }
+        Request::GetMany { mailbox, msgids } => {
+            // As GET, for the whole batch in one trip to the blocking pool:
+            // each message's +OK line and body (sendfile), or its refusal.
+            conn.flush().await?;
+            let sock = conn.stream.as_raw_fd();
+            let timeout = Duration::from_millis(ctx.limits.idle_timeout_ms);
+            let store = ctx.store.clone();
+            let (gets, bytes) = glommio::executor()
+                .spawn_blocking(move || -> io::Result<(u64, u64)> {
+                    let (mut gets, mut bytes) = (0, 0);
+                    for msgid in &msgids {
+                        match store.open_message(&mailbox, msgid) {
+                            Ok((file, size)) => {
+                                let header = ok_line(&size.to_string());
+                                crate::zerocopy::send_all(sock, header.as_bytes(), timeout)?;
+                                crate::zerocopy::sendfile_all(sock, &file, size, timeout)?;
+                                gets += 1;
+                                bytes += size;
+                            }
+                            Err(e) => {
+                                let line = if e.kind() == io::ErrorKind::NotFound {
+                                    err_line(ErrorCode::NotFound, msgid.as_str())
+                                } else {
+                                    err_line(ErrorCode::Temp, &format!("{msgid}: {e}"))
+                                };
+                                crate::zerocopy::send_all(sock, line.as_bytes(), timeout)?;
+                            }
+                        }
+                    }
+                    Ok((gets, bytes))
+                })
+                .await?;
+            add(&c.gets, gets);
+            add(&c.bytes_out, bytes);
+        }
         Request::Del { mailbox, msgid } => {
             match blocking(ctx, move |s| s.delete(&mailbox, &msgid)).await {
                 Ok(()) => {
@@ -594,7 +635,7 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
             let s = &ctx.shared;
             let l = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
             conn.queue(&ok_line(&format!(
-                "name={} mode={} free_bytes={} total_bytes={} connections={} puts={} version={}",
+                "name={} mode={} free_bytes={} total_bytes={} connections={} puts={} version={} features=delm,getm",
                 s.name,
                 s.mode(),
                 l(&s.free_bytes),

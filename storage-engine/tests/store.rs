@@ -89,6 +89,71 @@ fn list_and_get_return_exact_bytes_including_20_mib() {
 }
 
 #[test]
+fn getm_returns_exact_bytes_in_order_and_refuses_missing_ones() {
+    let l = Listener::start(1, "");
+    let mut c = l.conn(0);
+    // Long ids: 100 of them need several GETM lines (and more than GET_MANY_MAX).
+    let ids: Vec<_> = (0..100).map(|i| id(&format!("{i:050}"))).collect();
+    let sizes: Vec<usize> = (0..100)
+        .map(|i| match i {
+            7 => 0,
+            50 => 2 << 20,
+            _ => 1 + i * 37,
+        })
+        .collect();
+    for (i, m) in ids.iter().enumerate() {
+        c.put(m, &[mb("a@x.org")], &body(i as u64, sizes[i]))
+            .unwrap();
+    }
+    let never = id("never-stored");
+    let mut asked: Vec<&MessageId> = ids.iter().collect();
+    asked.insert(3, &never);
+    let mut got: Vec<(usize, Result<Vec<u8>, BackendError>)> = Vec::new();
+    c.get_many(&mb("a@x.org"), &asked, 64 << 20, |i, r| got.push((i, r)))
+        .unwrap();
+    assert_eq!(got.len(), asked.len());
+    for (k, (i, r)) in got.iter().enumerate() {
+        assert_eq!(*i, k, "answers come in the order asked");
+        if k == 3 {
+            let e = r.as_ref().unwrap_err();
+            assert_eq!(e.code(), Some(ErrorCode::NotFound));
+            continue;
+        }
+        let n = if k < 3 { k } else { k - 1 };
+        assert!(
+            r.as_ref().unwrap() == &body(n as u64, sizes[n]),
+            "message {n} differs"
+        );
+    }
+    // The connection is in step afterwards.
+    assert_eq!(c.get(&mb("a@x.org"), &ids[1]).unwrap(), body(1, sizes[1]));
+    // A mailbox this backend never saw: one refusal per id, from memory.
+    let mut refused = 0;
+    c.get_many(&mb("nobody@x.org"), &asked[..5], 1 << 20, |_, r| {
+        refused += usize::from(r.is_err_and(|e| e.code() == Some(ErrorCode::NotFound)));
+    })
+    .unwrap();
+    assert_eq!(refused, 5);
+    // Asking for fewer bytes than announced is refused, not buffered.
+    let err = c
+        .get_many(&mb("a@x.org"), &[&ids[50]], 1 << 20, |_, _| {})
+        .unwrap_err();
+    assert!(matches!(err, BackendError::Protocol(_)), "{err}");
+    // On the wire: one line per id, +OK <size> then the bytes.
+    let mut raw = l.raw(0);
+    raw.send(&format!("GETM a@x.org {} nope {}\r\n", ids[1], ids[2]));
+    assert_eq!(raw.line(), format!("+OK {}", sizes[1]));
+    let _ = raw.bytes(sizes[1]);
+    assert!(raw.line().starts_with("-ERR [NOTFOUND] nope"));
+    assert_eq!(raw.line(), format!("+OK {}", sizes[2]));
+    assert_eq!(raw.bytes(sizes[2]), body(2, sizes[2]));
+    raw.send("GETM a@x.org\r\n");
+    assert!(raw.line().starts_with("-ERR [PROTO]"));
+    raw.send("GETM a@x.org ../x\r\n");
+    assert!(raw.line().starts_with("-ERR [BADNAME]"));
+}
+
+#[test]
 fn delete_one_link_leaves_the_others_and_restart_keeps_everything() {
     let mut l = Listener::start(1, "");
     let mut c = l.conn(0);

@@ -81,6 +81,9 @@ pub struct Config {
     /// Login-failure throttling.
     #[serde(default)]
     pub throttle: ThrottleSettings,
+    /// Listing workers and RETR prefetch (read at start).
+    #[serde(default)]
+    pub serving: Serving,
     /// A legacy POP3 server for users not in the userbase (migration).
     #[serde(default)]
     pub fallback: Option<FallbackSettings>,
@@ -159,6 +162,37 @@ impl Limits {
     }
 }
 
+/// How logins list and RETR fetches: the long-lived listing workers and
+/// the fetch-ahead window. Read at start (a reload does not change them).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Serving {
+    /// Listing worker threads per backend, started once: a login's LIST goes
+    /// to them instead of a thread of its own (1 to 256).
+    pub listing_workers_per_backend: usize,
+    /// Listings queued per backend; a login finding its backend's queue full
+    /// skips that backend (soft failure), so a blackholed backend cannot pile
+    /// up work. A queued listing older than `listing_timeout_ms` is dropped.
+    pub listing_queue_max: usize,
+    /// Most messages one RETR fetches ahead from the same backend (`GETM`),
+    /// the one asked for included; 1 turns fetch-ahead off (1 to 64).
+    pub prefetch_messages_max: usize,
+    /// Most bytes held fetched ahead per session; a message larger than this
+    /// is streamed straight from its backend as before (at most 64 MiB).
+    pub prefetch_bytes_max: u64,
+}
+
+impl Default for Serving {
+    fn default() -> Self {
+        Serving {
+            listing_workers_per_backend: 8,
+            listing_queue_max: 512,
+            prefetch_messages_max: 32,
+            prefetch_bytes_max: 1 << 20,
+        }
+    }
+}
+
 /// Login-failure throttling, per client IP and per account.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -225,6 +259,19 @@ impl Config {
         if cfg.throttle.failures_max == 0 {
             bail!("throttle.failures_max must be at least 1");
         }
+        let sv = &cfg.serving;
+        if !(1..=256).contains(&sv.listing_workers_per_backend) {
+            bail!("serving.listing_workers_per_backend must be 1 to 256");
+        }
+        if sv.listing_queue_max == 0 {
+            bail!("serving.listing_queue_max must be at least 1");
+        }
+        if !(1..=powermail_proto::GET_MANY_MAX).contains(&sv.prefetch_messages_max) {
+            bail!("serving.prefetch_messages_max must be 1 to 64");
+        }
+        if sv.prefetch_bytes_max > 64 << 20 {
+            bail!("serving.prefetch_bytes_max must be at most 64 MiB");
+        }
         if cfg.secret.is_none() == cfg.secret_file.is_none() {
             bail!("set exactly one of secret and secret_file");
         }
@@ -255,6 +302,7 @@ impl Config {
             "userbase_cache": self.userbase_cache,
             "limits": self.limits,
             "throttle": self.throttle,
+            "serving": self.serving,
             "fallback": self.fallback,
             "backend_pool": self.backend_pool,
             "backends": self.backends.iter().map(|b| serde_json::json!({

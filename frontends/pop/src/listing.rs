@@ -1,21 +1,27 @@
 //! The mailbox listing: every readable backend asked in parallel, merged.
 //!
-//! Each readable backend gets its own thread: first it replays the deletions
+//! Each readable backend's part runs on one of that backend's long-lived
+//! [`ListPool`] workers (no thread per login): first it replays the deletions
 //! the [`Journal`] says are owed to it for this mailbox, then it LISTs, and
 //! drops from its answer whatever is still owed. The caller waits at most
 //! `listing_timeout_ms` for all of them; a backend that is down, slow or
 //! answers an error is left out of this session (soft failure: the reader
-//! sees the rest, never an error). A thread that finishes late just ends —
-//! its answer is dropped and its connection closed.
+//! sees the rest, never an error). A worker that finishes late sends its
+//! answer to a caller that has stopped listening: it is dropped. Each
+//! backend's queue is bounded, and a worker drops a job whose deadline has
+//! passed without starting it, so a blackholed backend costs each login at
+//! most its time-out and never piles up work.
 //!
 //! [`merge`] is pure: one entry per message id (the same id on several
 //! backends is one message, K copies), sorted by id — ids begin with their
 //! arrival time, so this is oldest first and stable across sessions.
 
 use std::collections::BTreeMap;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, Sender, TrySendError};
 
 use powermail_frontend::{BackendId, Cluster};
 use powermail_proto::{BackendError, ErrorCode, ListEntry, MailboxName, MessageId};
@@ -127,44 +133,145 @@ fn list_one(
     Ok((entries, done.len()))
 }
 
-/// Lists `mailbox` on every readable backend in parallel, waiting at most
-/// `timeout`; see the module documentation.
-pub fn list_all(
-    cluster: &Arc<Cluster>,
-    journal: &Arc<Journal>,
-    mailbox: &MailboxName,
+/// One backend's answer: its entries and the deletions replayed.
+type Part = (BackendId, Result<(Vec<ListEntry>, usize), BackendError>);
+
+/// A listing asked of one backend's workers.
+struct Job {
+    mailbox: MailboxName,
     max_messages: usize,
+    /// Past this instant nobody waits for the answer: the job is dropped.
+    deadline: Instant,
+    reply: Sender<Part>,
+}
+
+/// How the workers fared (for the admin port).
+#[derive(Debug, Default)]
+pub struct PoolCounters {
+    /// Jobs dropped unstarted because their deadline had passed.
+    pub stale_dropped: AtomicU64,
+    /// Backends skipped by a login because their queue was full.
+    pub queue_full: AtomicU64,
+}
+
+/// Long-lived listing workers, a fixed number per backend, each backend fed
+/// through its own bounded queue; see the module documentation. Dropping
+/// the pool ends the workers once their queues are empty.
+pub struct ListPool {
+    cluster: Arc<Cluster>,
+    queues: Vec<Sender<Job>>,
+    /// Stale and refused jobs.
+    pub counters: Arc<PoolCounters>,
+}
+
+impl ListPool {
+    /// Starts `workers_per_backend` threads for every backend of `cluster`,
+    /// each backend with a queue of `queue_max` jobs.
+    pub fn start(
+        cluster: &Arc<Cluster>,
+        journal: &Arc<Journal>,
+        workers_per_backend: usize,
+        queue_max: usize,
+    ) -> std::io::Result<ListPool> {
+        assert!(workers_per_backend >= 1 && queue_max >= 1);
+        let counters = Arc::new(PoolCounters::default());
+        let mut queues = Vec::with_capacity(cluster.len());
+        for b in 0..cluster.len() {
+            let (tx, rx) = channel::bounded::<Job>(queue_max);
+            for w in 0..workers_per_backend {
+                let (cluster, journal, rx, counters) = (
+                    cluster.clone(),
+                    journal.clone(),
+                    rx.clone(),
+                    counters.clone(),
+                );
+                std::thread::Builder::new()
+                    .name(format!("list-{b}-{w}"))
+                    .spawn(move || work(&cluster, &journal, b, &rx, &counters))?;
+            }
+            queues.push(tx);
+        }
+        Ok(ListPool {
+            cluster: cluster.clone(),
+            queues,
+            counters,
+        })
+    }
+
+    /// Lists `mailbox` on every readable backend in parallel, waiting at
+    /// most `timeout`; see the module documentation.
+    pub fn list_all(
+        &self,
+        mailbox: &MailboxName,
+        max_messages: usize,
+        timeout: Duration,
+    ) -> Listing {
+        let deadline = Instant::now() + timeout;
+        let backends = self.cluster.readable();
+        let (tx, rx) = channel::bounded::<Part>(backends.len().max(1));
+        let mut asked = 0;
+        for b in backends {
+            let Some(queue) = self.queues.get(b) else {
+                continue;
+            };
+            let job = Job {
+                mailbox: mailbox.clone(),
+                max_messages,
+                deadline,
+                reply: tx.clone(),
+            };
+            match queue.try_send(job) {
+                Ok(()) => asked += 1,
+                Err(TrySendError::Full(_)) => {
+                    self.counters.queue_full.fetch_add(1, Ordering::Relaxed);
+                    log::info!(
+                        "backend={} skipped for {mailbox}: listing queue full",
+                        self.cluster.spec(b).name
+                    );
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    log::error!("listing workers of backend {b} are gone");
+                }
+            }
+        }
+        drop(tx);
+        collect(&self.cluster, &rx, asked, mailbox, deadline, timeout)
+    }
+}
+
+/// One worker: takes jobs until the pool is dropped.
+fn work(
+    cluster: &Arc<Cluster>,
+    journal: &Journal,
+    backend: BackendId,
+    jobs: &Receiver<Job>,
+    counters: &PoolCounters,
+) {
+    while let Ok(job) = jobs.recv() {
+        if Instant::now() >= job.deadline {
+            counters.stale_dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let r = list_one(cluster, journal, backend, &job.mailbox, job.max_messages);
+        // The caller may have given up waiting: then nobody listens.
+        let _ = job.reply.try_send((backend, r));
+    }
+}
+
+/// Waits for `asked` answers until `deadline` and merges them.
+fn collect(
+    cluster: &Cluster,
+    rx: &Receiver<Part>,
+    asked: usize,
+    mailbox: &MailboxName,
+    deadline: Instant,
     timeout: Duration,
 ) -> Listing {
-    let deadline = Instant::now() + timeout;
-    let backends = cluster.readable();
-    let (tx, rx) = mpsc::channel();
-    let mut asked = 0;
-    for b in backends {
-        let (cluster, journal, mailbox, tx) = (
-            cluster.clone(),
-            journal.clone(),
-            mailbox.clone(),
-            tx.clone(),
-        );
-        let spawned = std::thread::Builder::new()
-            .name(format!("list-{b}"))
-            .spawn(move || {
-                let r = list_one(&cluster, &journal, b, &mailbox, max_messages);
-                let _ = tx.send((b, r));
-            });
-        match spawned {
-            Ok(_) => asked += 1,
-            Err(e) => log::error!("cannot start a listing thread: {e}"),
-        }
-    }
-    drop(tx);
     let mut parts = Vec::with_capacity(asked);
     let mut listed = Vec::with_capacity(asked);
     let mut replayed = 0;
     for _ in 0..asked {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
+        match rx.recv_deadline(deadline) {
             Ok((b, Ok((entries, n)))) => {
                 replayed += n;
                 listed.push(b);

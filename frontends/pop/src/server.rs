@@ -21,7 +21,7 @@ use powermail_userbase::{CacheConfig, CachedUserbase, Userbase, UserbaseError};
 use crate::config::{Config, Limits};
 use crate::journal::{Journal, Owed};
 use crate::line::LineReader;
-use crate::listing::{list_all, Merged};
+use crate::listing::{ListPool, Merged};
 use crate::lock::{Locks, MailboxLock};
 use crate::session::{
     is_enough, qualify, AuthResult, Listed, RetrieveError, Session, SessionLimits, Store,
@@ -41,6 +41,8 @@ pub struct Shared {
     pub userbase: Arc<dyn Userbase>,
     /// Deletions owed to backends.
     pub journal: Arc<Journal>,
+    /// The long-lived listing workers.
+    pub lister: ListPool,
     /// Mailbox locks.
     pub locks: Arc<Locks>,
     /// Login throttling.
@@ -109,7 +111,15 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         let _ = admin.reload();
     })?;
     let proxy = ProxyPolicy::new(&cfg.proxy_from, cfg.proxy_timeout_ms)?;
+    let lister = ListPool::start(
+        &cluster,
+        &journal,
+        cfg.serving.listing_workers_per_backend,
+        cfg.serving.listing_queue_max,
+    )
+    .context("starting the listing workers")?;
     let shared = Arc::new(Shared {
+        lister,
         limits,
         throttle: Throttle::new(cfg.throttle.clone()),
         proxy,
@@ -214,6 +224,7 @@ fn serve(
         messages: Vec::new(),
         listed: Vec::new(),
         upstream: None,
+        ahead: Ahead::default(),
     };
     let mut session = Session::new(
         store,
@@ -535,6 +546,63 @@ pub struct LiveStore {
     listed: Vec<BackendId>,
     /// The fallback server's connection after a proxied login.
     upstream: Option<TcpStream>,
+    /// Messages fetched ahead by the last RETR.
+    ahead: Ahead,
+}
+
+/// Messages fetched ahead of the client's RETRs: listing index and bytes,
+/// at most `serving.prefetch_bytes_max` bytes in all (one `GETM` fills it;
+/// the next fetch empties it first).
+#[derive(Debug, Default)]
+pub struct Ahead {
+    held: Vec<(usize, Vec<u8>)>,
+}
+
+impl Ahead {
+    /// Takes the bytes of listing entry `index`, if fetched ahead.
+    fn take(&mut self, index: usize) -> Option<Vec<u8>> {
+        let at = self.held.iter().position(|(i, _)| *i == index)?;
+        Some(self.held.swap_remove(at).1)
+    }
+}
+
+/// The listing indexes one `GETM` to `holder` fetches when RETR asks for
+/// `index`: it, then the next messages `holder` also holds, while the
+/// window has room (`messages_max` messages, `bytes_max` bytes). Empty when
+/// `index` alone is over `bytes_max` (it is streamed instead).
+pub fn fetch_plan(
+    messages: &[Merged],
+    index: usize,
+    holder: BackendId,
+    messages_max: usize,
+    bytes_max: u64,
+) -> Vec<usize> {
+    let mut plan = Vec::new();
+    let mut bytes = 0u64;
+    for (i, m) in messages.iter().enumerate().skip(index) {
+        if plan.len() >= messages_max {
+            break;
+        }
+        if i != index && !m.holders.contains(&holder) {
+            continue;
+        }
+        if bytes + m.size_bytes > bytes_max {
+            break;
+        }
+        bytes += m.size_bytes;
+        plan.push(i);
+    }
+    plan
+}
+
+/// Writes a whole fetched message through the session's body writer.
+fn write_fetched(body: &[u8], out: &mut dyn Write) -> Result<(), RetrieveError> {
+    match out.write_all(body) {
+        Ok(()) => Ok(()),
+        // TOP has its lines.
+        Err(e) if is_enough(&e) => Ok(()),
+        Err(e) => Err(RetrieveError::Broken(e)),
+    }
 }
 
 impl LiveStore {
@@ -735,9 +803,7 @@ impl Store for LiveStore {
             }
         }
         let limits = sh.limits.get();
-        let listing = list_all(
-            &sh.cluster,
-            &sh.journal,
+        let listing = sh.lister.list_all(
             &name,
             limits.listing_max_messages,
             Duration::from_millis(limits.listing_timeout_ms),
@@ -764,47 +830,19 @@ impl Store for LiveStore {
     }
 
     fn retrieve(&mut self, index: usize, out: &mut dyn Write) -> Result<(), RetrieveError> {
-        let (Some(mailbox), Some(msg)) = (&self.mailbox, self.messages.get(index)) else {
-            return Err(RetrieveError::NotFound);
-        };
-        let cluster = &self.shared.cluster;
-        let mut not_found = 0;
-        for &b in &msg.holders {
-            let mut conn = match cluster.checkout(b) {
-                Ok(c) => c,
-                Err(e) => {
-                    log::info!("RETR {}: {e}", msg.msgid);
-                    continue;
-                }
-            };
-            let size = match conn.get_begin(mailbox, &msg.msgid) {
-                Ok(size) => size,
-                Err(e) if e.code() == Some(ErrorCode::NotFound) => {
-                    not_found += 1;
-                    conn.release();
-                    continue;
-                }
-                Err(e) => {
-                    cluster.report_error(b, &e);
-                    continue;
-                }
-            };
-            return match conn.read_body(size, &mut &mut *out) {
-                Ok(()) => {
-                    conn.release();
-                    Ok(())
-                }
-                // TOP has its lines: the rest of the message is not read,
-                // and the connection, left mid-body, is closed on drop.
-                Err(BackendError::Io(e)) if is_enough(&e) => Ok(()),
-                Err(e) => Err(RetrieveError::Broken(io::Error::other(e.to_string()))),
-            };
+        if let Some(body) = self.ahead.take(index) {
+            return write_fetched(&body, out);
         }
-        if not_found == msg.holders.len() {
-            Err(RetrieveError::NotFound)
-        } else {
-            Err(RetrieveError::Unavailable)
+        let serving = &self.shared.cfg.serving;
+        let (messages_max, bytes_max) = (serving.prefetch_messages_max, serving.prefetch_bytes_max);
+        let fits = self
+            .messages
+            .get(index)
+            .is_some_and(|m| m.size_bytes <= bytes_max);
+        if messages_max > 1 && fits {
+            return self.fetch_ahead(index, out, messages_max, bytes_max);
         }
+        self.stream(index, out)
     }
 
     fn commit(&mut self, deleted: &[usize]) -> Result<(), String> {
@@ -848,6 +886,106 @@ impl Store for LiveStore {
 
     fn release(&mut self) {
         self.lock = None;
+    }
+}
+
+impl LiveStore {
+    /// RETR of one message streamed from its first working holder.
+    fn stream(&mut self, index: usize, out: &mut dyn Write) -> Result<(), RetrieveError> {
+        let (Some(mailbox), Some(msg)) = (&self.mailbox, self.messages.get(index)) else {
+            return Err(RetrieveError::NotFound);
+        };
+        let cluster = &self.shared.cluster;
+        let mut not_found = 0;
+        for &b in &msg.holders {
+            let mut conn = match cluster.checkout(b) {
+                Ok(c) => c,
+                Err(e) => {
+                    log::info!("RETR {}: {e}", msg.msgid);
+                    continue;
+                }
+            };
+            let size = match conn.get_begin(mailbox, &msg.msgid) {
+                Ok(size) => size,
+                Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                    not_found += 1;
+                    conn.release();
+                    continue;
+                }
+                Err(e) => {
+                    cluster.report_error(b, &e);
+                    continue;
+                }
+            };
+            return match conn.read_body(size, &mut &mut *out) {
+                Ok(()) => {
+                    conn.release();
+                    Ok(())
+                }
+                // TOP has its lines: the rest of the message is not read,
+                // and the connection, left mid-body, is closed on drop.
+                Err(BackendError::Io(e)) if is_enough(&e) => Ok(()),
+                Err(e) => Err(RetrieveError::Broken(io::Error::other(e.to_string()))),
+            };
+        }
+        if not_found == msg.holders.len() {
+            Err(RetrieveError::NotFound)
+        } else {
+            Err(RetrieveError::Unavailable)
+        }
+    }
+
+    /// RETR of a message that fits the fetch-ahead window: one `GETM` to its
+    /// first working holder fetches it and the next messages that holder
+    /// has (see [`fetch_plan`]); the rest wait in [`Ahead`] for their RETR.
+    /// A holder failing part-way keeps what arrived complete; the message
+    /// asked for, if it did not, goes to the next holder.
+    fn fetch_ahead(
+        &mut self,
+        index: usize,
+        out: &mut dyn Write,
+        messages_max: usize,
+        bytes_max: u64,
+    ) -> Result<(), RetrieveError> {
+        let (Some(mailbox), Some(msg)) = (self.mailbox.clone(), self.messages.get(index)) else {
+            return Err(RetrieveError::NotFound);
+        };
+        let holders = msg.holders.clone();
+        let cluster = self.shared.cluster.clone();
+        let mut not_found = 0;
+        for &b in &holders {
+            let plan = fetch_plan(&self.messages, index, b, messages_max, bytes_max);
+            let ids: Vec<&MessageId> = plan.iter().map(|&i| &self.messages[i].msgid).collect();
+            let mut conn = match cluster.checkout(b) {
+                Ok(c) => c,
+                Err(e) => {
+                    log::info!("RETR {}: {e}", self.messages[index].msgid);
+                    continue;
+                }
+            };
+            self.ahead.held.clear();
+            let held = &mut self.ahead.held;
+            let mut first = None;
+            let fetched = conn.get_many(&mailbox, &ids, bytes_max, |k, r| match (k, r) {
+                (0, r) => first = Some(r),
+                (k, Ok(body)) => held.push((plan[k], body)),
+                (_, Err(_)) => {}
+            });
+            match fetched {
+                Ok(()) => conn.release(),
+                Err(e) => cluster.report_error(b, &e),
+            }
+            match first {
+                Some(Ok(body)) => return write_fetched(&body, out),
+                Some(Err(e)) if e.code() == Some(ErrorCode::NotFound) => not_found += 1,
+                Some(Err(_)) | None => {}
+            }
+        }
+        if not_found == holders.len() {
+            Err(RetrieveError::NotFound)
+        } else {
+            Err(RetrieveError::Unavailable)
+        }
     }
 }
 

@@ -262,6 +262,13 @@ impl Raw {
         l.trim_end_matches(['\r', '\n']).to_string()
     }
 
+    /// Exactly `n` raw bytes.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut b = vec![0; n];
+        self.reader.read_exact(&mut b).unwrap();
+        b
+    }
+
     /// Whether the server closed the connection (reads EOF or reset).
     pub fn closed(&mut self) -> bool {
         let mut buf = [0u8; 1];

@@ -185,6 +185,17 @@ impl Pop {
     /// top level before the tables (e.g. `default_domain = ...`), `tables`
     /// after (e.g. `[limits]`).
     pub fn start(users: &Users, backends: &[&Backend], state_dir: &Path, tables: &str) -> Pop {
+        let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+        Pop::start_addrs(users, &addrs, state_dir, tables)
+    }
+
+    /// As [`Pop::start`], with the backends' addresses given (e.g. a proxy's).
+    pub fn start_addrs(
+        users: &Users,
+        backends: &[SocketAddr],
+        state_dir: &Path,
+        tables: &str,
+    ) -> Pop {
         let dir = tempfile::tempdir().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -203,10 +214,7 @@ impl Pop {
             toml.push_str("\n[throttle]\nfailure_delay_ms = 10\n");
         }
         for (i, b) in backends.iter().enumerate() {
-            toml.push_str(&format!(
-                "\n[[backend]]\nname = \"b{i}\"\naddr = \"{}\"\n",
-                b.addr
-            ));
+            toml.push_str(&format!("\n[[backend]]\nname = \"b{i}\"\naddr = \"{b}\"\n"));
         }
         let config = dir.path().join("powerpop.toml");
         std::fs::write(&config, toml).unwrap();
@@ -306,4 +314,128 @@ pub fn raw_greeting(addr: SocketAddr) -> (TcpStream, String) {
     let mut l = String::new();
     let _ = r.read_line(&mut l);
     (s, l.trim_end().to_string())
+}
+
+/// A POP3 client on a raw socket, for byte-exact answers.
+pub struct RawPop {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl RawPop {
+    /// Connects and reads the greeting.
+    pub fn connect(addr: SocketAddr) -> RawPop {
+        let (writer, greeting) = raw_greeting_stream(addr);
+        assert!(greeting.0.starts_with("+OK"), "{}", greeting.0);
+        RawPop {
+            reader: greeting.1,
+            writer,
+        }
+    }
+
+    /// Connects and logs in with USER/PASS.
+    pub fn login(addr: SocketAddr, user: &str, password: &str) -> RawPop {
+        let mut p = RawPop::connect(addr);
+        assert!(p.cmd(&format!("USER {user}")).starts_with("+OK"));
+        let pass = p.cmd(&format!("PASS {password}"));
+        assert!(pass.starts_with("+OK"), "{pass}");
+        p
+    }
+
+    /// Sends one command line, returns the status line (CRLF removed).
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.writer
+            .write_all(format!("{line}\r\n").as_bytes())
+            .unwrap();
+        let mut l = String::new();
+        self.reader.read_line(&mut l).unwrap();
+        l.trim_end().to_string()
+    }
+
+    /// RETR `n`: the answer's bytes exactly as sent, between the status
+    /// line and the terminating `.CRLF` (so still dot-stuffed), or the
+    /// status line of a refusal.
+    pub fn retr(&mut self, n: usize) -> Result<Vec<u8>, String> {
+        let status = self.cmd(&format!("RETR {n}"));
+        if !status.starts_with("+OK") {
+            return Err(status);
+        }
+        let mut body = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            let got = self.reader.read_until(b'\n', &mut line).unwrap();
+            assert!(got > 0, "connection closed mid-answer");
+            if line == b".\r\n" {
+                return Ok(body);
+            }
+            body.extend_from_slice(&line);
+        }
+    }
+}
+
+fn raw_greeting_stream(addr: SocketAddr) -> (TcpStream, (String, BufReader<TcpStream>)) {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut l = String::new();
+    let _ = r.read_line(&mut l);
+    (s, (l.trim_end().to_string(), r))
+}
+
+/// A TCP proxy in front of a real backend that breaks every connection
+/// once it has passed `cut_after_bytes` bytes towards the client (a backend
+/// dying mid-answer, at a chosen byte). Runs until the test ends.
+pub struct CuttingProxy {
+    pub addr: SocketAddr,
+    pub cut_after_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CuttingProxy {
+    pub fn start(to: SocketAddr, cut_after_bytes: u64) -> CuttingProxy {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicU64::new(cut_after_bytes));
+        let limit = cut.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(to) else {
+                    continue;
+                };
+                let (mut c_read, mut s_write) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_read, &mut s_write);
+                    let _ = s_write.shutdown(std::net::Shutdown::Write);
+                });
+                let max = limit.load(Ordering::Relaxed);
+                std::thread::spawn(move || {
+                    let (mut server, mut client) = (server, client);
+                    let mut passed = 0u64;
+                    let mut buf = vec![0u8; 16 << 10];
+                    loop {
+                        let n = match server.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let room = (max - passed).min(n as u64) as usize;
+                        if client.write_all(&buf[..room]).is_err() {
+                            break;
+                        }
+                        passed += room as u64;
+                        if passed >= max {
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    let _ = server.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        CuttingProxy {
+            addr,
+            cut_after_bytes: cut,
+        }
+    }
 }
