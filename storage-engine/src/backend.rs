@@ -90,7 +90,6 @@ async fn run(start: Start) {
             return;
         }
     };
-    let max_conns = limits.connections_per_backend_max as u64;
     let committer = crate::commit::Committer::start(store.clone());
     let ctx = Rc::new(Ctx {
         shared: shared.clone(),
@@ -120,7 +119,7 @@ async fn run(start: Start) {
             }
         };
         let c = &shared.counters;
-        if c.connections.load(Relaxed) >= max_conns {
+        if c.connections.load(Relaxed) >= shared.connections_max.load(Relaxed) {
             add(&c.connections_refused, 1);
             glommio::spawn_local(async move {
                 use futures_lite::AsyncWriteExt;
@@ -159,12 +158,12 @@ async fn housekeeping(ctx: Rc<Ctx>) {
             let s = &ctx.shared;
             s.free_bytes.store(free, Relaxed);
             s.total_bytes.store(total, Relaxed);
-            let low = free < ctx.limits.free_bytes_min;
+            let floor = s.free_bytes_min.load(Relaxed);
+            let low = free < floor;
             if s.auto_readonly.swap(low, Relaxed) != low {
                 log::warn!(
-                    "backend={} free_bytes={free} floor={} mode={}",
+                    "backend={} free_bytes={free} floor={floor} mode={}",
                     s.name,
-                    ctx.limits.free_bytes_min,
                     s.mode()
                 );
             }
