@@ -16,6 +16,7 @@ mod http;
 mod latency;
 mod logfmt;
 mod prom;
+pub mod systemd;
 
 pub use http::{default_connections_max, default_request_timeout_ms, AdminLimits};
 pub use latency::{Latencies, Samples, LATENCY_MAX_US, SAMPLES_MAX};

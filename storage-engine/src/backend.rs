@@ -91,7 +91,6 @@ async fn run(start: Start) {
             return;
         }
     };
-    let max_conns = limits.connections_per_backend_max as u64;
     let committer = match crate::commit::Committer::start(store.clone(), shared.clone()) {
         Ok(c) => c,
         Err(e) => {
@@ -132,7 +131,7 @@ async fn run(start: Start) {
             }
         };
         let c = &shared.counters;
-        if c.connections.load(Relaxed) >= max_conns {
+        if c.connections.load(Relaxed) >= shared.connections_max.load(Relaxed) {
             add(&c.connections_refused, 1);
             glommio::spawn_local(async move {
                 use futures_lite::AsyncWriteExt;
@@ -164,8 +163,11 @@ async fn housekeeping(ctx: Rc<Ctx>) {
             published.clone_from(&ctx.latencies.borrow());
         }
         let store = ctx.store.clone();
-        let limits = ctx.limits.clone();
         let s = &ctx.shared;
+        // The byte floor is reloadable (SIGHUP); the rest of the limits are not.
+        let mut limits = ctx.limits.clone();
+        limits.free_bytes_min = s.free_bytes_min.load(Relaxed);
+        let floor_bytes = limits.free_bytes_min;
         let was = s.auto_readonly.load(Relaxed);
         let checked = glommio::executor()
             .spawn_blocking(move || {
@@ -183,7 +185,7 @@ async fn housekeeping(ctx: Rc<Ctx>) {
                         "backend={} free_bytes={} floor={} free_inodes={} inode_floor={} mode={}",
                         s.name,
                         space.free_bytes,
-                        ctx.limits.free_bytes_min,
+                        floor_bytes,
                         space.free_inodes,
                         ctx.limits.free_inodes_min,
                         s.mode()

@@ -32,7 +32,13 @@ pub struct Config {
     /// and read the answer; then it is closed (slow or silent clients).
     #[serde(default = "powermail_admin::default_request_timeout_ms")]
     pub admin_request_timeout_ms: u64,
-    /// Limits shared by every backend of this process.
+    /// Log level (`error`, `warn`, `info`, `debug`, `trace`); none: `RUST_LOG`
+    /// or `info`. Applied at start and on SIGHUP.
+    #[serde(default)]
+    pub log_level: Option<String>,
+    /// Limits shared by every backend of this process. On SIGHUP,
+    /// `connections_per_backend_max` and `free_bytes_min` apply at once; the
+    /// others need a restart.
     #[serde(default)]
     pub limits: LimitsConfig,
     /// Threads per backend for blocking file-system calls (link, readdir,
@@ -174,7 +180,21 @@ impl Config {
 
     /// Parses a TOML text.
     pub fn parse(text: &str) -> anyhow::Result<Config> {
-        Ok(toml::from_str(text)?)
+        let cfg: Config = toml::from_str(text)?;
+        cfg.log_filter()?;
+        Ok(cfg)
+    }
+
+    /// `log_level` as a filter (none when unset).
+    pub fn log_filter(&self) -> anyhow::Result<Option<log::LevelFilter>> {
+        self.log_level
+            .as_deref()
+            .map(|l| {
+                l.parse::<log::LevelFilter>().map_err(|_| {
+                    anyhow::anyhow!("log_level {l:?}: use error, warn, info, debug or trace")
+                })
+            })
+            .transpose()
     }
 
     /// The secret bytes, from `secret` or `secret_file`, by the rule all

@@ -16,7 +16,7 @@ mod writer;
 mod zerocopy;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -124,6 +124,54 @@ fn ext4_without_journal(dev: u64) -> bool {
     std::fs::read_to_string(format!("/sys/fs/ext4/{name}/journal_task"))
         .map(|t| t.trim() == "<none>")
         .unwrap_or(false)
+/// SIGHUP: re-reads the configuration file and applies the connection limit,
+/// the read-only floor (`free_bytes_min`, checked again within a second) and
+/// the log level; other changes are logged as needing a restart. A file that
+/// does not read or parse changes nothing.
+fn reload(path: &std::path::Path, backends: &[Arc<stats::BackendShared>]) {
+    let parsed = std::fs::read_to_string(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|t| config::Config::parse(&t));
+    let cfg = match parsed {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!(
+                "reload of {} failed, configuration unchanged: {e:#}",
+                path.display()
+            );
+            return;
+        }
+    };
+    let mut applied = Vec::new();
+    if let Ok(Some(level)) = cfg.log_filter() {
+        if log::max_level() != level {
+            applied.push(format!("log_level -> {level}"));
+        }
+        log::set_max_level(level);
+    }
+    let l = &cfg.limits;
+    for b in backends {
+        let old_max = b
+            .connections_max
+            .swap(l.connections_per_backend_max as u64, Ordering::Relaxed);
+        let old_floor = b.free_bytes_min.swap(l.free_bytes_min, Ordering::Relaxed);
+        if old_max != l.connections_per_backend_max as u64 {
+            applied.push(format!(
+                "{}: limits.connections_per_backend_max {old_max} -> {}",
+                b.name, l.connections_per_backend_max
+            ));
+        }
+        if old_floor != l.free_bytes_min {
+            applied.push(format!(
+                "{}: limits.free_bytes_min {old_floor} -> {}",
+                b.name, l.free_bytes_min
+            ));
+        }
+    }
+    log::warn!(
+        "reload: applied [{}]; other limits (sizes, time-outs), backends, secret and admin port need a restart",
+        applied.join("; ")
+    );
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -133,6 +181,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     let cfg = config::Config::parse(&text)
         .with_context(|| format!("parsing {}", args.config.display()))?;
     let secret = cfg.secret()?;
+    if let Some(level) = cfg.log_filter()? {
+        log::set_max_level(level);
+    }
     let online: Vec<usize> = glommio::CpuSet::online()
         .map_err(|e| anyhow::anyhow!("online CPUs: {e}"))?
         .into_iter()
@@ -181,6 +232,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             counters: Default::default(),
             latencies: Mutex::new(Default::default()),
             readonly_marker: marker,
+            connections_max: AtomicU64::new(cfg.limits.connections_per_backend_max as u64),
+            free_bytes_min: AtomicU64::new(cfg.limits.free_bytes_min),
         });
         shared_all.push(shared.clone());
         handles.push(backend::spawn(backend::Start {
@@ -204,6 +257,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             Err(_) => anyhow::bail!("a backend executor died during start-up"),
         }
     }
+    let shared_all_for_reload = shared_all.clone();
     if let Some(listen) = &cfg.admin_listen {
         let token = match &cfg.admin_token {
             Some(t) => t.clone(),
@@ -218,12 +272,22 @@ fn run(args: Args) -> anyhow::Result<()> {
             "durability": backends.iter().map(|b| b.durability.as_str()).collect::<Vec<_>>(),
         });
         let handler = Arc::new(stats::Process {
-            backends: shared_all,
+            backends: shared_all.clone(),
             config: config_json,
         });
         let server = powermail_admin::spawn(listen, &token, handler, cfg.admin_limits())?;
         println!("pplistener: admin port on {}", server.local_addr());
     }
+    let (path, all) = (args.config.clone(), shared_all_for_reload);
+    let mut hup = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
+    std::thread::Builder::new()
+        .name("sighup".into())
+        .spawn(move || {
+            for _ in hup.forever() {
+                reload(&path, &all);
+            }
+        })?;
+    powermail_admin::systemd::notify_ready(&format!("{} backends", backends.len()));
     for h in handles {
         h.join()
             .map_err(|e| anyhow::anyhow!("executor failed: {e:?}"))?;

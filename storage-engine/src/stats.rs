@@ -107,6 +107,10 @@ pub struct BackendShared {
     pub latencies: Mutex<Latencies>,
     /// Marker file for the operator switch.
     pub readonly_marker: PathBuf,
+    /// `limits.connections_per_backend_max`, replaced by a reload (SIGHUP).
+    pub connections_max: AtomicU64,
+    /// `limits.free_bytes_min` (the read-only floor), replaced by a reload.
+    pub free_bytes_min: AtomicU64,
 }
 
 impl BackendShared {

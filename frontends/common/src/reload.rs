@@ -52,6 +52,30 @@ pub fn on_sighup(reload: impl Fn() + Send + 'static) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Graceful stop: on the first `SIGTERM` (or `SIGINT`), calls `stop` once on a thread of
+/// its own; `stop` stops accepting, waits for open work within the grace period and
+/// ends the process. A second signal while it drains ends the process at once.
+pub fn on_sigterm(stop: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new()
+        .name("sigterm".into())
+        .spawn(move || {
+            if signals.forever().next().is_none() {
+                return;
+            }
+            if let Err(e) = std::thread::Builder::new().name("drain".into()).spawn(stop) {
+                log::error!("cannot start draining ({e}): exiting now");
+                std::process::exit(1);
+            }
+            if signals.forever().next().is_some() {
+                log::warn!("second stop signal: exiting now");
+                std::process::exit(1);
+            }
+        })?;
+    Ok(())
+}
+
 /// Every leaf that differs between two JSON configurations, as `path: old -> new`
 /// (`limits.connections_max: 512 -> 2`), in key order.
 pub fn changes(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {

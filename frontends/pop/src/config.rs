@@ -69,6 +69,11 @@ pub struct Config {
     /// Where the delete journal and the mailbox lock files live. Shared by
     /// the powerpop processes of one host.
     pub state_dir: PathBuf,
+    /// On SIGTERM: no new sessions (`-ERR [SYS/TEMP]`); open ones get this
+    /// long to finish (their DELEs are committed at their QUIT), then the
+    /// process ends and the rest are cut (RFC 1939: nothing deleted for them).
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
     /// Shared backend secret; either this or `secret_file`.
     #[serde(default)]
     pub secret: Option<String>,
@@ -222,6 +227,10 @@ impl Default for ThrottleSettings {
     }
 }
 
+fn default_shutdown_grace_ms() -> u64 {
+    25_000
+}
+
 fn default_listen() -> String {
     "127.0.0.1:1110".into()
 }
@@ -299,6 +308,7 @@ impl Config {
             "admin_listen": self.admin_listen,
             "default_domain": self.default_domain,
             "state_dir": self.state_dir,
+            "shutdown_grace_ms": self.shutdown_grace_ms,
             "userbase_cache": self.userbase_cache,
             "limits": self.limits,
             "throttle": self.throttle,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use powermail_admin::{kv, Samples};
 use powermail_frontend::proxy::{self, ProxyPolicy};
-use powermail_frontend::reload::{on_sighup, Reloadable};
+use powermail_frontend::reload::{on_sighup, on_sigterm, Reloadable};
 use powermail_frontend::{BackendId, Cluster, DeadlineWrite};
 use powermail_proto::{BackendError, ErrorCode, MailboxName, MessageId};
 use powermail_userbase::{CacheConfig, CachedUserbase, Userbase, UserbaseError};
@@ -118,6 +118,8 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         cfg.serving.listing_queue_max,
     )
     .context("starting the listing workers")?;
+    let (on_term, grace) = (stats.clone(), Duration::from_millis(cfg.shutdown_grace_ms));
+    on_sigterm(move || drain(&on_term, grace))?;
     let shared = Arc::new(Shared {
         lister,
         limits,
@@ -143,8 +145,36 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     log::info!("powerpop listening on {local}");
     println!("powerpop listening on {local}");
     let _ = io::stdout().flush();
+    powermail_admin::systemd::notify_ready(&format!("POP3 on {local}"));
     accept_loop(listener, shared, tls, false);
     Ok(())
+}
+
+/// Set by SIGTERM: new connections are refused, open sessions finish.
+static DRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// SIGTERM: refuse new sessions, wait up to `grace` for the open ones to
+/// end, then end the process.
+fn drain(stats: &Stats, grace: Duration) {
+    DRAINING.store(true, Ordering::SeqCst);
+    let _ = powermail_admin::systemd::notify("STOPPING=1");
+    let open = stats.connections.load(Ordering::SeqCst);
+    log::warn!(
+        "SIGTERM: no new sessions; {open} open get up to {} ms to finish",
+        grace.as_millis()
+    );
+    let deadline = Instant::now() + grace;
+    while stats.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = stats.connections.load(Ordering::SeqCst);
+    if left > 0 {
+        log::warn!("grace period over: {left} sessions cut off (their DELEs not applied)");
+    }
+    log::info!("stopped");
+    println!("powerpop stopped");
+    let _ = io::stdout().flush();
+    std::process::exit(0);
 }
 
 /// Accepts connections for ever; `implicit`: TLS from the first byte.
@@ -164,6 +194,12 @@ fn accept_loop(
                 continue;
             }
         };
+        if DRAINING.load(Ordering::SeqCst) {
+            let mut stream = stream;
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = stream.write_all(b"-ERR [SYS/TEMP] shutting down\r\n");
+            continue;
+        }
         Stats::inc(&shared.stats.counters.connections_accepted);
         let open = shared.stats.connections.fetch_add(1, Ordering::SeqCst);
         if open as usize >= shared.limits.get().connections_max {

@@ -19,6 +19,11 @@ pub struct Config {
     /// SMTP listening address.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// LMTP (RFC 2033) listening address, served by the same process with
+    /// the same delivery path; none: no LMTP. For an MX in front (Postfix
+    /// `lmtp:inet:HOST:PORT`); keep it on a trusted network.
+    #[serde(default)]
+    pub lmtp_listen: Option<String>,
     /// The name this server gives itself (greeting, EHLO, Received).
     #[serde(default = "default_hostname")]
     pub hostname: String,
@@ -88,6 +93,10 @@ pub struct Config {
     /// STARTTLS; none: not offered.
     #[serde(default)]
     pub tls: Option<TlsSettings>,
+    /// On SIGTERM: no new sessions; open transactions get this long to
+    /// finish (idle sessions get `421` at once), then the process ends.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
     /// The backends.
     #[serde(rename = "backend")]
     pub backends: Vec<BackendSpec>,
@@ -189,6 +198,10 @@ fn default_replicas() -> usize {
     1
 }
 
+fn default_shutdown_grace_ms() -> u64 {
+    25_000
+}
+
 impl Config {
     /// The admin port's limits (`admin_connections_max`, `admin_request_timeout_ms`).
     pub fn admin_limits(&self) -> powermail_admin::AdminLimits {
@@ -242,6 +255,7 @@ impl Config {
     pub fn public_json(&self) -> serde_json::Value {
         serde_json::json!({
             "listen": self.listen,
+            "lmtp_listen": self.lmtp_listen,
             "hostname": self.hostname,
             "frontend_id": self.frontend_id(),
             "admin_listen": self.admin_listen,
@@ -250,6 +264,7 @@ impl Config {
             "replicas": self.replicas,
             "state_dir": self.state_dir,
             "undo_replay_interval_ms": self.undo_replay_interval_ms,
+            "shutdown_grace_ms": self.shutdown_grace_ms,
             "limits": self.limits,
             "backend_pool": self.backend_pool,
             "forward": self.forward,

@@ -121,6 +121,8 @@ pub struct BackendDelivery {
     relay: Option<Relay>,
     /// Recipients accepted for forwarding in this transaction.
     forwarded: usize,
+    /// The backends holding the last message accepted with 250.
+    stored_on: Vec<BackendId>,
 }
 
 impl BackendDelivery {
@@ -136,6 +138,38 @@ impl BackendDelivery {
             quotas: Vec::new(),
             relay: None,
             forwarded: 0,
+            stored_on: Vec::new(),
+        }
+    }
+
+    /// LMTP: removes `msgid` from the mailboxes in `full` on every backend
+    /// that stored it (they were refused with 552 while the message stays
+    /// for the others). A removal that fails is logged: that copy stays.
+    fn unlink(&self, msgid: &MessageId, full: &[MailboxName]) {
+        let cluster = &self.shared.cluster;
+        for &id in &self.stored_on {
+            let mut conn = match cluster.checkout(id) {
+                Ok(c) => c,
+                Err(e) => {
+                    log::error!("msgid={msgid} backend={} cannot remove the copies of over-quota recipients: {e}", cluster.spec(id).name);
+                    continue;
+                }
+            };
+            let mut clean = true;
+            for m in full {
+                if let Err(e) = conn.del(m, msgid) {
+                    log::error!(
+                        "msgid={msgid} backend={} cannot remove the copy for over-quota {m}: {e}",
+                        cluster.spec(id).name
+                    );
+                    cluster.report_error(id, &e);
+                    clean = false;
+                    break;
+                }
+            }
+            if clean {
+                conn.release();
+            }
         }
     }
 
@@ -580,6 +614,7 @@ impl Delivery for BackendDelivery {
         };
         let stats = &self.shared.stats;
         if reply.code == 250 {
+            self.stored_on.clone_from(&backends);
             for (_, conn) in ok {
                 conn.release();
             }
@@ -603,6 +638,49 @@ impl Delivery for BackendDelivery {
         }
         self.log_txn(&txn, &backends, &reply, started);
         reply
+    }
+
+    /// LMTP: a recipient whose mailbox this message would take over its
+    /// quota gets `552 5.2.2` alone; the others get the reply of
+    /// [`Delivery::finish`] (250 only with K durable copies), and the full
+    /// mailboxes' links are then removed from those copies.
+    fn finish_each(&mut self, rcpts: &[Option<MailboxName>]) -> Vec<Reply> {
+        let Some(txn) = self.txn.as_ref() else {
+            let r = Reply::new(451, "4.3.0 Internal error: no transaction");
+            return vec![r; rcpts.len()];
+        };
+        let (msgid, size_bytes) = (txn.msgid.clone(), txn.size_bytes);
+        let full: Vec<MailboxName> = self
+            .quotas
+            .iter()
+            .filter(|(_, quota, used)| used + size_bytes > *quota)
+            .map(|(m, _, _)| m.clone())
+            .collect();
+        let everyone_full = self.forwarded == 0 && txn.rcpts.iter().all(|m| full.contains(m));
+        if !everyone_full {
+            // Only the others are checked by finish(); the full ones are unlinked.
+            self.quotas.retain(|(m, _, _)| !full.contains(m));
+        }
+        self.stored_on.clear();
+        let reply = self.finish();
+        if reply.code == 250 && !full.is_empty() {
+            log::info!(
+                "msgid={msgid} refused for over-quota {}",
+                full.iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            self.unlink(&msgid, &full);
+        }
+        let over = Reply::new(552, "5.2.2 Mailbox full: message would exceed the quota");
+        rcpts
+            .iter()
+            .map(|m| match m {
+                Some(m) if full.contains(m) => over.clone(),
+                _ => reply.clone(),
+            })
+            .collect()
     }
 
     fn abort(&mut self) {

@@ -1,5 +1,8 @@
 //! The thin threaded I/O loop around [`Session`], and the admin port.
 //!
+//! An optional second listener (`lmtp_listen`) speaks LMTP with the same
+//! sessions, limits and delivery path.
+//!
 //! One std thread per connection, at most `limits.connections_max` at once;
 //! the accept loop answers `421 4.3.2` and closes beyond that. Each thread
 //! reads whatever arrived, feeds it to its session and writes the replies
@@ -13,7 +16,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -21,7 +24,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use powermail_admin::{AdminHandler, Prometheus};
 use powermail_frontend::proxy::{self, ProxyPolicy};
-use powermail_frontend::reload::{changes, on_sighup, reload_file, split_live, Reloadable};
+use powermail_frontend::reload::{
+    changes, on_sighup, on_sigterm, reload_file, split_live, Reloadable,
+};
 use powermail_frontend::{Cluster, DeadlineWrite};
 use powermail_userbase::{CacheConfig, CachedUserbase};
 
@@ -33,6 +38,36 @@ use powermail_frontend::journal::Journal;
 
 /// Bytes read from a client at once; DATA chunks to backends are at most twice this.
 const READ_BUFFER_BYTES: usize = 64 << 10;
+
+/// Set by SIGTERM: no new sessions, idle ones get `421`, open transactions finish.
+static DRAINING: AtomicBool = AtomicBool::new(false);
+
+/// How often a session waiting for input looks at [`DRAINING`].
+const DRAIN_POLL: Duration = Duration::from_millis(200);
+
+/// SIGTERM: stop taking sessions, wait up to `grace` for the open ones (each
+/// closes with `421` as soon as it has no transaction), then end the process.
+fn drain(shared: &Shared, grace: Duration) {
+    DRAINING.store(true, Ordering::SeqCst);
+    let _ = powermail_admin::systemd::notify("STOPPING=1");
+    let open = shared.stats.connections.load(Ordering::SeqCst);
+    log::warn!(
+        "SIGTERM: no new sessions; {open} open get up to {} ms to finish",
+        grace.as_millis()
+    );
+    println!("powersmtp: stopping ({open} sessions open)");
+    let deadline = Instant::now() + grace;
+    while shared.stats.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let left = shared.stats.connections.load(Ordering::SeqCst);
+    if left > 0 {
+        log::warn!("grace period over: {left} sessions cut off (no 250 was sent for them)");
+    }
+    log::info!("stopped");
+    println!("powersmtp: stopped");
+    std::process::exit(0);
+}
 
 /// Starts everything and serves until the process ends. `path` is the file `cfg` came
 /// from, re-read on reload (none: reload is refused).
@@ -99,14 +134,56 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         let _ = on_hup.reload();
     })?;
     let proxy = Arc::new(ProxyPolicy::new(&cfg.proxy_from, cfg.proxy_timeout_ms)?);
+    let (on_term, grace) = (shared.clone(), Duration::from_millis(cfg.shutdown_grace_ms));
+    on_sigterm(move || drain(&on_term, grace))?;
+    // Both listeners are bound before the "listening on" line (readiness).
+    let lmtp = match &cfg.lmtp_listen {
+        Some(addr) => Some(TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?),
+        None => None,
+    };
     let listener =
         TcpListener::bind(&cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
     let local = listener.local_addr()?;
     log::info!("listening on {local}");
     println!("powersmtp: listening on {local}");
+    if let Some(lmtp) = lmtp {
+        let local = lmtp.local_addr()?;
+        log::info!("LMTP listening on {local}");
+        println!("powersmtp: LMTP listening on {local}");
+        let (shared, current, tls) = (shared.clone(), current.clone(), tls.clone());
+        thread::Builder::new()
+            .name("lmtp-accept".into())
+            .spawn({
+                let proxy = proxy.clone();
+                move || serve_listener(&lmtp, &shared, &current, &tls, Protocol::Lmtp, &proxy)
+            })?;
+    }
+    powermail_admin::systemd::notify_ready(&format!("SMTP on {local}"));
+    serve_listener(&listener, &shared, &current, &tls, Protocol::Smtp, &proxy);
+    Ok(())
+}
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// SMTP (RFC 5321).
+    Smtp,
+    /// LMTP (RFC 2033): LHLO, one reply per recipient after DATA.
+    Lmtp,
+}
+
+/// Accepts connections on `listener` until the process ends.
+fn serve_listener(
+    listener: &TcpListener,
+    shared: &Arc<Shared>,
+    current: &Reloadable<Config>,
+    tls: &Option<Arc<rustls::ServerConfig>>,
+    protocol: Protocol,
+    proxy: &Arc<ProxyPolicy>,
+) {
     for stream in listener.incoming() {
         match stream {
-            Ok(s) => accept(s, &shared, &current.get(), &tls, &proxy),
+            Ok(s) => accept(s, shared, &current.get(), tls, protocol, proxy),
             Err(e) => {
                 log::warn!("accept: {e}");
                 // Out of file descriptors and the like: do not spin.
@@ -114,7 +191,6 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
 }
 
 /// Decrements the connection gauge when a session thread ends.
@@ -131,14 +207,23 @@ fn accept(
     shared: &Arc<Shared>,
     cfg: &Arc<Config>,
     tls: &Option<Arc<rustls::ServerConfig>>,
+    protocol: Protocol,
     proxy: &Arc<ProxyPolicy>,
 ) {
     let stats = &shared.stats;
+    if DRAINING.load(Ordering::SeqCst) {
+        stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
+        refuse(stream, b"421 4.3.2 Service shutting down\r\n");
+        return;
+    }
     let open = stats.connections.fetch_add(1, Ordering::Relaxed);
     let slot = Slot(shared.clone());
     if open >= cfg.limits.connections_max {
         stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
-        refuse(stream);
+        refuse(
+            stream,
+            b"421 4.3.2 Too many connections, try again later\r\n",
+        );
         return;
     }
     stats.sessions.fetch_add(1, Ordering::Relaxed);
@@ -148,7 +233,7 @@ fn accept(
         .stack_size(256 << 10)
         .spawn(move || {
             let _slot = slot;
-            if let Err(e) = serve(stream, shared, &cfg, tls, &proxy) {
+            if let Err(e) = serve(stream, shared, &cfg, tls, protocol, &proxy) {
                 log::debug!("session ended: {e}");
             }
         });
@@ -157,9 +242,9 @@ fn accept(
     }
 }
 
-fn refuse(mut stream: TcpStream) {
+fn refuse(mut stream: TcpStream, reply: &[u8]) {
     let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-    let _ = stream.write_all(b"421 4.3.2 Too many connections, try again later\r\n");
+    let _ = stream.write_all(reply);
     let _ = stream.shutdown(Shutdown::Both);
 }
 
@@ -168,6 +253,7 @@ fn serve(
     shared: Arc<Shared>,
     cfg: &Config,
     tls: Option<Arc<rustls::ServerConfig>>,
+    protocol: Protocol,
     proxy: &ProxyPolicy,
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
@@ -181,7 +267,10 @@ fn serve(
         }
     };
     let mut delivery = BackendDelivery::new(shared.clone(), &ip);
-    let mut session = Session::new(&cfg.hostname, &ip, cfg.limits.session());
+    let mut session = match protocol {
+        Protocol::Smtp => Session::new(&cfg.hostname, &ip, cfg.limits.session()),
+        Protocol::Lmtp => Session::new_lmtp(&cfg.hostname, &ip, cfg.limits.session()),
+    };
     if tls.is_some() {
         session.offer_starttls();
     }
@@ -244,8 +333,23 @@ impl Conversation<'_> {
             } else {
                 limits.command_timeout()
             };
-            self.tcp.set_read_timeout(Some(timeout))?;
-            let n = match stream.read(&mut self.buf) {
+            // Short waits, so a SIGTERM reaches an idle session quickly.
+            self.tcp.set_read_timeout(Some(timeout.min(DRAIN_POLL)))?;
+            let waiting = Instant::now();
+            let read = loop {
+                if DRAINING.load(Ordering::SeqCst) && !self.session.in_transaction() {
+                    return self.stop(stream);
+                }
+                match stream.read(&mut self.buf) {
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) && waiting.elapsed() < timeout => {}
+                    other => break other,
+                }
+            };
+            let n = match read {
                 Ok(0) => {
                     self.session.lost(&mut self.delivery);
                     return Ok(Flow::Close);
@@ -289,6 +393,11 @@ impl Conversation<'_> {
                 return Err(e);
             }
             match flow {
+                Flow::Continue if DRAINING.load(Ordering::SeqCst) => {
+                    if !self.session.in_transaction() {
+                        return self.stop(stream);
+                    }
+                }
                 Flow::Continue => {}
                 Flow::Close => {
                     let _ = self.tcp.shutdown(Shutdown::Both);
@@ -297,6 +406,20 @@ impl Conversation<'_> {
                 Flow::StartTls => return Ok(Flow::StartTls),
             }
         }
+    }
+}
+
+impl Conversation<'_> {
+    /// The server is stopping and this session has no open transaction:
+    /// `421 4.3.2`, then close.
+    fn stop<S: Read + DeadlineWrite>(&mut self, stream: &mut S) -> io::Result<Flow> {
+        self.out.clear();
+        self.session
+            .shutting_down(&mut self.delivery, &mut self.out);
+        let deadline = Instant::now() + self.cfg.limits.command_timeout();
+        let _ = stream.write_all_by(&self.out, deadline);
+        let _ = self.tcp.shutdown(Shutdown::Both);
+        Ok(Flow::Close)
     }
 }
 

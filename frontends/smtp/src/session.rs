@@ -1,5 +1,9 @@
 //! One SMTP session as a pure state machine: bytes in, replies out.
 //!
+//! The same machine speaks LMTP (RFC 2033, [`Session::new_lmtp`]): LHLO
+//! instead of EHLO/HELO, and after the end of DATA one reply per accepted
+//! recipient, in RCPT order, each decided on its own.
+//!
 //! No sockets, no clock, no database here. The I/O loop ([`crate::server`])
 //! feeds whatever bytes it read to [`Session::feed`] and writes back what
 //! it appended to `out`; everything that needs the outside world (recipient
@@ -120,6 +124,16 @@ pub trait Delivery {
     fn chunk(&mut self, bytes: &[u8]);
     /// The message ended: make it durable and return the reply to send.
     fn finish(&mut self) -> Reply;
+    /// LMTP (RFC 2033): the message ended; make it durable and return one
+    /// reply per accepted recipient, in RCPT order (`rcpts[i]` is the
+    /// mailbox of the i-th accepted RCPT, `None` for a forward-only one),
+    /// so that one recipient can be refused (e.g. its mailbox would go over
+    /// its quota) while the others get their `250`. The default gives every
+    /// recipient the reply of [`Delivery::finish`].
+    fn finish_each(&mut self, rcpts: &[Option<MailboxName>]) -> Vec<Reply> {
+        let r = self.finish();
+        vec![r; rcpts.len()]
+    }
     /// Abandons the message being stored (too big, connection lost).
     fn abort(&mut self);
     /// A transaction began: MAIL from `from` accepted. Any previous
@@ -180,6 +194,11 @@ pub struct Session {
     tls_offered: bool,
     /// TLS is running.
     tls_active: bool,
+    /// LMTP (RFC 2033) instead of SMTP: LHLO, one reply per recipient.
+    lmtp: bool,
+    /// LMTP: the mailbox of every accepted RCPT of this transaction, in
+    /// order (`None`: forward-only), one reply each after DATA.
+    accepted_rcpts: Vec<Option<MailboxName>>,
 }
 
 impl Session {
@@ -200,6 +219,18 @@ impl Session {
             data_out: Vec::new(),
             tls_offered: false,
             tls_active: false,
+            lmtp: false,
+            accepted_rcpts: Vec::new(),
+        }
+    }
+
+    /// A new LMTP (RFC 2033) session: the client greets with LHLO (HELO
+    /// and EHLO are refused) and gets one reply per accepted recipient
+    /// after the end of DATA, each from [`Delivery::finish_each`].
+    pub fn new_lmtp(hostname: &str, client: &str, limits: SessionLimits) -> Session {
+        Session {
+            lmtp: true,
+            ..Session::new(hostname, client, limits)
         }
     }
 
@@ -214,19 +245,38 @@ impl Session {
         self.tls_active = true;
         self.greeted = false;
         self.mail = None;
+        self.accepted_rcpts.clear();
         self.line.clear();
         self.phase = Phase::Command;
     }
 
     /// The `220` greeting.
     pub fn greeting<D: Delivery>(&mut self, d: &mut D, out: &mut Vec<u8>) {
-        let r = Reply::new(220, format!("{} ESMTP powersmtp", self.hostname));
+        let kind = if self.lmtp { "LMTP" } else { "ESMTP" };
+        let r = Reply::new(220, format!("{} {kind} powersmtp", self.hostname));
         self.send(d, out, r);
     }
 
     /// True while receiving a message (the I/O loop uses the DATA time-out).
     pub fn in_data(&self) -> bool {
         matches!(self.phase, Phase::Data { .. })
+    }
+
+    /// True between MAIL and the reply to the end of DATA: a transaction
+    /// that a graceful stop lets finish.
+    pub fn in_transaction(&self) -> bool {
+        self.mail.is_some() || self.in_data()
+    }
+
+    /// The server is stopping (SIGTERM) and this session has no open
+    /// transaction: `421 4.3.2` and close.
+    pub fn shutting_down<D: Delivery>(&mut self, d: &mut D, out: &mut Vec<u8>) {
+        self.lost(d);
+        let r = Reply::new(
+            421,
+            format!("4.3.2 {} Service shutting down", self.hostname),
+        );
+        self.send(d, out, r);
     }
 
     /// The client went silent too long: `421 4.4.2` and close.
@@ -310,14 +360,28 @@ impl Session {
             }
         }
         if ended {
-            let reply = if *too_big {
-                Reply::new(552, "5.3.4 Message size exceeds fixed maximum message size")
-            } else {
-                d.finish()
-            };
+            let too_big = *too_big;
             self.phase = Phase::Command;
             self.mail = None;
-            self.send(d, out, reply);
+            let rcpts = std::mem::take(&mut self.accepted_rcpts);
+            let big = Reply::new(552, "5.3.4 Message size exceeds fixed maximum message size");
+            if !self.lmtp {
+                let reply = if too_big { big } else { d.finish() };
+                self.send(d, out, reply);
+            } else {
+                let mut replies = if too_big {
+                    vec![big; rcpts.len()]
+                } else {
+                    d.finish_each(&rcpts)
+                };
+                // Exactly one reply per accepted recipient, whatever the
+                // delivery returned: the client counts them.
+                let fill = Reply::new(451, "4.3.0 Internal error: no reply for this recipient");
+                replies.resize(rcpts.len(), fill);
+                for r in replies {
+                    self.send(d, out, r);
+                }
+            }
         }
         used
     }
@@ -377,11 +441,17 @@ impl Session {
 
     fn request<D: Delivery>(&mut self, req: Request<String>, d: &mut D, out: &mut Vec<u8>) {
         let r = match req {
+            Request::Ehlo { .. } | Request::Helo { .. } if self.lmtp => {
+                return self.refuse(d, out, Reply::new(500, "5.5.1 This is LMTP, use LHLO"))
+            }
+            Request::Lhlo { host } if self.lmtp => return self.ehlo(host, true, d, out),
             Request::Ehlo { host } => return self.ehlo(host, true, d, out),
             Request::Helo { host } => return self.ehlo(host, false, d, out),
             Request::Mail { from } => {
                 if !self.greeted {
-                    return self.refuse(d, out, Reply::new(503, "5.5.1 Send EHLO/HELO first"));
+                    let first = if self.lmtp { "LHLO" } else { "EHLO/HELO" };
+                    let r = Reply::new(503, format!("5.5.1 Send {first} first"));
+                    return self.refuse(d, out, r);
                 }
                 if self.mail.is_some() {
                     return self.refuse(d, out, Reply::new(503, "5.5.1 Nested MAIL command"));
@@ -403,6 +473,7 @@ impl Session {
                     rcpts: Vec::new(),
                     accepted: 0,
                 });
+                self.accepted_rcpts.clear();
                 d.transaction_started(&self.mail.as_ref().expect("just set").from);
                 Reply::new(250, "2.1.0 Ok")
             }
@@ -410,6 +481,7 @@ impl Session {
             Request::Data => return self.data(d, out),
             Request::Rset => {
                 self.mail = None;
+                self.accepted_rcpts.clear();
                 Reply::new(250, "2.0.0 Ok")
             }
             Request::Noop { .. } => Reply::new(250, "2.0.0 Ok"),
@@ -452,6 +524,7 @@ impl Session {
         self.helo = printable(&host);
         self.esmtp = esmtp;
         self.mail = None;
+        self.accepted_rcpts.clear();
         if !esmtp {
             let r = Reply::new(250, self.hostname.clone());
             return self.send(d, out, r);
@@ -492,6 +565,9 @@ impl Session {
             RcptVerdict::Accept(mailbox) => {
                 let mail = self.mail.as_mut().expect("checked above");
                 mail.accepted += 1;
+                if self.lmtp {
+                    self.accepted_rcpts.push(mailbox.clone());
+                }
                 if let Some(m) = mailbox {
                     if !mail.rcpts.contains(&m) {
                         mail.rcpts.push(m);
@@ -515,7 +591,9 @@ impl Session {
             return self.refuse(d, out, Reply::new(503, "5.5.1 Need MAIL before DATA"));
         };
         if mail.accepted == 0 {
-            return self.refuse(d, out, Reply::new(554, "5.5.1 No valid recipients"));
+            // RFC 2033 §4.2: with no accepted RCPT, LMTP's DATA fails with 503.
+            let code = if self.lmtp { 503 } else { 554 };
+            return self.refuse(d, out, Reply::new(code, "5.5.1 No valid recipients"));
         }
         match d.begin(mail) {
             Ok(()) => {
@@ -528,6 +606,7 @@ impl Session {
             }
             Err(r) => {
                 self.mail = None;
+                self.accepted_rcpts.clear();
                 self.send(d, out, r);
             }
         }

@@ -3,10 +3,15 @@
 //! One supervising process that writes a configuration for each daemon under
 //! `DIR/etc/` (kept between runs, so an operator can read and edit them),
 //! creates the embedded SQLite userbase with a demo mailbox, starts
-//! pplistener (N backends under `DIR/disks/N`), powersmtp (127.0.0.1:2525)
-//! and powerpop (127.0.0.1:1110) as child processes, restarts a child that
+//! pplistener (N backends under `DIR/disks/N`), powersmtp (SMTP 127.0.0.1:2525,
+//! LMTP 127.0.0.1:2424) and powerpop (POP3 127.0.0.1:1110, POP3S 127.0.0.1:1995)
+//! as child processes, restarts a child that
 //! dies, and on Ctrl-C / SIGTERM stops them all. The daemons are the same
 //! binaries an operator runs separately with `--config` on real hosts.
+//!
+//! TLS works out of the box: on first start a self-signed certificate for
+//! `localhost` is made under `DIR/etc/tls/` (rcgen, no openssl binary) and
+//! used for STARTTLS, STLS and POP3S; `--tls-cert/--tls-key` take real ones.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -48,13 +53,22 @@ struct UpArgs {
     /// Copies of each message (K).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// PEM certificate chain for STARTTLS, STLS and POP3S (default: a
+    /// self-signed one for localhost, made under DIR/etc/tls/ on first start).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// Ports and addresses, overridable from `--config`.
 #[derive(Debug, Clone)]
 struct Layout {
     smtp_listen: String,
+    lmtp_listen: String,
     pop_listen: String,
+    pop3s_listen: String,
     backend_base_port: u16,
     pplistener_admin: String,
     smtp_admin: String,
@@ -65,7 +79,9 @@ impl Default for Layout {
     fn default() -> Layout {
         Layout {
             smtp_listen: "127.0.0.1:2525".into(),
+            lmtp_listen: "127.0.0.1:2424".into(),
             pop_listen: "127.0.0.1:1110".into(),
+            pop3s_listen: "127.0.0.1:1995".into(),
             backend_base_port: 7000,
             pplistener_admin: "127.0.0.1:8010".into(),
             smtp_admin: "127.0.0.1:8025".into(),
@@ -135,7 +151,9 @@ fn apply_overrides(layout: &mut Layout, args: &mut UpArgs, path: &Path) -> anyho
         let v = v.trim().trim_matches('"').to_string();
         match k.trim() {
             "smtp_listen" => layout.smtp_listen = v,
+            "lmtp_listen" => layout.lmtp_listen = v,
             "pop_listen" => layout.pop_listen = v,
+            "pop3s_listen" => layout.pop3s_listen = v,
             "backend_base_port" => layout.backend_base_port = v.parse()?,
             "pplistener_admin" => layout.pplistener_admin = v,
             "smtp_admin" => layout.smtp_admin = v,
@@ -160,6 +178,57 @@ fn backend_tables(n: usize, base_port: u16) -> String {
         .join("\n")
 }
 
+/// The certificate and key the frontends use.
+#[derive(Debug, Clone)]
+struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The `[tls]` table of a frontend's configuration.
+    fn table(&self) -> String {
+        format!(
+            "[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+            self.cert.display().to_string(),
+            self.key.display().to_string()
+        )
+    }
+}
+
+/// The given certificate, or the self-signed one under `etc/tls/` (made on
+/// first start). Returns the files and whether they were just made.
+fn ensure_tls(etc: &Path, args: &UpArgs) -> anyhow::Result<(TlsFiles, bool)> {
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let files = TlsFiles {
+            cert: std::fs::canonicalize(cert)
+                .with_context(|| format!("--tls-cert {}", cert.display()))?,
+            key: std::fs::canonicalize(key)
+                .with_context(|| format!("--tls-key {}", key.display()))?,
+        };
+        return Ok((files, false));
+    }
+    let dir = std::fs::canonicalize(etc)?.join("tls");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let files = TlsFiles {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    if files.cert.exists() && files.key.exists() {
+        return Ok((files, false));
+    }
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let made = rcgen::generate_simple_self_signed(names).context("making a certificate")?;
+    write_private(&files.key, &made.key_pair.serialize_pem())?;
+    std::fs::write(&files.cert, made.cert.pem())
+        .with_context(|| format!("writing {}", files.cert.display()))?;
+    Ok((files, true))
+}
+
 /// Writes the three daemons' configurations; returns their paths.
 fn write_configs(
     dir: &Path,
@@ -167,6 +236,7 @@ fn write_configs(
     l: &Layout,
     n: usize,
     k: usize,
+    tls: &TlsFiles,
 ) -> anyhow::Result<[PathBuf; 3]> {
     let secret = read_or_create_secret(&etc.join("backend.secret"))?;
     let token = read_or_create_secret(&etc.join("admin.token"))?;
@@ -180,15 +250,31 @@ fn write_configs(
         abs.display(),
         l.backend_base_port
     );
+    let tls = tls.table();
     let smtp = format!(
-        "# Written by `powermail up`; regenerated at every start.\nlisten = \"{}\"\nhostname = \"localhost\"\nfrontend_id = \"up\"\nadmin_listen = \"{}\"\nadmin_token = \"{token}\"\nuserbase = \"{userbase}\"\nreplicas = {k}\nsecret = \"{secret}\"\nstate_dir = \"{}\"\n\n{backends}",
+        "# Written by `powermail up`; regenerated at every start.
+listen = \"{}\"
+lmtp_listen = \"{}\"
+hostname = \"localhost\"
+frontend_id = \"up\"
+admin_listen = \"{}\"
+admin_token = \"{token}\"
+userbase = \"{userbase}\"
+replicas = {k}
+secret = \"{secret}\"
+state_dir = \"{}\"
+
+{tls}
+{backends}",
         l.smtp_listen,
+        l.lmtp_listen,
         l.smtp_admin,
         abs.join("smtpstate").display()
     );
     let pop = format!(
-        "# Written by `powermail up`; regenerated at every start.\nlisten = \"{}\"\nadmin_listen = \"{}\"\nadmin_token = \"{token}\"\nuserbase = \"{userbase}\"\nsecret = \"{secret}\"\nstate_dir = \"{}\"\n\n{backends}",
+        "# Written by `powermail up`; regenerated at every start.\nlisten = \"{}\"\ntls_listen = \"{}\"\nadmin_listen = \"{}\"\nadmin_token = \"{token}\"\nuserbase = \"{userbase}\"\nsecret = \"{secret}\"\nstate_dir = \"{}\"\n\n{tls}\n{backends}",
         l.pop_listen,
+        l.pop3s_listen,
         l.pop_admin,
         abs.join("state").display()
     );
@@ -260,7 +346,8 @@ fn up(mut args: UpArgs) -> anyhow::Result<()> {
     for d in [&dir, &etc, &logs, &dir.join("state")] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
-    let configs = write_configs(&dir, &etc, &layout, n, args.replicas)?;
+    let (tls, tls_made) = ensure_tls(&etc, &args)?;
+    let configs = write_configs(&dir, &etc, &layout, n, args.replicas, &tls)?;
     let demo_pw = ensure_userbase(&dir, &etc)?;
     let bin_dir = std::env::current_exe()?
         .parent()
@@ -304,7 +391,20 @@ fn up(mut args: UpArgs) -> anyhow::Result<()> {
         "  SMTP   {}    (swaks --server {} --to {DEMO_MAILBOX})",
         layout.smtp_listen, layout.smtp_listen
     );
-    println!("  POP3   {}", layout.pop_listen);
+    println!(
+        "  LMTP   {}    (Postfix: lmtp:inet:{})",
+        layout.lmtp_listen, layout.lmtp_listen
+    );
+    println!("  POP3   {}    (STLS)", layout.pop_listen);
+    println!("  POP3S  {}", layout.pop3s_listen);
+    println!(
+        "  TLS    certificate {}{}  (STARTTLS: swaks --tls --server {}; openssl s_client -starttls pop3 -connect {} -CAfile {})",
+        tls.cert.display(),
+        if tls_made { " (self-signed for localhost, just made)" } else { "" },
+        layout.smtp_listen,
+        layout.pop_listen,
+        tls.cert.display()
+    );
     println!("  demo mailbox {DEMO_MAILBOX}  password {}", demo_pw.trim());
     println!(
         "  admin  pplistener http://{}/stats  powersmtp http://{}/stats  powerpop http://{}/stats",

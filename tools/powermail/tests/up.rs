@@ -1,7 +1,9 @@
 //! `powermail up` end to end: the supervisor starts the real daemons, a real
 //! SMTP client delivers, a real POP3 client reads (K=2 copies shown once),
-//! `ppadmin --data` adds a mailbox to the same userbase, and SIGTERM stops
-//! every child.
+//! `ppadmin --data` adds a mailbox to the same userbase, LMTP delivers on its
+//! own port, TLS works with no setup (STARTTLS, STLS and POP3S verified
+//! against the self-signed certificate `powermail up` made), and SIGTERM
+//! stops every child.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -99,12 +101,14 @@ fn powermail_up_runs_the_whole_system_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("var");
     let (smtp, pop, base) = (free_port(), free_port(), free_range(3));
+    let (lmtp, pop3s) = (free_port(), free_port());
     let (a1, a2, a3) = (free_port(), free_port(), free_port());
     let overrides = dir.path().join("up.toml");
     std::fs::write(
         &overrides,
         format!(
             "smtp_listen = \"127.0.0.1:{smtp}\"\npop_listen = \"127.0.0.1:{pop}\"\nbackend_base_port = {base}\n\
+             lmtp_listen = \"127.0.0.1:{lmtp}\"\npop3s_listen = \"127.0.0.1:{pop3s}\"\n\
              pplistener_admin = \"127.0.0.1:{a1}\"\nsmtp_admin = \"127.0.0.1:{a2}\"\npop_admin = \"127.0.0.1:{a3}\"\n"
         ),
     )
@@ -131,8 +135,18 @@ fn powermail_up_runs_the_whole_system_and_stops_cleanly() {
         banner.contains(&format!("password {}", password.trim())),
         "{banner}"
     );
+    let cert = data.join("etc/tls/cert.pem");
+    assert!(
+        banner.contains(&format!(
+            "certificate {}",
+            cert.canonicalize().unwrap().display()
+        )),
+        "{banner}"
+    );
     wait_for_port(smtp);
     wait_for_port(pop);
+    wait_for_port(lmtp);
+    wait_for_port(pop3s);
 
     // A new mailbox through ppadmin, on the same embedded userbase.
     let status = Command::new(bin_dir().join("ppadmin"))
@@ -166,6 +180,34 @@ fn powermail_up_runs_the_whole_system_and_stops_cleanly() {
         read.trim(),
         "demo@powermail.test 1 True\ninfo@company.biz 1 True",
         "K=2 copies listed once, exact text"
+    );
+
+    // LMTP on its own port, then TLS everywhere, verified against the
+    // certificate made on first start (hostname localhost checked).
+    let tls = python(&format!(
+        "import smtplib, poplib, ssl\n\
+         ctx = ssl.create_default_context(cafile={cert:?})\n\
+         l = smtplib.LMTP('127.0.0.1', {lmtp}, timeout=30)\n\
+         print('lmtp', l.sendmail('a@b.example', ['info@company.biz'], 'Subject: lmtp\\r\\n\\r\\nvia lmtp\\r\\n'))\n\
+         l.quit()\n\
+         s = smtplib.SMTP('localhost', {smtp}, timeout=30)\n\
+         s.ehlo(); print('starttls', s.starttls(context=ctx)[0]); s.ehlo()\n\
+         print('smtp tls', s.sock.version() is not None, s.sendmail('a@b.example', ['info@company.biz'], 'Subject: tls\\r\\n\\r\\nsecret\\r\\n'))\n\
+         s.quit()\n\
+         p = poplib.POP3('localhost', {pop}, timeout=30)\n\
+         print('stls', p.stls(context=ctx)[:3]); p.user('info@company.biz'); p.pass_('s3cret')\n\
+         print('pop stls', p.stat()[0]); p.quit()\n\
+         p = poplib.POP3_SSL('localhost', {pop3s}, context=ctx, timeout=30)\n\
+         p.user('info@company.biz'); p.pass_('s3cret')\n\
+         n = p.stat()[0]\n\
+         found = any(b'secret' in b'\\n'.join(p.retr(i)[1]) for i in range(1, n + 1))\n\
+         print('pop3s', n, p.sock.version() is not None, found); p.quit()",
+        cert = cert.display().to_string()
+    ));
+    assert_eq!(
+        tls.trim(),
+        "lmtp {}\nstarttls 220\nsmtp tls True {}\nstls b'+OK'\npop stls 3\npop3s 3 True True",
+        "LMTP and TLS after `powermail up`"
     );
 
     // Exactly two backends hold the message.

@@ -43,6 +43,18 @@ impl Delivery for Mock {
         self.finished += 1;
         Reply::new(250, "2.0.0 Ok: queued as X")
     }
+    /// Mailboxes named `quota…@` go over their quota with this message.
+    fn finish_each(&mut self, rcpts: &[Option<MailboxName>]) -> Vec<Reply> {
+        self.finished += 1;
+        rcpts
+            .iter()
+            .map(|m| match m {
+                Some(m) if m.as_str().starts_with("quota") => Reply::new(552, "5.2.2 Mailbox full"),
+                Some(m) => Reply::new(250, format!("2.0.0 Ok: {m}")),
+                None => Reply::new(250, "2.0.0 Ok: forwarded"),
+            })
+            .collect()
+    }
     fn abort(&mut self) {
         self.aborted += 1;
         self.body.clear();
@@ -63,8 +75,12 @@ fn limits() -> SessionLimits {
 
 /// Runs `input` in chunks of `n`; returns the replies, the mock and whether
 /// the session asked to close.
-fn run_with(input: &[u8], n: usize, mut mock: Mock) -> (String, Mock, bool) {
-    let mut s = Session::new("mx.test", "127.0.0.1:1", limits());
+fn run_with(input: &[u8], n: usize, mock: Mock) -> (String, Mock, bool) {
+    let s = Session::new("mx.test", "127.0.0.1:1", limits());
+    run_session(s, input, n, mock)
+}
+
+fn run_session(mut s: Session, input: &[u8], n: usize, mut mock: Mock) -> (String, Mock, bool) {
     let mut out = Vec::new();
     s.greeting(&mut mock, &mut out);
     let mut closed = false;
@@ -304,4 +320,121 @@ fn nul_bytes_in_commands_are_refused() {
         "{out}"
     );
     assert!(mock.begun.is_empty());
+}
+
+/// LMTP: the same result for every chunk size; returns it.
+fn run_lmtp(input: &[u8]) -> (String, Mock, bool) {
+    let lmtp = || Session::new_lmtp("mx.test", "127.0.0.1:1", limits());
+    let whole = run_session(lmtp(), input, input.len(), Mock::default());
+    let mut n = 1;
+    while n <= 512 {
+        let got = run_session(lmtp(), input, n, Mock::default());
+        assert_eq!(got, whole, "chunk size {n}");
+        n *= 2;
+    }
+    whole
+}
+
+#[test]
+fn lmtp_one_reply_per_accepted_recipient_in_rcpt_order() {
+    let input = b"LHLO mx.example\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<x@y.z>\r\nRCPT TO:<unknown@y.z>\r\nRCPT TO:<quota@y.z>\r\nRCPT TO:<fwd@y.z>\r\nRCPT TO:<X@y.z>\r\nDATA\r\nSubject: t\r\n\r\nbody\r\n.\r\nQUIT\r\n";
+    let (out, mock, closed) = run_lmtp(input);
+    assert!(out.starts_with("220 mx.test LMTP "), "{out}");
+    assert!(out.contains("250-PIPELINING\r\n"), "{out}");
+    assert_eq!(
+        codes(&out),
+        // recipients_max is 3: the fourth accepted one gets 452, and no reply after DATA.
+        [
+            "220", "250", "250", "250", "550", "250", "250", "452", "354", "250", "552", "250",
+            "221"
+        ]
+    );
+    let after_data: Vec<&str> = out.split("354 ").nth(1).unwrap().lines().skip(1).collect();
+    assert_eq!(
+        after_data,
+        [
+            "250 2.0.0 Ok: x@y.z",
+            "552 5.2.2 Mailbox full",
+            "250 2.0.0 Ok: forwarded",
+            "221 2.0.0 Bye",
+        ]
+    );
+    assert!(closed);
+    assert_eq!(mock.finished, 1);
+    let rcpts: Vec<&str> = mock.begun[0].rcpts.iter().map(|m| m.as_str()).collect();
+    assert_eq!(rcpts, ["x@y.z", "quota@y.z"], "one copy per local mailbox");
+    assert_eq!(mock.body, b"Subject: t\r\n\r\nbody\r\n");
+}
+
+#[test]
+fn lmtp_refuses_helo_and_ehlo_and_needs_lhlo() {
+    let input = b"EHLO a\r\nHELO a\r\nMAIL FROM:<a@b.c>\r\nLHLO a\r\nMAIL FROM:<a@b.c>\r\nQUIT\r\n";
+    let (out, mock, _) = run_lmtp(input);
+    assert_eq!(
+        codes(&out),
+        ["220", "500", "500", "503", "250", "250", "221"]
+    );
+    assert!(out.contains("503 5.5.1 Send LHLO first"), "{out}");
+    assert!(mock.begun.is_empty());
+    // And plain SMTP still refuses LHLO.
+    let (out, _, _) = run(b"LHLO a\r\nQUIT\r\n");
+    assert_eq!(codes(&out), ["220", "500", "221"]);
+}
+
+#[test]
+fn lmtp_data_without_recipients_is_503_and_too_big_is_552_for_each() {
+    let input = b"LHLO a\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<unknown@y.z>\r\nDATA\r\nRSET\r\nQUIT\r\n";
+    let (out, mock, _) = run_lmtp(input);
+    assert_eq!(
+        codes(&out),
+        ["220", "250", "250", "550", "503", "250", "221"]
+    );
+    assert_eq!(mock.finished, 0);
+    let mut input =
+        b"LHLO a\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<x@y.z>\r\nRCPT TO:<w@y.z>\r\nDATA\r\n".to_vec();
+    input.extend(std::iter::repeat_n(b'x', 2000));
+    input.extend_from_slice(b"\r\n.\r\nQUIT\r\n");
+    let (out, mock, _) = run_lmtp(&input);
+    assert_eq!(
+        codes(&out),
+        ["220", "250", "250", "250", "250", "354", "552", "552", "221"]
+    );
+    assert_eq!(mock.finished, 0);
+    assert_eq!(mock.aborted, 1);
+}
+
+#[test]
+fn lmtp_rset_forgets_recipients_between_transactions() {
+    let input = b"LHLO a\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<x@y.z>\r\nRCPT TO:<w@y.z>\r\nRSET\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<quota@y.z>\r\nDATA\r\nhi\r\n.\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<w@y.z>\r\nDATA\r\nho\r\n.\r\nQUIT\r\n";
+    let (out, mock, _) = run_lmtp(input);
+    assert_eq!(
+        codes(&out),
+        [
+            "220", "250", "250", "250", "250", "250", "250", "250", "354", "552", "250", "250",
+            "354", "250", "221"
+        ]
+    );
+    assert!(out.contains("250 2.0.0 Ok: w@y.z\r\n221"), "{out}");
+    assert_eq!(mock.finished, 2);
+}
+
+#[test]
+fn shutdown_waits_for_the_transaction_then_says_421() {
+    let mut mock = Mock::default();
+    let mut s = Session::new("mx.test", "127.0.0.1:1", limits());
+    let mut out = Vec::new();
+    s.greeting(&mut mock, &mut out);
+    assert!(!s.in_transaction());
+    s.feed(b"EHLO a\r\nMAIL FROM:<a@b.c>\r\n", &mut mock, &mut out);
+    assert!(s.in_transaction(), "MAIL opens it");
+    s.feed(b"RCPT TO:<x@y.z>\r\nDATA\r\nhalf", &mut mock, &mut out);
+    assert!(s.in_transaction() && s.in_data());
+    s.feed(b"\r\n.\r\n", &mut mock, &mut out);
+    assert!(!s.in_transaction(), "the reply to DATA ends it");
+    out.clear();
+    s.shutting_down(&mut mock, &mut out);
+    assert_eq!(out, b"421 4.3.2 mx.test Service shutting down\r\n");
+    assert_eq!(s.feed(b"NOOP\r\n", &mut mock, &mut out), Flow::Close);
+    assert_eq!(mock.finished, 1);
+    assert_eq!(mock.aborted, 0);
 }

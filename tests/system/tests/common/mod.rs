@@ -257,6 +257,16 @@ impl Backend {
             .unwrap_or_default()
     }
 
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The configuration file it was started with.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
     /// The log file (stderr) of this backend.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -323,14 +333,38 @@ impl Frontend {
         tables: &str,
         priorities: &[i32],
     ) -> Frontend {
+        Frontend::smtp_top(root, backends, userbase, k, "", limits, tables, priorities)
+    }
+
+    /// Like [`Frontend::smtp`], with `top` TOML lines before every table
+    /// (e.g. `lmtp_listen = "..."`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn smtp_top(
+        root: &Path,
+        backends: &[&Backend],
+        userbase: &str,
+        k: usize,
+        top: &str,
+        limits: &str,
+        tables: &str,
+        priorities: &[i32],
+    ) -> Frontend {
         let addr = free_addr();
         let admin = free_addr();
         let state = root.join("smtpstate");
         let mut toml = format!(
             "listen = \"{addr}\"\nhostname = \"mx.sys.test\"\nfrontend_id = \"sys1\"\n\
              admin_listen = \"{admin}\"\nadmin_token = \"{TOKEN}\"\nuserbase = \"{userbase}\"\n\
-             replicas = {k}\nsecret = \"{SECRET}\"\nstate_dir = \"{}\"\n\
-             undo_replay_interval_ms = 200\n{tables}\n[limits]\n{limits}\n",
+             replicas = {k}
+secret = \"{SECRET}\"
+state_dir = \"{}\"
+\
+             undo_replay_interval_ms = 200
+{top}
+{tables}
+[limits]
+{limits}
+",
             state.display()
         );
         if !tables.contains("[backend_pool]") {
@@ -430,6 +464,24 @@ impl Frontend {
     /// Whether the process is still alive.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Waits (at most [`DEADLINE`]) for the process to end; its exit status.
+    pub fn wait_exit(&mut self) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < DEADLINE {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// The log file (stderr) of this daemon.
