@@ -23,7 +23,15 @@ IMG="$IMG_DIR/pm-flush-$$.img"
 MNT="$W/mnt"
 command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; }
 [ "$FS" = xfs ] && ! command -v mkfs.xfs >/dev/null && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xfsprogs >/dev/null; }
-cargo build --release -q -p pplistener -p powermail-bench
+# PM_BENCH_PROFILE=debug uses target/debug (the workspace's dev profile is optimised:
+# opt-level 1, dependencies 2) when a release build is too slow to make on a shared machine.
+PROFILE="${PM_BENCH_PROFILE:-release}"
+if [ "$PROFILE" = release ]; then
+    cargo build --release -q -p pplistener -p powermail-bench
+else
+    cargo build -q -p pplistener --bin pplistener -p powermail-bench --bin ppstorebench
+fi
+BIN="target/$PROFILE"
 
 PID=""
 LOOP=""
@@ -67,11 +75,11 @@ cpu = 0
 durability = "$mode"
 TOML
     : > "$W/ppl.log"
-    target/release/pplistener --config "$W/ppl.toml" > "$W/ppl.log" 2>&1 &
+    "$BIN/pplistener" --config "$W/ppl.toml" > "$W/ppl.log" 2>&1 &
     PID=$!
     for _ in $(seq 100); do grep -q "admin port" "$W/ppl.log" && break; sleep 0.1; done
     echo -n "pplistener durability=$mode: "
-    target/release/ppstorebench put --backend 127.0.0.1:$PORT --secret $SECRET \
+    "$BIN/ppstorebench" put --backend 127.0.0.1:$PORT --secret $SECRET \
         --size-bytes 4096 --inflight 32 --count "$COUNT" --mailboxes 200 | tail -1
     curl -s -H 'Authorization: Bearer tok' "http://127.0.0.1:$((PORT + 1))/stats" |
         python3 -c 'import json,sys; b=json.load(sys.stdin)["backends"][0]; print("   flushes=%d (fdatasync %d, dir fsync %d, syncfs %d) batches=%d puts/batch=%.1f max=%d" % (b["flushes"], b["flushes_fdatasync"], b["flushes_dir_fsync"], b["flushes_syncfs"], b["batches"], b["puts_per_batch"], b["batch_puts_max"]))'
@@ -88,6 +96,7 @@ fio_run() {
     rm -rf "$MNT/fio"
 }
 
+echo "== build: $PROFILE at $(git rev-parse --short HEAD)"
 echo "== machine: $(nproc) CPUs, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== data fs: $FS on $LOOP (image $IMG, $(findmnt -no FSTYPE,OPTIONS "$MNT"))"
 for r in $(seq "$ROUNDS"); do
