@@ -74,6 +74,10 @@ pub struct LimitsConfig {
     pub list_max_entries: usize,
     /// Below this many free bytes the backend turns read-only by itself.
     pub free_bytes_min: u64,
+    /// Entries (one per mailbox plus one per message) each backend keeps in
+    /// its in-memory mailbox index; the least recently used mailboxes are
+    /// evicted beyond it and walked again on their next touch.
+    pub index_entries_max: usize,
 }
 
 impl Default for LimitsConfig {
@@ -87,6 +91,7 @@ impl Default for LimitsConfig {
             idle_timeout_ms: 300_000,
             list_max_entries: 100_000,
             free_bytes_min: 256 << 20,
+            index_entries_max: 4_000_000,
         }
     }
 }
