@@ -565,8 +565,8 @@ mod tests {
         assert_eq!(all.len(), 25);
         assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
         assert_eq!(m.page(Some(&id("m024")), 10), (vec![], false));
-        assert_eq!(m.page(None, 25).1, false);
-        assert_eq!(m.page(None, 24).1, true);
+        assert!(!m.page(None, 25).1);
+        assert!(m.page(None, 24).1);
     }
 
     #[test]

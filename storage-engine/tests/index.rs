@@ -155,10 +155,12 @@ fn concurrent_puts_and_deletes_while_the_index_is_built_stay_exact() {
     let (a, b) = (mb("busy@ix.test"), mb("other@ix.test"));
     let mut c = l.conn(0);
     for i in 0..200 {
-        c.put(&id(&format!("a{i:04}")), &[a.clone()], b"x").unwrap();
+        c.put(&id(&format!("a{i:04}")), std::slice::from_ref(&a), b"x")
+            .unwrap();
     }
     for i in 0..150 {
-        c.put(&id(&format!("o{i:04}")), &[b.clone()], b"o").unwrap();
+        c.put(&id(&format!("o{i:04}")), std::slice::from_ref(&b), b"o")
+            .unwrap();
     }
     drop(c);
     std::thread::scope(|s| {
@@ -166,7 +168,7 @@ fn concurrent_puts_and_deletes_while_the_index_is_built_stay_exact() {
         s.spawn(move || {
             let mut c = l.conn(0);
             for i in 0..200 {
-                c.put(&id(&format!("b{i:04}")), &[a.clone()], b"yy")
+                c.put(&id(&format!("b{i:04}")), std::slice::from_ref(a), b"yy")
                     .unwrap();
                 c.del(a, &id(&format!("a{i:04}"))).unwrap();
             }
@@ -251,7 +253,8 @@ fn a_150000_message_mailbox_is_listed_completely_through_pages() {
     assert_eq!(capped.len(), 50_000);
     assert_eq!(capped[..], all[..50_000]);
     // Kept exact by a PUT and a DEL on the indexed mailbox.
-    c.put(&id("ffffffff.t.1"), &[m.clone()], b"last").unwrap();
+    c.put(&id("ffffffff.t.1"), std::slice::from_ref(&m), b"last")
+        .unwrap();
     c.del(&m, &id("00000000.t.1")).unwrap();
     let listed = c.list(&m, 1_000_000).unwrap();
     assert_eq!(listed.len(), MESSAGES);
