@@ -71,6 +71,21 @@ pub struct ListEntry {
     pub size_bytes: u64,
 }
 
+/// One page of a mailbox listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPage {
+    /// The entries, sorted by id.
+    pub entries: Vec<ListEntry>,
+    /// More follow: ask again after the last id.
+    pub more: bool,
+}
+
+/// The word after the count in a `LIST` reply when more messages follow.
+pub const LIST_MORE: &str = "more";
+
+/// Most lines a client reads from one `LIST` page (kept or dropped).
+pub const LIST_PAGE_LINES_MAX: usize = 10_000_000;
+
 /// An authenticated connection to one backend.
 #[derive(Debug)]
 pub struct BackendConn {
@@ -250,24 +265,85 @@ impl BackendConn {
         self.put_reply()
     }
 
-    /// Lists a mailbox (at most `max_messages` entries are accepted).
+    /// Lists a whole mailbox, oldest first, paging through it (`LIST` with a
+    /// start id) as the backend asks: the first `max_messages` entries at most.
+    /// A mailbox larger than that is cut short, not an error: the caller sees
+    /// its oldest `max_messages` messages and the backend stays usable.
     pub fn list(&mut self, mailbox: &MailboxName, max_messages: usize) -> Result<Vec<ListEntry>> {
-        self.command(&Request::List {
-            mailbox: mailbox.clone(),
-        })?;
-        let lines = self.lines(max_messages)?;
-        lines
-            .iter()
-            .map(|l| {
-                let mut w = l.split(' ');
-                let id = w.next().and_then(|s| MessageId::parse(s).ok());
-                let size = w.next().and_then(|s| s.parse::<u64>().ok());
-                match (id, size, w.next()) {
-                    (Some(msgid), Some(size_bytes), None) => Ok(ListEntry { msgid, size_bytes }),
-                    _ => Err(BackendError::Protocol(format!("bad LIST line {l:?}"))),
+        let mut all: Vec<ListEntry> = Vec::new();
+        loop {
+            let after = all.last().map(|e| e.msgid.clone());
+            let left = max_messages.saturating_sub(all.len());
+            let page = self.list_page(mailbox, after.as_ref(), left)?;
+            if let (Some(first), Some(after)) = (page.entries.first(), after.as_ref()) {
+                // A backend that ignored the start id would repeat itself for ever.
+                if first.msgid <= *after {
+                    return Err(BackendError::Protocol(format!(
+                        "LIST {mailbox} {after} answered out of order"
+                    )));
                 }
-            })
-            .collect()
+            }
+            let progressed = !page.entries.is_empty();
+            all.extend(page.entries);
+            if !page.more || all.len() >= max_messages {
+                all.truncate(max_messages);
+                return Ok(all);
+            }
+            if !progressed {
+                return Err(BackendError::Protocol(format!(
+                    "LIST {mailbox}: an empty page said more follow"
+                )));
+            }
+        }
+    }
+
+    /// One page of a mailbox listing: the messages after `after` (from the
+    /// first when `None`), sorted by id, as many as the backend's
+    /// `list_max_entries`; the first `keep_max` of them are kept (the rest of
+    /// the page is read and dropped, at most [`LIST_PAGE_LINES_MAX`] lines).
+    pub fn list_page(
+        &mut self,
+        mailbox: &MailboxName,
+        after: Option<&MessageId>,
+        keep_max: usize,
+    ) -> Result<ListPage> {
+        let text = self.command(&Request::List {
+            mailbox: mailbox.clone(),
+            after: after.cloned(),
+        })?;
+        let mut words = text.split_ascii_whitespace();
+        let announced = words.next().and_then(|w| w.parse::<u64>().ok());
+        let more = words.next() == Some(LIST_MORE);
+        let mut entries = Vec::new();
+        let mut read = 0usize;
+        loop {
+            let line = self.read_line()?;
+            if line == "." {
+                break;
+            }
+            read += 1;
+            if read > LIST_PAGE_LINES_MAX {
+                return Err(BackendError::Protocol("too many lines".into()));
+            }
+            if entries.len() >= keep_max {
+                continue;
+            }
+            let mut w = line.split(' ');
+            let id = w.next().and_then(|s| MessageId::parse(s).ok());
+            let size = w.next().and_then(|s| s.parse::<u64>().ok());
+            match (id, size, w.next()) {
+                (Some(msgid), Some(size_bytes), None) => {
+                    entries.push(ListEntry { msgid, size_bytes })
+                }
+                _ => return Err(BackendError::Protocol(format!("bad LIST line {line:?}"))),
+            }
+        }
+        if announced.is_some_and(|n| n != read as u64) {
+            return Err(BackendError::Protocol(format!(
+                "LIST announced {text:?} but sent {read} lines"
+            )));
+        }
+        Ok(ListPage { entries, more })
     }
 
     /// Sends GET and returns the size announced; exactly that many body
@@ -442,9 +518,24 @@ impl BackendConn {
 
     /// `(messages, bytes)` of a mailbox on this backend.
     pub fn usage(&mut self, mailbox: &MailboxName) -> Result<(u64, u64)> {
-        let text = self.command(&Request::Usage {
+        self.usage_send(mailbox)?;
+        self.usage_reply()
+    }
+
+    /// Sends `USAGE` without waiting for the reply, so that a caller can ask
+    /// several backends at once; read it with [`usage_reply`](Self::usage_reply).
+    pub fn usage_send(&mut self, mailbox: &MailboxName) -> Result<()> {
+        let req = Request::Usage {
             mailbox: mailbox.clone(),
-        })?;
+        };
+        self.writer.write_all(req.encode().as_bytes())?;
+        self.writer.flush()?;
+        Ok(())
+    }
+
+    /// Reads the reply to a [`usage_send`](Self::usage_send): `(messages, bytes)`.
+    pub fn usage_reply(&mut self) -> Result<(u64, u64)> {
+        let text = self.reply()?;
         let mut w = text.split_ascii_whitespace().map(str::parse::<u64>);
         match (w.next(), w.next()) {
             (Some(Ok(m)), Some(Ok(b))) => Ok((m, b)),

@@ -324,7 +324,8 @@ mod tests {
                 Owned::Body(body),
                 Owned::PutEnd,
                 Owned::Request(Request::List {
-                    mailbox: mb("a@x.org")
+                    mailbox: mb("a@x.org"),
+                    after: None,
                 }),
                 Owned::Request(Request::Quit),
             ]
@@ -448,7 +449,14 @@ mod tests {
     fn encode_and_decode_agree() {
         let reqs = vec![
             Request::Auth { proof: "ab".into() },
-            Request::List { mailbox: mb("a@b") },
+            Request::List {
+                mailbox: mb("a@b"),
+                after: None,
+            },
+            Request::List {
+                mailbox: mb("a@b"),
+                after: Some(MessageId::parse("0001.f.1").unwrap()),
+            },
             Request::Get {
                 mailbox: mb("a@b"),
                 msgid: MessageId::parse("m").unwrap(),
@@ -484,5 +492,16 @@ mod tests {
         let ev = all_splits(input.as_bytes(), Limits::default());
         let want: Vec<Owned> = reqs.into_iter().map(Owned::Request).collect();
         assert_eq!(ev, want);
+    }
+
+    #[test]
+    fn list_takes_one_optional_id_after_the_mailbox() {
+        let ev = all_splits(
+            b"LIST a@b m1 m2\r\nLIST a@b ../x\r\nLIST\r\n",
+            Limits::default(),
+        );
+        assert!(matches!(ev[0], Owned::Invalid(RequestError::Syntax(_))));
+        assert!(matches!(ev[1], Owned::Invalid(RequestError::BadName(_))));
+        assert!(matches!(ev[2], Owned::Invalid(RequestError::Syntax(_))));
     }
 }

@@ -14,7 +14,7 @@ pub mod names;
 pub mod reply;
 pub mod request;
 
-pub use client::{BackendConn, BackendError, ListEntry, PutReceipt};
+pub use client::{BackendConn, BackendError, ListEntry, ListPage, PutReceipt};
 pub use decoder::{Decoder, Event, Fatal, Limits};
 pub use names::{MailboxName, MessageId, NameError};
 pub use reply::{ErrorCode, Reply};

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! AUTH <proof>                 PUT <msgid> <mailbox-count>   (then the mailbox lines, then the body)
-//! LIST <mailbox>               GET <mailbox> <msgid>         DEL <mailbox> <msgid>
+//! LIST <mailbox> [<after>]     GET <mailbox> <msgid>         DEL <mailbox> <msgid>
 //! DELM <mailbox> <msgid>...    USAGE <mailbox>               NUKE <mailbox>
 //! GETM <mailbox> <msgid>...
 //! DIR [<after>]
@@ -33,10 +33,13 @@ pub enum Request {
         /// All local recipients on this backend (at least one).
         mailboxes: Vec<MailboxName>,
     },
-    /// List a mailbox: `<msgid> <size>` lines.
+    /// List a mailbox: `<msgid> <size>` lines sorted by id, at most
+    /// `list_max_entries` of them; the reply says when more follow.
     List {
         /// The mailbox.
         mailbox: MailboxName,
+        /// Only messages whose id sorts after this one (the next page).
+        after: Option<MessageId>,
     },
     /// Fetch one message's bytes.
     Get {
@@ -154,7 +157,14 @@ impl Request {
                 }
                 s
             }
-            Request::List { mailbox } => format!("LIST {mailbox}\r\n"),
+            Request::List {
+                mailbox,
+                after: None,
+            } => format!("LIST {mailbox}\r\n"),
+            Request::List {
+                mailbox,
+                after: Some(after),
+            } => format!("LIST {mailbox} {after}\r\n"),
             Request::Get { mailbox, msgid } => format!("GET {mailbox} {msgid}\r\n"),
             Request::Del { mailbox, msgid } => format!("DEL {mailbox} {msgid}\r\n"),
             Request::DelMany { mailbox, msgids } | Request::GetMany { mailbox, msgids } => {
@@ -228,12 +238,21 @@ pub(crate) fn parse_line(line: &[u8], mailboxes_max: usize) -> Result<Line, Requ
             // decoder must consume them, so the error travels with the header.
             return Ok(Line::PutHeader(MessageId::parse_bytes(args[0]), count));
         }
-        "LIST" => {
-            arity(1)?;
-            Request::List {
+        "LIST" => match args.len() {
+            1 => Request::List {
                 mailbox: mailbox(0)?,
+                after: None,
+            },
+            2 => Request::List {
+                mailbox: mailbox(0)?,
+                after: Some(msgid(1)?),
+            },
+            _ => {
+                return Err(RequestError::Syntax(
+                    "LIST takes a mailbox and an optional id",
+                ))
             }
-        }
+        },
         "GET" => {
             arity(2)?;
             Request::Get {

@@ -102,11 +102,13 @@ async fn run(start: Start) {
             return;
         }
     };
+    let index = crate::index::SharedIndex::new(limits.index_entries_max);
     let ctx = Rc::new(Ctx {
         shared: shared.clone(),
         store,
         secret,
         limits,
+        index,
         latencies: RefCell::new(Latencies::new()),
         committer,
         known: RefCell::new(known),
@@ -162,6 +164,12 @@ async fn housekeeping(ctx: Rc<Ctx>) {
         if let Ok(mut published) = ctx.shared.latencies.lock() {
             published.clone_from(&ctx.latencies.borrow());
         }
+        let ix = ctx.index.stats();
+        let c = &ctx.shared.counters;
+        c.index_mailboxes.store(ix.mailboxes as u64, Relaxed);
+        c.index_entries.store(ix.entries as u64, Relaxed);
+        c.index_builds.store(ix.builds, Relaxed);
+        c.index_evictions.store(ix.evictions, Relaxed);
         let store = ctx.store.clone();
         let s = &ctx.shared;
         // The byte floor is reloadable (SIGHUP); the rest of the limits are not.

@@ -113,6 +113,10 @@ pub struct LimitsConfig {
     /// (every message and every mailbox directory takes one; a disk can run out
     /// of inodes with bytes to spare).
     pub free_inodes_min: u64,
+    /// Entries (one per mailbox plus one per message) each backend keeps in
+    /// its in-memory mailbox index; the least recently used mailboxes are
+    /// evicted beyond it and walked again on their next touch.
+    pub index_entries_max: usize,
 }
 
 impl Default for LimitsConfig {
@@ -127,6 +131,7 @@ impl Default for LimitsConfig {
             list_max_entries: 100_000,
             free_bytes_min: 256 << 20,
             free_inodes_min: 1024,
+            index_entries_max: 4_000_000,
         }
     }
 }

@@ -9,6 +9,7 @@
 mod backend;
 mod commit;
 mod config;
+mod index;
 mod session;
 mod stats;
 mod store;

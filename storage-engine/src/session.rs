@@ -53,6 +53,9 @@ pub struct Ctx {
     /// Mailboxes that have a directory on this backend (scanned at start,
     /// grown by PUT before it links, shrunk by NUKE). Anything else is empty.
     pub known: RefCell<std::collections::HashSet<MailboxName>>,
+    /// Messages and usage of the mailboxes touched lately: LIST and USAGE
+    /// are answered from it (see [`crate::index`]).
+    pub index: crate::index::SharedIndex,
 }
 
 /// The socket and its buffers.
@@ -423,8 +426,19 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
     }
     // The file stays open until its links are made; then closing it only
     // drops this handle (or, if linking failed, frees the nameless body).
+    let linked_mailboxes = job.mailboxes.clone();
     let linked = ctx.committer.link(job).await;
     let _ = file.close().await;
+    for m in &linked_mailboxes {
+        match &linked {
+            // Linked now, or already (a retry), in every mailbox.
+            Ok(_) => ctx
+                .index
+                .apply(m, crate::index::Op::Add(msgid.clone(), size_bytes)),
+            // Some links may exist: walk again on the next touch.
+            Err(_) => ctx.index.invalidate(m),
+        }
+    }
     match linked {
         Ok(out) => {
             add(&c.puts, 1);
@@ -459,6 +473,22 @@ async fn blocking<T: Send + 'static>(
     glommio::executor().spawn_blocking(move || f(&store)).await
 }
 
+/// The directory walk that builds the index of `mailbox` (on the blocking pool).
+fn walker<'a>(
+    ctx: &'a Ctx,
+    mailbox: &'a MailboxName,
+) -> impl Fn() -> futures_lite::future::BoxedLocal<io::Result<Vec<(MessageId, u64)>>> + 'a {
+    move || {
+        let store = ctx.store.clone();
+        let mailbox = mailbox.clone();
+        Box::pin(async move {
+            glommio::executor()
+                .spawn_blocking(move || store.list(&mailbox, usize::MAX))
+                .await
+        })
+    }
+}
+
 fn io_err_line(e: &io::Error) -> String {
     if e.kind() == io::ErrorKind::NotFound {
         err_line(ErrorCode::NotFound, "no such message")
@@ -472,7 +502,7 @@ fn io_err_line(e: &io::Error) -> String {
 /// 80%), and those must cost no disk access. Returns whether it answered.
 fn answer_unknown_mailbox(ctx: &Ctx, conn: &mut Connection, req: &Request) -> bool {
     let mailbox = match req {
-        Request::List { mailbox }
+        Request::List { mailbox, .. }
         | Request::Usage { mailbox }
         | Request::Get { mailbox, .. }
         | Request::GetMany { mailbox, .. }
@@ -509,11 +539,18 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
         return Ok(());
     }
     match req {
-        Request::List { mailbox } => {
+        Request::List { mailbox, after } => {
             add(&c.lists, 1);
-            match blocking(ctx, move |s| s.list(&mailbox, max)).await {
-                Ok(list) => {
-                    conn.queue(&ok_line(&list.len().to_string()));
+            let page = ctx
+                .index
+                .view(&mailbox, walker(ctx, &mailbox), |m| {
+                    m.page(after.as_ref(), max)
+                })
+                .await;
+            match page {
+                Ok((list, more)) => {
+                    let more = if more { " more" } else { "" };
+                    conn.queue(&ok_line(&format!("{}{more}", list.len())));
                     for (id, size) in list {
                         conn.queue(&format!("{id} {size}\r\n"));
                     }
@@ -586,7 +623,14 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
             add(&c.bytes_out, bytes);
         }
         Request::Del { mailbox, msgid } => {
-            match blocking(ctx, move |s| s.delete(&mailbox, &msgid)).await {
+            let (m, id) = (mailbox.clone(), msgid.clone());
+            let deleted = blocking(ctx, move |s| s.delete(&m, &id)).await;
+            match &deleted {
+                Ok(()) => ctx.index.apply(&mailbox, crate::index::Op::Remove(msgid)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(_) => ctx.index.invalidate(&mailbox),
+            }
+            match deleted {
                 Ok(()) => {
                     add(&c.dels, 1);
                     conn.queue(&ok_line("deleted"));
@@ -595,7 +639,18 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
             }
         }
         Request::DelMany { mailbox, msgids } => {
-            match blocking(ctx, move |s| s.delete_many(&mailbox, &msgids)).await {
+            let (m, ids) = (mailbox.clone(), msgids.clone());
+            let deleted = blocking(ctx, move |s| s.delete_many(&m, &ids)).await;
+            match &deleted {
+                // Every id is gone now (missing ones were already).
+                Ok(_) => {
+                    for id in msgids {
+                        ctx.index.apply(&mailbox, crate::index::Op::Remove(id));
+                    }
+                }
+                Err(_) => ctx.index.invalidate(&mailbox),
+            }
+            match deleted {
                 Ok(n) => {
                     add(&c.dels, n);
                     conn.queue(&ok_line(&n.to_string()));
@@ -603,10 +658,16 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                 Err(e) => conn.queue(&io_err_line(&e)),
             }
         }
-        Request::Usage { mailbox } => match blocking(ctx, move |s| s.usage(&mailbox)).await {
-            Ok((n, bytes)) => conn.queue(&ok_line(&format!("{n} {bytes}"))),
-            Err(e) => conn.queue(&io_err_line(&e)),
-        },
+        Request::Usage { mailbox } => {
+            let usage = ctx
+                .index
+                .view(&mailbox, walker(ctx, &mailbox), |m| m.usage())
+                .await;
+            match usage {
+                Ok((n, bytes)) => conn.queue(&ok_line(&format!("{n} {bytes}"))),
+                Err(e) => conn.queue(&io_err_line(&e)),
+            }
+        }
         Request::Nuke { mailbox } => match blocking(ctx, {
             let mailbox = mailbox.clone();
             move |s| s.nuke(&mailbox)
@@ -614,10 +675,14 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
         .await
         {
             Ok(n) => {
+                ctx.index.invalidate(&mailbox);
                 ctx.known.borrow_mut().remove(&mailbox);
                 conn.queue(&ok_line(&n.to_string()))
             }
-            Err(e) => conn.queue(&io_err_line(&e)),
+            Err(e) => {
+                ctx.index.invalidate(&mailbox);
+                conn.queue(&io_err_line(&e))
+            }
         },
         Request::Dir { after } => {
             match blocking(ctx, move |s| s.mailboxes_after(max, after.as_ref())).await {

@@ -40,6 +40,14 @@ pub struct Counters {
     pub dels: AtomicU64,
     /// Protocol errors (bad lines, fatal framing errors).
     pub protocol_errors: AtomicU64,
+    /// Mailboxes resident in the index now (published each second).
+    pub index_mailboxes: AtomicU64,
+    /// Entries resident in the index now: mailboxes + messages (published each second).
+    pub index_entries: AtomicU64,
+    /// Directory walks that built a mailbox's index (published each second).
+    pub index_builds: AtomicU64,
+    /// Mailboxes evicted from the index to stay under `index_entries_max`.
+    pub index_evictions: AtomicU64,
     /// Device flushes made for PUTs: the sum of the three below.
     pub flushes: AtomicU64,
     /// Body `fdatasync`s (`durability = "file"`, and extra copies past the link limit).
@@ -187,6 +195,10 @@ impl BackendShared {
             "batch_puts": l(&c.batch_puts),
             "batch_puts_max": l(&c.batch_puts_max),
             "puts_per_batch": if l(&c.batches) == 0 { 0.0 } else { l(&c.batch_puts) as f64 / l(&c.batches) as f64 },
+            "index_mailboxes": l(&c.index_mailboxes),
+            "index_entries": l(&c.index_entries),
+            "index_builds": l(&c.index_builds),
+            "index_evictions": l(&c.index_evictions),
             "latency": self.latencies.lock().map(|l| l.summary()).unwrap_or_default(),
         })
     }

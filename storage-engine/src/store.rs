@@ -322,7 +322,9 @@ impl Store {
         Ok(removed)
     }
 
-    /// `(messages, bytes)` of a mailbox.
+    /// `(messages, bytes)` of a mailbox, by a walk (the server answers USAGE
+    /// from its index; this is the reference the tests compare it with).
+    #[cfg(test)]
     pub fn usage(&self, mailbox: &MailboxName) -> io::Result<(u64, u64)> {
         let list = self.list(mailbox, usize::MAX)?;
         Ok((list.len() as u64, list.iter().map(|(_, s)| s).sum()))

@@ -124,6 +124,9 @@ struct PopArgs {
     /// RETR every message (otherwise only STAT).
     #[arg(long)]
     retr: bool,
+    /// UIDL after STAT (a mail client's login; implied by --retr).
+    #[arg(long)]
+    uidl: bool,
     /// DELE every message retrieved.
     #[arg(long)]
     dele: bool,
@@ -569,7 +572,13 @@ fn pop(a: PopArgs) -> anyhow::Result<()> {
     let label = format!(
         "pop {} conns{}{}",
         a.common.connections,
-        if a.retr { ", RETR" } else { ", STAT only" },
+        if a.retr {
+            ", RETR"
+        } else if a.uidl {
+            ", STAT + UIDL"
+        } else {
+            ", STAT only"
+        },
         if a.dele { "+DELE" } else { "" }
     );
     finish(&label, &totals, started.elapsed(), &total, &a.common, 1)
@@ -589,9 +598,11 @@ fn pop_session(a: &PopArgs, user: &str, pass: &str) -> anyhow::Result<(u64, u64)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let (mut msgs, mut bytes) = (0, 0);
-    if a.retr && count > 0 {
+    if (a.retr || a.uidl) && count > 0 {
         c.pop_ok("UIDL\r\n")?;
         c.pop_multiline()?;
+    }
+    if a.retr && count > 0 {
         for i in 1..=count {
             c.pop_ok(&format!("RETR {i}\r\n"))?;
             bytes += c.pop_multiline()?.0;

@@ -41,6 +41,28 @@ fn dedupes_k2_copies_and_numbers_stably() {
 }
 
 #[test]
+fn a_mailbox_larger_than_one_list_page_is_merged_whole() {
+    // b0 answers LIST in pages of 2: powerpop pages through it, and the
+    // backend is not marked down for having more than one page.
+    let users = Users::new(&[(BOB, "pw")]);
+    let (b0, b1) = (
+        Backend::start_with("[limits]\nlist_max_entries = 2\n"),
+        Backend::start(),
+    );
+    for i in 1..=7 {
+        b0.put(BOB, &format!("000{i}.t.1"), b"Subject: k\r\n\r\nx\r\n");
+    }
+    for i in [2, 5, 8] {
+        b1.put(BOB, &format!("000{i}.t.1"), b"Subject: k\r\n\r\nx\r\n");
+    }
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start(&users, &[&b0, &b1], state.path(), "");
+    let want: Vec<String> = (1..=8).map(|i| format!("000{i}.t.1")).collect();
+    assert_eq!(ids(&pop.py(UIDLS)), want);
+    assert_eq!(ids(&pop.py(UIDLS)), want, "and again: b0 is still up");
+}
+
+#[test]
 fn dead_backend_is_skipped_and_deletes_are_replayed() {
     let users = Users::new(&[(BOB, "pw")]);
     let (b0, mut b1) = (Backend::start(), Backend::start());

@@ -11,7 +11,6 @@
 //! is recorded in the undo journal and deleted again (no orphan duplicates
 //! when the sender retries; see [`crate::undo`]) and the reply is `451 4.3.0`.
 
-use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,8 +24,23 @@ use powermail_userbase::{CachedUserbase, Userbase, UserbaseError};
 use crate::relay::Relay;
 use crate::session::{Delivery, Envelope, RcptVerdict, Reply};
 
-/// Most entries asked of one backend when summing a mailbox's usage.
-const LIST_MAX_ENTRIES: usize = 100_000;
+/// A mailbox's bytes over the whole cluster from the `USAGE` of each backend
+/// that answered, with K = `replicas` copies of every message:
+/// `max(max_b bytes_b, ceil(sum_b bytes_b / K))`.
+///
+/// Exact when every message has exactly K copies and every holder answered
+/// (the sum counts each message K times). With a holder down, the sum part
+/// undercounts, and the largest single backend is a floor (no backend holds
+/// more than the mailbox). Messages with fewer than K copies (a failed
+/// delivery's leftovers, a repair pending) are undercounted by at most
+/// `(K - copies) / K` of their size. A quota is a soft limit: close enough,
+/// at the cost of one small round trip whatever the mailbox holds.
+pub fn combined_usage_bytes(per_backend: &[u64], replicas: usize) -> u64 {
+    let k = replicas.max(1) as u64;
+    let sum: u64 = per_backend.iter().fold(0u64, |a, b| a.saturating_add(*b));
+    let max = per_backend.iter().copied().max().unwrap_or(0);
+    max.max(sum.div_ceil(k))
+}
 
 /// Numbers the SMTP connections of this process for the log lines.
 static SESSIONS: AtomicU64 = AtomicU64::new(1);
@@ -173,27 +187,34 @@ impl BackendDelivery {
         }
     }
 
-    /// Bytes used by `mailbox`: its listing on every readable backend, each
-    /// message id counted once (copies are on K backends). Backends that do
-    /// not answer are skipped: a quota is a soft limit, availability first.
+    /// Bytes used by `mailbox`: one `USAGE` to every readable backend, all
+    /// sent before any reply is read (one round trip in all, answered from
+    /// the backends' in-memory index), combined by [`combined_usage_bytes`].
+    /// Backends that do not answer are skipped: a quota is a soft limit,
+    /// availability first.
     fn usage_bytes(&self, mailbox: &MailboxName) -> u64 {
         let cluster = &self.shared.cluster;
-        let mut sizes: HashMap<MessageId, u64> = HashMap::new();
+        let mut asked = Vec::new();
         for id in cluster.readable() {
             let Ok(mut conn) = cluster.checkout(id) else {
                 continue;
             };
-            match conn.list(mailbox, LIST_MAX_ENTRIES) {
-                Ok(entries) => {
+            match conn.usage_send(mailbox) {
+                Ok(()) => asked.push((id, conn)),
+                Err(e) => cluster.report_error(id, &e),
+            }
+        }
+        let mut per_backend = Vec::with_capacity(asked.len());
+        for (id, mut conn) in asked {
+            match conn.usage_reply() {
+                Ok((_, bytes)) => {
                     conn.release();
-                    for e in entries {
-                        sizes.insert(e.msgid, e.size_bytes);
-                    }
+                    per_backend.push(bytes);
                 }
                 Err(e) => cluster.report_error(id, &e),
             }
         }
-        sizes.values().sum()
+        combined_usage_bytes(&per_backend, self.shared.replicas)
     }
 
     /// Quota, then forwards, for an existing, enabled mailbox.
@@ -217,7 +238,12 @@ impl BackendDelivery {
         }
         let mut quota = None;
         if local && mb.quota_bytes > 0 {
-            let used = self.usage_bytes(&name);
+            // Asked once per transaction (a repeated RCPT reuses it).
+            let known = self.quotas.iter().find(|(m, _, _)| *m == name);
+            let used = match known {
+                Some((_, _, used)) => *used,
+                None => self.usage_bytes(&name),
+            };
             if used >= mb.quota_bytes {
                 return RcptVerdict::OverQuota;
             }
@@ -775,6 +801,20 @@ pub fn rfc5322_date(unix_s: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_over_k_copies_counts_each_message_once() {
+        // K = 2, three backends, messages of 100 and 40 bytes, each on two.
+        assert_eq!(combined_usage_bytes(&[140, 100, 40], 2), 140);
+        // One holder down: never below what one backend alone holds.
+        assert_eq!(combined_usage_bytes(&[140, 40], 2), 140);
+        assert_eq!(combined_usage_bytes(&[100, 40], 2), 100);
+        // K = 1: the sum; nothing answered: zero; odd sums round up.
+        assert_eq!(combined_usage_bytes(&[5, 7], 1), 12);
+        assert_eq!(combined_usage_bytes(&[], 2), 0);
+        assert_eq!(combined_usage_bytes(&[3, 3, 1], 2), 4);
+        assert_eq!(combined_usage_bytes(&[u64::MAX, 1], 0), u64::MAX);
+    }
 
     #[test]
     fn dates() {

@@ -23,8 +23,9 @@ pub const DIR_PAGE_MAX: usize = 100_000;
 /// default page size): a bound on the loop, not expected to be reached.
 pub const DIR_PAGES_MAX: usize = 100;
 
-/// Most messages taken from one backend's `LIST` of one mailbox.
-pub const LIST_MAX: usize = 100_000;
+/// Most messages taken from one backend's listing of one mailbox, over all its
+/// `LIST` pages (1,000,000 messages must work; ~100 bytes each in memory).
+pub const LIST_MAX: usize = 10_000_000;
 
 /// Index of a backend in [`ClusterInfo::backends`].
 pub type Bid = usize;

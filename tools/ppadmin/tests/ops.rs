@@ -322,6 +322,38 @@ fn remove_contents(dir: &Path) {
     }
 }
 
+/// `(messages, bytes)` of `mailbox` on backend `disk`, by a fresh walk of its directory.
+fn walked_usage(data: &Path, disk: usize, mailbox: &str) -> (u64, u64) {
+    let mbox = data.join(format!("disks/{disk}/mbox"));
+    let Ok(l1s) = std::fs::read_dir(&mbox) else {
+        return (0, 0);
+    };
+    for l1 in l1s {
+        for l2 in std::fs::read_dir(l1.expect("readdir").path()).expect("readdir") {
+            let dir = l2.expect("readdir").path().join(mailbox);
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                let sizes: Vec<u64> = entries
+                    .map(|e| e.expect("readdir").metadata().expect("stat").len())
+                    .collect();
+                return (sizes.len() as u64, sizes.iter().sum());
+            }
+        }
+    }
+    (0, 0)
+}
+
+/// Each backend's `USAGE` (from its index) equals a walk of its disk.
+fn assert_usage_equals_walk(up: &Up, backends: usize, mailbox: &str) {
+    let out = up.run(0, &["usage", mailbox]);
+    for b in 0..backends {
+        let (messages, bytes) = walked_usage(&up.data, b, mailbox);
+        assert!(
+            out.contains(&format!("b{b}\t{messages}\t{bytes}\n")),
+            "b{b} holds {messages} messages, {bytes} bytes on disk:\n{out}"
+        );
+    }
+}
+
 #[test]
 fn list_flags_repair_restores_and_drain_moves_everything() {
     let up = Up::start(3, 2);
@@ -381,6 +413,9 @@ fn list_flags_repair_restores_and_drain_moves_everything() {
     assert!(sales.iter().all(|r| r.1 == "2/2"), "{sales:?}");
     // Resumable and idempotent: nothing left to do.
     assert!(up.run(0, &["repair"]).contains(" 0 copies made"));
+    // The backends' indexes (b1's rebuilt after its restart) saw every copy.
+    assert_usage_equals_walk(&up, 3, mb);
+    assert_usage_equals_walk(&up, 3, "sales@company.biz");
 
     // Drain b0: nothing may stay on it, nothing may be lost or shown twice.
     let ids_before: Vec<String> = after.iter().map(|r| r.0.clone()).collect();
@@ -397,6 +432,7 @@ fn list_flags_repair_restores_and_drain_moves_everything() {
     );
     let usage = up.run(0, &["usage", mb]);
     assert!(usage.contains("b0\t0\t0"), "{usage}");
+    assert_usage_equals_walk(&up, 3, mb);
     let mut pop_ids = uidls(up.pop, mb, pw, 16);
     assert_eq!(pop_ids.len(), 16, "each message exactly once in POP3");
     pop_ids.sort();

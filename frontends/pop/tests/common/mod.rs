@@ -75,12 +75,17 @@ pub struct Backend {
 
 impl Backend {
     pub fn start() -> Backend {
+        Backend::start_with("")
+    }
+
+    /// Starts with `tables` (e.g. `[limits]`) in its configuration.
+    pub fn start_with(tables: &str) -> Backend {
         let dir = tempfile::tempdir().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin = free_port();
         let toml = format!(
             "secret = \"{SECRET}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nadmin_token = \"tok\"\n\
-             [[backend]]\ndata_dir = \"{}\"\nlisten = \"{addr}\"\n",
+             {tables}\n[[backend]]\ndata_dir = \"{}\"\nlisten = \"{addr}\"\n",
             dir.path().join("disk").display()
         );
         let config = dir.path().join("pplistener.toml");
