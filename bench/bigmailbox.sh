@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Big mailboxes (issue #13 section 2, issue #14 "Big mailboxes"): the PowerMail side only.
+# Not a test; figures go to bench/RESULTS.md by hand.
+#
+#   bench/bigmailbox.sh            env: MSGS=4000 (per SMTP round), ROUNDS=2, SESSIONS=200,
+#                                       PROFILE=release (or debug: target/debug, opt-level 1)
+#
+# `powermail up` with 2 backends and K=2. Three mailboxes:
+#   big@     100,000 messages of 4 KiB on both backends, quota 100 GB (never reached)
+#   empty@   no messages, no quota
+#   pop50k@  50,000 messages of 4 KiB on both backends
+# The stored messages are hard links made directly in each backend's store while it is
+# stopped (ext4: at most 65,000 links per inode, so one body per 50,000 links).
+# 1. SMTP, 20 connections x 4 KiB x 1 rcpt, A B A B: empty@ without quota, big@ with one
+#    (every RCPT asks each backend for USAGE; before the index it LISTed the mailbox).
+# 2. POP, one connection, sessions of USER, PASS, STAT, UIDL, QUIT on pop50k@: p50.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROFILE=${PROFILE:-release}
+if [ "$PROFILE" = release ]; then
+  cargo build --release -q -p pplistener -p powersmtp -p powerpop -p ppadmin -p powermail -p powermail-bench
+else
+  cargo build -q -p pplistener -p powersmtp -p powerpop -p ppadmin -p powermail -p powermail-bench
+fi
+B=$PWD/target/$PROFILE
+D=/tmp/pm-bigmailbox
+MSGS=${MSGS:-4000}; ROUNDS=${ROUNDS:-2}; SESSIONS=${SESSIONS:-200}
+rm -rf "$D"; mkdir -p "$D"
+cat > "$D/up.toml" <<TOML
+smtp_listen = "127.0.0.1:12625"
+pop_listen = "127.0.0.1:11210"
+backend_base_port = 17200
+pplistener_admin = "127.0.0.1:18012"
+smtp_admin = "127.0.0.1:18027"
+pop_admin = "127.0.0.1:18112"
+TOML
+UP=
+up() {
+  : > "$D/up.log"
+  $B/powermail up --data "$D/var" --config "$D/up.toml" --backends 2 --replicas 2 >> "$D/up.log" 2>&1 &
+  UP=$!
+  for _ in $(seq 300); do grep -q "Ctrl-C" "$D/up.log" && return; sleep 0.1; done
+  echo "powermail up did not start:"; cat "$D/up.log"; exit 1
+}
+down() { kill "$UP"; wait "$UP" 2>/dev/null || true; }
+trap 'kill $UP 2>/dev/null || true' EXIT
+up
+$B/ppadmin --data "$D/var" user add big@bench.test --password pw --quota-bytes 100000000000 >/dev/null
+$B/ppadmin --data "$D/var" user add empty@bench.test --password pw >/dev/null
+$B/ppadmin --data "$D/var" user add pop50k@bench.test --password pw >/dev/null
+down
+python3 - "$D/var/disks" <<'PY'
+import hashlib, os, sys
+disks = sys.argv[1]
+body = (b"Subject: stored\r\n\r\n" + b"x" * 4076 + b"\r\n")[:4096]
+for disk in sorted(os.listdir(disks)):
+    root = os.path.join(disks, disk)
+    for mailbox, n in (("big@bench.test", 100_000), ("pop50k@bench.test", 50_000)):
+        h = hashlib.sha256(mailbox.encode()).hexdigest()
+        d = os.path.join(root, "mbox", h[0:2], h[2:4], mailbox)
+        os.makedirs(d, exist_ok=True)
+        src = None
+        for i in range(n):
+            if i % 50_000 == 0:
+                src = os.path.join(root, f"src-{mailbox}-{i}")
+                with open(src, "wb") as f:
+                    f.write(body)
+            os.link(src, os.path.join(d, f"{1700000000000000 + i:016x}.bench.{i:x}"))
+        for f in os.listdir(root):
+            if f.startswith("src-"):
+                os.remove(os.path.join(root, f))
+PY
+sync
+up
+sleep 2
+echo "== $(nproc) CPUs, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
+for r in $(seq "$ROUNDS"); do
+  echo "-- round $r A: empty@ without quota"
+  $B/ppblast smtp --server 127.0.0.1:12625 --to empty@bench.test --count "$MSGS" --connections 20 --size 4096 --quiet
+  echo "-- round $r B: big@ (100,000 messages) with a quota"
+  $B/ppblast smtp --server 127.0.0.1:12625 --to big@bench.test --count "$MSGS" --connections 20 --size 4096 --quiet
+done
+echo "-- POP: USER, PASS, STAT, UIDL, QUIT on pop50k@ (50,000 messages, K=2), one connection"
+$B/ppblast pop --server 127.0.0.1:11210 --login pop50k@bench.test:pw --sessions "$SESSIONS" --connections 1 --uidl --quiet
+curl -s -H "Authorization: Bearer $(cat "$D/var/etc/"*secret* 2>/dev/null | head -1)" http://127.0.0.1:18012/stats \
+  | python3 -c 'import json,sys; [print(b["name"], "index_mailboxes", b["index_mailboxes"], "index_entries", b["index_entries"], "index_builds", b["index_builds"]) for b in json.load(sys.stdin)["backends"]]' || true
+down
+trap - EXIT
