@@ -125,6 +125,8 @@ fn ext4_without_journal(dev: u64) -> bool {
     std::fs::read_to_string(format!("/sys/fs/ext4/{name}/journal_task"))
         .map(|t| t.trim() == "<none>")
         .unwrap_or(false)
+}
+
 /// SIGHUP: re-reads the configuration file and applies the connection limit,
 /// the read-only floor (`free_bytes_min`, checked again within a second) and
 /// the log level; other changes are logged as needing a restart. A file that
