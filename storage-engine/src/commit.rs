@@ -226,6 +226,8 @@ mod tests {
             counters: Counters::default(),
             latencies: Default::default(),
             readonly_marker: dir.join("readonly"),
+            connections_max: AtomicU64::new(1),
+            free_bytes_min: AtomicU64::new(0),
         })
     }
 
