@@ -151,12 +151,10 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         log::info!("LMTP listening on {local}");
         println!("powersmtp: LMTP listening on {local}");
         let (shared, current, tls) = (shared.clone(), current.clone(), tls.clone());
-        thread::Builder::new()
-            .name("lmtp-accept".into())
-            .spawn({
-                let proxy = proxy.clone();
-                move || serve_listener(&lmtp, &shared, &current, &tls, Protocol::Lmtp, &proxy)
-            })?;
+        thread::Builder::new().name("lmtp-accept".into()).spawn({
+            let proxy = proxy.clone();
+            move || serve_listener(&lmtp, &shared, &current, &tls, Protocol::Lmtp, &proxy)
+        })?;
     }
     powermail_admin::systemd::notify_ready(&format!("SMTP on {local}"));
     serve_listener(&listener, &shared, &current, &tls, Protocol::Smtp, &proxy);
