@@ -347,56 +347,48 @@ mod tests {
         assert_eq!(ev[4], Owned::Request(Request::Ping));
     }
 
+    /// DELM and GETM share one argument rule: a mailbox, then 1 to their
+    /// maximum of ids, each validated.
     #[test]
-    fn delm_takes_one_to_max_ids_and_checks_each() {
-        let many: String = (0..=crate::request::DEL_MANY_MAX)
-            .map(|i| format!(" m{i}"))
-            .collect();
-        let input = format!("DELM a@b\r\nDELM a@b m1 ../x\r\nDELM a@b{many}\r\nDELM a@b m1 m2\r\n");
-        let limits = Limits {
-            line_max_bytes: 4096,
-            ..Limits::default()
-        };
-        let ev = all_splits(input.as_bytes(), limits);
-        assert!(matches!(ev[0], Owned::Invalid(RequestError::Syntax(_))));
-        assert!(matches!(ev[1], Owned::Invalid(RequestError::BadName(_))));
-        assert!(matches!(ev[2], Owned::Invalid(RequestError::Syntax(_))));
-        assert_eq!(
-            ev[3],
-            Owned::Request(Request::DelMany {
-                mailbox: mb("a@b"),
-                msgids: vec![
-                    MessageId::parse("m1").unwrap(),
-                    MessageId::parse("m2").unwrap()
-                ],
-            })
-        );
-    }
-
-    #[test]
-    fn getm_takes_one_to_max_ids_and_checks_each() {
-        let many: String = (0..=crate::request::GET_MANY_MAX)
-            .map(|i| format!(" m{i}"))
-            .collect();
-        let input = format!("GETM a@b\r\nGETM a@b m1 ../x\r\nGETM a@b{many}\r\ngetm a@b m1 m2\r\n");
-        let limits = Limits {
-            line_max_bytes: 4096,
-            ..Limits::default()
-        };
-        let ev = all_splits(input.as_bytes(), limits);
-        assert!(matches!(ev[0], Owned::Invalid(RequestError::Syntax(_))));
-        assert!(matches!(ev[1], Owned::Invalid(RequestError::BadName(_))));
-        assert!(matches!(ev[2], Owned::Invalid(RequestError::Syntax(_))));
-        assert_eq!(
-            ev[3],
-            Owned::Request(Request::GetMany {
-                mailbox: mb("a@b"),
-                msgids: vec![
-                    MessageId::parse("m1").unwrap(),
-                    MessageId::parse("m2").unwrap()
-                ],
-            })
-        );
+    fn multi_id_verbs_take_one_to_max_ids_and_check_each() {
+        type Make = fn(MailboxName, Vec<MessageId>) -> Request;
+        let verbs: [(&str, usize, Make); 2] = [
+            ("DELM", crate::request::DEL_MANY_MAX, |mailbox, msgids| {
+                Request::DelMany { mailbox, msgids }
+            }),
+            ("GETM", crate::request::GET_MANY_MAX, |mailbox, msgids| {
+                Request::GetMany { mailbox, msgids }
+            }),
+        ];
+        for (verb, max, make) in verbs {
+            let many: String = (0..=max).map(|i| format!(" m{i}")).collect();
+            let lower = verb.to_lowercase();
+            let input = format!(
+                "{verb} a@b\r\n{verb} a@b m1 ../x\r\n{verb} a@b{many}\r\n{lower} a@b m1 m2\r\n"
+            );
+            let limits = Limits {
+                line_max_bytes: 4096,
+                ..Limits::default()
+            };
+            let ev = all_splits(input.as_bytes(), limits);
+            assert!(
+                matches!(ev[0], Owned::Invalid(RequestError::Syntax(_))),
+                "{verb}"
+            );
+            assert!(
+                matches!(ev[1], Owned::Invalid(RequestError::BadName(_))),
+                "{verb}"
+            );
+            assert!(
+                matches!(ev[2], Owned::Invalid(RequestError::Syntax(_))),
+                "{verb}"
+            );
+            let ids = vec![
+                MessageId::parse("m1").unwrap(),
+                MessageId::parse("m2").unwrap(),
+            ];
+            assert_eq!(ev[3], Owned::Request(make(mb("a@b"), ids)), "{verb}");
+        }
     }
 
     #[test]
