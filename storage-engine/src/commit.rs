@@ -15,6 +15,15 @@
 //!   committer starts, before any PUT, so the file system's writeback error
 //!   sequence (Linux >= 5.8) reports to it any error since the previous call:
 //!   such an error fails the whole batch, nothing of it acknowledged.
+//!   On a file system that does not order data before metadata (ext4
+//!   without a journal, where pplistener switches to this mode at start-up)
+//!   a first `syncfs` makes the bodies durable *before* they are linked, so
+//!   no link can reach the media ahead of its body, and a last one after the
+//!   links' `syncfs` flushes what that one wrote after its own device flush
+//!   (ext4 writes the block device's buffers — directory blocks, bitmaps,
+//!   group descriptors — last): three flushes per batch.
+//!   The committer also runs one `syncfs` when it starts, so the directories
+//!   the store just created are durable before the first PUT.
 //!
 //! Durability per message, cost per batch. A PUT's reply waits for the batch
 //! that holds its links. The queue is bounded by the connection limit: each
@@ -53,7 +62,11 @@ impl Committer {
     pub fn start(store: Store, shared: Arc<BackendShared>) -> io::Result<Rc<Committer>> {
         let syncfs_on = match shared.durability {
             Durability::File => None,
-            Durability::Syncfs => Some(Arc::new(File::open(store.root())?)),
+            Durability::Syncfs => {
+                let f = File::open(store.root())?;
+                syncfs(&f)?;
+                Some(Arc::new(f))
+            }
         };
         let (doorbell, ring) = local_channel::new_bounded(1);
         let c = Rc::new(Committer {
@@ -100,17 +113,43 @@ async fn run(
             counters.batch(jobs.len() as u64);
             let s = store.clone();
             let fs = syncfs_on.clone();
-            // Links, then (syncfs mode) the one flush, in one trip to the pool.
+            let flush_first = shared.flush_before_link && fs.is_some();
+            // (Bodies' flush,) links, then (syncfs mode) the flush, in one
+            // trip to the pool.
             let (mut results, dirs, synced) = glommio::executor()
                 .spawn_blocking(move || {
-                    let (results, dirs) = s.link_batch(&jobs, fs.is_none());
+                    if let (true, Some(f)) = (flush_first, &fs) {
+                        if let Err(e) = syncfs(f) {
+                            let failed = jobs
+                                .iter()
+                                .map(|_| Err(flush_error("syncfs before linking", &e)))
+                                .collect::<Vec<_>>();
+                            return (failed, Default::default(), Some(Err(e)));
+                        }
+                    }
+                    // A copy made past the link limit is a new body: it gets
+                    // its own fdatasync unless one syncfs covers it in order.
+                    let (results, dirs) = s.link_batch(&jobs, fs.is_none() || flush_first);
                     let synced = match &fs {
-                        Some(f) if results.iter().any(|r| r.is_ok()) => Some(syncfs(f)),
+                        // Without a journal, syncfs writes the block device's
+                        // buffers (directory blocks, bitmaps, group
+                        // descriptors) after its own device flush: a second
+                        // syncfs is the flush that makes them durable.
+                        Some(f) if results.iter().any(|r| r.is_ok()) => {
+                            Some(syncfs(f).and_then(|()| match flush_first {
+                                true => syncfs(f),
+                                false => Ok(()),
+                            }))
+                        }
                         _ => None,
                     };
                     (results, dirs, synced)
                 })
                 .await;
+            if flush_first {
+                // The bodies' flush, and the trailing one after the links.
+                counters.flushed(&counters.flushes_syncfs, 2);
+            }
             debug_assert_eq!(results.len(), done.len());
             let flushed = match synced {
                 Some(r) => {
@@ -212,13 +251,18 @@ mod tests {
     /// PUTs queued before the committer first runs: one batch.
     const PUTS: usize = 16;
 
-    fn shared(durability: Durability, dir: &std::path::Path) -> Arc<BackendShared> {
+    fn shared(
+        durability: Durability,
+        flush_before_link: bool,
+        dir: &std::path::Path,
+    ) -> Arc<BackendShared> {
         Arc::new(BackendShared {
             name: "t".into(),
             listen: "127.0.0.1:1".parse().expect("address"),
             data_dir: dir.to_path_buf(),
             cpu: 0,
             durability,
+            flush_before_link,
             operator_readonly: AtomicBool::new(false),
             auto_readonly: AtomicBool::new(false),
             free_bytes: AtomicU64::new(0),
@@ -233,10 +277,10 @@ mod tests {
 
     /// Queues `PUTS` bodies (written like the writer does in this mode) to
     /// one new mailbox at once and returns the counters afterwards.
-    fn batch_of_puts(durability: Durability) -> Arc<BackendShared> {
+    fn batch_of_puts(durability: Durability, flush_before_link: bool) -> Arc<BackendShared> {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, _) = Store::open(dir.path()).expect("open store");
-        let shared = shared(durability, dir.path());
+        let shared = shared(durability, flush_before_link, dir.path());
         let s = shared.clone();
         glommio::LocalExecutorBuilder::default()
             .blocking_thread_pool_placement(glommio::PoolPlacement::Unbound(1))
@@ -288,7 +332,7 @@ mod tests {
 
     #[test]
     fn a_batch_costs_one_syncfs() {
-        let s = batch_of_puts(Durability::Syncfs);
+        let s = batch_of_puts(Durability::Syncfs, false);
         let c = &s.counters;
         assert_eq!(c.batches.load(Relaxed), 1);
         assert_eq!(c.batch_puts.load(Relaxed), PUTS as u64);
@@ -299,7 +343,7 @@ mod tests {
 
     #[test]
     fn a_batch_in_file_mode_fsyncs_each_touched_directory_once() {
-        let s = batch_of_puts(Durability::File);
+        let s = batch_of_puts(Durability::File, false);
         let c = &s.counters;
         assert_eq!(c.batches.load(Relaxed), 1);
         assert_eq!(c.batch_puts.load(Relaxed), PUTS as u64);
@@ -308,5 +352,17 @@ mod tests {
         assert_eq!(c.flushes_dir_fsync.load(Relaxed), 4);
         // Body fdatasyncs are counted by the session, not here.
         assert_eq!(c.flushes.load(Relaxed), 4);
+    }
+
+    #[test]
+    fn without_ordering_a_batch_flushes_its_bodies_before_linking_them() {
+        let s = batch_of_puts(Durability::Syncfs, true);
+        let c = &s.counters;
+        assert_eq!(c.batches.load(Relaxed), 1);
+        assert_eq!(c.batch_puts.load(Relaxed), PUTS as u64);
+        assert_eq!(c.flushes_syncfs.load(Relaxed), 3, "bodies, links, trailing");
+        assert_eq!(c.flushes.load(Relaxed), 3, "three flushes for {PUTS} PUTs");
+        assert_eq!(c.flushes_dir_fsync.load(Relaxed), 0);
+        assert_eq!(c.flush_errors.load(Relaxed), 0);
     }
 }

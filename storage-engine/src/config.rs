@@ -172,6 +172,10 @@ pub struct Backend {
     pub cpu: usize,
     /// How PUTs are made durable.
     pub durability: Durability,
+    /// Whether a batch's bodies are flushed before they are linked (set at
+    /// start-up for a file system that does not order data before metadata:
+    /// ext4 without a journal). Never configured.
+    pub flush_before_link: bool,
 }
 
 impl Config {
@@ -254,6 +258,7 @@ impl Config {
                 listen: b.listen,
                 cpu,
                 durability: b.durability.unwrap_or(self.durability),
+                flush_before_link: false,
             });
         }
         Ok(out)

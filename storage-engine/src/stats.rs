@@ -100,6 +100,9 @@ pub struct BackendShared {
     pub cpu: usize,
     /// How PUTs are made durable.
     pub durability: crate::config::Durability,
+    /// `syncfs` mode only: bodies are flushed before they are linked (a file
+    /// system that does not order data before metadata).
+    pub flush_before_link: bool,
     /// An operator made it read-only (persisted by a marker file).
     pub operator_readonly: AtomicBool,
     /// Free space or inodes fell under a floor, or a write hit ENOSPC/EDQUOT
@@ -186,6 +189,7 @@ impl BackendShared {
             "dels": l(&c.dels),
             "protocol_errors": l(&c.protocol_errors),
             "durability": self.durability.as_str(),
+            "flush_before_link": self.flush_before_link,
             "flushes": l(&c.flushes),
             "flushes_fdatasync": l(&c.flushes_fdatasync),
             "flushes_dir_fsync": l(&c.flushes_dir_fsync),

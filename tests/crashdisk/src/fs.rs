@@ -5,7 +5,9 @@
 //!   reaches [`Disk::write`], and every `fsync`/`fdatasync` (a device flush
 //!   of the file system on the loop device) reaches [`Disk::flush`].
 //! * `ctl` — write `cut` to cut the power now, `arm N` to cut it instead of
-//!   completing the Nth flush from now.
+//!   completing the Nth flush from now, `freeze PID` to stop process PID
+//!   (`SIGSTOP`, every thread) the instant before the power is cut, as a real
+//!   outage stops the host's CPUs together with its disk (`freeze 0`: none).
 //! * `status` — one `key value` line per counter of [`DiskStats`].
 
 use std::ffi::OsStr;
@@ -39,6 +41,47 @@ const TTL: Duration = Duration::from_secs(1);
 /// threads; the disk is one device, so one request at a time is right).
 pub struct CrashFs {
     disk: Mutex<Disk>,
+    /// The process stopped at the cut (0: none).
+    freeze_pid: std::sync::atomic::AtomicI32,
+}
+
+/// Longest wait for a frozen process's threads to stop.
+pub const FREEZE_WAIT: Duration = Duration::from_secs(2);
+
+/// Stops `pid` with `SIGSTOP` and waits (at most [`FREEZE_WAIT`]) until none
+/// of its threads is running or in an interruptible sleep: each is stopped,
+/// or in an uninterruptible wait (I/O) from which it stops before it returns
+/// to user space. So no reply the process sends can follow what happens next.
+/// Returns whether every thread got there in time.
+pub fn freeze(pid: i32) -> bool {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
+        return false;
+    }
+    let started = std::time::Instant::now();
+    while started.elapsed() < FREEZE_WAIT {
+        if all_threads_held(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
+/// Whether every thread of `pid` is stopped (`T`, `t`), in an
+/// uninterruptible wait (`D`), or gone.
+fn all_threads_held(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|t| {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // `tid (comm) S ...`: the state follows the last `)`.
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_ascii_whitespace().next());
+        matches!(state, None | Some("T" | "t" | "D" | "Z" | "X"))
+    })
 }
 
 impl CrashFs {
@@ -46,6 +89,15 @@ impl CrashFs {
     pub fn new(disk: Disk) -> CrashFs {
         CrashFs {
             disk: Mutex::new(disk),
+            freeze_pid: std::sync::atomic::AtomicI32::new(0),
+        }
+    }
+
+    /// Freezes the configured process, if any (the power is about to go).
+    fn freeze_host(&self) {
+        let pid = self.freeze_pid.load(std::sync::atomic::Ordering::SeqCst);
+        if pid > 0 && !freeze(pid) {
+            log::warn!("process {pid} did not stop within {FREEZE_WAIT:?} of the cut");
         }
     }
 
@@ -53,9 +105,14 @@ impl CrashFs {
         self.disk.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Cuts the power (what `ctl` does on `cut`).
+    /// Cuts the power (what `ctl` does on `cut`), freezing the configured
+    /// process first.
     pub fn cut(&self) -> Result<(), DiskError> {
-        self.disk().cut()
+        let mut disk = self.disk();
+        if !disk.stats().cut {
+            self.freeze_host();
+        }
+        disk.cut()
     }
 
     /// Writes the cache back if the power is on (a clean unmount).
@@ -83,12 +140,21 @@ impl CrashFs {
         )
     }
 
-    /// Runs one control command (`cut`, or `arm N`).
+    /// Runs one control command (`cut`, `arm N`, or `freeze PID`).
     pub fn control(&self, command: &[u8]) -> Result<(), Errno> {
         let text = std::str::from_utf8(command).map_err(|_| Errno::EINVAL)?;
         let mut words = text.split_ascii_whitespace();
         match (words.next(), words.next(), words.next()) {
             (Some("cut"), None, None) => self.cut().map_err(|e| Errno::from_i32(e.errno())),
+            (Some("freeze"), Some(pid), None) => {
+                let pid: i32 = pid.parse().map_err(|_| Errno::EINVAL)?;
+                if pid < 0 {
+                    return Err(Errno::EINVAL);
+                }
+                self.freeze_pid
+                    .store(pid, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            }
             (Some("arm"), Some(n), None) => {
                 let n: u64 = n.parse().map_err(|_| Errno::EINVAL)?;
                 if n == 0 {
@@ -101,9 +167,15 @@ impl CrashFs {
         }
     }
 
-    /// One flush of the image (or the armed cut instead).
+    /// One flush of the image (or the armed cut instead, freezing the
+    /// configured process first).
     pub fn flush_image(&self) -> Result<(), DiskError> {
-        self.disk().flush()
+        let mut disk = self.disk();
+        let s = disk.stats();
+        if !s.cut && disk.armed_at_flush() == Some(s.flushes + 1) {
+            self.freeze_host();
+        }
+        disk.flush()
     }
 
     fn attr(&self, ino: u64) -> Option<FileAttr> {
@@ -322,5 +394,81 @@ impl Filesystem for CrashFs {
             }
         }
         reply.ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::DiskConfig;
+
+    fn state_of(pid: u32) -> String {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let after = stat.rfind(')').expect("comm") + 1;
+        stat[after..]
+            .split_ascii_whitespace()
+            .next()
+            .expect("state")
+            .to_string()
+    }
+
+    fn fs_over_temp_disk(config: DiskConfig) -> (tempfile::NamedTempFile, CrashFs) {
+        let f = tempfile::NamedTempFile::new().expect("temp");
+        f.as_file().set_len(1 << 20).expect("size");
+        let disk = Disk::new(f.reopen().expect("reopen"), config).expect("disk");
+        (f, CrashFs::new(disk))
+    }
+
+    /// A child that is killed and reaped even when the test fails.
+    struct Sleeper(std::process::Child);
+
+    impl Drop for Sleeper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn sleeper() -> Sleeper {
+        Sleeper(
+            std::process::Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .expect("spawn sleep"),
+        )
+    }
+
+    #[test]
+    fn a_cut_freezes_the_named_process_first_and_only_then() {
+        let (_f, fs) = fs_over_temp_disk(DiskConfig::default());
+        let child = sleeper();
+        let pid = child.0.id();
+        fs.control(format!("freeze {pid}").as_bytes())
+            .expect("freeze command");
+        assert_ne!(state_of(pid), "T", "naming the process does not stop it");
+        fs.control(b"cut").expect("cut");
+        assert_eq!(state_of(pid), "T", "stopped by the time the cut is made");
+    }
+
+    #[test]
+    fn an_armed_cut_freezes_at_its_flush_not_before() {
+        let (_f, fs) = fs_over_temp_disk(DiskConfig::default());
+        let child = sleeper();
+        let pid = child.0.id();
+        fs.control(format!("freeze {pid}").as_bytes())
+            .expect("freeze command");
+        fs.control(b"arm 2").expect("arm");
+        fs.flush_image().expect("first flush completes");
+        assert_ne!(state_of(pid), "T", "still running after a completed flush");
+        assert!(fs.flush_image().is_err(), "the armed flush cuts instead");
+        assert_eq!(state_of(pid), "T");
+    }
+
+    #[test]
+    fn bad_freeze_commands_are_refused() {
+        let (_f, fs) = fs_over_temp_disk(DiskConfig::default());
+        for bad in ["freeze", "freeze -3", "freeze x", "freeze 1 2"] {
+            assert!(fs.control(bad.as_bytes()).is_err(), "{bad:?}");
+        }
     }
 }

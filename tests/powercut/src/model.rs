@@ -87,15 +87,50 @@ pub struct Model {
     pub acked_links: u64,
     /// Links removed by acknowledged DELs and DELMs.
     pub acked_dels: u64,
+    /// The cycle the clients are in, for [`Model::history`].
+    pub cycle: usize,
+    /// Whether this cycle's power cut has been made (events after it are
+    /// marked in the history).
+    pub cut: bool,
+    /// Every event of every link, `(cycle, event)`, printed with a finding so
+    /// that a failure tells its own story.
+    history: HashMap<(MailboxName, String), Vec<(usize, &'static str)>>,
 }
 
 impl Model {
+    fn note(&mut self, mailbox: &MailboxName, msgid: &str, event: &'static str) {
+        let cycle = self.cycle;
+        let event = match (self.cut, event) {
+            (true, "put-acked") => "put-acked-after-cut",
+            (true, "del-acked") => "del-acked-after-cut",
+            _ => event,
+        };
+        self.history
+            .entry((mailbox.clone(), msgid.to_string()))
+            .or_default()
+            .push((cycle, event));
+    }
+
+    /// What happened to one link, oldest first: `c<cycle>:<event>` words.
+    pub fn history(&self, mailbox: &MailboxName, msgid: &str) -> String {
+        self.history
+            .get(&(mailbox.clone(), msgid.to_string()))
+            .map(|h| {
+                h.iter()
+                    .map(|(c, e)| format!("c{c}:{e}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default()
+    }
+
     /// Records a PUT about to be sent.
     pub fn put_sent(&mut self, msgid: &MessageId, mailboxes: &[MailboxName], msg: Msg) {
         self.msgs.insert(msgid.as_str().to_string(), msg);
         for m in mailboxes {
             self.links
                 .insert((m.clone(), msgid.as_str().to_string()), Link::MaybePresent);
+            self.note(m, msgid.as_str(), "put-sent");
         }
     }
 
@@ -106,6 +141,7 @@ impl Model {
             self.links
                 .insert((m.clone(), msgid.as_str().to_string()), Link::Present);
             self.acked_links += 1;
+            self.note(m, msgid.as_str(), "put-acked");
         }
     }
 
@@ -115,6 +151,7 @@ impl Model {
             (mailbox.clone(), msgid.as_str().to_string()),
             Link::MaybeAbsent,
         );
+        self.note(mailbox, msgid.as_str(), "del-sent");
     }
 
     /// Records the acknowledgement of a DEL.
@@ -122,6 +159,7 @@ impl Model {
         self.links
             .insert((mailbox.clone(), msgid.as_str().to_string()), Link::Absent);
         self.acked_dels += 1;
+        self.note(mailbox, msgid.as_str(), "del-acked");
     }
 
     /// The links in state `Present` whose id starts with `prefix`, with sizes.
@@ -156,7 +194,12 @@ impl Model {
                         f.unknown += 1;
                     }
                     (Some(Link::Absent), _) => {
-                        eprintln!("RESURRECTED {} in {}", id, mb.as_str());
+                        eprintln!(
+                            "RESURRECTED {} in {}: {}",
+                            id,
+                            mb.as_str(),
+                            self.history(&mb, &id)
+                        );
                         f.resurrected += 1;
                     }
                     (Some(state), Some(msg)) => {
@@ -185,10 +228,30 @@ impl Model {
         for (key, state) in self.links.iter_mut() {
             let there = seen.contains(key);
             if *state == Link::Present && !there {
-                eprintln!("LOST {} in {}", key.1, key.0.as_str());
+                eprintln!(
+                    "LOST {} in {}: {}",
+                    key.1,
+                    key.0.as_str(),
+                    self.history
+                        .get(key)
+                        .map(|h| format!("{h:?}"))
+                        .unwrap_or_default()
+                );
                 f.lost += 1;
             }
-            *state = if there { Link::Present } else { Link::Absent };
+            let settled = if there { Link::Present } else { Link::Absent };
+            if *state != settled {
+                let cycle = self.cycle;
+                self.history.entry(key.clone()).or_default().push((
+                    cycle,
+                    if there {
+                        "check-found"
+                    } else {
+                        "check-missing"
+                    },
+                ));
+            }
+            *state = settled;
         }
         Ok(f)
     }

@@ -166,6 +166,16 @@ impl CrashDisk {
         std::fs::write(self.mount.join("ctl"), command).expect("write crashdisk ctl");
     }
 
+    /// Freezes process `pid` (every thread, `SIGSTOP`) the instant before
+    /// the power is cut, whether by [`CrashDisk::cut`] or at an armed flush:
+    /// a real outage stops the CPUs with the disk, so nothing the process
+    /// learns after the cut (a failed flush, or a directory fsync that
+    /// succeeds because a failed log write already unpinned the directory)
+    /// can reach a client as an acknowledgement.
+    pub fn freeze_at_cut(&self, pid: u32) {
+        self.ctl(&format!("freeze {pid}\n"));
+    }
+
     /// Cuts the power now.
     pub fn cut(&self) {
         self.ctl("cut\n");
@@ -479,6 +489,11 @@ impl Listener {
             log,
             child: Some(child),
         }
+    }
+
+    /// The process id (0 once killed).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// An authenticated connection.

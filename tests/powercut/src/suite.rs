@@ -1,8 +1,9 @@
 //! One file system's run: format a crash-disk image, then `cuts` times:
 //! recover as after an outage, start `pplistener`, check the store against
 //! everything acknowledged so far, run the clients, cut the power (at the
-//! Nth flush of a sweep, or after a random time), `kill -9` the backend and
-//! tear the stack down. A last recovery and check follow the last cut.
+//! Nth flush of a sweep, or after a random time; the crash disk freezes the
+//! backend the instant before, as an outage stops the CPUs with the disk),
+//! `kill -9` the backend and tear the stack down. A last recovery and check follow the last cut.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ pub const SINGLE_WRITER_EVERY: usize = 4;
 pub const LOAD_MAX: Duration = Duration::from_secs(3);
 /// Range of the random cut times, in ms after the clients start.
 pub const CUT_AFTER_MS: std::ops::Range<u64> = 20..700;
-/// How long replies may still arrive after the cut before the kill.
+/// How long replies sent before the cut may still arrive before the kill.
 pub const AFTER_CUT: Duration = Duration::from_millis(100);
 /// The crash disk's cut modes, used in turn.
 pub const CUT_MODES: [&str; 3] = ["drop-all", "random-subset", "reorder"];
@@ -164,6 +165,14 @@ pub fn run(cfg: &RunConfig) -> Report {
         let mut listener =
             Listener::start(&paths.root, "b0", &paths.mnt.join("data"), cfg.durability);
         report.temporaries += listener.temp_files();
+        disk.freeze_at_cut(listener.pid());
+        if cfg.fs == FsKind::Ext4NoJournal {
+            let log = listener.log_text();
+            assert!(
+                log.contains("is an ext4 without a journal"),
+                "pplistener did not switch to ordered syncfs on ext4 without a journal:\n{log}"
+            );
+        }
         let found = shared
             .model()
             .check(&mut listener.conn())
@@ -195,6 +204,11 @@ pub fn run(cfg: &RunConfig) -> Report {
             WRITERS
         };
         let at_flush = cycle % 2 == 0;
+        {
+            let mut model = shared.model();
+            model.cycle = cycle;
+            model.cut = false;
+        }
         let load = Workload::start(shared.clone(), listener.addr, writers, cycle, rng.gen());
         let load_started = Instant::now();
         if at_flush {
@@ -207,6 +221,7 @@ pub fn run(cfg: &RunConfig) -> Report {
         }
         let cut_by_flush = disk.status().cut;
         disk.cut();
+        shared.model().cut = true;
         let status = disk.status();
         eprintln!(
             "{} cycle {cycle}: {writers} writer(s), cut ({mode}) after {} flushes, {} writes lost",
