@@ -661,7 +661,11 @@ fn syncfs_mode_costs_one_flush_per_batch_of_concurrent_puts() {
     // Three on an ext4 without a journal: bodies, links, trailing flush.
     let per_batch = if orders_by_itself(&l) { 3 } else { 1 };
     assert_eq!(syncfs, per_batch * batches, "syncfs per batch");
-    assert_eq!(flushes, per_batch * batches, "flushes per batch, not per PUT");
+    assert_eq!(
+        flushes,
+        per_batch * batches,
+        "flushes per batch, not per PUT"
+    );
     // 32 end markers arrive while the first batch's syncfs runs: they share.
     assert!(batches < N as u64, "{N} PUTs made {batches} batches");
     // Durable across kill -9 (the page cache survives it, so this checks the

@@ -114,7 +114,15 @@ struct Txn {
     helo: String,
     copies: Vec<Copy>,
     size_bytes: u64,
+    /// Body bytes received but not yet sent: the client's reads (as small
+    /// as its TCP segments) are gathered into chunks of
+    /// [`BACKEND_CHUNK_BYTES`], so a backend sees one chunk frame per 64 KiB
+    /// whatever the sender's segment size.
+    pending: Vec<u8>,
 }
+
+/// Body bytes sent to the backends (and the relay) in one chunk.
+pub const BACKEND_CHUNK_BYTES: usize = 64 << 10;
 
 /// A local recipient with a quota: (mailbox, quota bytes, bytes used).
 type QuotaUse = (MailboxName, u64, u64);
@@ -394,6 +402,32 @@ impl BackendDelivery {
 
     /// Ends every PUT, then reads every reply (so the K fsyncs overlap).
     /// Returns the copies that are durable, and their latencies.
+    /// Sends the gathered body bytes to every live copy and to the relay.
+    fn send_pending(&mut self, txn: &mut Txn) {
+        if txn.pending.is_empty() {
+            return;
+        }
+        for i in 0..txn.copies.len() {
+            let result = match txn.copies[i].conn.as_mut() {
+                Some(conn) => conn.put_chunk(&txn.pending),
+                None => continue,
+            };
+            if let Err(e) = result {
+                let msgid = txn.msgid.clone();
+                self.fail_copy(&msgid, &mut txn.copies[i], &e);
+            }
+        }
+        if let Some(Err(e)) = self.relay.as_mut().map(|r| r.chunk(&txn.pending)) {
+            log::warn!(
+                "msgid={} relay failed during DATA: error={}",
+                txn.msgid,
+                kv(&e.to_string())
+            );
+            self.relay = None;
+        }
+        txn.pending.clear();
+    }
+
     fn end_copies(&self, txn: &mut Txn) -> (Vec<(BackendId, PooledConn)>, Vec<u64>) {
         let msgid = txn.msgid.clone();
         for copy in txn.copies.iter_mut() {
@@ -558,6 +592,7 @@ impl Delivery for BackendDelivery {
             helo: env.helo.clone(),
             copies,
             size_bytes: header.len() as u64,
+            pending: Vec::new(),
         };
         let refusal = if txn.copies.len() < k {
             Some(Reply::new(
@@ -594,23 +629,18 @@ impl Delivery for BackendDelivery {
             return;
         };
         txn.size_bytes += bytes.len() as u64;
-        for i in 0..txn.copies.len() {
-            let result = match txn.copies[i].conn.as_mut() {
-                Some(conn) => conn.put_chunk(bytes),
-                None => continue,
-            };
-            if let Err(e) = result {
-                let msgid = txn.msgid.clone();
-                self.fail_copy(&msgid, &mut txn.copies[i], &e);
-            }
+        if txn.pending.capacity() == 0 {
+            txn.pending.reserve_exact(BACKEND_CHUNK_BYTES);
         }
-        if let Some(Err(e)) = self.relay.as_mut().map(|r| r.chunk(bytes)) {
-            log::warn!(
-                "msgid={} relay failed during DATA: error={}",
-                txn.msgid,
-                kv(&e.to_string())
-            );
-            self.relay = None;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let room = BACKEND_CHUNK_BYTES - txn.pending.len();
+            let (now, later) = rest.split_at(room.min(rest.len()));
+            txn.pending.extend_from_slice(now);
+            rest = later;
+            if txn.pending.len() == BACKEND_CHUNK_BYTES {
+                self.send_pending(&mut txn);
+            }
         }
         self.txn = Some(txn);
     }
@@ -626,6 +656,7 @@ impl Delivery for BackendDelivery {
             return reply;
         }
         let mut txn = self.txn.take().expect("checked above");
+        self.send_pending(&mut txn);
         let want = if txn.rcpts.is_empty() {
             0
         } else {

@@ -324,6 +324,9 @@ impl Conversation<'_> {
     fn run<S: Read + DeadlineWrite>(&mut self, stream: &mut S) -> io::Result<Flow> {
         let limits = &self.cfg.limits;
         let mut first = true;
+        // The socket's read time-out, set only when it changes (not a
+        // setsockopt per read: a sender of small segments makes many reads).
+        let mut read_timeout = None;
         loop {
             self.out.clear();
             let timeout = if self.session.in_data() {
@@ -332,7 +335,11 @@ impl Conversation<'_> {
                 limits.command_timeout()
             };
             // Short waits, so a SIGTERM reaches an idle session quickly.
-            self.tcp.set_read_timeout(Some(timeout.min(DRAIN_POLL)))?;
+            let wanted = Some(timeout.min(DRAIN_POLL));
+            if read_timeout != wanted {
+                self.tcp.set_read_timeout(wanted)?;
+                read_timeout = wanted;
+            }
             let waiting = Instant::now();
             let read = loop {
                 if DRAINING.load(Ordering::SeqCst) && !self.session.in_transaction() {
