@@ -816,7 +816,7 @@ fn small_segments_across_backend_chunks_are_stored_byte_for_byte() {
     s.set_nodelay(true).unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut w = s;
-    let mut expect = |r: &mut BufReader<std::net::TcpStream>, code: &str| loop {
+    let expect = |r: &mut BufReader<std::net::TcpStream>, code: &str| loop {
         let mut line = String::new();
         r.read_line(&mut line).unwrap();
         assert!(line.starts_with(code), "wanted {code}, got {line:?}");
