@@ -44,7 +44,7 @@ struct UpArgs {
     /// Data directory: disks/, etc/, userbase.db, state/.
     #[arg(long, default_value = "./var")]
     data: PathBuf,
-    /// A TOML file of overrides (see examples/powermail.toml).
+    /// A TOML file of overrides: ports, backends, replicas (examples/powermail.toml).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Backends (pplistener executors); default one per online CPU.
@@ -137,32 +137,59 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The keys of `--config` (examples/powermail.toml): every one optional.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Overrides {
+    smtp_listen: Option<String>,
+    lmtp_listen: Option<String>,
+    pop_listen: Option<String>,
+    pop3s_listen: Option<String>,
+    backend_base_port: Option<u16>,
+    pplistener_admin: Option<String>,
+    smtp_admin: Option<String>,
+    pop_admin: Option<String>,
+    backends: Option<usize>,
+    replicas: Option<usize>,
+}
+
+impl Overrides {
+    /// Parses the TOML text of an overrides file.
+    fn parse(text: &str) -> anyhow::Result<Overrides> {
+        Ok(toml::from_str(text)?)
+    }
+
+    fn apply(self, layout: &mut Layout, args: &mut UpArgs) {
+        let set = |field: &mut String, v: Option<String>| {
+            if let Some(v) = v {
+                *field = v;
+            }
+        };
+        set(&mut layout.smtp_listen, self.smtp_listen);
+        set(&mut layout.lmtp_listen, self.lmtp_listen);
+        set(&mut layout.pop_listen, self.pop_listen);
+        set(&mut layout.pop3s_listen, self.pop3s_listen);
+        set(&mut layout.pplistener_admin, self.pplistener_admin);
+        set(&mut layout.smtp_admin, self.smtp_admin);
+        set(&mut layout.pop_admin, self.pop_admin);
+        if let Some(port) = self.backend_base_port {
+            layout.backend_base_port = port;
+        }
+        if self.backends.is_some() {
+            args.backends = self.backends;
+        }
+        if let Some(k) = self.replicas {
+            args.replicas = k;
+        }
+    }
+}
+
 fn apply_overrides(layout: &mut Layout, args: &mut UpArgs, path: &Path) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    for (n, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        let (k, v) = line
-            .split_once('=')
-            .with_context(|| format!("{}:{}: expected key = value", path.display(), n + 1))?;
-        let v = v.trim().trim_matches('"').to_string();
-        match k.trim() {
-            "smtp_listen" => layout.smtp_listen = v,
-            "lmtp_listen" => layout.lmtp_listen = v,
-            "pop_listen" => layout.pop_listen = v,
-            "pop3s_listen" => layout.pop3s_listen = v,
-            "backend_base_port" => layout.backend_base_port = v.parse()?,
-            "pplistener_admin" => layout.pplistener_admin = v,
-            "smtp_admin" => layout.smtp_admin = v,
-            "pop_admin" => layout.pop_admin = v,
-            "backends" => args.backends = Some(v.parse()?),
-            "replicas" => args.replicas = v.parse()?,
-            other => anyhow::bail!("{}:{}: unknown key {other:?}", path.display(), n + 1),
-        }
-    }
+    Overrides::parse(&text)
+        .with_context(|| format!("parsing {}", path.display()))?
+        .apply(layout, args);
     Ok(())
 }
 
@@ -476,4 +503,57 @@ fn supervise(daemons: &mut [Daemon], logs: &Path) -> anyhow::Result<()> {
     }
     println!("powermail: stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> UpArgs {
+        UpArgs {
+            data: PathBuf::from("./var"),
+            config: None,
+            backends: None,
+            replicas: 1,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+
+    #[test]
+    fn the_example_file_states_the_defaults() {
+        let text = include_str!("../../../examples/powermail.toml");
+        let (mut layout, mut a) = (Layout::default(), args());
+        Overrides::parse(text)
+            .expect("example parses")
+            .apply(&mut layout, &mut a);
+        let d = Layout::default();
+        assert_eq!(
+            (&layout.smtp_listen, &layout.lmtp_listen, &layout.pop_listen),
+            (&d.smtp_listen, &d.lmtp_listen, &d.pop_listen)
+        );
+        assert_eq!(layout.pop3s_listen, d.pop3s_listen);
+        assert_eq!(layout.backend_base_port, d.backend_base_port);
+        assert_eq!(
+            (
+                &layout.pplistener_admin,
+                &layout.smtp_admin,
+                &layout.pop_admin
+            ),
+            (&d.pplistener_admin, &d.smtp_admin, &d.pop_admin)
+        );
+        assert_eq!((a.backends, a.replicas), (None, 1));
+    }
+
+    #[test]
+    fn overrides_apply_and_unknown_keys_are_refused() {
+        let (mut layout, mut a) = (Layout::default(), args());
+        Overrides::parse("smtp_listen = \"0.0.0.0:25\"\nbackends = 3\nreplicas = 2\n")
+            .expect("parses")
+            .apply(&mut layout, &mut a);
+        assert_eq!(layout.smtp_listen, "0.0.0.0:25");
+        assert_eq!((a.backends, a.replicas), (Some(3), 2));
+        assert!(Overrides::parse("smtp_port = 25\n").is_err());
+        assert!(Overrides::parse("backend_base_port = 70000\n").is_err());
+    }
 }
