@@ -214,6 +214,21 @@ pub fn is_out_of_space(e: &std::io::Error) -> bool {
         || matches!(e.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded)
 }
 
+/// Whether `e` says the disk or its file system failed (`EIO`, or `EROFS`
+/// from a file system that remounted itself read-only after an error).
+/// glommio's errors reach us as `io::Error::new(kind, text)` with the errno
+/// only in the text (`... (os error 5)`), so that is read too.
+pub fn is_disk_failure(e: &std::io::Error) -> bool {
+    if let Some(code) = e.raw_os_error() {
+        return code == libc::EIO || code == libc::EROFS;
+    }
+    if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem {
+        return true;
+    }
+    let text = e.to_string();
+    text.contains("(os error 5)") || text.contains("(os error 30)")
+}
+
 /// Size of the probe write that must succeed before an ro-auto backend takes PUTs again.
 const PROBE_WRITE_BYTES: usize = 4096;
 
@@ -317,5 +332,18 @@ mod tests {
         assert!(is_out_of_space(&wrapped));
         assert!(!is_out_of_space(&Error::from_raw_os_error(libc::EIO)));
         assert!(!is_out_of_space(&Error::other("x")));
+    }
+
+    #[test]
+    fn disk_failures_are_recognised_raw_and_wrapped() {
+        use std::io::Error;
+        assert!(is_disk_failure(&Error::from_raw_os_error(libc::EIO)));
+        assert!(is_disk_failure(&Error::from_raw_os_error(libc::EROFS)));
+        let eio = Error::from_raw_os_error(libc::EIO);
+        let wrapped = Error::other(format!("op: Writing to /x: {eio}"));
+        assert!(is_disk_failure(&wrapped), "{wrapped}");
+        assert!(!is_disk_failure(&Error::from_raw_os_error(libc::ENOSPC)));
+        assert!(!is_disk_failure(&Error::from_raw_os_error(libc::ENOENT)));
+        assert!(!is_disk_failure(&Error::other("os error 50")));
     }
 }

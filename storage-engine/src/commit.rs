@@ -265,6 +265,7 @@ mod tests {
             flush_before_link,
             operator_readonly: AtomicBool::new(false),
             auto_readonly: AtomicBool::new(false),
+            disk_failed: AtomicBool::new(false),
             free_bytes: AtomicU64::new(0),
             total_bytes: AtomicU64::new(0),
             counters: Counters::default(),

@@ -249,6 +249,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             flush_before_link: b.flush_before_link,
             operator_readonly: AtomicBool::new(marker.exists()),
             auto_readonly: AtomicBool::new(false),
+            disk_failed: AtomicBool::new(false),
             free_bytes: AtomicU64::new(0),
             total_bytes: AtomicU64::new(0),
             counters: Default::default(),

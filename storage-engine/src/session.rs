@@ -373,12 +373,34 @@ async fn refuse_after_io_error(ctx: &Ctx, put: Option<Put>, e: io::Error) -> Put
 
 /// A full disk turns the backend read-only by itself.
 fn note_io_error(ctx: &Ctx, e: &io::Error) {
+    use std::sync::atomic::Ordering::Relaxed;
     if crate::backend::is_out_of_space(e) {
-        ctx.shared
-            .auto_readonly
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        ctx.shared.auto_readonly.store(true, Relaxed);
         log::error!("backend={} disk full: now read-only", ctx.shared.name);
+    } else if crate::backend::is_disk_failure(e) && !ctx.shared.disk_failed.swap(true, Relaxed) {
+        log::error!(
+            "backend={} write or flush failed ({e}): now read-only, PUT/DEL refused until \
+             READWRITE or a restart (check the disk and the file system)",
+            ctx.shared.name
+        );
     }
+}
+
+/// Refuses a change (DEL, DELM) on a backend whose disk failed: its
+/// acknowledgement could not be believed. Returns whether it answered.
+fn refuse_on_failed_disk(ctx: &Ctx, conn: &mut Connection) -> bool {
+    if !ctx
+        .shared
+        .disk_failed
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return false;
+    }
+    conn.queue(&err_line(
+        ErrorCode::ReadOnly,
+        "backend disk failed: changes refused",
+    ));
+    true
 }
 
 async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
@@ -623,12 +645,18 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
             add(&c.bytes_out, bytes);
         }
         Request::Del { mailbox, msgid } => {
+            if refuse_on_failed_disk(ctx, conn) {
+                return Ok(());
+            }
             let (m, id) = (mailbox.clone(), msgid.clone());
             let deleted = blocking(ctx, move |s| s.delete(&m, &id)).await;
             match &deleted {
                 Ok(()) => ctx.index.apply(&mailbox, crate::index::Op::Remove(msgid)),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(_) => ctx.index.invalidate(&mailbox),
+                Err(e) => {
+                    note_io_error(ctx, e);
+                    ctx.index.invalidate(&mailbox)
+                }
             }
             match deleted {
                 Ok(()) => {
@@ -639,6 +667,9 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
             }
         }
         Request::DelMany { mailbox, msgids } => {
+            if refuse_on_failed_disk(ctx, conn) {
+                return Ok(());
+            }
             let (m, ids) = (mailbox.clone(), msgids.clone());
             let deleted = blocking(ctx, move |s| s.delete_many(&m, &ids)).await;
             match &deleted {
@@ -648,7 +679,10 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                         ctx.index.apply(&mailbox, crate::index::Op::Remove(id));
                     }
                 }
-                Err(_) => ctx.index.invalidate(&mailbox),
+                Err(e) => {
+                    note_io_error(ctx, e);
+                    ctx.index.invalidate(&mailbox)
+                }
             }
             match deleted {
                 Ok(n) => {

@@ -108,6 +108,13 @@ pub struct BackendShared {
     /// Free space or inodes fell under a floor, or a write hit ENOSPC/EDQUOT
     /// (then it stays until a probe write succeeds or an operator says READWRITE).
     pub auto_readonly: AtomicBool,
+    /// A write or flush failed with `EIO` or `EROFS`: the disk or the file
+    /// system under it has failed, and later flushes cannot be believed (xfs,
+    /// once its log is shut down, answers a directory `fsync` with success
+    /// for changes it never wrote — kernel-notes/README.md). PUT, DEL and DELM
+    /// are refused until an operator says READWRITE or the backend restarts;
+    /// the probe write never clears it.
+    pub disk_failed: AtomicBool,
     /// Free bytes at the last check.
     pub free_bytes: AtomicU64,
     /// Total bytes at the last check.
@@ -127,13 +134,18 @@ pub struct BackendShared {
 impl BackendShared {
     /// Whether PUT is refused now.
     pub fn readonly(&self) -> bool {
-        self.operator_readonly.load(Relaxed) || self.auto_readonly.load(Relaxed)
+        self.operator_readonly.load(Relaxed)
+            || self.auto_readonly.load(Relaxed)
+            || self.disk_failed.load(Relaxed)
     }
 
-    /// `rw`, `ro` (operator) or `ro-auto` (disk space).
+    /// `rw`, `ro` (operator), `ro-disk-error` (a failed write or flush) or
+    /// `ro-auto` (disk space).
     pub fn mode(&self) -> &'static str {
         if self.operator_readonly.load(Relaxed) {
             "ro"
+        } else if self.disk_failed.load(Relaxed) {
+            "ro-disk-error"
         } else if self.auto_readonly.load(Relaxed) {
             "ro-auto"
         } else {
@@ -158,6 +170,7 @@ impl BackendShared {
             // READWRITE also overrides an ro-auto left by an ENOSPC/EDQUOT write; the
             // next housekeeping tick sets it again only if a floor is not met.
             self.auto_readonly.store(false, Relaxed);
+            self.disk_failed.store(false, Relaxed);
         }
         log::warn!("backend={} mode={} (operator)", self.name, self.mode());
         Ok(())

@@ -111,3 +111,93 @@ fn ext4_with_journal() {
 fn xfs() {
     cut_the_power(FsKind::Xfs);
 }
+
+/// A disk that dies while the host keeps running (no freeze): the first
+/// failed write or flush turns the backend read-only for changes, so no DEL
+/// or PUT is acknowledged on a file system that can no longer be believed
+/// (xfs, after a failed log write, answers a directory `fsync` with
+/// success). After recovery every message is still there: none of the
+/// refused DELs happened.
+#[test]
+fn a_failed_disk_acknowledges_nothing_more() {
+    use powermail_powercut::model::mailbox;
+    use powermail_powercut::rig::{unmount, CrashDisk, Listener, LoopDev};
+    use powermail_proto::MessageId;
+    if powermail_powercut::skip_unless_root("powercut disk failure") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::Builder::new()
+        .prefix("diskfail-")
+        .tempdir()
+        .expect("tempdir");
+    let root = dir.path();
+    let image = root.join("backing.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(FsKind::Xfs.image_size_bytes()))
+        .expect("image");
+    let (fuse, mnt, log) = (
+        root.join("fuse"),
+        root.join("fs"),
+        root.join("crashdisk.log"),
+    );
+    const MESSAGES: usize = 40;
+    let ids: Vec<MessageId> = (0..MESSAGES)
+        .map(|i| MessageId::parse(&format!("df{i}")).expect("id"))
+        .collect();
+    let mb = mailbox(0);
+    {
+        let disk = CrashDisk::start(&image, &fuse, "drop-all", 1, &log);
+        let lo = LoopDev::attach(&disk.image());
+        FsKind::Xfs.mkfs(&lo.dev);
+        FsKind::Xfs.mount(&lo.dev, &mnt);
+        let mut l = Listener::start(root, "b0", &mnt.join("data"), Durability::File);
+        let mut c = l.conn();
+        for id in &ids {
+            c.put(id, std::slice::from_ref(&mb), b"kept\r\n")
+                .expect("PUT before the failure");
+        }
+        disk.cut();
+        let mut acked = Vec::new();
+        for id in &ids {
+            // A refused request may also end the connection: use a new one.
+            let mut c = l.conn();
+            if c.del(&mb, id).is_ok() {
+                acked.push(id.as_str().to_string());
+            }
+        }
+        let put_after = l
+            .conn()
+            .put(
+                &MessageId::parse("df-late").expect("id"),
+                std::slice::from_ref(&mb),
+                b"x\r\n",
+            )
+            .is_ok();
+        let log_text = l.log_text();
+        l.kill9();
+        unmount(&mnt);
+        lo.detach();
+        disk.stop();
+        assert!(
+            acked.is_empty(),
+            "DELs acknowledged on a failed disk: {acked:?}"
+        );
+        assert!(!put_after, "a PUT acknowledged on a failed disk");
+        assert!(
+            log_text.contains("now read-only, PUT/DEL refused"),
+            "no disk-failure line in the log:\n{log_text}"
+        );
+    }
+    let disk = CrashDisk::start(&image, &fuse, "drop-all", 2, &log);
+    let lo = LoopDev::attach(&disk.image());
+    FsKind::Xfs.recover(&lo.dev, &mnt);
+    FsKind::Xfs.mount(&lo.dev, &mnt);
+    let l = Listener::start(root, "b0", &mnt.join("data"), Durability::File);
+    let listed = l.conn().list(&mb, 1000).expect("LIST after recovery");
+    drop(l);
+    unmount(&mnt);
+    lo.detach();
+    disk.stop();
+    assert_eq!(listed.len(), MESSAGES, "every message is still there");
+}
