@@ -55,6 +55,25 @@ impl PrivateMariadb {
         m
     }
 
+    /// Runs `sql` in the test database with the `mariadb` client (as an
+    /// operator would).
+    fn sql(&self, sql: &str) {
+        let out = Command::new("mariadb")
+            .args(["--no-defaults", "-uroot", "powermail_lease"])
+            .arg(format!(
+                "--socket={}",
+                self.dir.path().join("run/mysqld.sock").display()
+            ))
+            .args(["-e", sql])
+            .output()
+            .expect("mariadb client");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn up(&self) {
         let script: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.ci/mariadb.sh");
         let out = Command::new(script)
@@ -288,6 +307,32 @@ fn no_lock_is_granted_while_the_database_is_down() {
         .quit()
         .expect("quit");
     report("lease database down: [SYS/TEMP], served again after restart");
+}
+
+/// A session whose lease was taken over (here: its row deleted by hand, as
+/// when it expired while the database was unreachable and another host took
+/// the mailbox) deletes nothing at QUIT and says so.
+#[test]
+fn a_session_that_lost_its_lease_deletes_nothing() {
+    if !mariadb_or_skip("lease lost") {
+        return;
+    }
+    let _g = serial();
+    let c = Cluster::start();
+    let mut on_a = Pop::login(c.pop_a.addr, 0).expect("login on a");
+    assert!(on_a.cmd("DELE 1").expect("dele").starts_with("+OK"));
+    c.db.sql("DELETE FROM mailbox_leases");
+    let on_b = Pop::login(c.pop_b.addr, 0).expect("b takes the free mailbox");
+    let quit = on_a.quit().expect("quit");
+    assert!(
+        quit.starts_with("-ERR [SYS/TEMP]"),
+        "QUIT after losing the lease: {quit}"
+    );
+    on_b.quit().expect("quit");
+    let mut check = Pop::login(c.pop_a.addr, 0).expect("login");
+    assert_eq!(check.uidl().expect("uidl").len(), 2, "nothing was deleted");
+    check.quit().expect("quit");
+    report("lease lost: QUIT -ERR [SYS/TEMP], nothing deleted");
 }
 
 /// `ppadmin repair` takes the same lease: with a reader on another host
