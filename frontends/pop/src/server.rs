@@ -641,6 +641,15 @@ pub fn fetch_plan(
     plan
 }
 
+/// `holders` with the ones the health checker calls down moved last (order
+/// otherwise kept): a RETR tries a backend known to be unreachable only when
+/// no other holder could serve it.
+fn by_health(cluster: &Cluster, holders: &[BackendId]) -> Vec<BackendId> {
+    let mut ordered = holders.to_vec();
+    ordered.sort_by_key(|&b| cluster.health(b) == powermail_frontend::Health::Down);
+    ordered
+}
+
 /// Writes a whole fetched message through the session's body writer.
 fn write_fetched(body: &[u8], out: &mut dyn Write) -> Result<(), RetrieveError> {
     match out.write_all(body) {
@@ -955,7 +964,7 @@ impl LiveStore {
         };
         let cluster = &self.shared.cluster;
         let mut not_found = 0;
-        for &b in &msg.holders {
+        for b in by_health(cluster, &msg.holders) {
             let mut conn = match cluster.checkout(b) {
                 Ok(c) => c,
                 Err(e) => {
@@ -1008,7 +1017,7 @@ impl LiveStore {
         let (Some(mailbox), Some(msg)) = (self.mailbox.clone(), self.messages.get(index)) else {
             return Err(RetrieveError::NotFound);
         };
-        let holders = msg.holders.clone();
+        let holders = by_health(&self.shared.cluster, &msg.holders);
         let cluster = self.shared.cluster.clone();
         let mut not_found = 0;
         for &b in &holders {

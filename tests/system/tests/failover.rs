@@ -140,12 +140,16 @@ impl Setup {
     }
 
     fn smtp(&self) -> Frontend {
+        self.smtp_k(1)
+    }
+
+    fn smtp_k(&self, k: usize) -> Frontend {
         let refs: Vec<&Backend> = self.backends.iter().collect();
         Frontend::smtp(
             self.dir.path(),
             &refs,
             &self.userbase,
-            1,
+            k,
             "",
             &pool_table(),
             &[0, 10],
@@ -250,5 +254,40 @@ fn pop_retr_and_list_on_a_blackholed_backend_end_quickly() {
         "failover pop: RETR answered {:.1} s after the cut ({status}), next login+UIDL {:.1} s",
         waited.as_secs_f64(),
         login_waited.as_secs_f64()
+    ));
+}
+
+/// A message with a copy on each backend, b1 silent: RETR is served by b0
+/// (a holder marked down is tried last), within [`REPLY_BOUND`].
+#[test]
+fn pop_retr_of_a_message_with_a_live_copy_is_served() {
+    let _g = serial();
+    let s = Setup::start();
+    let smtp = s.smtp_k(2);
+    let mut c = Smtp::connect(smtp.addr).expect("connect");
+    let body = message("on-both", 50_000);
+    let code = c.send("a@sender.test", &[&user(0)], &body).expect("send");
+    assert_eq!(code, 250);
+    c.quit();
+    drop(smtp);
+    let pop = s.pop();
+    let mut p = Pop::login(pop.addr, 0).expect("login");
+    assert_eq!(p.uidl().expect("uidl").len(), 1);
+    s.proxy.cut();
+    let cut_at = Instant::now();
+    let got = p.retr(1);
+    let waited = cut_at.elapsed();
+    let got = got.unwrap_or_else(|e| panic!("RETR after {waited:?}: {e}\n{}", pop.log_text()));
+    assert!(waited < REPLY_BOUND, "RETR answered after {waited:?}");
+    let (id, hash) = identify(&got).expect("a test message");
+    assert_eq!(
+        (id.as_str(), hash),
+        ("on-both", sha(&body)),
+        "the live copy, byte for byte"
+    );
+    p.quit().expect("quit");
+    report(&format!(
+        "failover pop K=2: RETR served by the live copy {:.1} s after the cut",
+        waited.as_secs_f64()
     ));
 }
