@@ -86,6 +86,13 @@ pub const LIST_MORE: &str = "more";
 /// Most lines a client reads from one `LIST` page (kept or dropped).
 pub const LIST_PAGE_LINES_MAX: usize = 10_000_000;
 
+/// Cuts the connection behind `handle` (from [`BackendConn::interrupt_handle`]):
+/// `shutdown(2)` both ways, so a read or write blocked on it in another thread
+/// fails at once instead of waiting for its time-out.
+pub fn interrupt(handle: &TcpStream) {
+    let _ = handle.shutdown(std::net::Shutdown::Both);
+}
+
 /// An authenticated connection to one backend.
 #[derive(Debug)]
 pub struct BackendConn {
@@ -141,6 +148,13 @@ impl BackendConn {
     /// The backend's address.
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// A second handle on this connection's socket, for [`interrupt`]: another
+    /// thread can then cut a request that waits on a backend gone silent.
+    /// The handle keeps the socket (not the connection) open until dropped.
+    pub fn interrupt_handle(&self) -> Result<TcpStream> {
+        Ok(self.writer.get_ref().try_clone()?)
     }
 
     /// Changes the time-out for reads and writes (e.g. a long one for a big GET).

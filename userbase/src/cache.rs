@@ -438,4 +438,31 @@ impl Userbase for CachedUserbase {
     fn list_virtual_servers(&self) -> Result<Vec<VirtualServer>, UserbaseError> {
         self.inner.list_virtual_servers()
     }
+
+    // Leases are never cached: every call goes to the database.
+    fn lease_take(
+        &self,
+        mailbox: &str,
+        holder: &str,
+        lease_ms: u64,
+    ) -> Result<bool, UserbaseError> {
+        self.inner.lease_take(mailbox, holder, lease_ms)
+    }
+
+    fn lease_renew(
+        &self,
+        mailbox: &str,
+        holder: &str,
+        lease_ms: u64,
+    ) -> Result<bool, UserbaseError> {
+        self.inner.lease_renew(mailbox, holder, lease_ms)
+    }
+
+    fn lease_release(&self, mailbox: &str, holder: &str) -> Result<(), UserbaseError> {
+        self.inner.lease_release(mailbox, holder)
+    }
+
+    fn leases_span_hosts(&self) -> bool {
+        self.inner.leases_span_hosts()
+    }
 }

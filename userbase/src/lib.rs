@@ -30,6 +30,7 @@
 mod address;
 mod cache;
 mod error;
+mod lease;
 mod mysql;
 pub mod password;
 mod queries;
@@ -40,6 +41,7 @@ mod url;
 pub use address::{is_catch_all, normalise_address, MAX_ADDRESS_BYTES};
 pub use cache::{CacheConfig, CacheStats, CachedUserbase, Clock, SystemClock};
 pub use error::UserbaseError;
+pub use lease::{LEASE_HOLDER_MAX_BYTES, LEASE_MAX_MS};
 pub use mysql::{MysqlConfig, MysqlUserbase};
 pub use schema::SCHEMA_VERSION;
 pub use sqlite::{SqliteConfig, SqliteUserbase};
@@ -176,6 +178,31 @@ pub trait Userbase: Send + Sync {
 
     /// Every mapping, sorted by listening address text.
     fn list_virtual_servers(&self) -> Result<Vec<VirtualServer>, UserbaseError>;
+
+    /// Takes the lease on `mailbox` for `holder` (at most [`LEASE_HOLDER_MAX_BYTES`]) for
+    /// `lease_ms` milliseconds of the database's clock (1 to [`LEASE_MAX_MS`]): `Ok(true)`
+    /// when there was no lease or only an expired one, `Ok(false)` while another holder's
+    /// lease runs. Two holders can never both get `true` (see the `lease` module).
+    /// `Unavailable` when the database cannot answer: the caller must not go ahead.
+    fn lease_take(&self, mailbox: &str, holder: &str, lease_ms: u64)
+        -> Result<bool, UserbaseError>;
+
+    /// Extends `holder`'s lease on `mailbox` to `lease_ms` from now. `Ok(false)` when
+    /// `holder` no longer has it (expired and taken over, or deleted by hand).
+    fn lease_renew(
+        &self,
+        mailbox: &str,
+        holder: &str,
+        lease_ms: u64,
+    ) -> Result<bool, UserbaseError>;
+
+    /// Ends `holder`'s lease on `mailbox` (nothing happens if it has none).
+    fn lease_release(&self, mailbox: &str, holder: &str) -> Result<(), UserbaseError>;
+
+    /// Whether leases are seen by other hosts: true for MySQL/MariaDB (a server every host
+    /// shares), false for SQLite (a local file: one host only, its frontends lock with
+    /// `flock` instead).
+    fn leases_span_hosts(&self) -> bool;
 }
 
 /// Follows an enabled catch-all row's `deliver_to` (one step: the target must be an

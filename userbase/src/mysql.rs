@@ -551,6 +551,52 @@ impl Userbase for MysqlUserbase {
             })
             .collect()
     }
+
+    fn lease_take(
+        &self,
+        mailbox: &str,
+        holder: &str,
+        lease_ms: u64,
+    ) -> Result<bool, UserbaseError> {
+        let mailbox = crate::lease::check(mailbox, holder, lease_ms)?;
+        let lease_us = lease_ms * 1000;
+        let insert = (mailbox.as_str(), holder, lease_us).into();
+        match self.execute(q::lease::MYSQL_INSERT, insert, &mailbox) {
+            Ok(_) => Ok(true),
+            // A row exists: ours to take only if it has expired.
+            Err(UserbaseError::Exists(_)) => {
+                let takeover = (holder, lease_us, mailbox.as_str()).into();
+                Ok(self.execute(q::lease::MYSQL_TAKEOVER, takeover, &mailbox)? == 1)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn lease_renew(
+        &self,
+        mailbox: &str,
+        holder: &str,
+        lease_ms: u64,
+    ) -> Result<bool, UserbaseError> {
+        let mailbox = crate::lease::check(mailbox, holder, lease_ms)?;
+        let params = (lease_ms * 1000, mailbox.as_str(), holder).into();
+        // CLIENT_FOUND_ROWS: a renewal that lands on the same microsecond still counts.
+        Ok(self.execute(q::lease::MYSQL_RENEW, params, &mailbox)? == 1)
+    }
+
+    fn lease_release(&self, mailbox: &str, holder: &str) -> Result<(), UserbaseError> {
+        let mailbox = crate::lease::check(mailbox, holder, 1)?;
+        self.execute(
+            q::lease::RELEASE,
+            (mailbox.as_str(), holder).into(),
+            &mailbox,
+        )?;
+        Ok(())
+    }
+
+    fn leases_span_hosts(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

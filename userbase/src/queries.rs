@@ -65,6 +65,50 @@ pub(crate) const MAX_VERSION: &str = "SELECT COALESCE(MAX(version), 0) FROM sche
 pub(crate) const RECORD_VERSION: &str =
     "INSERT INTO schema_version (version, description) VALUES (?, ?)";
 
+/// Mailbox leases (`lease.rs`): the same four statements per dialect, because "now" is
+/// spelled differently. Every "now" is the database's clock, never a host's.
+pub(crate) mod lease {
+    /// A new lease. Parameters: mailbox, holder, lease in microseconds.
+    pub(crate) const MYSQL_INSERT: &str =
+        "INSERT INTO mailbox_leases (mailbox, holder, expires_at) \
+         VALUES (?, ?, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND)";
+    /// Takes over an expired lease. Parameters: holder, lease in microseconds, mailbox.
+    pub(crate) const MYSQL_TAKEOVER: &str = "UPDATE mailbox_leases \
+         SET holder = ?, expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
+         WHERE mailbox = ? AND expires_at <= UTC_TIMESTAMP(6)";
+    /// Extends our own lease. Parameters: lease in microseconds, mailbox, holder.
+    pub(crate) const MYSQL_RENEW: &str = "UPDATE mailbox_leases \
+         SET expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
+         WHERE mailbox = ? AND holder = ?";
+    /// Unix milliseconds now, by SQLite's clock.
+    macro_rules! sqlite_now_ms {
+        () => {
+            "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)"
+        };
+    }
+    /// SQLite twin of [`MYSQL_INSERT`]; the lease in milliseconds.
+    pub(crate) const SQLITE_INSERT: &str = concat!(
+        "INSERT INTO mailbox_leases (mailbox, holder, expires_at_ms) VALUES (?, ?, ",
+        sqlite_now_ms!(),
+        " + ?)"
+    );
+    /// SQLite twin of [`MYSQL_TAKEOVER`]; the lease in milliseconds.
+    pub(crate) const SQLITE_TAKEOVER: &str = concat!(
+        "UPDATE mailbox_leases SET holder = ?, expires_at_ms = ",
+        sqlite_now_ms!(),
+        " + ? WHERE mailbox = ? AND expires_at_ms <= ",
+        sqlite_now_ms!()
+    );
+    /// SQLite twin of [`MYSQL_RENEW`]; the lease in milliseconds.
+    pub(crate) const SQLITE_RENEW: &str = concat!(
+        "UPDATE mailbox_leases SET expires_at_ms = ",
+        sqlite_now_ms!(),
+        " + ? WHERE mailbox = ? AND holder = ?"
+    );
+    /// Ends our own lease (both dialects). Parameters: mailbox, holder.
+    pub(crate) const RELEASE: &str = "DELETE FROM mailbox_leases WHERE mailbox = ? AND holder = ?";
+}
+
 /// A mailbox row as the databases return it, before range checks.
 pub(crate) struct RawMailbox {
     pub name: String,

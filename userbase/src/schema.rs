@@ -19,7 +19,7 @@ pub(crate) struct Migration {
 }
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Creates the bookkeeping table itself (not a numbered migration).
 pub(crate) const SQLITE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (
@@ -83,6 +83,21 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         sqlite: &["ALTER TABLE mailboxes ADD COLUMN deliver_to TEXT NOT NULL DEFAULT ''"],
         // MariaDB's IF NOT EXISTS keeps the statement safe to re-run.
         mysql: &["ALTER TABLE mailboxes ADD COLUMN IF NOT EXISTS deliver_to VARCHAR(254) NOT NULL DEFAULT ''"],
+    },
+    Migration {
+        version: 4,
+        description: "mailbox_leases table (the [IN-USE] lock across hosts)",
+        // Unix milliseconds of the database's clock (see `lease.rs`).
+        sqlite: &["CREATE TABLE IF NOT EXISTS mailbox_leases (
+            mailbox TEXT NOT NULL PRIMARY KEY,
+            holder TEXT NOT NULL CHECK (length(holder) BETWEEN 1 AND 128),
+            expires_at_ms INTEGER NOT NULL)"],
+        // UTC_TIMESTAMP(6) of the database server, whatever its time zone.
+        mysql: &["CREATE TABLE IF NOT EXISTS mailbox_leases (
+            mailbox VARCHAR(254) NOT NULL PRIMARY KEY,
+            holder VARCHAR(128) NOT NULL,
+            expires_at DATETIME(6) NOT NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"],
     },
 ];
 

@@ -224,6 +224,19 @@ impl SqliteUserbase {
         UserbaseError::Unavailable(format!("sqlite {}: {err}", self.config.path.display()))
     }
 
+    /// Runs one `INSERT`/`UPDATE`/`DELETE`; returns the rows changed.
+    fn rows(
+        &self,
+        sql: &str,
+        params: &[&dyn rusqlite::ToSql],
+        what: &str,
+    ) -> Result<usize, UserbaseError> {
+        self.with_conn(|conn| {
+            let mut statement = conn.prepare_cached(sql).map_err(|e| self.error(e, what))?;
+            statement.execute(params).map_err(|e| self.error(e, what))
+        })
+    }
+
     /// Runs one `UPDATE`/`DELETE` on a mailbox; `NotFound` if no row matched.
     fn change(
         &self,
@@ -416,5 +429,50 @@ impl Userbase for SqliteUserbase {
                 })
             })
             .collect()
+    }
+
+    fn lease_take(
+        &self,
+        mailbox: &str,
+        holder: &str,
+        lease_ms: u64,
+    ) -> Result<bool, UserbaseError> {
+        let mailbox = crate::lease::check(mailbox, holder, lease_ms)?;
+        let lease_ms = lease_ms as i64; // at most LEASE_MAX_MS
+        match self.rows(
+            q::lease::SQLITE_INSERT,
+            params![mailbox, holder, lease_ms],
+            &mailbox,
+        ) {
+            Ok(_) => Ok(true),
+            // A row exists: ours to take only if it has expired.
+            Err(UserbaseError::Exists(_)) => Ok(self.rows(
+                q::lease::SQLITE_TAKEOVER,
+                params![holder, lease_ms, mailbox],
+                &mailbox,
+            )? == 1),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn lease_renew(
+        &self,
+        mailbox: &str,
+        holder: &str,
+        lease_ms: u64,
+    ) -> Result<bool, UserbaseError> {
+        let mailbox = crate::lease::check(mailbox, holder, lease_ms)?;
+        let params = params![lease_ms as i64, mailbox, holder];
+        Ok(self.rows(q::lease::SQLITE_RENEW, params, &mailbox)? == 1)
+    }
+
+    fn lease_release(&self, mailbox: &str, holder: &str) -> Result<(), UserbaseError> {
+        let mailbox = crate::lease::check(mailbox, holder, 1)?;
+        self.rows(q::lease::RELEASE, params![mailbox, holder], &mailbox)?;
+        Ok(())
+    }
+
+    fn leases_span_hosts(&self) -> bool {
+        false
     }
 }

@@ -756,6 +756,109 @@ fn login_cache(db: &dyn Backend) {
     assert!(ok("third"));
 }
 
+/// The `[IN-USE]` lease (issue #15): one holder at a time, renewal only by the holder,
+/// release only by the holder, takeover only after expiry by the database's clock.
+fn leases_exclude_other_holders(db: &dyn Backend) {
+    let (a, b) = (db.userbase(), db.userbase());
+    let (ha, hb) = ("host-a:101:aaaa", "host-b:202:bbbb");
+    let m = "lease@example.com";
+    assert_eq!(a.leases_span_hosts(), db.url().starts_with("mysql://"));
+    assert!(a.lease_take(m, ha, 60_000).expect("take"), "free mailbox");
+    assert!(!b.lease_take(m, hb, 60_000).expect("take"), "held by a");
+    assert!(
+        !b.lease_take("Lease@Example.COM", hb, 60_000).expect("take"),
+        "names are normalised"
+    );
+    assert!(
+        !a.lease_take(m, ha, 60_000).expect("take"),
+        "a lease is taken once"
+    );
+    assert!(
+        a.lease_renew(m, ha, 60_000).expect("renew"),
+        "the holder renews"
+    );
+    assert!(
+        !b.lease_renew(m, hb, 60_000).expect("renew"),
+        "not b's to renew"
+    );
+    b.lease_release(m, hb).expect("release");
+    assert!(
+        !b.lease_take(m, hb, 60_000).expect("take"),
+        "b cannot release a's lease"
+    );
+    a.lease_release(m, ha).expect("release");
+    assert_eq!(db.count("mailbox_leases"), 0, "release deletes the row");
+    // A holder that dies stops renewing: its lease expires and is taken over, then it
+    // cannot renew it back.
+    assert!(b.lease_take(m, hb, 1).expect("take"));
+    let start = std::time::Instant::now();
+    while !a.lease_take(m, ha, 60_000).expect("take") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "a 1 ms lease never expired"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!b.lease_renew(m, hb, 60_000).expect("renew"), "taken over");
+    assert!(a.lease_renew(m, ha, 60_000).expect("renew"));
+    assert_eq!(db.count("mailbox_leases"), 1);
+    // Bounds.
+    for (holder, lease_ms) in [
+        ("", 1000),
+        (&"x".repeat(129)[..], 1000),
+        (ha, 0),
+        (ha, 3_600_001),
+    ] {
+        assert!(
+            matches!(
+                a.lease_take("other@example.com", holder, lease_ms),
+                Err(UserbaseError::InvalidValue(_))
+            ),
+            "{holder:?} {lease_ms}"
+        );
+    }
+    // Hostile names are values, never SQL.
+    let hostile = "x'); DROP TABLE mailbox_leases; --";
+    assert!(!a.lease_take(m, hostile, 1000).expect("take"));
+    assert_eq!(db.count("mailbox_leases"), 1);
+}
+
+/// Many holders (separate pools: separate database sessions) race for one mailbox, round
+/// after round: exactly one wins each time.
+fn leases_race_has_one_winner(db: &dyn Backend) {
+    const HOLDERS: usize = 6;
+    const ROUNDS: usize = 20;
+    let handles: Vec<Arc<dyn Userbase>> = (0..HOLDERS).map(|_| Arc::from(db.userbase())).collect();
+    for round in 0..ROUNDS {
+        let barrier = Arc::new(std::sync::Barrier::new(HOLDERS));
+        let threads: Vec<_> = handles
+            .iter()
+            .enumerate()
+            .map(|(i, ub)| {
+                let (ub, barrier) = (Arc::clone(ub), Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let holder = format!("host{i}:1:{round}");
+                    match ub.lease_take("race@example.com", &holder, 60_000) {
+                        Ok(true) => Some(holder),
+                        // A lost race may also surface as a deadlock/busy error: not granted.
+                        Ok(false) | Err(UserbaseError::Unavailable(_)) => None,
+                        Err(e) => panic!("take: {e}"),
+                    }
+                })
+            })
+            .collect();
+        let winners: Vec<String> = threads
+            .into_iter()
+            .filter_map(|t| t.join().expect("thread"))
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+        handles[0]
+            .lease_release("race@example.com", &winners[0])
+            .expect("release");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Instantiation: every case, once per database.
 
@@ -800,4 +903,6 @@ suite!(
     injection_strings_are_literal,
     migrations_are_recorded_and_idempotent,
     shared_between_threads,
+    leases_exclude_other_holders,
+    leases_race_has_one_winner,
 );

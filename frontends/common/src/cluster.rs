@@ -7,12 +7,22 @@
 //! [`release`](PooledConn::release). A connection that saw an error is never
 //! returned to the pool: dropping a [`PooledConn`] closes it.
 //!
+//! When the health checker marks a backend down, every connection in use to
+//! it is interrupted (`shutdown(2)` through a registry of in-use sockets per
+//! backend): a request waiting on a backend that went silent (a partition
+//! drops packets, no RST comes) fails within one health check
+//! (`health_interval_ms + health_timeout_ms`), so its transaction fails over
+//! or gets a temporary error, instead of waiting `io_timeout_ms`, which must
+//! stay long for honest slow fsyncs.
+//!
 //! An operator can [`disable`](Cluster::set_disabled) a backend at run time (admin
 //! `POST /control/disable?backend=NAME`, `ppadmin disable`): it is then never chosen for
 //! new messages, whatever its health. Reads still use it while it answers, on purpose:
 //! disabling is how a backend is taken out of the write path before a drain, and its
 //! messages must stay visible until they have been copied elsewhere.
 
+use std::collections::HashMap;
+use std::net::TcpStream;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -94,6 +104,14 @@ struct Pool {
     open: usize,
 }
 
+/// Second handles on the sockets of the connections checked out of one
+/// backend's pool, by ticket; at most `open_max_per_backend` entries.
+#[derive(Debug, Default)]
+struct InUse {
+    next_ticket: u64,
+    sockets: HashMap<u64, TcpStream>,
+}
+
 #[derive(Debug)]
 struct Slot {
     spec: BackendSpec,
@@ -101,6 +119,7 @@ struct Slot {
     state: Mutex<State>,
     pool: Mutex<Pool>,
     returned: Condvar,
+    in_use: Mutex<InUse>,
 }
 
 /// The configured backends, their health and their connection pools.
@@ -134,6 +153,7 @@ impl Cluster {
                 }),
                 pool: Mutex::new(Pool::default()),
                 returned: Condvar::new(),
+                in_use: Mutex::new(InUse::default()),
             })
             .collect();
         let cluster = Arc::new(Cluster {
@@ -356,11 +376,40 @@ impl Cluster {
     }
 
     fn wrap(self: &Arc<Self>, id: BackendId, conn: BackendConn) -> PooledConn {
+        // Without a second handle (out of descriptors) the connection still
+        // works; it just cannot be interrupted and falls back to io_timeout_ms.
+        let ticket = match conn.interrupt_handle() {
+            Ok(socket) => {
+                let mut in_use = lock(&self.slots[id].in_use);
+                let ticket = in_use.next_ticket;
+                in_use.next_ticket += 1;
+                in_use.sockets.insert(ticket, socket);
+                Some(ticket)
+            }
+            Err(e) => {
+                log::warn!(
+                    "backend={} no interrupt handle: {e}",
+                    self.slots[id].spec.name
+                );
+                None
+            }
+        };
         PooledConn {
             conn: Some(conn),
             cluster: self.clone(),
             id,
+            ticket,
         }
+    }
+
+    /// Cuts every connection in use to backend `id` (see the module
+    /// documentation); returns how many.
+    fn interrupt_in_use(&self, id: BackendId) -> usize {
+        let in_use = lock(&self.slots[id].in_use);
+        for socket in in_use.sockets.values() {
+            powermail_proto::client::interrupt(socket);
+        }
+        in_use.sockets.len()
     }
 
     /// A view of every backend.
@@ -428,6 +477,16 @@ impl Cluster {
             let n = pool.idle.len();
             pool.idle.clear();
             pool.open -= n;
+            drop(pool);
+            // Requests under way on it would wait io_timeout_ms for a backend
+            // that may never answer: cut them, so they fail over now.
+            let cut = self.interrupt_in_use(id);
+            if cut > 0 {
+                log::warn!(
+                    "backend={} down: interrupted {cut} connections in use",
+                    slot.spec.name
+                );
+            }
         }
     }
 }
@@ -458,6 +517,8 @@ pub struct PooledConn {
     conn: Option<BackendConn>,
     cluster: Arc<Cluster>,
     id: BackendId,
+    /// Its entry in the backend's in-use registry.
+    ticket: Option<u64>,
 }
 
 impl PooledConn {
@@ -471,6 +532,7 @@ impl PooledConn {
     /// requests, never after an error.
     pub fn release(mut self) {
         let conn = self.conn.take().expect("present until release or drop");
+        self.unregister();
         let slot = &self.cluster.slots[self.id];
         let mut pool = lock(&slot.pool);
         if pool.idle.len() < self.cluster.cfg.idle_max_per_backend {
@@ -480,6 +542,17 @@ impl PooledConn {
         }
         drop(pool);
         slot.returned.notify_one();
+    }
+}
+
+impl PooledConn {
+    /// Leaves the in-use registry (releasing its second socket handle).
+    fn unregister(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            lock(&self.cluster.slots[self.id].in_use)
+                .sockets
+                .remove(&ticket);
+        }
     }
 }
 
@@ -498,6 +571,7 @@ impl DerefMut for PooledConn {
 
 impl Drop for PooledConn {
     fn drop(&mut self) {
+        self.unregister();
         if self.conn.take().is_some() {
             let slot = &self.cluster.slots[self.id];
             lock(&slot.pool).open -= 1;

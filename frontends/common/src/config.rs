@@ -82,11 +82,13 @@ pub struct PoolConfig {
     /// How often each backend is asked for its STATUS.
     pub health_interval_ms: u64,
     /// Time-out of one health check (connect + STATUS); a backend that does
-    /// not answer in time is marked down.
+    /// not answer in time is marked down, and the connections in use to it
+    /// are cut (see [`crate::cluster`]).
     pub health_timeout_ms: u64,
     /// Time-out of connecting to a backend for real work.
     pub connect_timeout_ms: u64,
-    /// Time-out of every read and write on a working connection.
+    /// Time-out of every read and write on a working connection. A backend
+    /// gone silent is cut sooner, by the health check.
     pub io_timeout_ms: u64,
     /// Most idle connections kept per backend for reuse.
     pub idle_max_per_backend: usize,

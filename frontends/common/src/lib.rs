@@ -19,6 +19,8 @@
 //!   client that reads a trickle cannot hold a connection thread for ever;
 //! * [`journal`] — deletions owed to backends that could not take them (powerpop's
 //!   delete journal, powersmtp's undo journal), durable and replayed;
+//! * [`lock`] — the per-mailbox `[IN-USE]` lock: in-process, `flock` on the
+//!   host, and a lease row in a MySQL/MariaDB userbase across hosts;
 //! * [`proxy`] — the PROXY protocol (v1/v2) from trusted balancers only;
 //! * [`reload`] — configuration reload without a restart (SIGHUP or the admin port),
 //!   applied to new sessions only.
@@ -39,6 +41,7 @@ pub mod cluster;
 pub mod config;
 pub mod deadline;
 pub mod journal;
+pub mod lock;
 pub mod proxy;
 pub mod reload;
 pub mod select;

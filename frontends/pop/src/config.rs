@@ -69,6 +69,14 @@ pub struct Config {
     /// Where the delete journal and the mailbox lock files live. Shared by
     /// the powerpop processes of one host.
     pub state_dir: PathBuf,
+    /// With a MySQL/MariaDB userbase: how long a mailbox lock's lease row
+    /// lasts without renewal (renewed every third of it while the session
+    /// lives). A POP host that dies keeps its mailboxes locked this long;
+    /// a session that loses its lease (the database unreachable this long)
+    /// refuses to commit its deletions. 300 to 3,600,000; default 30,000.
+    /// SQLite userbases are single-host and lock with `flock` only.
+    #[serde(default = "default_lock_lease_ms")]
+    pub lock_lease_ms: u64,
     /// On SIGTERM: no new sessions (`-ERR [SYS/TEMP]`); open ones get this
     /// long to finish (their DELEs are committed at their QUIT), then the
     /// process ends and the rest are cut (RFC 1939: nothing deleted for them).
@@ -227,6 +235,10 @@ impl Default for ThrottleSettings {
     }
 }
 
+fn default_lock_lease_ms() -> u64 {
+    30_000
+}
+
 fn default_shutdown_grace_ms() -> u64 {
     25_000
 }
@@ -255,6 +267,15 @@ impl Config {
         }
         if cfg.tls_listen.is_some() && cfg.tls.is_none() {
             bail!("tls_listen needs a [tls] certificate");
+        }
+        let lease_ms =
+            powermail_frontend::lock::LOCK_LEASE_MIN_MS..=powermail_userbase::LEASE_MAX_MS;
+        if !lease_ms.contains(&cfg.lock_lease_ms) {
+            bail!(
+                "lock_lease_ms must be {} to {}",
+                lease_ms.start(),
+                lease_ms.end()
+            );
         }
         if cfg.limits.connections_max == 0 {
             bail!("limits.connections_max must be at least 1");
@@ -309,6 +330,7 @@ impl Config {
             "default_domain": self.default_domain,
             "state_dir": self.state_dir,
             "shutdown_grace_ms": self.shutdown_grace_ms,
+            "lock_lease_ms": self.lock_lease_ms,
             "userbase_cache": self.userbase_cache,
             "limits": self.limits,
             "throttle": self.throttle,
@@ -346,5 +368,12 @@ mod tests {
             "duplicate names"
         );
         assert!(Config::parse(&format!("{base}bogus = 1\n{one}")).is_err());
+        assert_eq!(cfg.lock_lease_ms, 30_000);
+        for bad in ["lock_lease_ms = 0\n", "lock_lease_ms = 3600001\n"] {
+            assert!(
+                Config::parse(&format!("{base}{bad}{one}")).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -11,7 +11,8 @@
 //! * [`sasl`] — AUTH PLAIN;
 //! * [`listing`] — parallel LIST to every backend, merge, soft failure;
 //! * [`journal`] — deletions owed to backends that were down;
-//! * [`lock`] — one session per mailbox, in and across processes;
+//! * [`lock`] — one session per mailbox, in and across processes and hosts
+//!   (`powermail_frontend::lock`, shared with `ppadmin`);
 //! * [`throttle`] — login-failure delay and lock-out;
 //! * [`server`] — accept loop, connection threads, the live store;
 //! * [`config`], [`stats`] — the TOML file and the admin port.
@@ -21,7 +22,7 @@ pub mod config;
 pub use powermail_frontend::journal;
 pub mod line;
 pub mod listing;
-pub mod lock;
+pub use powermail_frontend::lock;
 pub mod sasl;
 pub mod server;
 pub mod session;

@@ -22,7 +22,7 @@ use crate::config::{Config, Limits};
 use crate::journal::{Journal, Owed};
 use crate::line::LineReader;
 use crate::listing::{ListPool, Merged};
-use crate::lock::{Locks, MailboxLock};
+use crate::lock::{LeaseConfig, LockError, Locks, MailboxLock};
 use crate::session::{
     is_enough, qualify, AuthResult, Listed, RetrieveError, Session, SessionLimits, Store,
 };
@@ -71,7 +71,17 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         Arc::new(Journal::open(&cfg.state_dir).with_context(|| {
             format!("opening the delete journal in {}", cfg.state_dir.display())
         })?);
-    let locks = Locks::new(Some(cfg.state_dir.join("locks")));
+    let lock_dir = Some(cfg.state_dir.join("locks"));
+    // A shared database makes the lock span hosts (a lease row); SQLite is one host.
+    let locks = if userbase.leases_span_hosts() {
+        let lease = LeaseConfig {
+            userbase: userbase.clone(),
+            lease_ms: cfg.lock_lease_ms,
+        };
+        Locks::with_lease(lock_dir, lease).context("starting the lease renewal")?
+    } else {
+        Locks::new(lock_dir)
+    };
     let cluster = Cluster::start(
         secret.clone(),
         cfg.backends.clone(),
@@ -631,6 +641,15 @@ pub fn fetch_plan(
     plan
 }
 
+/// `holders` with the ones the health checker calls down moved last (order
+/// otherwise kept): a RETR tries a backend known to be unreachable only when
+/// no other holder could serve it.
+fn by_health(cluster: &Cluster, holders: &[BackendId]) -> Vec<BackendId> {
+    let mut ordered = holders.to_vec();
+    ordered.sort_by_key(|&b| cluster.health(b) == powermail_frontend::Health::Down);
+    ordered
+}
+
 /// Writes a whole fetched message through the session's body writer.
 fn write_fetched(body: &[u8], out: &mut dyn Write) -> Result<(), RetrieveError> {
     match out.write_all(body) {
@@ -835,6 +854,9 @@ impl Store for LiveStore {
             }
             Err(e) => {
                 log::error!("mailbox lock for {name}: {e}");
+                if matches!(e, LockError::Unavailable(_)) {
+                    Stats::inc(&counters.logins_unavailable);
+                }
                 return AuthResult::Unavailable;
             }
         }
@@ -886,6 +908,15 @@ impl Store for LiveStore {
             return Ok(());
         };
         let sh = self.shared.clone();
+        // Another host may have taken the mailbox over if our lease ran out
+        // (the database was unreachable for lock_lease_ms): then nothing is
+        // deleted, as RFC 1939 says for a session that ends abnormally.
+        if let Some(lock) = &self.lock {
+            if let Err(e) = lock.confirm() {
+                log::warn!("QUIT of {mailbox} without deleting: {e}");
+                return Err(format!("mailbox lock not confirmed ({e}); nothing deleted"));
+            }
+        }
         let mut owed = Vec::new();
         for b in 0..sh.cluster.len() {
             let ids: Vec<&Merged> = deleted
@@ -933,7 +964,7 @@ impl LiveStore {
         };
         let cluster = &self.shared.cluster;
         let mut not_found = 0;
-        for &b in &msg.holders {
+        for b in by_health(cluster, &msg.holders) {
             let mut conn = match cluster.checkout(b) {
                 Ok(c) => c,
                 Err(e) => {
@@ -986,7 +1017,7 @@ impl LiveStore {
         let (Some(mailbox), Some(msg)) = (self.mailbox.clone(), self.messages.get(index)) else {
             return Err(RetrieveError::NotFound);
         };
-        let holders = msg.holders.clone();
+        let holders = by_health(&self.shared.cluster, &msg.holders);
         let cluster = self.shared.cluster.clone();
         let mut not_found = 0;
         for &b in &holders {

@@ -62,7 +62,15 @@ pub struct ClusterInfo {
     /// `repair` and `drain` take the same lock as a POP3 session before they touch a
     /// mailbox.
     pub pop_lock_dir: Option<PathBuf>,
+    /// powerpop's userbase URL, if known: with MySQL/MariaDB, `repair` and `drain` also
+    /// take the mailbox's lease row there, which POP hosts everywhere respect.
+    pub pop_userbase: Option<String>,
+    /// powerpop's `lock_lease_ms` (default 30,000).
+    pub lock_lease_ms: u64,
 }
+
+/// powerpop's default `lock_lease_ms`.
+const LOCK_LEASE_MS_DEFAULT: u64 = 30_000;
 
 /// `--cluster FILE`: the explicit form (also what a `powermail up` tree boils down to).
 #[derive(Debug, Deserialize)]
@@ -78,6 +86,10 @@ struct ClusterFile {
     admin_token: Option<String>,
     #[serde(default)]
     pop_state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pop_userbase: Option<String>,
+    #[serde(default)]
+    lock_lease_ms: Option<u64>,
     #[serde(default, rename = "daemon")]
     daemons: Vec<Daemon>,
     #[serde(rename = "backend")]
@@ -103,6 +115,10 @@ struct DaemonFile {
     replicas: Option<usize>,
     #[serde(default)]
     state_dir: Option<PathBuf>,
+    #[serde(default)]
+    userbase: Option<String>,
+    #[serde(default)]
+    lock_lease_ms: Option<u64>,
     #[serde(default, rename = "backend")]
     backends: Vec<Backend>,
 }
@@ -127,6 +143,8 @@ impl ClusterInfo {
             daemons: f.daemons,
             admin_token: f.admin_token,
             pop_lock_dir: f.pop_state_dir.map(|d| d.join("locks")),
+            pop_userbase: f.pop_userbase,
+            lock_lease_ms: f.lock_lease_ms.unwrap_or(LOCK_LEASE_MS_DEFAULT),
         }
         .checked()
     }
@@ -182,6 +200,11 @@ impl ClusterInfo {
             daemons,
             admin_token,
             pop_lock_dir,
+            pop_userbase: pop.as_ref().and_then(|p| p.userbase.clone()),
+            lock_lease_ms: pop
+                .as_ref()
+                .and_then(|p| p.lock_lease_ms)
+                .unwrap_or(LOCK_LEASE_MS_DEFAULT),
         }
         .checked()
     }

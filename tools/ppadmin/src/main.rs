@@ -226,7 +226,7 @@ fn run_ops(target: &UserbaseTarget, command: Command) -> anyhow::Result<bool> {
             mailbox,
             lock_wait_ms,
         } => {
-            let locks = repair::PopLocks::new(info, Duration::from_millis(lock_wait_ms));
+            let locks = repair::PopLocks::new(info, Duration::from_millis(lock_wait_ms))?;
             let t = repair::repair(info, mailbox.as_deref(), &locks)?;
             println!(
                 "repair: {} mailboxes, {} messages, {} copies made ({} bytes), {} short of K, {} failed, {} busy",
@@ -238,7 +238,7 @@ fn run_ops(target: &UserbaseTarget, command: Command) -> anyhow::Result<bool> {
             backend,
             lock_wait_ms,
         } => {
-            let locks = repair::PopLocks::new(info, Duration::from_millis(lock_wait_ms));
+            let locks = repair::PopLocks::new(info, Duration::from_millis(lock_wait_ms))?;
             let t = repair::drain(info, &backend, &locks)?;
             println!(
                 "drain {backend}: {} messages moved, {} copies made ({} bytes), {} short of K, {} failed, {} busy",

@@ -15,17 +15,19 @@
 //! (`NUKE`) could race such a late PUT, and the disk is being retired anyway.
 //!
 //! A POP3 reader deleting a message while it is being copied would see it come back. So
-//! when powerpop's lock directory is known (same host), each mailbox is worked on under
-//! the same lock a POP3 session takes (`powerpop::lock`); a mailbox whose lock is not
-//! free within `--lock-wait-ms` is skipped and reported busy, for the next run.
+//! each mailbox is worked on under the same lock a POP3 session takes
+//! (`powermail_frontend::lock`): the `flock` when powerpop's lock directory is known (same
+//! host), and the lease row in the userbase when powerpop's userbase is MySQL/MariaDB (any
+//! host); a mailbox whose lock is not free within `--lock-wait-ms` is skipped and
+//! reported busy, for the next run.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use powermail_frontend::lock::{LeaseConfig, Locks, MailboxLock};
 use powermail_proto::{MailboxName, MessageId};
-use powerpop::lock::{Locks, MailboxLock};
 
 use crate::cluster::ClusterInfo;
 use crate::inspect::mailbox;
@@ -76,11 +78,27 @@ pub struct Held(#[allow(dead_code)] Option<MailboxLock>);
 
 impl PopLocks {
     /// The lock table of `info`'s powerpop, waiting up to `wait` for a busy mailbox.
-    pub fn new(info: &ClusterInfo, wait: Duration) -> PopLocks {
-        PopLocks {
-            locks: info.pop_lock_dir.clone().map(|d| Locks::new(Some(d))),
-            wait,
-        }
+    /// Fails only for a userbase URL that cannot be understood.
+    pub fn new(info: &ClusterInfo, wait: Duration) -> anyhow::Result<PopLocks> {
+        let dir = info.pop_lock_dir.clone();
+        let userbase = match &info.pop_userbase {
+            Some(url) => Some(
+                powermail_userbase::open_lazy(url, false)
+                    .with_context(|| "opening powerpop's userbase for the mailbox leases")?,
+            ),
+            None => None,
+        };
+        let locks = match userbase {
+            Some(ub) if ub.leases_span_hosts() => {
+                let lease = LeaseConfig {
+                    userbase: Arc::from(ub),
+                    lease_ms: info.lock_lease_ms,
+                };
+                Some(Locks::with_lease(dir, lease)?)
+            }
+            _ => dir.map(|d| Locks::new(Some(d))),
+        };
+        Ok(PopLocks { locks, wait })
     }
 
     /// Takes `mailbox`'s lock; `Ok(None)` when a POP3 session kept it for the whole wait.
