@@ -275,6 +275,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             })).collect::<Vec<_>>(),
             "limits": format!("{:?}", cfg.limits),
             "blocking_threads": cfg.blocking_threads,
+            "shutdown_grace_ms": cfg.shutdown_grace_ms,
             "durability": backends.iter().map(|b| b.durability.as_str()).collect::<Vec<_>>(),
         });
         let handler = Arc::new(stats::Process {

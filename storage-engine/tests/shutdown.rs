@@ -95,6 +95,10 @@ fn idle_connections_do_not_hold_the_exit() {
     // A grace of 10 minutes: exiting within the 30 s bound proves that the idle
     // connections were closed, not waited for.
     let mut l = Listener::start(2, "shutdown_grace_ms = 600000");
+    let (status, config) = l.admin("GET", "/config", Some("tok"));
+    assert_eq!(status, 200);
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["shutdown_grace_ms"], 600_000, "{config}");
     let mut idle = [l.raw(0), l.raw(1)];
     let mut unauthenticated = common::Raw::connect(l.backends[0]);
     assert!(unauthenticated.line().starts_with("+OK PPL/1"));
