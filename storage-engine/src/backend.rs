@@ -20,6 +20,7 @@ use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 use powermail_admin::Latencies;
 
 use crate::config::{Backend, LimitsConfig};
+use crate::drain::Drain;
 use crate::session::{serve, Ctx};
 use crate::stats::{add, BackendShared};
 use crate::store::{Space, Store};
@@ -45,6 +46,8 @@ pub struct Start {
     pub ready: SyncSender<Result<String, String>>,
     /// Mailboxes with a directory on this backend, scanned at start.
     pub known: std::collections::HashSet<powermail_proto::MailboxName>,
+    /// The process-wide stop request (SIGTERM): this executor drains on it.
+    pub stop: Arc<crate::drain::Stop>,
 }
 
 /// Starts the executor thread of one backend.
@@ -67,6 +70,7 @@ async fn run(start: Start) {
         limits,
         ready,
         known,
+        stop,
         ..
     } = start;
     // glommio probes polled-I/O support on the first DmaFile it opens; an empty
@@ -112,8 +116,10 @@ async fn run(start: Start) {
         latencies: RefCell::new(Latencies::new()),
         committer,
         known: RefCell::new(known),
+        drain: Rc::new(Drain::default()),
     });
     glommio::spawn_local(housekeeping(ctx.clone())).detach();
+    glommio::spawn_local(crate::drain::watch(stop, ctx.drain.clone())).detach();
     let _ = ready.send(Ok(format!(
         "backend {} listening on {} data {} cpu {} durability {}",
         backend.name,
@@ -123,7 +129,13 @@ async fn run(start: Start) {
         backend.durability.as_str()
     )));
     loop {
-        let stream = match listener.accept().await {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            ctx.drain.wait().await;
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else { break };
+        let stream = match accepted {
             Ok(s) => s,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -157,6 +169,25 @@ async fn run(start: Start) {
         })
         .detach();
     }
+    drain(listener, &ctx).await;
+}
+
+/// Stops accepting (the listener is closed, so the kernel refuses new
+/// connections) and waits until this backend's open connections have ended:
+/// idle ones close at once, the others after their request (see
+/// [`crate::drain`]). The grace period is enforced by the process, not here.
+async fn drain(listener: TcpListener, ctx: &Ctx) {
+    drop(listener);
+    let c = &ctx.shared.counters;
+    log::info!(
+        "backend={} drain: stopped accepting; connections={}",
+        ctx.shared.name,
+        c.connections.load(Relaxed)
+    );
+    while c.connections.load(Relaxed) > 0 {
+        glommio::timer::sleep(crate::drain::STOP_POLL).await;
+    }
+    log::info!("backend={} drained", ctx.shared.name);
 }
 
 async fn housekeeping(ctx: Rc<Ctx>) {

@@ -61,6 +61,19 @@ pub struct Config {
     /// Durability mode of backends that do not set their own (default `file`).
     #[serde(default)]
     pub durability: Durability,
+    /// On SIGTERM or SIGINT, how long (ms) open connections get to finish the
+    /// request they are in (a PUT being received completes or is dropped
+    /// unseen) before the process ends anyway. Idle connections are closed at
+    /// once. Keep systemd's `TimeoutStopSec` above it.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+/// The longest `shutdown_grace_ms` accepted (one hour): a stop must end.
+pub const SHUTDOWN_GRACE_MAX_MS: u64 = 3_600_000;
+
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
 }
 
 /// How a backend makes a PUT durable before it answers `+OK`.
@@ -191,6 +204,11 @@ impl Config {
     pub fn parse(text: &str) -> anyhow::Result<Config> {
         let cfg: Config = toml::from_str(text)?;
         cfg.log_filter()?;
+        anyhow::ensure!(
+            cfg.shutdown_grace_ms <= SHUTDOWN_GRACE_MAX_MS,
+            "shutdown_grace_ms {}: at most {SHUTDOWN_GRACE_MAX_MS}",
+            cfg.shutdown_grace_ms
+        );
         Ok(cfg)
     }
 
@@ -282,6 +300,7 @@ mod tests {
         assert_eq!(b[1].cpu, 1);
         assert_eq!(c.limits.message_max_bytes, 64 << 20);
         assert_eq!(b[0].durability, Durability::File);
+        assert_eq!(c.shutdown_grace_ms, 10_000);
     }
 
     #[test]
@@ -320,5 +339,7 @@ mod tests {
         )
         .unwrap();
         assert!(c.resolve_backends(&[0, 1]).is_err());
+        let forever = "secret = \"0123456789abcdef\"\nshutdown_grace_ms = 3600001\n";
+        assert!(Config::parse(forever).is_err(), "the grace is bounded");
     }
 }

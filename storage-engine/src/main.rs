@@ -9,6 +9,7 @@
 mod backend;
 mod commit;
 mod config;
+mod drain;
 mod index;
 mod session;
 mod stats;
@@ -215,6 +216,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(backends.len());
+    let stop = Arc::new(drain::Stop::default());
     let mut stores = Vec::with_capacity(backends.len());
     for b in &backends {
         stores.push(
@@ -268,6 +270,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             blocking_threads: cfg.blocking_threads,
             ready: ready_tx.clone(),
             known,
+            stop: stop.clone(),
         })?);
     }
     for _ in &backends {
@@ -292,6 +295,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             })).collect::<Vec<_>>(),
             "limits": format!("{:?}", cfg.limits),
             "blocking_threads": cfg.blocking_threads,
+            "shutdown_grace_ms": cfg.shutdown_grace_ms,
             "durability": backends.iter().map(|b| b.durability.as_str()).collect::<Vec<_>>(),
         });
         let handler = Arc::new(stats::Process {
@@ -310,10 +314,14 @@ fn run(args: Args) -> anyhow::Result<()> {
                 reload(&path, &all);
             }
         })?;
+    let grace = std::time::Duration::from_millis(cfg.shutdown_grace_ms);
+    drain::on_stop_signal(stop.clone(), shared_all.clone(), grace)?;
     powermail_admin::systemd::notify_ready(&format!("{} backends", backends.len()));
+    // An executor returns only once it has drained after a stop request.
     for h in handles {
         h.join()
             .map_err(|e| anyhow::anyhow!("executor failed: {e:?}"))?;
     }
+    stop.finish(&shared_all, "drained");
     Ok(())
 }

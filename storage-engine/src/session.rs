@@ -56,6 +56,9 @@ pub struct Ctx {
     /// Messages and usage of the mailboxes touched lately: LIST and USAGE
     /// are answered from it (see [`crate::index`]).
     pub index: crate::index::SharedIndex,
+    /// This executor's graceful stop: once started, a connection between
+    /// requests is closed (see [`crate::drain`]).
+    pub drain: Rc<crate::drain::Drain>,
 }
 
 /// The socket and its buffers.
@@ -228,7 +231,19 @@ async fn session(ctx: &Ctx, conn: &mut Connection, peer: &str) -> io::Result<()>
             }
             Ok((None, 0)) => {
                 conn.flush().await?;
-                if conn.fill().await? == 0 {
+                // Between requests a drain closes the connection; inside one
+                // (a PUT's body, a partial line) it reads on until it is done.
+                let between = put.is_none() && !decoder.in_put() && conn.pending().is_empty();
+                let read = if between {
+                    fill_unless_draining(conn, &ctx.drain).await
+                } else {
+                    Some(conn.fill().await)
+                };
+                let Some(read) = read else {
+                    log::debug!("backend={} client={peer} closed: draining", ctx.shared.name);
+                    return Ok(());
+                };
+                if read? == 0 {
                     if let Some(Put::Writing { writer, .. }) = put.take() {
                         writer.discard().await;
                     }
@@ -302,6 +317,22 @@ async fn session(ctx: &Ctx, conn: &mut Connection, peer: &str) -> io::Result<()>
             }
         }
     }
+}
+
+/// [`Connection::fill`], or `None` once `drain` has started (also when it
+/// starts while waiting for the client).
+async fn fill_unless_draining(
+    conn: &mut Connection,
+    drain: &crate::drain::Drain,
+) -> Option<io::Result<usize>> {
+    if drain.started() {
+        return None;
+    }
+    futures_lite::future::or(async { Some(conn.fill().await) }, async {
+        drain.wait().await;
+        None
+    })
+    .await
 }
 
 /// An event with no borrow of the read buffer (bodies are handled apart).

@@ -773,17 +773,27 @@ impl Delivery for BackendDelivery {
     }
 }
 
+/// The `with` word of the trace header: the RFC 3848 / RFC 6531 protocol
+/// name of the session (LMTP and its TLS and SMTPUTF8 forms for mail handed
+/// over LMTP). There is no SMTP AUTH here, so never an `…A` form.
+pub fn with_protocol(env: &Envelope) -> &'static str {
+    match (env.lmtp, env.esmtp, env.smtputf8, env.tls) {
+        (true, _, true, true) => "UTF8LMTPS",
+        (true, _, true, false) => "UTF8LMTP",
+        (true, _, false, true) => "LMTPS",
+        (true, _, false, false) => "LMTP",
+        (false, _, true, true) => "UTF8SMTPS",
+        (false, _, true, false) => "UTF8SMTP",
+        (false, true, false, true) => "ESMTPS",
+        (false, true, false, false) => "ESMTP",
+        (false, false, false, _) => "SMTP",
+    }
+}
+
 /// The `Received:` header prepended to every message (RFC 5321 §4.4), with
 /// the message id, so any copy can be traced back to this frontend.
 pub fn received_header(env: &Envelope, hostname: &str, msgid: &MessageId, unix_s: u64) -> String {
-    // RFC 3848 / RFC 6531 protocol names.
-    let with = match (env.esmtp, env.smtputf8, env.tls) {
-        (_, true, true) => "UTF8SMTPS",
-        (_, true, false) => "UTF8SMTP",
-        (true, false, true) => "ESMTPS",
-        (true, false, false) => "ESMTP",
-        (false, false, _) => "SMTP",
-    };
+    let with = with_protocol(env);
     let helo: String = env
         .helo
         .chars()
@@ -863,6 +873,7 @@ mod tests {
             client: "192.0.2.1".into(),
             helo: "client (evil)\r\nX: y".into(),
             esmtp: true,
+            lmtp: false,
             from: "a@b.c".into(),
             smtputf8: false,
             rcpts: vec![MailboxName::parse("x@y.z").unwrap()],
@@ -875,5 +886,37 @@ mod tests {
             h,
             "Received: from clientevilX:y ([192.0.2.1])\r\n\tby mx.test (powersmtp) with ESMTP id 0001.f.1\r\n\tfor <x@y.z>; Thu, 1 Jan 1970 00:00:00 +0000\r\n"
         );
+    }
+
+    #[test]
+    fn with_names_the_protocol_lmtp_included() {
+        let env = |lmtp, esmtp, smtputf8, tls| Envelope {
+            client: "192.0.2.1".into(),
+            helo: "h".into(),
+            esmtp,
+            lmtp,
+            from: String::new(),
+            smtputf8,
+            rcpts: Vec::new(),
+            accepted: 0,
+            tls,
+        };
+        let cases = [
+            ((true, true, false, false), "LMTP"),
+            ((true, true, false, true), "LMTPS"),
+            ((true, true, true, false), "UTF8LMTP"),
+            ((true, true, true, true), "UTF8LMTPS"),
+            ((false, false, false, false), "SMTP"),
+            ((false, true, false, false), "ESMTP"),
+            ((false, true, false, true), "ESMTPS"),
+            ((false, true, true, false), "UTF8SMTP"),
+            ((false, true, true, true), "UTF8SMTPS"),
+        ];
+        for ((lmtp, esmtp, utf8, tls), want) in cases {
+            assert_eq!(with_protocol(&env(lmtp, esmtp, utf8, tls)), want);
+        }
+        let id = MessageId::parse("0001.f.1").unwrap();
+        let h = received_header(&env(true, true, false, false), "mx.test", &id, 0);
+        assert!(h.contains(" with LMTP id 0001.f.1"), "{h}");
     }
 }

@@ -101,6 +101,8 @@ pub struct Envelope {
     pub helo: String,
     /// True after EHLO (ESMTP), false after HELO.
     pub esmtp: bool,
+    /// The session speaks LMTP (RFC 2033): the trace header says `with LMTP`.
+    pub lmtp: bool,
     /// The reverse path (empty for the null sender `<>`).
     pub from: String,
     /// SMTPUTF8 was requested at MAIL.
@@ -467,6 +469,7 @@ impl Session {
                     client: self.client.clone(),
                     helo: self.helo.clone(),
                     esmtp: self.esmtp,
+                    lmtp: self.lmtp,
                     from: from.address,
                     smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
                     tls: self.tls_active,

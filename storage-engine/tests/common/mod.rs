@@ -117,6 +117,30 @@ impl Listener {
         }
     }
 
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the running process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child, which has not been reaped yet.
+        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill({}, {signal})", self.pid());
+    }
+
+    /// Waits at most `timeout` for the process to exit: its status (the
+    /// process is then gone, [`Listener::restart`] may follow), or `None`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }

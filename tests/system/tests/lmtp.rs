@@ -171,6 +171,9 @@ print('QUIT', c.quit()[0])
             got[..header_bytes].windows(9).any(|w| w == b"powersmtp"),
             "u{i}"
         );
+        // RFC 3848: mail handed over LMTP is traced `with LMTP`, not ESMTP.
+        let header = String::from_utf8_lossy(&got[..header_bytes]);
+        assert!(header.contains(" with LMTP id "), "u{i}: {header}");
     }
     // K = 2: each backend holds u0's and u1's link; none for the full mailbox.
     for b in &sys.backends {

@@ -128,6 +128,7 @@ fn pipelined_transaction() {
     let env = &mock.begun[0];
     assert_eq!(env.from, "a@b.c");
     assert_eq!(env.helo, "client.example");
+    assert!(!env.lmtp, "SMTP, not LMTP");
     let rcpts: Vec<&str> = env.rcpts.iter().map(|m| m.as_str()).collect();
     assert_eq!(rcpts, ["x@y.z", "w@y.z"], "deduplicated, normalised");
     assert_eq!(mock.body, b"Subject: t\r\n\r\n..dot\r\nbody\r\n");
@@ -363,6 +364,7 @@ fn lmtp_one_reply_per_accepted_recipient_in_rcpt_order() {
     assert_eq!(mock.finished, 1);
     let rcpts: Vec<&str> = mock.begun[0].rcpts.iter().map(|m| m.as_str()).collect();
     assert_eq!(rcpts, ["x@y.z", "quota@y.z"], "one copy per local mailbox");
+    assert!(mock.begun[0].lmtp, "the envelope says LMTP (trace header)");
     assert_eq!(mock.body, b"Subject: t\r\n\r\nbody\r\n");
 }
 
