@@ -265,7 +265,7 @@ impl Witness {
         assert_eq!(code, 250, "witness: SMTP delivery\n{}", sys.logs());
         c.quit();
         self.sent.lock().expect("lock").push((id, sha(&msg)));
-        let mut p = Pop::login(sys.pop.addr, 0).expect("witness: POP login");
+        let mut p = pop_login(sys.pop.addr, 0).expect("witness: POP login");
         assert!(p.cmd("STAT").expect("STAT").starts_with("+OK"));
         p.quit().expect("witness: QUIT");
         for b in &sys.backends {
@@ -488,7 +488,9 @@ fn smtp_hostile_input() {
     drop(held);
     drop(extra);
     // The slots free up as the daemon notices the closes.
-    eventually("a slot is free again", || Smtp::connect(addr).is_ok());
+    eventually(DEADLINE, "a slot is free again", || {
+        Smtp::connect(addr).is_ok()
+    });
     w.check(&sys, &mut t);
 
     // Nothing for hostile recipients was stored, and the witness lost nothing.
@@ -630,7 +632,7 @@ fn pop_hostile_input() {
     );
     // send_timeout_ms is a deadline for the whole answer (trickles of window
     // do not restart it): the RETR is cut about 1.5 s after it began.
-    eventually("powerpop gives up on the stalled reader", || {
+    eventually(DEADLINE, "powerpop gives up on the stalled reader", || {
         sys.pop.log_text().contains("broke off mid-stream")
     });
     let mut got = 0usize;
@@ -655,7 +657,9 @@ fn pop_hostile_input() {
     t.expect("connections_max", g, pop_refusal);
     drop(held);
     drop(extra);
-    eventually("a slot is free again", || Pop::connect(addr).is_ok());
+    eventually(DEADLINE, "a slot is free again", || {
+        Pop::connect(addr).is_ok()
+    });
     w.check(&sys, &mut t);
 
     // Nothing was lost: the big message is whole, the witness's are there.
@@ -879,7 +883,7 @@ fn backend_protocol_hostile_input() {
     t.cases += 1;
     t.refused += 1;
     drop(held);
-    eventually("a slot is free again", || {
+    eventually(DEADLINE, "a slot is free again", || {
         BackendConn::connect(addr, SECRET.as_bytes(), IO_TIMEOUT)
             .and_then(|mut c| c.ping())
             .is_ok()
