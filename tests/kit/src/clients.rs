@@ -8,6 +8,9 @@ use std::net::{SocketAddr, TcpStream};
 
 use crate::IO_TIMEOUT;
 
+/// Most lines one SMTP reply may have (EHLO answers have about ten).
+pub const REPLY_LINES_MAX: usize = 100;
+
 /// A connected socket with both time-outs set.
 pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
@@ -25,6 +28,16 @@ pub struct Smtp {
 impl Smtp {
     /// Connects, reads the greeting and says EHLO; fails unless both are 2xx.
     pub fn connect(addr: SocketAddr) -> io::Result<Smtp> {
+        let mut c = Smtp::greet(addr)?;
+        let (code, text) = c.cmd("EHLO client.sys.test")?;
+        if code != 250 {
+            return Err(io::Error::other(format!("EHLO {code} {text}")));
+        }
+        Ok(c)
+    }
+
+    /// Connects and reads the greeting only (no EHLO); fails unless it is 220.
+    pub fn greet(addr: SocketAddr) -> io::Result<Smtp> {
         let s = connect(addr)?;
         let mut c = Smtp {
             r: BufReader::new(s.try_clone()?),
@@ -34,25 +47,38 @@ impl Smtp {
         if code != 220 {
             return Err(io::Error::other(format!("greeting {code} {text}")));
         }
-        let (code, text) = c.cmd("EHLO client.sys.test")?;
-        if code != 250 {
-            return Err(io::Error::other(format!("EHLO {code} {text}")));
-        }
         Ok(c)
     }
 
     /// Reads one (possibly multi-line) reply: its code and last line.
     pub fn reply(&mut self) -> io::Result<(u16, String)> {
-        loop {
+        let (code, mut lines) = self.reply_lines()?;
+        Ok((code, lines.pop().unwrap_or_default()))
+    }
+
+    /// Reads one reply: its code and every line (at most
+    /// [`REPLY_LINES_MAX`]), without line ends.
+    pub fn reply_lines(&mut self) -> io::Result<(u16, Vec<String>)> {
+        let mut lines = Vec::new();
+        while lines.len() < REPLY_LINES_MAX {
             let mut line = String::new();
             if self.r.read_line(&mut line)? == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-            if line.as_bytes().get(3) != Some(&b'-') {
-                return Ok((code, line.trim_end().to_string()));
+            let last = line.as_bytes().get(3) != Some(&b'-');
+            lines.push(line.trim_end().to_string());
+            if last {
+                return Ok((code, lines));
             }
         }
+        Err(io::Error::other("reply longer than REPLY_LINES_MAX lines"))
+    }
+
+    /// Sends one command line and reads every line of its reply.
+    pub fn cmd_lines(&mut self, line: &str) -> io::Result<(u16, Vec<String>)> {
+        self.w.write_all(format!("{line}\r\n").as_bytes())?;
+        self.reply_lines()
     }
 
     /// Sends one command line and reads its reply.
