@@ -28,8 +28,8 @@ const BINARIES: [&str; 5] = [
 
 /// The workspace binary `name`: `target/<profile>/<name>`, next to the
 /// directory of the running test executable (`target/<profile>/deps/`).
-/// If one of the daemons is missing, `cargo build --workspace --bins` runs
-/// once for the whole process.
+/// If `name` or one of the daemons is missing, `cargo build --workspace
+/// --bins` runs (once for the whole process).
 pub fn bin(name: &str) -> PathBuf {
     static BUILD: Once = Once::new();
     let exe = std::env::current_exe().expect("current_exe");
@@ -39,7 +39,8 @@ pub fn bin(name: &str) -> PathBuf {
         .expect("target/<profile>")
         .to_path_buf();
     BUILD.call_once(|| {
-        if BINARIES.iter().all(|b| dir.join(b).exists()) {
+        let wanted = BINARIES.iter().chain(std::iter::once(&name));
+        if wanted.into_iter().all(|b| dir.join(b).exists()) {
             return;
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
