@@ -4,7 +4,6 @@
 //! fields; the keys every test needs are written here once.
 
 use std::net::SocketAddr;
-use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 
 use crate::daemon::Daemon;
@@ -116,18 +115,7 @@ impl Pplistener {
     }
 }
 
-impl Deref for Pplistener {
-    type Target = Daemon;
-    fn deref(&self) -> &Daemon {
-        &self.daemon
-    }
-}
-
-impl DerefMut for Pplistener {
-    fn deref_mut(&mut self) -> &mut Daemon {
-        &mut self.daemon
-    }
-}
+crate::deref_daemon!(Pplistener, daemon);
 
 /// Which frontend a [`Frontend`] runs.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -214,15 +202,4 @@ impl Frontend {
     }
 }
 
-impl Deref for Frontend {
-    type Target = Daemon;
-    fn deref(&self) -> &Daemon {
-        &self.daemon
-    }
-}
-
-impl DerefMut for Frontend {
-    fn deref_mut(&mut self) -> &mut Daemon {
-        &mut self.daemon
-    }
-}
+crate::deref_daemon!(Frontend, daemon);

@@ -38,6 +38,27 @@ pub use up::Up;
 
 use std::time::{Duration, Instant};
 
+/// Implements `Deref` and `DerefMut` to [`Daemon`] for `$type` through its
+/// field `$field` (a [`Daemon`] or a launcher holding one), so a suite's own
+/// wrapper has the daemon's methods (restart, kill9, pid, log_text, ...).
+#[macro_export]
+macro_rules! deref_daemon {
+    ($type:ty, $field:ident) => {
+        impl ::std::ops::Deref for $type {
+            type Target = $crate::Daemon;
+            fn deref(&self) -> &$crate::Daemon {
+                &self.$field
+            }
+        }
+
+        impl ::std::ops::DerefMut for $type {
+            fn deref_mut(&mut self) -> &mut $crate::Daemon {
+                &mut self.$field
+            }
+        }
+    };
+}
+
 /// Socket read/write time-out of the kit's clients.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 

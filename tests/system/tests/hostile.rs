@@ -231,6 +231,26 @@ impl Tally {
     }
 }
 
+impl Tally {
+    /// The suite's line on stderr (`lost=0`: callers verify the witness first).
+    fn report(&self, suite: &str) {
+        report(&format!(
+            "hostile {suite}: cases={} refused={} closed={} witness_served={} lost=0",
+            self.cases, self.refused, self.closed, self.witness
+        ));
+    }
+}
+
+/// Every link on every backend is in the witness's mailbox (no hostile
+/// recipient or name got anything stored).
+fn assert_only_witness_mail(sys: &System) {
+    for b in &sys.backends {
+        for (mailbox, _) in b.links() {
+            assert_eq!(mailbox, user(0), "only the witness mailbox holds mail");
+        }
+    }
+}
+
 fn smtp_refusal(l: &str) -> bool {
     l.starts_with('4') || l.starts_with('5')
 }
@@ -330,6 +350,17 @@ fn system() -> System {
         userbase,
         dir,
     }
+}
+
+/// The start of every test here: one test at a time, a fresh [`system`],
+/// and the witness served once before any hostile byte.
+fn begin() -> (std::sync::MutexGuard<'static, ()>, System, Witness, Tally) {
+    let guard = serial();
+    let sys = system();
+    let w = Witness::new();
+    let mut t = Tally::default();
+    w.check(&sys, &mut t);
+    (guard, sys, w, t)
 }
 
 /// Hostile mailbox names (for RCPT, USER, LIST).
@@ -490,42 +521,26 @@ impl Case {
 
 #[test]
 fn every_hostile_case_on_every_protocol() {
-    let _g = serial();
-    let sys = system();
-    let w = Witness::new();
-    let mut t = Tally::default();
-    w.check(&sys, &mut t);
+    let (_g, sys, w, mut t) = begin();
     for proto in Proto::ALL {
         for case in Case::ALL {
             case.run(proto, &sys, &w, &mut t);
         }
     }
     // Nothing was stored by the cases, and the witness lost nothing.
-    for b in &sys.backends {
-        for (mailbox, _) in b.links() {
-            assert_eq!(mailbox, user(0), "only the witness mailbox holds mail");
-        }
-    }
+    assert_only_witness_mail(&sys);
     w.verify(&sys);
-    report(&format!(
-        "hostile table ({} protocols x {} cases): cases={} refused={} closed={} witness_served={} lost=0",
+    t.report(&format!(
+        "table ({} protocols x {} cases)",
         Proto::ALL.len(),
-        Case::ALL.len(),
-        t.cases,
-        t.refused,
-        t.closed,
-        t.witness
+        Case::ALL.len()
     ));
 }
 
 #[test]
 fn smtp_hostile_input() {
-    let _g = serial();
-    let sys = system();
-    let w = Witness::new();
-    let mut t = Tally::default();
+    let (_g, sys, w, mut t) = begin();
     let addr = sys.smtp.addr;
-    w.check(&sys, &mut t);
 
     // (Long lines, NUL, 8-bit, bare CR/LF, huge counts and slowloris are in
     // the table of every_hostile_case_on_every_protocol.)
@@ -653,26 +668,15 @@ fn smtp_hostile_input() {
     w.check(&sys, &mut t);
 
     // Nothing for hostile recipients was stored, and the witness lost nothing.
-    for b in &sys.backends {
-        for (mailbox, _) in b.links() {
-            assert_eq!(mailbox, user(0), "only the witness mailbox holds mail");
-        }
-    }
+    assert_only_witness_mail(&sys);
     w.verify(&sys);
-    report(&format!(
-        "hostile smtp: cases={} refused={} closed={} witness_served={} lost=0",
-        t.cases, t.refused, t.closed, t.witness
-    ));
+    t.report("smtp");
 }
 
 #[test]
 fn pop_hostile_input() {
-    let _g = serial();
-    let sys = system();
-    let w = Witness::new();
-    let mut t = Tally::default();
+    let (_g, sys, w, mut t) = begin();
     let addr = sys.pop.addr;
-    w.check(&sys, &mut t);
     // A big message for mailbox 1, stored straight on a backend (powersmtp's
     // size limit is small here), for the slow-reader case.
     let big = message("big", 24 << 20);
@@ -813,10 +817,7 @@ fn pop_hostile_input() {
     let got = retrieve_all(addr, 2, 1);
     assert_eq!(got["big"][0].2, sha(&big), "the big message is intact");
     w.verify(&sys);
-    report(&format!(
-        "hostile pop: cases={} refused={} closed={} witness_served={} lost=0",
-        t.cases, t.refused, t.closed, t.witness
-    ));
+    t.report("pop");
 }
 
 /// A raw PPL/1 connection that has passed AUTH.
@@ -836,12 +837,8 @@ fn ppl_authenticated(addr: SocketAddr) -> Raw {
 
 #[test]
 fn backend_protocol_hostile_input() {
-    let _g = serial();
-    let sys = system();
-    let w = Witness::new();
-    let mut t = Tally::default();
+    let (_g, sys, w, mut t) = begin();
     let addr = sys.backends[0].addr;
-    w.check(&sys, &mut t);
     let before: Vec<_> = sys.backends.iter().map(Backend::links).collect();
 
     // Without the secret: every verb refused, connection closed.
@@ -1050,10 +1047,7 @@ fn backend_protocol_hostile_input() {
         );
     }
     w.verify(&sys);
-    report(&format!(
-        "hostile ppl: cases={} refused={} closed={} witness_served={} lost=0",
-        t.cases, t.refused, t.closed, t.witness
-    ));
+    t.report("ppl");
 }
 
 #[test]
@@ -1134,8 +1128,5 @@ fn admin_port_hostile_input() {
         drop(body);
     }
     w.verify(&sys);
-    report(&format!(
-        "hostile admin: cases={} refused={} closed={} witness_served={} lost=0",
-        t.cases, t.refused, t.closed, t.witness
-    ));
+    t.report("admin");
 }

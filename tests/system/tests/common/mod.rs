@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
@@ -52,18 +51,7 @@ pub struct Backend {
     pub data: PathBuf,
 }
 
-impl Deref for Backend {
-    type Target = powermail_testkit::Daemon;
-    fn deref(&self) -> &Self::Target {
-        &self.process
-    }
-}
-
-impl DerefMut for Backend {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.process
-    }
-}
+powermail_testkit::deref_daemon!(Backend, process);
 
 impl Backend {
     /// Writes the config of backend `i` under `root` (data in `data`,
@@ -161,18 +149,7 @@ pub struct Frontend {
     pub admin: SocketAddr,
 }
 
-impl Deref for Frontend {
-    type Target = powermail_testkit::Daemon;
-    fn deref(&self) -> &Self::Target {
-        &self.process
-    }
-}
-
-impl DerefMut for Frontend {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.process
-    }
-}
+powermail_testkit::deref_daemon!(Frontend, process);
 
 /// `[backend_pool]` for quick failure detection in tests.
 const POOL: &str = "\n[backend_pool]\nhealth_interval_ms = 100\nhealth_timeout_ms = 500\nconnect_timeout_ms = 1000\nio_timeout_ms = 10000\nping_after_idle_ms = 500\n";
