@@ -10,12 +10,11 @@ use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use powermail_proto::{BackendConn, MailboxName, MessageId};
 use powermail_testkit::{
-    admin_request, eventually, BackendSpec, Frontend, FrontendSpec, Kind, Pplistener,
+    admin_request, eventually, serial, BackendSpec, Frontend, FrontendSpec, Kind, Pplistener,
     PplistenerSpec,
 };
 use serde_json::{json, Value};
@@ -23,13 +22,6 @@ use serde_json::{json, Value};
 const SECRET: &str = "e2e-secret-0123456789";
 const TIMEOUT: Duration = Duration::from_secs(30);
 const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/smtp_client.py");
-
-/// The tests start many processes on a small machine: one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Starts `cmd` (a Python helper, not a daemon), waits for a stdout line
 /// containing `ready` (returned), and keeps draining stdout afterwards.

@@ -65,6 +65,14 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Interval between two polls of [`eventually`].
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
+/// One test at a time in this test process: suites that start many daemons
+/// hold it for a whole test, so a small machine is not overrun (a test that
+/// panicked while holding it does not block the next).
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Polls `f` every [`POLL_INTERVAL`] until it returns true; panics naming
 /// `what` if that has not happened within `timeout`.
 pub fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {

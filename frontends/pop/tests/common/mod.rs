@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use powermail_proto::{BackendConn, MailboxName, MessageId};
-pub use powermail_testkit::{eventually, free_port};
+pub use powermail_testkit::{eventually, free_port, Pop as PopClient};
 use powermail_testkit::{BackendSpec, Frontend, FrontendSpec, Kind, Pplistener, PplistenerSpec};
 
 pub const SECRET: &str = "test-secret-0123456789";
@@ -215,72 +215,6 @@ pub fn raw_greeting(addr: SocketAddr) -> (TcpStream, String) {
     let mut l = String::new();
     let _ = r.read_line(&mut l);
     (s, l.trim_end().to_string())
-}
-
-/// A POP3 client on a raw socket, for byte-exact answers.
-pub struct RawPop {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl RawPop {
-    /// Connects and reads the greeting.
-    pub fn connect(addr: SocketAddr) -> RawPop {
-        let (writer, greeting) = raw_greeting_stream(addr);
-        assert!(greeting.0.starts_with("+OK"), "{}", greeting.0);
-        RawPop {
-            reader: greeting.1,
-            writer,
-        }
-    }
-
-    /// Connects and logs in with USER/PASS.
-    pub fn login(addr: SocketAddr, user: &str, password: &str) -> RawPop {
-        let mut p = RawPop::connect(addr);
-        assert!(p.cmd(&format!("USER {user}")).starts_with("+OK"));
-        let pass = p.cmd(&format!("PASS {password}"));
-        assert!(pass.starts_with("+OK"), "{pass}");
-        p
-    }
-
-    /// Sends one command line, returns the status line (CRLF removed).
-    pub fn cmd(&mut self, line: &str) -> String {
-        self.writer
-            .write_all(format!("{line}\r\n").as_bytes())
-            .unwrap();
-        let mut l = String::new();
-        self.reader.read_line(&mut l).unwrap();
-        l.trim_end().to_string()
-    }
-
-    /// RETR `n`: the answer's bytes exactly as sent, between the status
-    /// line and the terminating `.CRLF` (so still dot-stuffed), or the
-    /// status line of a refusal.
-    pub fn retr(&mut self, n: usize) -> Result<Vec<u8>, String> {
-        let status = self.cmd(&format!("RETR {n}"));
-        if !status.starts_with("+OK") {
-            return Err(status);
-        }
-        let mut body = Vec::new();
-        loop {
-            let mut line = Vec::new();
-            let got = self.reader.read_until(b'\n', &mut line).unwrap();
-            assert!(got > 0, "connection closed mid-answer");
-            if line == b".\r\n" {
-                return Ok(body);
-            }
-            body.extend_from_slice(&line);
-        }
-    }
-}
-
-fn raw_greeting_stream(addr: SocketAddr) -> (TcpStream, (String, BufReader<TcpStream>)) {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut l = String::new();
-    let _ = r.read_line(&mut l);
-    (s, (l.trim_end().to_string(), r))
 }
 
 /// A TCP proxy in front of a real backend that breaks every connection

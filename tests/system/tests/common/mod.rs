@@ -11,7 +11,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use powermail_proto::BackendConn;
@@ -19,7 +19,7 @@ use powermail_testkit::{BackendSpec, FrontendSpec, Pplistener, PplistenerSpec};
 use sha2::{Digest, Sha256};
 
 pub use powermail_testkit::{
-    connect, durability_line, eventually, free_addr, free_port, Kind, Pop, Smtp, IO_TIMEOUT,
+    connect, durability_line, eventually, free_addr, free_port, serial, Kind, Pop, Smtp, IO_TIMEOUT,
 };
 
 /// The backends' shared secret.
@@ -30,12 +30,6 @@ pub const TOKEN: &str = "systest-admin-token";
 pub const DEADLINE: Duration = Duration::from_secs(60);
 /// Domain of every test mailbox.
 pub const DOMAIN: &str = "sys.test";
-
-/// The tests start many processes on a small machine: one test at a time.
-pub fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// One pplistener process serving one backend.
 pub struct Backend {
