@@ -11,17 +11,23 @@
 //!
 //! [`Latencies`] keeps one HdrHistogram per operation and renders the
 //! percentiles operators ask for (p50, p90, p99, p99.9, max).
+//!
+//! [`client`] is the other side of the port (ppadmin and the tests use it),
+//! and [`announce_ready`] prints the one readiness line every daemon prints.
 
+pub mod client;
 mod http;
 mod latency;
 mod logfmt;
 mod prom;
+mod ready;
 pub mod systemd;
 
 pub use http::{default_connections_max, default_request_timeout_ms, AdminLimits};
 pub use latency::{Latencies, Samples, LATENCY_MAX_US, SAMPLES_MAX};
 pub use logfmt::{kv, LogValue, LOG_VALUE_MAX_BYTES};
 pub use prom::Prometheus;
+pub use ready::{announce_ready, ReadyLine, READY_LISTEN_MAX, READY_ROLE_MAX_BYTES};
 
 use std::sync::Arc;
 

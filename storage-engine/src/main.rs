@@ -284,6 +284,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let shared_all_for_reload = shared_all.clone();
+    let mut admin_addr = None;
     if let Some(listen) = &cfg.admin_listen {
         let token = match &cfg.admin_token {
             Some(t) => t.clone(),
@@ -304,6 +305,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         });
         let server = powermail_admin::spawn(listen, &token, handler, cfg.admin_limits())?;
         println!("pplistener: admin port on {}", server.local_addr());
+        admin_addr = Some(server.local_addr());
     }
     let (path, all) = (args.config.clone(), shared_all_for_reload);
     let mut hup = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
@@ -316,7 +318,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         })?;
     let grace = std::time::Duration::from_millis(cfg.shutdown_grace_ms);
     drain::on_stop_signal(stop.clone(), shared_all.clone(), grace)?;
-    powermail_admin::systemd::notify_ready(&format!("{} backends", backends.len()));
+    let mut listen: Vec<(&str, std::net::SocketAddr)> = backends
+        .iter()
+        .map(|b| (b.name.as_str(), b.listen))
+        .collect();
+    listen.extend(admin_addr.map(|a| ("admin", a)));
+    powermail_admin::announce_ready("pplistener", &listen);
     // An executor returns only once it has drained after a stop request.
     for h in handles {
         h.join()

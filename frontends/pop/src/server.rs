@@ -108,6 +108,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         limits: limits.clone(),
         path,
     });
+    let mut ready: Vec<(&str, std::net::SocketAddr)> = Vec::new();
     if let Some(admin_listen) = &cfg.admin_listen {
         let token = match &cfg.admin_token {
             Some(t) => t.clone(),
@@ -116,6 +117,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         let server =
             powermail_admin::spawn(admin_listen, &token, admin.clone(), cfg.admin_limits())?;
         println!("powerpop admin port on {}", server.local_addr());
+        ready.push(("admin", server.local_addr()));
     }
     on_sighup(move || {
         let _ = admin.reload();
@@ -150,12 +152,13 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             .spawn(move || accept_loop(l, s, Some(tls), true))?;
         log::info!("powerpop implicit TLS on {local}");
         println!("powerpop implicit TLS on {local}");
+        ready.insert(0, ("pop3s", local));
     }
     let local = listener.local_addr()?;
     log::info!("powerpop listening on {local}");
     println!("powerpop listening on {local}");
-    let _ = io::stdout().flush();
-    powermail_admin::systemd::notify_ready(&format!("POP3 on {local}"));
+    ready.insert(0, ("pop3", local));
+    powermail_admin::announce_ready("powerpop", &ready);
     accept_loop(listener, shared, tls, false);
     Ok(())
 }

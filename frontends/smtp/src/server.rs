@@ -121,6 +121,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         current: current.clone(),
         path,
     });
+    let mut ready: Vec<(&str, std::net::SocketAddr)> = Vec::new();
     if let Some(listen) = &cfg.admin_listen {
         let token = match &cfg.admin_token {
             Some(t) => t.clone(),
@@ -128,6 +129,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         };
         let server = powermail_admin::spawn(listen, &token, admin.clone(), cfg.admin_limits())?;
         println!("powersmtp: admin port on {}", server.local_addr());
+        ready.push(("admin", server.local_addr()));
     }
     let on_hup = admin.clone();
     on_sighup(move || {
@@ -146,8 +148,10 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     log::info!("listening on {local}");
     println!("powersmtp: listening on {local}");
+    ready.insert(0, ("smtp", local));
     if let Some(lmtp) = lmtp {
         let local = lmtp.local_addr()?;
+        ready.insert(1, ("lmtp", local));
         log::info!("LMTP listening on {local}");
         println!("powersmtp: LMTP listening on {local}");
         let (shared, current, tls) = (shared.clone(), current.clone(), tls.clone());
@@ -156,7 +160,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             move || serve_listener(&lmtp, &shared, &current, &tls, Protocol::Lmtp, &proxy)
         })?;
     }
-    powermail_admin::systemd::notify_ready(&format!("SMTP on {local}"));
+    powermail_admin::announce_ready("powersmtp", &ready);
     serve_listener(&listener, &shared, &current, &tls, Protocol::Smtp, &proxy);
     Ok(())
 }

@@ -3,62 +3,28 @@
 //! temporary SQLite userbase, and real clients (Python's smtplib, raw
 //! sockets, swaks when installed).
 //!
-//! `pplistener` is built into the same target directory on first use.
+//! The daemons are started by the shared test kit (`tests/kit`).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard, Once};
 use std::time::Duration;
 
 use powermail_proto::{BackendConn, MailboxName, MessageId};
+use powermail_testkit::{
+    admin_request, eventually, serial, BackendSpec, Frontend, FrontendSpec, Kind, Pplistener,
+    PplistenerSpec,
+};
 use serde_json::{json, Value};
 
 const SECRET: &str = "e2e-secret-0123456789";
 const TIMEOUT: Duration = Duration::from_secs(30);
 const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/smtp_client.py");
 
-/// The tests start many processes on a small machine: one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `pplistener` next to our own binary, built there if needed.
-fn pplistener_bin() -> PathBuf {
-    static BUILD: Once = Once::new();
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_powersmtp"));
-    let dir = exe.parent().unwrap().to_path_buf();
-    let bin = dir.join("pplistener");
-    BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "pplistener"])
-            .env("CARGO_TARGET_DIR", dir.parent().unwrap())
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build -p pplistener");
-        assert!(status.success(), "cargo build -p pplistener failed");
-    });
-    assert!(bin.exists(), "{} missing", bin.display());
-    bin
-}
-
-/// Starts `cmd`, waits for a stdout line containing `ready` (returned), and
-/// keeps draining stdout afterwards.
+/// Starts `cmd` (a Python helper, not a daemon), waits for a stdout line
+/// containing `ready` (returned), and keeps draining stdout afterwards.
 fn spawn_and_wait(mut cmd: Command, ready: &str) -> (Child, Vec<String>) {
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -86,52 +52,43 @@ fn spawn_and_wait(mut cmd: Command, ready: &str) -> (Child, Vec<String>) {
     (child, lines)
 }
 
-/// One pplistener process with one backend.
+/// One pplistener process with one backend (so each can be killed alone).
 struct Backend {
-    addr: String,
+    process: Pplistener,
+    addr: SocketAddr,
     data: PathBuf,
-    config: PathBuf,
-    child: Option<Child>,
 }
 
 impl Backend {
     fn start(root: &Path, i: usize) -> Backend {
         let data = root.join(format!("disk{i}"));
-        let addr = format!("127.0.0.1:{}", free_port());
-        let config = root.join(format!("pplistener{i}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "secret = \"{SECRET}\"\n[limits]\nfree_bytes_min = 0\n[[backend]]\nname = \"b{i}\"\ndata_dir = \"{}\"\nlisten = \"{addr}\"\ncpu = 0\n",
-                data.display()
-            ),
-        )
-        .unwrap();
-        let mut b = Backend {
-            addr,
-            data,
-            config,
-            child: None,
+        let spec = PplistenerSpec {
+            secret: SECRET.into(),
+            admin_token: "tok".into(),
+            extra: "[limits]\nfree_bytes_min = 0\n".into(),
+            backends: vec![BackendSpec {
+                extra: "cpu = 0\n".into(),
+                ..BackendSpec::named(&format!("b{i}"), data.clone())
+            }],
         };
-        b.restart();
-        b
-    }
-
-    fn restart(&mut self) {
-        let mut cmd = Command::new(pplistener_bin());
-        cmd.arg("--config").arg(&self.config);
-        self.child = Some(spawn_and_wait(cmd, "listening on").0);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
+        let process = Pplistener::start(root, &format!("pplistener{i}"), &spec);
+        Backend {
+            addr: process.backends[0],
+            process,
+            data,
         }
     }
 
+    fn restart(&mut self) {
+        self.process.restart();
+    }
+
+    fn kill(&mut self) {
+        self.process.kill9();
+    }
+
     fn conn(&self) -> BackendConn {
-        BackendConn::connect(&self.addr, SECRET.as_bytes(), TIMEOUT).expect("backend connect")
+        BackendConn::connect(self.addr, SECRET.as_bytes(), TIMEOUT).expect("backend connect")
     }
 
     /// The stored file of `msgid` in `mailbox`, if this backend holds it.
@@ -148,19 +105,12 @@ impl Backend {
     }
 }
 
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// A test system: backends, userbase, powersmtp.
 struct System {
+    /// First, so the processes are gone before their directories.
+    smtp: Frontend,
     backends: Vec<Backend>,
-    smtp: Child,
     port: u16,
-    admin_port: u16,
-    /// Last, so the processes are gone before their directories.
     dir: tempfile::TempDir,
 }
 
@@ -196,35 +146,27 @@ impl System {
                 .unwrap();
         }
         drop(ub);
-        let admin_port = free_port();
-        let mut toml = format!(
-            "listen = \"127.0.0.1:0\"\nhostname = \"mx.test\"\nfrontend_id = \"t1\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nadmin_token = \"tok\"\nuserbase = \"{url}\"\nreplicas = {k}\nsecret = \"{SECRET}\"\n[limits]\n{limits}\n[backend_pool]\nhealth_interval_ms = 100\nhealth_timeout_ms = 500\n{extra}\n"
-        );
-        for (i, b) in backends.iter().enumerate() {
-            toml.push_str(&format!(
-                "[[backend]]\nname = \"b{i}\"\naddr = \"{}\"\n",
-                b.addr
-            ));
-        }
-        let config = dir.path().join("powersmtp.toml");
-        std::fs::write(&config, toml).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_powersmtp"));
-        cmd.arg("--config").arg(&config);
-        let (smtp, lines) = spawn_and_wait(cmd, "powersmtp: listening on");
-        let port = lines
-            .last()
-            .unwrap()
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let spec = FrontendSpec {
+            kind: Kind::Smtp,
+            secret: SECRET.into(),
+            admin_token: "tok".into(),
+            userbase: url,
+            extra: format!(
+                "hostname = \"mx.test\"\nfrontend_id = \"t1\"\nreplicas = {k}\n[limits]\n{limits}\n\
+                 [backend_pool]\nhealth_interval_ms = 100\nhealth_timeout_ms = 500\n{extra}\n"
+            ),
+            backends: backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (format!("b{i}"), b.addr, String::new()))
+                .collect(),
+        };
+        let smtp = Frontend::start(dir.path(), "powersmtp", &spec);
         System {
-            dir,
-            backends,
+            port: smtp.addr.port(),
             smtp,
-            port,
-            admin_port,
+            backends,
+            dir,
         }
     }
 
@@ -275,36 +217,17 @@ impl System {
     }
 
     fn admin_get(&self, path: &str) -> String {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).unwrap();
-        s.set_read_timeout(Some(TIMEOUT)).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.0\r\nAuthorization: Bearer tok\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        resp.split_once("\r\n\r\n").unwrap().1.to_string()
+        let (status, body) = admin_request(self.smtp.admin, "GET", path, Some("tok"));
+        assert_eq!(status, 200, "{path}: {body}");
+        body
     }
 
     /// Waits until the admin port shows backend `i` with `health`.
     fn wait_health(&self, i: usize, health: &str) {
-        for _ in 0..100 {
-            let v: Value = serde_json::from_str(&self.admin_get("/stats")).unwrap();
-            if v["backends"][i]["health"] == health {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("backend {i} never became {health}");
-    }
-}
-
-impl Drop for System {
-    fn drop(&mut self) {
-        let _ = self.smtp.kill();
-        let _ = self.smtp.wait();
-        let _ = &self.dir;
+        eventually(TIMEOUT, &format!("backend {i} becomes {health}"), || {
+            let v: Value = serde_json::from_str(&self.admin_get("/stats")).unwrap_or_default();
+            v["backends"][i]["health"] == health
+        });
     }
 }
 

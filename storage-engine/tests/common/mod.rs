@@ -1,45 +1,30 @@
 //! Starts the real `pplistener` binary on temporary directories and free
-//! ports, for the integration tests.
+//! ports (through the shared test kit, `tests/kit`), for the integration
+//! tests; adds what only these tests look at (raw PPL/1 sockets, the files
+//! under a data directory).
 
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use powermail_proto::BackendConn;
+use powermail_testkit::{durability_line, BackendSpec, Pplistener, PplistenerSpec};
 
 pub const SECRET: &str = "test-secret-0123456789";
 pub const TIMEOUT: Duration = Duration::from_secs(30);
+/// The admin port's token.
+pub const TOKEN: &str = "tok";
 
 /// A running pplistener process.
 pub struct Listener {
-    pub dir: tempfile::TempDir,
-    pub config: PathBuf,
+    /// The process; first, so it is gone before its directory.
+    pub process: Pplistener,
     pub backends: Vec<SocketAddr>,
     pub admin: SocketAddr,
-    child: Option<Child>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The `durability` line for each `[[backend]]` table: `PM_TEST_DURABILITY`
-/// (`file` or `syncfs`) runs a suite in that mode; unset, the default (`file`).
-pub fn durability_line() -> String {
-    match std::env::var("PM_TEST_DURABILITY") {
-        Ok(m) if m == "file" || m == "syncfs" => format!("durability = \"{m}\"\n"),
-        Ok(m) if m.is_empty() => String::new(),
-        Ok(m) => panic!("PM_TEST_DURABILITY={m:?}: use file or syncfs"),
-        Err(_) => String::new(),
-    }
+    pub dir: tempfile::TempDir,
 }
 
 impl Listener {
@@ -51,98 +36,50 @@ impl Listener {
 
     /// [`Listener::start`] with `durability` (a TOML line, or empty) in each `[[backend]]`.
     pub fn start_in(n: usize, extra: &str, durability: &str) -> Listener {
-        let dir = tempfile::tempdir().unwrap();
-        let backends: Vec<SocketAddr> = (0..n)
-            .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
-            .collect();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut toml =
-            format!("secret = \"{SECRET}\"\nadmin_listen = \"{admin}\"\nadmin_token = \"tok\"\n");
-        toml.push_str(extra);
-        toml.push('\n');
-        for (i, a) in backends.iter().enumerate() {
-            toml.push_str(&format!(
-                "[[backend]]\ndata_dir = \"{}\"\nlisten = \"{a}\"\n{}",
-                dir.path().join(format!("disk{i}")).display(),
-                durability
-            ));
-        }
-        let config = dir.path().join("pplistener.toml");
-        std::fs::write(&config, toml).unwrap();
-        let mut l = Listener {
-            dir,
-            config,
-            backends,
-            admin,
-            child: None,
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = PplistenerSpec {
+            secret: SECRET.into(),
+            admin_token: TOKEN.into(),
+            extra: extra.into(),
+            backends: (0..n)
+                .map(|i| BackendSpec {
+                    extra: durability.into(),
+                    ..BackendSpec::new(dir.path().join(format!("disk{i}")))
+                })
+                .collect(),
         };
-        l.restart();
-        l
+        let process = Pplistener::start(dir.path(), "pplistener", &spec);
+        Listener {
+            backends: process.backends.clone(),
+            admin: process.admin,
+            process,
+            dir,
+        }
     }
 
-    /// (Re)starts the process and waits until every backend listens.
+    /// (Re)starts the process; returns when it is ready.
     pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pplistener"))
-            .arg("--config")
-            .arg(&self.config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start pplistener");
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut ready = 0;
-        let mut line = String::new();
-        while ready < self.backends.len() + 1 {
-            line.clear();
-            if out.read_line(&mut line).unwrap() == 0 {
-                panic!("pplistener exited during start-up: {:?}", child.wait());
-            }
-            if line.contains("listening on") || line.contains("admin port on") {
-                ready += 1;
-            }
-        }
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut out, &mut std::io::sink());
-        });
-        self.child = Some(child);
+        self.process.restart();
     }
 
     /// `kill -9`.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
+        self.process.kill9();
     }
 
     /// Sends `signal` (e.g. `libc::SIGTERM`) to the running process.
     pub fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on our own child, which has not been reaped yet.
-        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "kill({}, {signal})", self.pid());
+        self.process.signal(signal);
     }
 
     /// Waits at most `timeout` for the process to exit: its status (the
     /// process is then gone, [`Listener::restart`] may follow), or `None`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let child = self.child.as_mut().expect("running");
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                self.child = None;
-                return Some(status);
-            }
-            if std::time::Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.process.wait_exit(timeout)
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        self.process.pid().expect("running")
     }
 
     pub fn data_dir(&self, backend: usize) -> PathBuf {
@@ -168,24 +105,7 @@ impl Listener {
 
     /// An admin HTTP request; returns (status, body).
     pub fn admin(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-        let mut s = TcpStream::connect(self.admin).unwrap();
-        s.set_read_timeout(Some(TIMEOUT)).unwrap();
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        write!(
-            s,
-            "{method} {path} HTTP/1.0\r\nHost: x\r\n{auth}Content-Length: 0\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+        powermail_testkit::admin_request(self.admin, method, path, token)
     }
 
     /// One counter of one backend from the admin port's `/stats`.
@@ -200,15 +120,12 @@ impl Listener {
 
     /// Waits (bounded) until the admin port reports `n` open connections on `backend`.
     pub fn wait_for_connections(&self, backend: usize, n: u64) {
-        for _ in 0..500 {
-            let (_, body) = self.admin("GET", "/stats", Some("tok"));
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-            if v["backends"][backend]["connections"] == n {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("backend {backend} never reached {n} connections");
+        let what = format!("backend {backend} reaches {n} connections");
+        powermail_testkit::eventually(TIMEOUT, &what, || {
+            let (_, body) = self.admin("GET", "/stats", Some(TOKEN));
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            v["backends"][backend]["connections"] == n
+        });
     }
 
     /// Nameless bodies (`O_TMPFILE`) the process has open on a backend's disk
@@ -249,12 +166,6 @@ fn find_file(mbox: &Path, mailbox: &str, msgid: &str) -> Option<PathBuf> {
         }
     }
     None
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        self.kill9();
-    }
 }
 
 /// A plain socket with line helpers.

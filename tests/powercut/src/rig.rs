@@ -6,14 +6,13 @@
 //! Every wait is bounded by [`DEADLINE`]; every failed command panics with
 //! its output, so a broken step shows what broke.
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use powermail_proto::BackendConn;
+use powermail_testkit::{BackendSpec, Pplistener, PplistenerSpec};
 
 /// The longest any bounded wait of the rig waits.
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -22,43 +21,8 @@ pub const SECRET: &str = "powercut-secret-0123456789";
 /// Socket time-out of every client.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A workspace binary (target/<profile>/NAME), built first if missing.
-pub fn bin(name: &str) -> PathBuf {
-    static BUILD: Once = Once::new();
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> → target/<profile>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
-    BUILD.call_once(|| {
-        let wanted = [
-            "pplistener",
-            "crashdisk",
-            "powersmtp",
-            "powerpop",
-            "ppadmin",
-        ];
-        if wanted.iter().any(|b| !dir.join(b).exists()) {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-q"]);
-            for b in wanted {
-                cmd.args(["-p", b]);
-            }
-            cmd.env("CARGO_TARGET_DIR", dir.parent().expect("target"))
-                .current_dir(env!("CARGO_MANIFEST_DIR"));
-            if dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            assert!(cmd.status().expect("cargo build").success(), "build failed");
-        }
-    });
-    let b = dir.join(name);
-    assert!(b.exists(), "{} missing", b.display());
-    b
-}
+/// A workspace binary (target/<profile>/NAME): the test kit's lookup.
+pub use powermail_testkit::{bin, free_addr};
 
 /// Runs `cmd`; returns its output whatever the exit code.
 pub fn output(cmd: &mut Command) -> Output {
@@ -414,86 +378,45 @@ impl Durability {
     }
 }
 
-/// A port nobody listens on right now.
-pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-}
-
-/// One `pplistener` process with one backend.
+/// One `pplistener` process with one backend (the test kit's launcher).
 pub struct Listener {
     /// PPL/1 address.
     pub addr: SocketAddr,
     /// The backend's data directory.
     pub data: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
+    process: Pplistener,
 }
 
 impl Listener {
     /// Writes a config for backend `name` on `data` (under `root`) and
-    /// starts it; waits until it listens.
+    /// starts it; returns once it is ready.
     pub fn start(root: &Path, name: &str, data: &Path, durability: Durability) -> Listener {
-        let addr = free_addr();
-        let config = root.join(format!("pplistener-{name}.toml"));
         let mode = match durability {
             // The default; written out only when asked for, so the suite
             // also runs against builds that predate the setting.
             Durability::File => String::new(),
             Durability::Syncfs => "durability = \"syncfs\"\n".to_string(),
         };
-        std::fs::write(
-            &config,
-            format!(
-                "secret = \"{SECRET}\"\nblocking_threads = 8\n[limits]\nfree_bytes_min = 0\n\
-                 [[backend]]\nname = \"{name}\"\ndata_dir = \"{}\"\nlisten = \"{addr}\"\ncpu = 0\n{mode}",
-                data.display()
-            ),
-        )
-        .expect("write pplistener config");
-        let log = root.join(format!("pplistener-{name}.log"));
-        let err = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log");
-        let mut child = Command::new(bin("pplistener"))
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(err)
-            .spawn()
-            .expect("spawn pplistener");
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        loop {
-            let mut line = String::new();
-            if out.read_line(&mut line).unwrap_or(0) == 0 {
-                let status = child.wait();
-                panic!(
-                    "pplistener exited during start-up: {status:?}\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            if line.contains("listening on") {
-                break;
-            }
-        }
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut out, &mut std::io::sink());
-        });
+        let spec = PplistenerSpec {
+            secret: SECRET.into(),
+            admin_token: "powercut-admin-token".into(),
+            extra: "blocking_threads = 8\n[limits]\nfree_bytes_min = 0\n".into(),
+            backends: vec![BackendSpec {
+                extra: format!("cpu = 0\n{mode}"),
+                ..BackendSpec::named(name, data.to_path_buf())
+            }],
+        };
+        let process = Pplistener::start(root, &format!("pplistener-{name}"), &spec);
         Listener {
-            addr,
+            addr: process.backends[0],
             data: data.to_path_buf(),
-            log,
-            child: Some(child),
+            process,
         }
     }
 
     /// The process id (0 once killed).
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        self.process.pid().unwrap_or(0)
     }
 
     /// An authenticated connection.
@@ -510,20 +433,11 @@ impl Listener {
 
     /// The log so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log_text()
     }
 
     /// `kill -9` and reap.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        self.kill9();
+        self.process.kill9();
     }
 }

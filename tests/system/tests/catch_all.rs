@@ -42,7 +42,7 @@ fn catch_all_mail_is_read_over_pop3_in_the_named_mailbox() {
     let names: Vec<String> = b.links().into_iter().map(|(m, _)| m).collect();
     assert_eq!(names, vec![user(0)], "stored in the named mailbox only");
 
-    let mut p = Pop::login(pop.addr, 0).expect("login as the named mailbox");
+    let mut p = pop_login(pop.addr, 0).expect("login as the named mailbox");
     let uidl = p.uidl().expect("UIDL");
     assert_eq!(uidl.len(), 1, "one message");
     let raw = p.retr(1).expect("RETR");

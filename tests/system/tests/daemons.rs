@@ -28,7 +28,7 @@ fn start_notified(
     let sock_path = root.join(format!("{name}.notify"));
     let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
     sock.set_read_timeout(Some(DEADLINE)).expect("timeout");
-    let child = Command::new(bin(name))
+    let child = Command::new(powermail_testkit::bin(name))
         .arg("--config")
         .arg(config)
         .env("NOTIFY_SOCKET", &sock_path)
@@ -43,6 +43,16 @@ fn start_notified(
     (String::from_utf8_lossy(&buf[..n]).into_owned(), child)
 }
 
+/// The readiness line a notification carries as its STATUS.
+fn status_line(state: &str) -> powermail_testkit::ReadyLine {
+    let status = state
+        .lines()
+        .find_map(|l| l.strip_prefix("STATUS="))
+        .unwrap_or_else(|| panic!("no STATUS in {state:?}"));
+    powermail_testkit::ReadyLine::parse(status)
+        .unwrap_or_else(|| panic!("STATUS is not the readiness line: {state:?}"))
+}
+
 #[test]
 fn every_daemon_notifies_systemd_once_its_ports_are_open() {
     let _g = serial();
@@ -52,16 +62,17 @@ fn every_daemon_notifies_systemd_once_its_ports_are_open() {
     sys.backends[0].kill9();
     let (state, mut ppl) = start_notified(&root, "pplistener", &root.join("pplistener-b0.toml"));
     assert!(state.starts_with("READY=1\n"), "{state:?}");
-    assert!(state.contains("STATUS=1 backends"), "{state:?}");
+    let ready = status_line(&state);
+    assert_eq!((ready.daemon.as_str(), ready.pid), ("pplistener", ppl.id()));
+    assert_eq!(ready.addr("b0"), Some(backend_addr), "{state:?}");
     assert!(connect(backend_addr).is_ok(), "backend port open at READY");
 
     sys.smtp.kill9();
     let (state, mut smtp) = start_notified(&root, "powersmtp", &root.join("powersmtp.toml"));
     assert!(state.starts_with("READY=1\n"), "{state:?}");
-    assert!(
-        state.contains(&format!("SMTP on {}", sys.smtp.addr)),
-        "{state:?}"
-    );
+    let ready = status_line(&state);
+    assert_eq!((ready.daemon.as_str(), ready.pid), ("powersmtp", smtp.id()));
+    assert_eq!(ready.addr("smtp"), Some(sys.smtp.addr), "{state:?}");
     let mut greeting = String::new();
     BufReader::new(connect(sys.smtp.addr).expect("SMTP port open at READY"))
         .read_line(&mut greeting)
@@ -71,6 +82,9 @@ fn every_daemon_notifies_systemd_once_its_ports_are_open() {
     sys.pop.kill9();
     let (state, mut pop) = start_notified(&root, "powerpop", &root.join("powerpop.toml"));
     assert!(state.starts_with("READY=1\n"), "{state:?}");
+    let ready = status_line(&state);
+    assert_eq!((ready.daemon.as_str(), ready.pid), ("powerpop", pop.id()));
+    assert_eq!(ready.addr("pop3"), Some(sys.pop.addr), "{state:?}");
     assert!(connect(sys.pop.addr).is_ok(), "POP3 port open at READY");
     for c in [&mut pop, &mut smtp, &mut ppl] {
         let _ = c.kill();
@@ -115,11 +129,11 @@ fn powersmtp_sigterm_finishes_the_open_transaction_and_refuses_the_rest() {
     assert_eq!(code, 250, "{text}\n{}", sys.logs());
     let (code, _) = busy.reply().expect("then 421");
     assert_eq!(code, 421);
-    let status = sys.smtp.wait_exit().expect("powersmtp exits");
+    let status = sys.smtp.wait_exit(DEADLINE).expect("powersmtp exits");
     assert!(status.success(), "{status}");
     assert!(sys.smtp.log_text().contains("SIGTERM"), "logged");
 
-    let mut pop = Pop::login(sys.pop.addr, 0).expect("pop");
+    let mut pop = pop_login(sys.pop.addr, 0).expect("pop");
     let uidl = pop.uidl().expect("uidl");
     assert_eq!(uidl.len(), 1);
     let got = pop.retr(uidl[0].0).expect("retr");
@@ -147,7 +161,9 @@ fn powersmtp_sigterm_cuts_a_stuck_transaction_after_the_grace_period() {
     assert_eq!(stuck.cmd("DATA").expect("DATA").0, 354);
     stuck.raw(b"Subject: never ends\r\n\r\nhalf").expect("part");
     sigterm(smtp.pid().expect("running"));
-    let status = smtp.wait_exit().expect("exits after the grace period");
+    let status = smtp
+        .wait_exit(DEADLINE)
+        .expect("exits after the grace period");
     assert!(status.success(), "{status}");
     assert!(
         stuck.reply().is_err(),
@@ -171,11 +187,11 @@ fn powerpop_sigterm_lets_the_open_session_finish_and_refuses_new_ones() {
         .expect("send");
     assert_eq!(sent, 250);
     smtp.quit();
-    let mut open = Pop::login(sys.pop.addr, 0).expect("login");
+    let mut open = pop_login(sys.pop.addr, 0).expect("login");
     assert_eq!(open.uidl().expect("uidl").len(), 1);
 
     sigterm(sys.pop.pid().expect("running"));
-    eventually("new POP3 sessions are refused", || {
+    eventually(DEADLINE, "new POP3 sessions are refused", || {
         let mut line = String::new();
         match connect(sys.pop.addr) {
             Ok(s) => {
@@ -188,11 +204,13 @@ fn powerpop_sigterm_lets_the_open_session_finish_and_refuses_new_ones() {
     // The open session goes on to its end: its DELE is applied at QUIT.
     assert!(open.cmd("DELE 1").expect("DELE").starts_with("+OK"));
     assert!(open.quit().expect("QUIT").starts_with("+OK"));
-    let status = sys.pop.wait_exit().expect("powerpop exits");
+    let status = sys.pop.wait_exit(DEADLINE).expect("powerpop exits");
     assert!(status.success(), "{status}");
-    eventually("the DELE of the finished session was applied", || {
-        sys.backends[0].links().is_empty()
-    });
+    eventually(
+        DEADLINE,
+        "the DELE of the finished session was applied",
+        || sys.backends[0].links().is_empty(),
+    );
 }
 
 fn sighup(pid: u32) {
@@ -223,7 +241,7 @@ fn pplistener_sighup_applies_the_floor_the_connection_limit_and_the_log_level() 
     )
     .expect("write");
     sighup(pid);
-    eventually("the new floor turns the backend ro-auto", || {
+    eventually(DEADLINE, "the new floor turns the backend ro-auto", || {
         let Ok(mut first) = connect_backend(&b) else {
             return false;
         };
@@ -241,16 +259,16 @@ fn pplistener_sighup_applies_the_floor_the_connection_limit_and_the_log_level() 
     // A file that does not parse changes nothing.
     std::fs::write(&config, "this is not toml [").expect("write");
     sighup(pid);
-    eventually("the failed reload is logged", || {
+    eventually(DEADLINE, "the failed reload is logged", || {
         b.log_text().contains("configuration unchanged")
     });
-    eventually("still ro-auto", || {
+    eventually(DEADLINE, "still ro-auto", || {
         connect_backend(&b).is_ok_and(|mut c| mode_of(&mut c) == "ro-auto")
     });
 
     std::fs::write(&config, &original).expect("write");
     sighup(pid);
-    eventually("back to rw and more than one connection", || {
+    eventually(DEADLINE, "back to rw and more than one connection", || {
         let (Ok(mut one), Ok(_two)) = (connect_backend(&b), connect_backend(&b)) else {
             return false;
         };

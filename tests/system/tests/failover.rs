@@ -227,7 +227,7 @@ fn pop_retr_and_list_on_a_blackholed_backend_end_quickly() {
     c.quit();
     drop(smtp);
     let pop = s.pop();
-    let mut p = Pop::login(pop.addr, 0).expect("login");
+    let mut p = pop_login(pop.addr, 0).expect("login");
     assert_eq!(p.uidl().expect("uidl").len(), 1);
     s.proxy.cut();
     let cut_at = Instant::now();
@@ -241,7 +241,7 @@ fn pop_retr_and_list_on_a_blackholed_backend_end_quickly() {
     assert!(p.cmd("NOOP").expect("noop").starts_with("+OK"));
     drop(p);
     let login_at = Instant::now();
-    let mut again = Pop::login(pop.addr, 0).expect("login while b1 is silent");
+    let mut again = pop_login(pop.addr, 0).expect("login while b1 is silent");
     let listed = again.uidl().expect("uidl").len();
     let login_waited = login_at.elapsed();
     assert!(
@@ -271,7 +271,7 @@ fn pop_retr_of_a_message_with_a_live_copy_is_served() {
     c.quit();
     drop(smtp);
     let pop = s.pop();
-    let mut p = Pop::login(pop.addr, 0).expect("login");
+    let mut p = pop_login(pop.addr, 0).expect("login");
     assert_eq!(p.uidl().expect("uidl").len(), 1);
     s.proxy.cut();
     let cut_at = Instant::now();

@@ -232,6 +232,7 @@ fn check(case: &str, c: &Counts, sys_logs: impl Fn() -> String) {
 /// deletion of a refused message's copies was acknowledged by its backend.
 fn wait_undo_replayed(smtp: &Frontend) {
     eventually(
+        DEADLINE,
         "powersmtp's undo journal is replayed (undo_owed = 0)",
         || smtp.stat("undo_owed") == Some(0),
     );
@@ -250,7 +251,7 @@ fn assert_only_temporary(case: &str, sent: &[Sent]) {
 /// Waits until a backend answers again and the frontends' health checks
 /// (every 100 ms) have seen it.
 fn wait_backend_up(b: &Backend) {
-    eventually("backend answers PING", || {
+    eventually(DEADLINE, "backend answers PING", || {
         powermail_proto::BackendConn::connect(b.addr, SECRET.as_bytes(), IO_TIMEOUT)
             .and_then(|mut c| c.ping())
             .is_ok()
@@ -431,7 +432,7 @@ fn backend_down_at_quit_deleted_messages_stay_deleted() {
     let mut deleted = HashSet::new();
 
     // Down between DELE and QUIT.
-    let mut p = Pop::login(sys.pop.addr, 0).expect("login");
+    let mut p = pop_login(sys.pop.addr, 0).expect("login");
     for n in 1..=3 {
         let (id, _) = identify(&p.retr(n).expect("RETR")).expect("id");
         assert!(p
@@ -455,7 +456,7 @@ fn backend_down_at_quit_deleted_messages_stay_deleted() {
     let mut quit_ok = 0;
     for round in 0..3 {
         let victim = (round + 1) % 3;
-        let mut p = Pop::login(sys.pop.addr, 0).expect("login");
+        let mut p = pop_login(sys.pop.addr, 0).expect("login");
         let (id, _) = identify(&p.retr(1).expect("RETR")).expect("id");
         assert!(p.cmd("DELE 1").expect("DELE").starts_with("+OK"));
         p.raw(b"QUIT\r\n").expect("QUIT");
@@ -622,9 +623,11 @@ fn out_of_inodes_keeps_its_backend_read_only_until_inodes_are_freed() {
         std::thread::sleep(Duration::from_millis(250));
     }
     std::fs::remove_dir_all(&filler).expect("free the inodes");
-    eventually("the backend is writable once inodes are free", || {
-        b.mode() == "rw"
-    });
+    eventually(
+        DEADLINE,
+        "the backend is writable once inodes are free",
+        || b.mode() == "rw",
+    );
     put(1000).expect("PUT once inodes are free");
     assert_eq!(b.links().len(), 2, "the first and the last PUT are stored");
     report(&format!(
@@ -752,7 +755,7 @@ fn mariadb_killed_and_restarted_under_load() {
         db.kill9();
         down_from = Instant::now();
         // A reader meanwhile gets a temporary error, not "wrong password".
-        let login = Pop::login(pop.addr, 0).err().map(|e| e.to_string());
+        let login = pop_login(pop.addr, 0).err().map(|e| e.to_string());
         pop_while_down = login.unwrap_or_else(|| "+OK (logged in)".into());
         std::thread::sleep(Duration::from_secs(3));
         db.up();
@@ -824,20 +827,25 @@ fn frontends_start_while_the_database_is_down() {
         "database down: a temporary refusal, got {code}"
     );
     c.quit();
-    let login = Pop::login(pop.addr, 0).err().map(|e| e.to_string());
+    let login = pop_login(pop.addr, 0).err().map(|e| e.to_string());
     let login = login.unwrap_or_else(|| "+OK (logged in)".into());
     assert!(login.contains("[SYS/TEMP]"), "POP login: {login}");
     db.up();
-    eventually("powersmtp accepts once the database is back", || {
-        Smtp::connect(smtp.addr)
-            .and_then(|mut c| c.send("a@sender.test", &[&user(0)], &msg))
-            .map(|code| code == 250)
-            .unwrap_or(false)
-    });
+    eventually(
+        DEADLINE,
+        "powersmtp accepts once the database is back",
+        || {
+            Smtp::connect(smtp.addr)
+                .and_then(|mut c| c.send("a@sender.test", &[&user(0)], &msg))
+                .map(|code| code == 250)
+                .unwrap_or(false)
+        },
+    );
     let mut listed = 0;
     eventually(
+        DEADLINE,
         "powerpop logs in once the database is back",
-        || match Pop::login(pop.addr, 0).and_then(|mut p| p.uidl()) {
+        || match pop_login(pop.addr, 0).and_then(|mut p| p.uidl()) {
             Ok(uidl) => {
                 listed = uidl.len();
                 true

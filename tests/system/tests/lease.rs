@@ -138,7 +138,7 @@ fn mariadb_or_skip(case: &str) -> bool {
 /// The error text of a login of mailbox `i` ("+OK" when it succeeded; the
 /// session is then closed without QUIT, so take care).
 fn login_text(pop: &Frontend, i: usize) -> String {
-    match Pop::login(pop.addr, i) {
+    match pop_login(pop.addr, i) {
         Ok(_) => "+OK (logged in)".into(),
         Err(e) => e.to_string(),
     }
@@ -202,7 +202,7 @@ fn a_mailbox_open_on_one_pop_host_is_in_use_on_the_other() {
     }
     let _g = serial();
     let c = Cluster::start();
-    let mut on_a = Pop::login(c.pop_a.addr, 0).expect("login on a");
+    let mut on_a = pop_login(c.pop_a.addr, 0).expect("login on a");
     assert_eq!(on_a.uidl().expect("uidl").len(), 2);
     let second = login_text(&c.pop_b, 0);
     assert!(
@@ -211,13 +211,13 @@ fn a_mailbox_open_on_one_pop_host_is_in_use_on_the_other() {
         c.logs()
     );
     // Another mailbox is not affected.
-    Pop::login(c.pop_b.addr, 1)
+    pop_login(c.pop_b.addr, 1)
         .expect("another mailbox on b")
         .quit()
         .expect("quit");
     assert!(on_a.quit().expect("quit").starts_with("+OK"));
     // Released at QUIT (before its reply): b gets it at once.
-    let mut on_b = Pop::login(c.pop_b.addr, 0).expect("released at QUIT");
+    let mut on_b = pop_login(c.pop_b.addr, 0).expect("released at QUIT");
     assert_eq!(on_b.uidl().expect("uidl").len(), 2);
     let back = login_text(&c.pop_a, 0);
     assert!(
@@ -238,7 +238,7 @@ fn a_pop_host_killed_mid_session_frees_the_mailbox_after_the_lease() {
     }
     let _g = serial();
     let mut c = Cluster::start();
-    let mut on_b = Pop::login(c.pop_b.addr, 0).expect("login on b");
+    let mut on_b = pop_login(c.pop_b.addr, 0).expect("login on b");
     assert!(on_b.cmd("DELE 1").expect("dele").starts_with("+OK"));
     c.pop_b.kill9();
     let killed_at = Instant::now();
@@ -251,7 +251,7 @@ fn a_pop_host_killed_mid_session_frees_the_mailbox_after_the_lease() {
     );
     let mut on_a = None;
     while killed_at.elapsed() < DEADLINE {
-        match Pop::login(c.pop_a.addr, 0) {
+        match pop_login(c.pop_a.addr, 0) {
             Ok(p) => {
                 on_a = Some(p);
                 break;
@@ -289,7 +289,7 @@ fn no_lock_is_granted_while_the_database_is_down() {
     let _g = serial();
     let c = Cluster::start();
     // Warm the login cache, then lose the database.
-    Pop::login(c.pop_a.addr, 0)
+    pop_login(c.pop_a.addr, 0)
         .expect("login")
         .quit()
         .expect("quit");
@@ -303,7 +303,7 @@ fn no_lock_is_granted_while_the_database_is_down() {
     let mut p = None;
     let start = Instant::now();
     while p.is_none() && start.elapsed() < DEADLINE {
-        p = Pop::login(c.pop_a.addr, 0).ok();
+        p = pop_login(c.pop_a.addr, 0).ok();
         std::thread::sleep(Duration::from_millis(100));
     }
     p.expect("served again once the database is back")
@@ -322,17 +322,17 @@ fn a_session_that_lost_its_lease_deletes_nothing() {
     }
     let _g = serial();
     let c = Cluster::start();
-    let mut on_a = Pop::login(c.pop_a.addr, 0).expect("login on a");
+    let mut on_a = pop_login(c.pop_a.addr, 0).expect("login on a");
     assert!(on_a.cmd("DELE 1").expect("dele").starts_with("+OK"));
     c.db.sql("DELETE FROM mailbox_leases");
-    let on_b = Pop::login(c.pop_b.addr, 0).expect("b takes the free mailbox");
+    let on_b = pop_login(c.pop_b.addr, 0).expect("b takes the free mailbox");
     let quit = on_a.quit().expect("quit");
     assert!(
         quit.starts_with("-ERR [SYS/TEMP]"),
         "QUIT after losing the lease: {quit}"
     );
     on_b.quit().expect("quit");
-    let mut check = Pop::login(c.pop_a.addr, 0).expect("login");
+    let mut check = pop_login(c.pop_a.addr, 0).expect("login");
     assert_eq!(check.uidl().expect("uidl").len(), 2, "nothing was deleted");
     check.quit().expect("quit");
     report("lease lost: QUIT -ERR [SYS/TEMP], nothing deleted");
@@ -361,14 +361,14 @@ fn ppadmin_repair_respects_a_lease_held_on_another_host() {
     )
     .expect("cluster file");
     let repair = || {
-        Command::new(bin("ppadmin"))
+        Command::new(powermail_testkit::bin("ppadmin"))
             .arg("--cluster")
             .arg(&cluster)
             .args(["repair", "--mailbox", &user(0), "--lock-wait-ms", "300"])
             .output()
             .expect("ppadmin")
     };
-    let on_a = Pop::login(c.pop_a.addr, 0).expect("login on a");
+    let on_a = pop_login(c.pop_a.addr, 0).expect("login on a");
     let busy = repair();
     let text = String::from_utf8_lossy(&busy.stdout).into_owned();
     assert!(
@@ -385,7 +385,7 @@ fn ppadmin_repair_respects_a_lease_held_on_another_host() {
         String::from_utf8_lossy(&free.stderr)
     );
     // ppadmin released its lease: the reader gets the mailbox.
-    Pop::login(c.pop_b.addr, 0)
+    pop_login(c.pop_b.addr, 0)
         .expect("free after repair")
         .quit()
         .expect("quit");

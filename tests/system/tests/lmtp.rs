@@ -66,7 +66,7 @@ impl LmtpSystem {
 
 /// Every message of mailbox `i` over POP3: the raw RETR bytes.
 fn pop_messages(pop: SocketAddr, i: usize) -> Vec<Vec<u8>> {
-    let mut c = Pop::login(pop, i).expect("pop login");
+    let mut c = pop_login(pop, i).expect("pop login");
     let uidl = c.uidl().expect("uidl");
     let out = uidl
         .iter()
@@ -278,7 +278,7 @@ impl Postfix {
             String::from_utf8_lossy(&out.stderr),
             pf.log_text()
         );
-        eventually("postfix listens", || connect(pf.smtp).is_ok());
+        eventually(DEADLINE, "postfix listens", || connect(pf.smtp).is_ok());
         pf
     }
 
@@ -319,9 +319,11 @@ fn postfix_relays_to_powersmtp_over_lmtp() {
     assert_eq!(code, 250, "postfix accepted\n{}", pf.log_text());
     smtp.quit();
     for i in [0, 2] {
-        eventually(&format!("u{i} receives the relayed message"), || {
-            pop_messages(sys.pop.addr, i).len() == 1
-        });
+        eventually(
+            DEADLINE,
+            &format!("u{i} receives the relayed message"),
+            || pop_messages(sys.pop.addr, i).len() == 1,
+        );
         let msgs = pop_messages(sys.pop.addr, i);
         let got = &msgs[0];
         // Postfix adds its own headers (Received, and Message-Id and Date at

@@ -72,7 +72,7 @@ fn haproxy(root: &Path, routes: &[(SocketAddr, SocketAddr, &str)]) -> Haproxy {
         .expect("spawn haproxy");
     let h = Haproxy(child);
     for (listen, _, _) in routes {
-        eventually("haproxy listens", || connect(*listen).is_ok());
+        eventually(DEADLINE, "haproxy listens", || connect(*listen).is_ok());
     }
     h
 }
@@ -146,6 +146,7 @@ fn proxy_protocol_behind_haproxy() {
     );
     assert!(p.quit().expect("QUIT").starts_with("+OK"));
     eventually(
+        DEADLINE,
         "powerpop logs the session with the client's address",
         || {
             pop.log_text().lines().any(|l| {
@@ -168,6 +169,7 @@ fn proxy_protocol_behind_haproxy() {
         String::from_utf8_lossy(&got)
     );
     eventually(
+        DEADLINE,
         "powersmtp counts the header-less trusted connection",
         || counter(smtp.admin, "proxy_refused") >= 1,
     );

@@ -5,62 +5,10 @@
 //! against the self-signed certificate `powermail up` made), and SIGTERM
 //! stops every child.
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-fn bin_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_powermail"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// The daemons must sit next to `powermail`; build them if a plain
-/// `cargo test -p powermail` did not.
-fn ensure_siblings() {
-    let missing = ["pplistener", "powersmtp", "powerpop", "ppadmin"]
-        .iter()
-        .any(|b| !bin_dir().join(b).exists());
-    if missing {
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "-p",
-                "pplistener",
-                "-p",
-                "powersmtp",
-                "-p",
-                "powerpop",
-                "-p",
-                "ppadmin",
-            ])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A base port with `n` free consecutive ports after it.
-fn free_range(n: u16) -> u16 {
-    for _ in 0..100 {
-        let base = free_port();
-        if base < 60_000 && (0..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free port range");
-}
+use powermail_testkit::Up;
 
 fn python(script: &str) -> String {
     let out = Command::new("python3")
@@ -76,14 +24,6 @@ fn python(script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn wait_for_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "port {port} never opened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn pids_with(needle: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -97,39 +37,11 @@ fn pids_with(needle: &Path) -> Vec<String> {
 
 #[test]
 fn powermail_up_runs_the_whole_system_and_stops_cleanly() {
-    ensure_siblings();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("var");
-    let (smtp, pop, base) = (free_port(), free_port(), free_range(3));
-    let (lmtp, pop3s) = (free_port(), free_port());
-    let (a1, a2, a3) = (free_port(), free_port(), free_port());
-    let overrides = dir.path().join("up.toml");
-    std::fs::write(
-        &overrides,
-        format!(
-            "smtp_listen = \"127.0.0.1:{smtp}\"\npop_listen = \"127.0.0.1:{pop}\"\nbackend_base_port = {base}\n\
-             lmtp_listen = \"127.0.0.1:{lmtp}\"\npop3s_listen = \"127.0.0.1:{pop3s}\"\n\
-             pplistener_admin = \"127.0.0.1:{a1}\"\nsmtp_admin = \"127.0.0.1:{a2}\"\npop_admin = \"127.0.0.1:{a3}\"\n"
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_powermail"))
-        .args(["up", "--backends", "3", "--replicas", "2", "--data"])
-        .arg(&data)
-        .arg("--config")
-        .arg(&overrides)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let _guard = StopOnDrop(child.id());
-    let mut banner = String::new();
-    while !banner.contains("Ctrl-C stops everything") {
-        assert!(
-            out.read_line(&mut banner).unwrap() > 0,
-            "powermail exited: {banner}"
-        );
-    }
+    // Returns once every daemon has printed its readiness line.
+    let mut up = Up::start(3, 2);
+    let (data, banner) = (up.data.clone(), up.banner.clone());
+    let (smtp, pop) = (up.smtp.port(), up.pop.port());
+    let (lmtp, pop3s) = (up.lmtp.port(), up.pop3s.port());
     let password = std::fs::read_to_string(data.join("etc/demo.password")).unwrap();
     assert!(
         banner.contains(&format!("password {}", password.trim())),
@@ -143,19 +55,9 @@ fn powermail_up_runs_the_whole_system_and_stops_cleanly() {
         )),
         "{banner}"
     );
-    wait_for_port(smtp);
-    wait_for_port(pop);
-    wait_for_port(lmtp);
-    wait_for_port(pop3s);
-
     // A new mailbox through ppadmin, on the same embedded userbase.
-    let status = Command::new(bin_dir().join("ppadmin"))
-        .arg("--data")
-        .arg(&data)
-        .args(["user", "add", "info@company.biz", "--password", "s3cret"])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let out = up.ppadmin(&["user", "add", "info@company.biz", "--password", "s3cret"]);
+    assert!(out.status.success(), "{out:?}");
 
     let sent = python(&format!(
         "import smtplib\n\
@@ -223,32 +125,13 @@ fn powermail_up_runs_the_whole_system_and_stops_cleanly() {
 
     // SIGTERM stops everything.
     assert!(!pids_with(&data).is_empty());
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "{status}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "powermail did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let status = up.stop().expect("powermail stops within the deadline");
+    assert!(status.success(), "{status}");
     let left: Vec<String> = pids_with(&data)
         .into_iter()
         .filter(|p| *p != std::process::id().to_string())
         .collect();
     assert!(left.is_empty(), "children still running: {left:?}");
-}
-
-/// SIGTERMs the supervisor if the test fails half way, so no daemon outlives it.
-struct StopOnDrop(u32);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        // SAFETY: kill(2); harmless if the process is already gone.
-        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGTERM) };
-    }
 }
 
 fn walk(p: &Path) -> Vec<PathBuf> {

@@ -11,7 +11,7 @@
 use anyhow::bail;
 
 use crate::cluster::{ClusterInfo, Daemon};
-use crate::http;
+use powermail_admin::client as http;
 
 /// `readonly BACKEND` / `readwrite BACKEND`.
 pub fn set_readonly(info: &ClusterInfo, name: &str, on: bool) -> anyhow::Result<()> {

@@ -13,7 +13,6 @@
 
 mod cluster;
 mod control;
-mod http;
 mod inspect;
 mod orphans;
 mod repair;

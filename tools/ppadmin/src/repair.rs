@@ -132,10 +132,11 @@ fn warn_owed_deletes(info: &ClusterInfo) {
         .iter()
         .filter(|d| d.name.starts_with("powerpop"))
     {
-        let owed = crate::http::get_json(&d.addr, info.token_for(d).as_deref(), "/stats")
-            .ok()
-            .and_then(|v| v.get("deletes_owed").and_then(serde_json::Value::as_u64))
-            .unwrap_or(0);
+        let owed =
+            powermail_admin::client::get_json(&d.addr, info.token_for(d).as_deref(), "/stats")
+                .ok()
+                .and_then(|v| v.get("deletes_owed").and_then(serde_json::Value::as_u64))
+                .unwrap_or(0);
         if owed > 0 {
             eprintln!(
                 "ppadmin: warning: {} owes {owed} deletions to backends (replayed when those mailboxes are next read); messages they concern may be copied back",

@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::cluster::ClusterInfo;
-use crate::http;
 use crate::store::human_bytes;
+use powermail_admin::client as http;
 
 /// Width of the longest histogram bar, in characters.
 const BAR_MAX_CHARS: u64 = 40;

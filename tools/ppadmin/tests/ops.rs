@@ -9,134 +9,38 @@
 //! * `disable` keeps new messages off a backend; `reload` changes a limit for new SMTP
 //!   sessions while an open one keeps working; `loglevel` and `status` answer.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
 
-fn bin_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ppadmin"))
-        .parent()
-        .expect("target dir")
-        .to_path_buf()
-}
+use powermail_testkit::{eventually, Pop, Smtp};
 
-/// The daemons must sit next to ppadmin; build them if `cargo test -p ppadmin` did not.
-fn ensure_siblings() {
-    let names = ["powermail", "pplistener", "powersmtp", "powerpop"];
-    if names.iter().any(|b| !bin_dir().join(b).exists()) {
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.arg("build");
-        for n in names {
-            cmd.args(["-p", n]);
-        }
-        assert!(cmd.status().expect("cargo build").success());
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// A base port with `n` free consecutive ports after it, below the ephemeral range
-/// (32768 and up on Linux): a restarted backend must get its port back, and a port in the
-/// ephemeral range may meanwhile be some outgoing connection's source port.
-fn free_range(n: u16) -> u16 {
-    let seed = u32::from(free_port()) ^ std::process::id();
-    for i in 0..1000u32 {
-        let base = 20_000 + ((seed.wrapping_mul(7919) + i * 97) % 12_000) as u16;
-        if (0..n).all(|k| TcpListener::bind(("127.0.0.1", base + k)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free port range");
-}
-
-fn wait_for_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "port {port} never opened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A running `powermail up`, stopped (SIGTERM) when dropped.
+/// A running `powermail up` (the kit's), with ppadmin checks.
 struct Up {
-    child: Child,
-    data: PathBuf,
-    smtp: u16,
-    pop: u16,
+    up: powermail_testkit::Up,
+    data: std::path::PathBuf,
+    smtp: SocketAddr,
+    pop: SocketAddr,
     base: u16,
-    _dir: tempfile::TempDir,
 }
 
 impl Up {
     fn start(backends: u16, replicas: usize) -> Up {
-        ensure_siblings();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let data = dir.path().join("var");
-        let (smtp, pop, base) = (free_port(), free_port(), free_range(backends));
-        let (a1, a2, a3) = (free_port(), free_port(), free_port());
-        let overrides = dir.path().join("up.toml");
-        std::fs::write(
-            &overrides,
-            format!(
-                "smtp_listen = \"127.0.0.1:{smtp}\"\npop_listen = \"127.0.0.1:{pop}\"\nbackend_base_port = {base}\n\
-                 pplistener_admin = \"127.0.0.1:{a1}\"\nsmtp_admin = \"127.0.0.1:{a2}\"\npop_admin = \"127.0.0.1:{a3}\"\n"
-            ),
-        )
-        .expect("write overrides");
-        let mut child = Command::new(bin_dir().join("powermail"))
-            .args(["up", "--backends", &backends.to_string()])
-            .args(["--replicas", &replicas.to_string(), "--data"])
-            .arg(&data)
-            .arg("--config")
-            .arg(&overrides)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start powermail up");
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let up = Up {
-            child,
-            data,
-            smtp,
-            pop,
-            base,
-            _dir: dir,
-        };
-        let mut banner = String::new();
-        while !banner.contains("Ctrl-C stops everything") {
-            assert!(
-                out.read_line(&mut banner).expect("read banner") > 0,
-                "powermail exited: {banner}"
-            );
-        }
-        for port in [smtp, pop, a1, a2, a3] {
-            wait_for_port(port);
-        }
-        // Keep draining the supervisor's output so it never blocks on a full pipe.
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        let up = powermail_testkit::Up::start(backends, replicas);
         // The frontends' first health checks.
         std::thread::sleep(Duration::from_millis(1500));
-        up
-    }
-
-    fn ppadmin(&self, args: &[&str]) -> Output {
-        Command::new(bin_dir().join("ppadmin"))
-            .arg("--data")
-            .arg(&self.data)
-            .args(args)
-            .output()
-            .expect("run ppadmin")
+        Up {
+            data: up.data.clone(),
+            smtp: up.smtp,
+            pop: up.pop,
+            base: up.backend_base_port,
+            up,
+        }
     }
 
     /// Runs ppadmin, asserts the exit code, returns stdout.
     fn run(&self, code: i32, args: &[&str]) -> String {
-        let out = self.ppadmin(args);
+        let out = self.up.ppadmin(args);
         assert_eq!(
             out.status.code(),
             Some(code),
@@ -149,154 +53,53 @@ impl Up {
 
     /// The pid of the supervised daemon `name`.
     fn pid(&self, name: &str) -> Option<i32> {
-        let config = self.data.join(format!("etc/{name}.toml"));
-        let needle = config.to_string_lossy().into_owned();
-        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            (cmdline.contains(name) && cmdline.contains(&needle))
-                .then(|| e.file_name().to_string_lossy().parse().ok())
-                .flatten()
-        })
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A line-based client for SMTP and POP3.
-struct Client {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Client {
-    fn connect(port: u16) -> Client {
-        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        Client {
-            reader: BufReader::new(s.try_clone().expect("clone")),
-            writer: s,
-        }
-    }
-
-    fn line(&mut self) -> String {
-        let mut l = String::new();
-        self.reader.read_line(&mut l).expect("read");
-        l
-    }
-
-    /// An SMTP reply (all lines of a multi-line one).
-    fn reply(&mut self) -> String {
-        let mut all = String::new();
-        loop {
-            let l = self.line();
-            assert!(!l.is_empty(), "connection closed after {all:?}");
-            all.push_str(&l);
-            if l.as_bytes().get(3) != Some(&b'-') {
-                return all;
-            }
-        }
-    }
-
-    fn send(&mut self, text: &str) {
-        self.writer.write_all(text.as_bytes()).expect("write");
-    }
-
-    /// Sends a command and returns the (SMTP) reply.
-    fn cmd(&mut self, text: &str) -> String {
-        self.send(&format!("{text}\r\n"));
-        self.reply()
-    }
-
-    /// One message in this SMTP session; returns the final reply.
-    fn mail(&mut self, rcpts: &[&str], body: &str) -> String {
-        assert!(self
-            .cmd("MAIL FROM:<sender@example.org>")
-            .starts_with("250"));
-        for r in rcpts {
-            assert!(self.cmd(&format!("RCPT TO:<{r}>")).starts_with("250"));
-        }
-        assert!(self.cmd("DATA").starts_with("354"));
-        self.cmd(&format!("{body}\r\n."))
-    }
-
-    /// A POP3 multi-line answer's lines (after `+OK`).
-    fn pop_lines(&mut self, text: &str) -> Vec<String> {
-        self.send(&format!("{text}\r\n"));
-        let first = self.line();
-        assert!(first.starts_with("+OK"), "{text}: {first}");
-        let mut out = Vec::new();
-        loop {
-            let l = self.line();
-            let l = l.trim_end();
-            if l == "." {
-                return out;
-            }
-            out.push(l.to_string());
-        }
+        self.up.daemon_pid(name)
     }
 }
 
 /// Sends `n` messages to `rcpts`, one SMTP session.
-fn deliver(smtp: u16, n: usize, rcpts: &[&str]) {
-    let mut c = Client::connect(smtp);
-    assert!(c.reply().starts_with("220"));
-    assert!(c.cmd("EHLO test.example").starts_with("250"));
+fn deliver(smtp: SocketAddr, n: usize, rcpts: &[&str]) {
+    let mut c = Smtp::connect(smtp).expect("SMTP");
     for i in 0..n {
-        let r = c.mail(
-            rcpts,
-            &format!("Subject: m{i}\r\n\r\nbody {i}\r\n..dot line"),
-        );
-        assert!(r.starts_with("250"), "message {i}: {r}");
+        let wire = format!("Subject: m{i}\r\n\r\nbody {i}\r\n..dot line\r\n");
+        let code = c
+            .send("sender@example.org", rcpts, wire.as_bytes())
+            .expect("SMTP transaction");
+        assert_eq!(code, 250, "message {i}");
     }
-    c.cmd("QUIT");
+    c.quit();
 }
 
 /// POP3 UIDLs of a mailbox, once the frontend lists `expected` messages: after a backend
 /// restart its health checker needs a moment to see the backends up again, and until
 /// then POP3 shows what it can reach (by design).
-fn uidls(pop: u16, user: &str, password: &str, expected: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let mut c = Client::connect(pop);
-        assert!(c.line().starts_with("+OK"));
-        c.send(&format!("USER {user}\r\n"));
-        assert!(c.line().starts_with("+OK"));
-        c.send(&format!("PASS {password}\r\n"));
-        let ok = c.line();
-        assert!(ok.starts_with("+OK"), "login: {ok}");
-        let ids: Vec<String> = c
-            .pop_lines("UIDL")
-            .iter()
-            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+fn uidls(pop: SocketAddr, user: &str, password: &str, expected: usize) -> Vec<String> {
+    // Bounded: after the last try the last listing is returned (and checked by the caller).
+    let mut ids = Vec::new();
+    for _ in 0..UIDL_TRIES_MAX {
+        let mut c = Pop::login(pop, user, password).expect("POP3 login");
+        ids = c
+            .uidl()
+            .expect("UIDL")
+            .into_iter()
+            .map(|(_, u)| u)
             .collect();
-        if ids.len() == expected || Instant::now() > deadline {
-            if !ids.is_empty() {
-                let body = c.pop_lines("RETR 1");
-                assert!(body.iter().any(|l| l.starts_with("body ")), "{body:?}");
-            }
-            c.send("QUIT\r\n");
-            return ids;
+        if !ids.is_empty() {
+            let body = c.retr(1).expect("RETR 1");
+            let text = String::from_utf8_lossy(&body);
+            assert!(text.contains("\r\nbody "), "{text}");
         }
-        c.send("QUIT\r\n");
+        c.quit().expect("QUIT");
+        if ids.len() == expected {
+            break;
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
+    ids
 }
+
+/// Listings [`uidls`] tries (200 ms apart: about 15 s).
+const UIDL_TRIES_MAX: usize = 75;
 
 /// `list` output rows: (msgid, copies "n/K", holders, flag).
 fn rows(listing: &str) -> Vec<(String, String, String, String)> {
@@ -371,12 +174,22 @@ fn list_flags_repair_restores_and_drain_moves_everything() {
 
     // Backend b1's disk is lost: pplistener dies, the disk comes back empty, the
     // supervisor restarts pplistener.
+    // The supervisor is paused meanwhile: a restart while the disk is being emptied
+    // would find half of it (a race that failed about one run in three here).
+    let supervisor = up.up.pid().expect("powermail running") as libc::pid_t;
     let pid = up.pid("pplistener").expect("pplistener running");
-    // SAFETY: kill(2) on a process of this test's own cluster.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // SAFETY: kill(2) on processes of this test's own cluster.
+    unsafe {
+        libc::kill(supervisor, libc::SIGSTOP);
+        libc::kill(pid, libc::SIGKILL);
+    }
     remove_contents(&up.data.join("disks/1"));
+    // SAFETY: as above.
+    unsafe { libc::kill(supervisor, libc::SIGCONT) };
     std::thread::sleep(Duration::from_millis(500));
-    wait_for_port(up.base + 1);
+    eventually(Duration::from_secs(30), "pplistener back", || {
+        std::net::TcpStream::connect(("127.0.0.1", up.base + 1)).is_ok()
+    });
     let out = up.run(2, &["list", mb]);
     let under = rows(&out).into_iter().filter(|r| r.3 == "UNDER").count();
     let on_b1 = before.iter().filter(|r| r.2.contains("b1")).count();
@@ -388,18 +201,12 @@ fn list_flags_repair_restores_and_drain_moves_everything() {
     );
 
     // A POP3 reader holds the mailbox: repair leaves it alone and says so.
-    let mut reader = Client::connect(up.pop);
-    assert!(reader.line().starts_with("+OK"));
-    reader.send(&format!("USER {mb}\r\nPASS {pw}\r\n"));
-    assert!(reader.line().starts_with("+OK"));
-    assert!(reader.line().starts_with("+OK"), "logged in");
+    let reader = Pop::login(up.pop, mb, pw).expect("POP3 login");
     let out = up.run(2, &["repair", "--lock-wait-ms", "200"]);
     assert!(out.contains("1 busy"), "{out}");
     let still = rows(&up.run(2, &["list", mb]));
     assert_eq!(still.iter().filter(|r| r.3 == "UNDER").count(), on_b1);
-    reader.send("QUIT\r\n");
-    assert!(reader.line().starts_with("+OK"));
-    drop(reader);
+    assert!(reader.quit().expect("QUIT").starts_with("+OK"));
 
     let out = up.run(0, &["repair"]);
     assert!(out.contains("0 short of K, 0 failed, 0 busy"), "{out}");
@@ -459,10 +266,9 @@ fn disable_reload_loglevel_and_status() {
     up.run(1, &["disable", "nosuch"]);
 
     // An SMTP session open across the reload.
-    let mut open = Client::connect(up.smtp);
-    assert!(open.reply().starts_with("220"));
-    let ehlo = open.cmd("EHLO before.example");
-    assert!(!ehlo.contains("SIZE 50000\r\n"), "{ehlo}");
+    let mut open = Smtp::greet(up.smtp).expect("SMTP");
+    let (_, ehlo) = open.cmd_lines("EHLO before.example").expect("EHLO");
+    assert!(!ehlo.iter().any(|l| l.ends_with("SIZE 50000")), "{ehlo:?}");
     let path = up.data.join("etc/powersmtp.toml");
     let text = std::fs::read_to_string(&path).expect("config");
     let at = text.find("[[backend]]").expect("backend table");
@@ -475,15 +281,15 @@ fn disable_reload_loglevel_and_status() {
     let out = up.run(0, &["reload", "--daemon", "powersmtp"]);
     assert!(out.contains("1 change(s) applied"), "{out}");
     // The open session was not dropped and keeps working.
-    let r = open.mail(&[mb], "Subject: across reload\r\n\r\nbody across");
-    assert!(r.starts_with("250"), "{r}");
-    open.cmd("QUIT");
+    let wire = b"Subject: across reload\r\n\r\nbody across\r\n";
+    let code = open.send("sender@example.org", &[mb], wire).expect("send");
+    assert_eq!(code, 250);
+    open.quit();
     // A new session gets the new limit.
-    let mut fresh = Client::connect(up.smtp);
-    assert!(fresh.reply().starts_with("220"));
-    let ehlo = fresh.cmd("EHLO after.example");
-    assert!(ehlo.contains("SIZE 50000"), "{ehlo}");
-    fresh.cmd("QUIT");
+    let mut fresh = Smtp::greet(up.smtp).expect("SMTP");
+    let (_, ehlo) = fresh.cmd_lines("EHLO after.example").expect("EHLO");
+    assert!(ehlo.iter().any(|l| l.ends_with("SIZE 50000")), "{ehlo:?}");
+    fresh.quit();
     assert!(up.run(0, &["reload"]).contains("powerpop\treloaded"));
     // SIGHUP does the same as the admin call.
     let path = up.data.join("etc/powerpop.toml");
@@ -495,14 +301,11 @@ fn disable_reload_loglevel_and_status() {
     // SAFETY: kill(2) on a process of this test's own cluster.
     unsafe { libc::kill(pid, libc::SIGHUP) };
     let log_path = up.data.join("log/powerpop.log");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&log_path)
-        .unwrap_or_default()
-        .contains("reload: applied [limits.errors_max: 20 -> 7]")
-    {
-        assert!(Instant::now() < deadline, "no reload after SIGHUP");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(Duration::from_secs(10), "reload after SIGHUP", || {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .contains("reload: applied [limits.errors_max: 20 -> 7]")
+    });
     let stats = up.run(0, &["stats", "--daemon", "powerpop"]);
     assert!(stats.contains("\"powerpop\""), "{stats}");
 

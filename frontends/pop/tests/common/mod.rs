@@ -1,76 +1,28 @@
 //! Starts real pplistener and powerpop processes on temporary directories
-//! and free ports, and drives powerpop with Python's `poplib`.
+//! and free ports (through the shared test kit, `tests/kit`), and drives
+//! powerpop with Python's `poplib` or a raw socket.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use powermail_proto::{BackendConn, MailboxName, MessageId};
+pub use powermail_testkit::{eventually, free_port, Pop as PopClient};
+use powermail_testkit::{BackendSpec, Frontend, FrontendSpec, Kind, Pplistener, PplistenerSpec};
 
 pub const SECRET: &str = "test-secret-0123456789";
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The `pplistener` binary next to this test's target dir, built if missing.
-fn pplistener_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        // target/<profile>/deps/<test> → target/<profile>
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let bin = profile_dir.join("pplistener");
-        if !bin.exists() {
-            let target_dir = profile_dir.parent().unwrap();
-            let status = Command::new(env!("CARGO"))
-                .args(["build", "-p", "pplistener"])
-                .env("CARGO_TARGET_DIR", target_dir)
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("cargo build -p pplistener");
-            assert!(status.success(), "building pplistener failed");
-        }
-        bin
-    })
-}
-
-/// Waits for `want` lines containing one of `markers` on a child's stdout,
-/// then keeps draining it.
-fn wait_ready(child: &mut Child, markers: &[&str], want: usize) {
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut ready = 0;
-    let mut line = String::new();
-    while ready < want {
-        line.clear();
-        if out.read_line(&mut line).unwrap() == 0 {
-            panic!("process exited during start-up: {:?}", child.wait());
-        }
-        if markers.iter().any(|m| line.contains(m)) {
-            ready += 1;
-        }
-    }
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut out, &mut std::io::sink());
-    });
-}
-
 /// One pplistener process serving one backend (so tests can kill one).
 pub struct Backend {
-    pub dir: tempfile::TempDir,
-    pub config: PathBuf,
+    /// The process; first, so it is gone before its directory.
+    pub process: Pplistener,
     pub addr: SocketAddr,
-    child: Option<Child>,
+    pub dir: tempfile::TempDir,
 }
 
 impl Backend {
@@ -80,44 +32,27 @@ impl Backend {
 
     /// Starts with `tables` (e.g. `[limits]`) in its configuration.
     pub fn start_with(tables: &str) -> Backend {
-        let dir = tempfile::tempdir().unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin = free_port();
-        let toml = format!(
-            "secret = \"{SECRET}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nadmin_token = \"tok\"\n\
-             {tables}\n[[backend]]\ndata_dir = \"{}\"\nlisten = \"{addr}\"\n",
-            dir.path().join("disk").display()
-        );
-        let config = dir.path().join("pplistener.toml");
-        std::fs::write(&config, toml).unwrap();
-        let mut b = Backend {
-            dir,
-            config,
-            addr,
-            child: None,
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = PplistenerSpec {
+            secret: SECRET.into(),
+            admin_token: "tok".into(),
+            extra: tables.into(),
+            backends: vec![BackendSpec::new(dir.path().join("disk"))],
         };
-        b.restart();
-        b
+        let process = Pplistener::start(dir.path(), "pplistener", &spec);
+        Backend {
+            addr: process.backends[0],
+            process,
+            dir,
+        }
     }
 
     pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let mut child = Command::new(pplistener_bin())
-            .arg("--config")
-            .arg(&self.config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start pplistener");
-        wait_ready(&mut child, &["listening on", "admin port on"], 2);
-        self.child = Some(child);
+        self.process.restart();
     }
 
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
+        self.process.kill9();
     }
 
     pub fn conn(&self) -> BackendConn {
@@ -150,12 +85,6 @@ impl Backend {
     }
 }
 
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 /// A temporary SQLite userbase.
 pub struct Users {
     pub dir: tempfile::TempDir,
@@ -176,19 +105,19 @@ impl Users {
 
 /// A running powerpop process.
 pub struct Pop {
+    /// The process; first, so it is gone before its directory.
+    pub process: Frontend,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub state_dir: PathBuf,
-    /// powerpop's stderr (its log).
+    /// powerpop's output (its log).
     pub log: PathBuf,
-    child: Child,
     _dir: tempfile::TempDir,
 }
 
 impl Pop {
-    /// Starts powerpop over `backends`; `extra` is appended to the TOML
-    /// top level before the tables (e.g. `default_domain = ...`), `tables`
-    /// after (e.g. `[limits]`).
+    /// Starts powerpop over `backends`; `tables` is more TOML (top-level
+    /// keys first, then tables such as `[limits]`).
     pub fn start(users: &Users, backends: &[&Backend], state_dir: &Path, tables: &str) -> Pop {
         let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
         Pop::start_addrs(users, &addrs, state_dir, tables)
@@ -201,43 +130,36 @@ impl Pop {
         state_dir: &Path,
         tables: &str,
     ) -> Pop {
-        let dir = tempfile::tempdir().unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut toml = format!(
-            "listen = \"{addr}\"\nadmin_listen = \"{admin}\"\nadmin_token = \"tok\"\n\
-             userbase = \"{}\"\ndefault_domain = \"example.org\"\nstate_dir = \"{}\"\n\
-             secret = \"{SECRET}\"\n",
-            users.url,
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut extra = format!(
+            "default_domain = \"example.org\"\nstate_dir = \"{}\"\n{tables}\n",
             state_dir.display()
         );
-        toml.push_str(tables);
         if !tables.contains("[backend_pool]") {
-            toml.push_str("\n[backend_pool]\nhealth_interval_ms = 100\nhealth_timeout_ms = 300\nconnect_timeout_ms = 500\n");
+            extra.push_str("\n[backend_pool]\nhealth_interval_ms = 100\nhealth_timeout_ms = 300\nconnect_timeout_ms = 500\n");
         }
         if !tables.contains("[throttle]") {
-            toml.push_str("\n[throttle]\nfailure_delay_ms = 10\n");
+            extra.push_str("\n[throttle]\nfailure_delay_ms = 10\n");
         }
-        for (i, b) in backends.iter().enumerate() {
-            toml.push_str(&format!("\n[[backend]]\nname = \"b{i}\"\naddr = \"{b}\"\n"));
-        }
-        let config = dir.path().join("powerpop.toml");
-        std::fs::write(&config, toml).unwrap();
-        let log = dir.path().join("powerpop.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_powerpop"))
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start powerpop");
-        wait_ready(&mut child, &["powerpop listening on", "admin port on"], 2);
+        let spec = FrontendSpec {
+            kind: Kind::Pop,
+            secret: SECRET.into(),
+            admin_token: "tok".into(),
+            userbase: users.url.clone(),
+            extra,
+            backends: backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (format!("b{i}"), *b, String::new()))
+                .collect(),
+        };
+        let process = Frontend::start(dir.path(), "powerpop", &spec);
         Pop {
-            addr,
-            admin,
+            addr: process.addr,
+            admin: process.admin,
             state_dir: state_dir.to_path_buf(),
-            log,
-            child,
+            log: dir.path().join("powerpop.log"),
+            process,
             _dir: dir,
         }
     }
@@ -250,24 +172,10 @@ impl Pop {
 
     /// GET /stats as JSON.
     pub fn stats(&self) -> serde_json::Value {
-        let mut s = TcpStream::connect(self.admin).unwrap();
-        s.set_read_timeout(Some(TIMEOUT)).unwrap();
-        write!(
-            s,
-            "GET /stats HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer tok\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let body = resp.split_once("\r\n\r\n").unwrap().1;
-        serde_json::from_str(body).unwrap()
-    }
-}
-
-impl Drop for Pop {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let (status, body) =
+            powermail_testkit::admin_request(self.admin, "GET", "/stats", Some("tok"));
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("stats JSON")
     }
 }
 
@@ -299,18 +207,6 @@ pub fn py(addr: SocketAddr, code: &str) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
-/// Polls `f` until it returns true (bounded).
-pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < TIMEOUT {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("never happened: {what}");
-}
-
 /// A plain socket reading the greeting line.
 pub fn raw_greeting(addr: SocketAddr) -> (TcpStream, String) {
     let s = TcpStream::connect(addr).unwrap();
@@ -319,72 +215,6 @@ pub fn raw_greeting(addr: SocketAddr) -> (TcpStream, String) {
     let mut l = String::new();
     let _ = r.read_line(&mut l);
     (s, l.trim_end().to_string())
-}
-
-/// A POP3 client on a raw socket, for byte-exact answers.
-pub struct RawPop {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl RawPop {
-    /// Connects and reads the greeting.
-    pub fn connect(addr: SocketAddr) -> RawPop {
-        let (writer, greeting) = raw_greeting_stream(addr);
-        assert!(greeting.0.starts_with("+OK"), "{}", greeting.0);
-        RawPop {
-            reader: greeting.1,
-            writer,
-        }
-    }
-
-    /// Connects and logs in with USER/PASS.
-    pub fn login(addr: SocketAddr, user: &str, password: &str) -> RawPop {
-        let mut p = RawPop::connect(addr);
-        assert!(p.cmd(&format!("USER {user}")).starts_with("+OK"));
-        let pass = p.cmd(&format!("PASS {password}"));
-        assert!(pass.starts_with("+OK"), "{pass}");
-        p
-    }
-
-    /// Sends one command line, returns the status line (CRLF removed).
-    pub fn cmd(&mut self, line: &str) -> String {
-        self.writer
-            .write_all(format!("{line}\r\n").as_bytes())
-            .unwrap();
-        let mut l = String::new();
-        self.reader.read_line(&mut l).unwrap();
-        l.trim_end().to_string()
-    }
-
-    /// RETR `n`: the answer's bytes exactly as sent, between the status
-    /// line and the terminating `.CRLF` (so still dot-stuffed), or the
-    /// status line of a refusal.
-    pub fn retr(&mut self, n: usize) -> Result<Vec<u8>, String> {
-        let status = self.cmd(&format!("RETR {n}"));
-        if !status.starts_with("+OK") {
-            return Err(status);
-        }
-        let mut body = Vec::new();
-        loop {
-            let mut line = Vec::new();
-            let got = self.reader.read_until(b'\n', &mut line).unwrap();
-            assert!(got > 0, "connection closed mid-answer");
-            if line == b".\r\n" {
-                return Ok(body);
-            }
-            body.extend_from_slice(&line);
-        }
-    }
-}
-
-fn raw_greeting_stream(addr: SocketAddr) -> (TcpStream, (String, BufReader<TcpStream>)) {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut l = String::new();
-    let _ = r.read_line(&mut l);
-    (s, (l.trim_end().to_string(), r))
 }
 
 /// A TCP proxy in front of a real backend that breaks every connection

@@ -1,141 +1,40 @@
 //! The system-test harness: starts real `pplistener` (one process per
 //! backend, so one can be killed alone), `powersmtp` and `powerpop` processes
-//! from the target directory on temporary directories and free ports, and
-//! offers small blocking SMTP and POP3 clients written on `TcpStream` that
-//! keep the exact wire bytes (so stored and retrieved messages can be hashed).
+//! through the shared test kit (`tests/kit`: free ports, the readiness line,
+//! kill on drop), and adds what these suites share: the system layout, the
+//! test mailboxes, identified test messages and their hashes.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard, Once};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use powermail_proto::BackendConn;
+use powermail_testkit::{BackendSpec, FrontendSpec, Pplistener, PplistenerSpec};
 use sha2::{Digest, Sha256};
+
+pub use powermail_testkit::{
+    connect, durability_line, eventually, free_addr, free_port, serial, Kind, Pop, Smtp, IO_TIMEOUT,
+};
 
 /// The backends' shared secret.
 pub const SECRET: &str = "systest-secret-0123456789";
 /// Bearer token of every admin port.
 pub const TOKEN: &str = "systest-admin-token";
-/// Socket read/write time-out of the test clients.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest any bounded wait of the suite waits.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 /// Domain of every test mailbox.
 pub const DOMAIN: &str = "sys.test";
 
-/// The tests start many processes on a small machine: one test at a time.
-pub fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("local_addr")
-        .port()
-}
-
-/// `127.0.0.1:<free port>`.
-pub fn free_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
-}
-
-/// The directory of the workspace binaries (target/<profile>), which are
-/// built there if a plain `cargo test -p powermail-systests` did not.
-pub fn bin(name: &str) -> PathBuf {
-    static BUILD: Once = Once::new();
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> → target/<profile>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
-    BUILD.call_once(|| {
-        let missing = ["pplistener", "powersmtp", "powerpop"]
-            .iter()
-            .any(|b| !dir.join(b).exists());
-        if missing {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.args([
-                "build",
-                "-q",
-                "-p",
-                "pplistener",
-                "-p",
-                "powersmtp",
-                "-p",
-                "powerpop",
-            ])
-            .env("CARGO_TARGET_DIR", dir.parent().expect("target"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-            if dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("cargo build");
-            assert!(status.success(), "building the daemons failed");
-        }
-    });
-    let b = dir.join(name);
-    assert!(b.exists(), "{} missing", b.display());
-    b
-}
-
-/// Starts `cmd` (stderr appended to `log`), waits until its stdout has shown
-/// a line containing each of `markers`, then keeps draining stdout.
-fn spawn_ready(mut cmd: Command, log: &Path, markers: &[&str]) -> Child {
-    let err = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("log file");
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(err)
-        .spawn()
-        .expect("spawn daemon");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut seen = vec![false; markers.len()];
-    let mut lines = Vec::new();
-    while !seen.iter().all(|s| *s) {
-        let mut line = String::new();
-        if out.read_line(&mut line).unwrap_or(0) == 0 {
-            let status = child.wait();
-            let log_text = std::fs::read_to_string(log).unwrap_or_default();
-            panic!(
-                "daemon exited during start-up: {status:?}\nstdout: {lines:?}\nlog:\n{log_text}"
-            );
-        }
-        for (m, s) in markers.iter().zip(seen.iter_mut()) {
-            *s |= line.contains(m);
-        }
-        lines.push(line);
-    }
-    std::thread::spawn(move || {
-        let _ = io::copy(&mut out, &mut io::sink());
-    });
-    child
-}
-
-/// kill -9 and reap.
-fn kill9(child: &mut Option<Child>) {
-    if let Some(mut c) = child.take() {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-}
-
 /// One pplistener process serving one backend.
 pub struct Backend {
+    /// The process (restart, kill9, alive, pid, log_text, config_path).
+    pub process: Pplistener,
     /// Name in the frontends' configs (`b<i>`).
     pub name: String,
     /// PPL/1 address.
@@ -144,79 +43,36 @@ pub struct Backend {
     pub admin: SocketAddr,
     /// The backend's data directory.
     pub data: PathBuf,
-    config: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
 }
 
-/// The `durability` line for each `[[backend]]` table: `PM_TEST_DURABILITY`
-/// (`file` or `syncfs`) runs a suite in that mode; unset, the default (`file`).
-pub fn durability_line() -> String {
-    match std::env::var("PM_TEST_DURABILITY") {
-        Ok(m) if m == "file" || m == "syncfs" => format!("durability = \"{m}\"\n"),
-        Ok(m) if m.is_empty() => String::new(),
-        Ok(m) => panic!("PM_TEST_DURABILITY={m:?}: use file or syncfs"),
-        Err(_) => String::new(),
-    }
-}
+powermail_testkit::deref_daemon!(Backend, process);
 
 impl Backend {
     /// Writes the config of backend `i` under `root` (data in `data`,
     /// `limits` lines inside `[limits]`) and starts it.
     pub fn start(root: &Path, i: usize, data: PathBuf, limits: &str) -> Backend {
-        let addr = free_addr();
-        let admin = free_addr();
-        let config = root.join(format!("pplistener-b{i}.toml"));
         let floor = if limits.contains("free_bytes_min") {
             ""
         } else {
             "free_bytes_min = 0\n"
         };
-        std::fs::write(
-            &config,
-            format!(
-                "secret = \"{SECRET}\"\nadmin_listen = \"{admin}\"\nadmin_token = \"{TOKEN}\"\n\
-                 [limits]\n{floor}{limits}\n\
-                 [[backend]]\nname = \"b{i}\"\ndata_dir = \"{}\"\nlisten = \"{addr}\"\ncpu = {}\n{}",
-                data.display(),
-                i % 2,
-                durability_line()
-            ),
-        )
-        .expect("write config");
-        let mut b = Backend {
-            name: format!("b{i}"),
-            addr,
-            admin,
-            data,
-            config,
-            log: root.join(format!("pplistener-b{i}.log")),
-            child: None,
+        let name = format!("b{i}");
+        let mut backend = BackendSpec::named(&name, data.clone());
+        backend.extra = format!("cpu = {}\n{}", i % 2, durability_line());
+        let spec = PplistenerSpec {
+            secret: SECRET.into(),
+            admin_token: TOKEN.into(),
+            extra: format!("[limits]\n{floor}{limits}\n"),
+            backends: vec![backend],
         };
-        b.restart();
-        b
-    }
-
-    /// Starts the process again (after [`Backend::kill9`]).
-    pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "{} already running", self.name);
-        let mut cmd = Command::new(bin("pplistener"));
-        cmd.arg("--config").arg(&self.config);
-        self.child = Some(spawn_ready(
-            cmd,
-            &self.log,
-            &["listening on", "admin port on"],
-        ));
-    }
-
-    /// `kill -9`.
-    pub fn kill9(&mut self) {
-        kill9(&mut self.child);
-    }
-
-    /// Whether the process is still alive.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+        let process = Pplistener::start(root, &format!("pplistener-{name}"), &spec);
+        Backend {
+            addr: process.backends[0],
+            admin: process.admin,
+            process,
+            name,
+            data,
+        }
     }
 
     /// An authenticated PPL/1 connection.
@@ -256,27 +112,6 @@ impl Backend {
             .map(|(_, v)| v)
             .unwrap_or_default()
     }
-
-    /// The process id, while running.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// The configuration file it was started with.
-    pub fn config_path(&self) -> &Path {
-        &self.config
-    }
-
-    /// The log file (stderr) of this backend.
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.kill9();
-    }
 }
 
 fn read_dir(p: &Path) -> Vec<PathBuf> {
@@ -293,27 +128,22 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Which frontend a [`Frontend`] runs.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Kind {
-    /// powersmtp
-    Smtp,
-    /// powerpop
-    Pop,
-}
-
-/// A running powersmtp or powerpop.
+/// A running powersmtp or powerpop (with the kit's [`Daemon`] methods:
+/// restart, kill9, alive, pid, wait_exit, log_text).
+///
+/// [`Daemon`]: powermail_testkit::Daemon
 pub struct Frontend {
+    /// The process.
+    pub process: powermail_testkit::Frontend,
     /// Which daemon.
     pub kind: Kind,
     /// Client port.
     pub addr: SocketAddr,
     /// Admin port.
     pub admin: SocketAddr,
-    config: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
 }
+
+powermail_testkit::deref_daemon!(Frontend, process);
 
 /// `[backend_pool]` for quick failure detection in tests.
 const POOL: &str = "\n[backend_pool]\nhealth_interval_ms = 100\nhealth_timeout_ms = 500\nconnect_timeout_ms = 1000\nio_timeout_ms = 10000\nping_after_idle_ms = 500\n";
@@ -349,36 +179,25 @@ impl Frontend {
         tables: &str,
         priorities: &[i32],
     ) -> Frontend {
-        let addr = free_addr();
-        let admin = free_addr();
         let state = root.join("smtpstate");
-        let mut toml = format!(
-            "listen = \"{addr}\"\nhostname = \"mx.sys.test\"\nfrontend_id = \"sys1\"\n\
-             admin_listen = \"{admin}\"\nadmin_token = \"{TOKEN}\"\nuserbase = \"{userbase}\"\n\
-             replicas = {k}
-secret = \"{SECRET}\"
-state_dir = \"{}\"
-\
-             undo_replay_interval_ms = 200
-{top}
-{tables}
-[limits]
-{limits}
-",
+        let mut extra = format!(
+            "hostname = \"mx.sys.test\"\nfrontend_id = \"sys1\"\nreplicas = {k}\n\
+             state_dir = \"{}\"\nundo_replay_interval_ms = 200\n{top}\n{tables}\n\
+             [limits]\n{limits}\n",
             state.display()
         );
         if !tables.contains("[backend_pool]") {
-            toml.push_str(POOL);
+            extra.push_str(POOL);
         }
-        for (i, b) in backends.iter().enumerate() {
-            toml.push_str(&format!(
-                "\n[[backend]]\nname = \"{}\"\naddr = \"{}\"\npriority = {}\n",
-                b.name,
-                b.addr,
-                priorities.get(i).copied().unwrap_or(0)
-            ));
-        }
-        Frontend::launch(root, Kind::Smtp, addr, admin, &toml)
+        let backends = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let priority = priorities.get(i).copied().unwrap_or(0);
+                (b.name.clone(), b.addr, format!("priority = {priority}\n"))
+            })
+            .collect();
+        Frontend::launch(root, Kind::Smtp, userbase, extra, backends)
     }
 
     /// powerpop over `backends`, state in `root/popstate`. `limits` goes
@@ -391,102 +210,46 @@ state_dir = \"{}\"
         limits: &str,
         tables: &str,
     ) -> Frontend {
-        let addr = free_addr();
-        let admin = free_addr();
         let state = root.join("popstate");
-        let mut toml = format!(
-            "listen = \"{addr}\"\nadmin_listen = \"{admin}\"\nadmin_token = \"{TOKEN}\"\n\
-             userbase = \"{userbase}\"\ndefault_domain = \"{DOMAIN}\"\nstate_dir = \"{}\"\n\
-             secret = \"{SECRET}\"\n{tables}\n[limits]\n{limits}\n",
+        let mut extra = format!(
+            "default_domain = \"{DOMAIN}\"\nstate_dir = \"{}\"\n{tables}\n[limits]\n{limits}\n",
             state.display()
         );
         if !tables.contains("[backend_pool]") {
-            toml.push_str(POOL);
+            extra.push_str(POOL);
         }
         if !tables.contains("[throttle]") {
-            toml.push_str("\n[throttle]\nfailure_delay_ms = 10\n");
+            extra.push_str("\n[throttle]\nfailure_delay_ms = 10\n");
         }
-        for b in backends {
-            toml.push_str(&format!(
-                "\n[[backend]]\nname = \"{}\"\naddr = \"{}\"\n",
-                b.name, b.addr
-            ));
-        }
-        Frontend::launch(root, Kind::Pop, addr, admin, &toml)
+        let backends = backends
+            .iter()
+            .map(|b| (b.name.clone(), b.addr, String::new()))
+            .collect();
+        Frontend::launch(root, Kind::Pop, userbase, extra, backends)
     }
 
     fn launch(
         root: &Path,
         kind: Kind,
-        addr: SocketAddr,
-        admin: SocketAddr,
-        toml: &str,
+        userbase: &str,
+        extra: String,
+        backends: Vec<(String, SocketAddr, String)>,
     ) -> Frontend {
-        let name = match kind {
-            Kind::Smtp => "powersmtp",
-            Kind::Pop => "powerpop",
-        };
-        let config = root.join(format!("{name}.toml"));
-        std::fs::write(&config, toml).expect("write config");
-        let mut f = Frontend {
+        let spec = FrontendSpec {
             kind,
-            addr,
-            admin,
-            config,
-            log: root.join(format!("{name}.log")),
-            child: None,
+            secret: SECRET.into(),
+            admin_token: TOKEN.into(),
+            userbase: userbase.into(),
+            extra,
+            backends,
         };
-        f.restart();
-        f
-    }
-
-    /// Starts the process again (after [`Frontend::kill9`]).
-    pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let name = match self.kind {
-            Kind::Smtp => "powersmtp",
-            Kind::Pop => "powerpop",
-        };
-        let mut cmd = Command::new(bin(name));
-        cmd.arg("--config").arg(&self.config);
-        self.child = Some(spawn_ready(
-            cmd,
-            &self.log,
-            &["listening on", "admin port on"],
-        ));
-    }
-
-    /// `kill -9`.
-    pub fn kill9(&mut self) {
-        kill9(&mut self.child);
-    }
-
-    /// Whether the process is still alive.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
-    /// The process id, while running.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// Waits (at most [`DEADLINE`]) for the process to end; its exit status.
-    pub fn wait_exit(&mut self) -> Option<std::process::ExitStatus> {
-        let start = Instant::now();
-        while start.elapsed() < DEADLINE {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                self.child = None;
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let process = powermail_testkit::Frontend::start(root, kind.binary(), &spec);
+        Frontend {
+            kind,
+            addr: process.addr,
+            admin: process.admin,
+            process,
         }
-        None
-    }
-
-    /// The log file (stderr) of this daemon.
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// A top-level counter of the admin port's `/stats` (`"key":N`), if the port
@@ -504,12 +267,6 @@ state_dir = \"{}\"
             .take_while(|c| c.is_ascii_digit())
             .collect();
         digits.parse().ok()
-    }
-}
-
-impl Drop for Frontend {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }
 
@@ -605,218 +362,9 @@ impl System {
     }
 }
 
-/// Polls `f` until it is true, for at most [`DEADLINE`].
-pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < DEADLINE {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("never happened within {DEADLINE:?}: {what}");
-}
-
-/// A connected socket with both time-outs set.
-pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    Ok(s)
-}
-
-/// A blocking SMTP client that sends exactly the bytes it is given.
-pub struct Smtp {
-    r: BufReader<TcpStream>,
-    w: TcpStream,
-}
-
-impl Smtp {
-    /// Connects, reads the greeting and says EHLO; fails unless both are 2xx.
-    pub fn connect(addr: SocketAddr) -> io::Result<Smtp> {
-        let s = connect(addr)?;
-        let mut c = Smtp {
-            r: BufReader::new(s.try_clone()?),
-            w: s,
-        };
-        let (code, text) = c.reply()?;
-        if code != 220 {
-            return Err(io::Error::other(format!("greeting {code} {text}")));
-        }
-        let (code, text) = c.cmd("EHLO client.sys.test")?;
-        if code != 250 {
-            return Err(io::Error::other(format!("EHLO {code} {text}")));
-        }
-        Ok(c)
-    }
-
-    /// Reads one (possibly multi-line) reply: its code and last line.
-    pub fn reply(&mut self) -> io::Result<(u16, String)> {
-        loop {
-            let mut line = String::new();
-            if self.r.read_line(&mut line)? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-            if line.as_bytes().get(3) != Some(&b'-') {
-                return Ok((code, line.trim_end().to_string()));
-            }
-        }
-    }
-
-    /// Sends one command line and reads its reply.
-    pub fn cmd(&mut self, line: &str) -> io::Result<(u16, String)> {
-        self.w.write_all(format!("{line}\r\n").as_bytes())?;
-        self.reply()
-    }
-
-    /// Writes raw bytes.
-    pub fn raw(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.w.write_all(bytes)
-    }
-
-    /// One transaction of `wire` (dot-stuffed, CRLF-terminated) to `rcpts`;
-    /// returns the final code (the first refusal if any step is refused).
-    pub fn send(&mut self, from: &str, rcpts: &[&str], wire: &[u8]) -> io::Result<u16> {
-        let (code, _) = self.cmd(&format!("MAIL FROM:<{from}>"))?;
-        if code != 250 {
-            self.cmd("RSET")?;
-            return Ok(code);
-        }
-        for r in rcpts {
-            let (code, _) = self.cmd(&format!("RCPT TO:<{r}>"))?;
-            if code != 250 {
-                self.cmd("RSET")?;
-                return Ok(code);
-            }
-        }
-        let (code, _) = self.cmd("DATA")?;
-        if code != 354 {
-            self.cmd("RSET")?;
-            return Ok(code);
-        }
-        let mut data = Vec::with_capacity(wire.len() + 3);
-        data.extend_from_slice(wire);
-        data.extend_from_slice(b".\r\n");
-        self.w.write_all(&data)?;
-        Ok(self.reply()?.0)
-    }
-
-    /// QUIT, ignoring the outcome.
-    pub fn quit(mut self) {
-        let _ = self.cmd("QUIT");
-    }
-}
-
-/// A blocking POP3 client that keeps the raw (dot-stuffed) message bytes.
-pub struct Pop {
-    r: BufReader<TcpStream>,
-    w: TcpStream,
-}
-
-impl Pop {
-    /// Connects and reads the greeting (must be +OK).
-    pub fn connect(addr: SocketAddr) -> io::Result<Pop> {
-        let s = connect(addr)?;
-        let mut c = Pop {
-            r: BufReader::new(s.try_clone()?),
-            w: s,
-        };
-        let g = c.line()?;
-        if !g.starts_with("+OK") {
-            return Err(io::Error::other(format!("greeting {g}")));
-        }
-        Ok(c)
-    }
-
-    /// Connects and logs in as mailbox `i`.
-    pub fn login(addr: SocketAddr, i: usize) -> io::Result<Pop> {
-        let mut c = Pop::connect(addr)?;
-        c.auth(&user(i), &password(i))?;
-        Ok(c)
-    }
-
-    /// USER + PASS; an error unless both are +OK.
-    pub fn auth(&mut self, user: &str, pass: &str) -> io::Result<()> {
-        let r = self.cmd(&format!("USER {user}"))?;
-        if !r.starts_with("+OK") {
-            return Err(io::Error::other(format!("USER: {r}")));
-        }
-        let r = self.cmd(&format!("PASS {pass}"))?;
-        if !r.starts_with("+OK") {
-            return Err(io::Error::other(format!("PASS: {r}")));
-        }
-        Ok(())
-    }
-
-    /// One reply line, without CRLF.
-    pub fn line(&mut self) -> io::Result<String> {
-        let mut line = String::new();
-        if self.r.read_line(&mut line)? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        Ok(line.trim_end().to_string())
-    }
-
-    /// Sends a command, returns the status line.
-    pub fn cmd(&mut self, line: &str) -> io::Result<String> {
-        self.w.write_all(format!("{line}\r\n").as_bytes())?;
-        self.line()
-    }
-
-    /// Writes raw bytes.
-    pub fn raw(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.w.write_all(bytes)
-    }
-
-    /// Sends a command with a multi-line answer; returns the status line and
-    /// the raw bytes up to (not including) the terminating `.CRLF`.
-    pub fn multi(&mut self, line: &str) -> io::Result<(String, Vec<u8>)> {
-        let status = self.cmd(line)?;
-        if !status.starts_with("+OK") {
-            return Ok((status, Vec::new()));
-        }
-        let mut body = Vec::new();
-        loop {
-            let mut l = Vec::new();
-            if self.r.read_until(b'\n', &mut l)? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            if l == b".\r\n" {
-                return Ok((status, body));
-            }
-            body.extend_from_slice(&l);
-        }
-    }
-
-    /// UIDL: (message number, unique id).
-    pub fn uidl(&mut self) -> io::Result<Vec<(usize, String)>> {
-        let (status, body) = self.multi("UIDL")?;
-        if !status.starts_with("+OK") {
-            return Err(io::Error::other(format!("UIDL: {status}")));
-        }
-        Ok(String::from_utf8_lossy(&body)
-            .lines()
-            .filter_map(|l| {
-                let (n, u) = l.split_once(' ')?;
-                Some((n.parse().ok()?, u.to_string()))
-            })
-            .collect())
-    }
-
-    /// RETR `n`: the raw stored bytes.
-    pub fn retr(&mut self, n: usize) -> io::Result<Vec<u8>> {
-        let (status, body) = self.multi(&format!("RETR {n}"))?;
-        if !status.starts_with("+OK") {
-            return Err(io::Error::other(format!("RETR {n}: {status}")));
-        }
-        Ok(body)
-    }
-
-    /// QUIT; returns its status line.
-    pub fn quit(mut self) -> io::Result<String> {
-        self.cmd("QUIT")
-    }
+/// Connects to POP3 at `addr` and logs in as mailbox `i`.
+pub fn pop_login(addr: SocketAddr, i: usize) -> io::Result<Pop> {
+    Pop::login(addr, &user(i), &password(i))
 }
 
 /// Header that identifies every test message.
@@ -876,7 +424,7 @@ pub fn retrieve_all(pop: SocketAddr, users: usize, threads: usize) -> Retrieved 
                 if i >= users {
                     return;
                 }
-                let mut c = Pop::login(pop, i).expect("POP login");
+                let mut c = pop_login(pop, i).expect("POP login");
                 let list = c.uidl().expect("UIDL");
                 let mut mine = Vec::new();
                 for (n, uid) in list {
@@ -895,34 +443,17 @@ pub fn retrieve_all(pop: SocketAddr, users: usize, threads: usize) -> Retrieved 
     out.into_inner().expect("lock")
 }
 
-/// One HTTP/1.0 request to an admin port; returns the status code and body.
+/// One request to an admin port (the admin crate's client); the status
+/// code and body.
 pub fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
     token: Option<&str>,
 ) -> io::Result<(u16, String)> {
-    let mut s = connect(addr)?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: x\r\n{auth}Content-Length: 0\r\n\r\n"
-    )?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp)?;
-    let resp = String::from_utf8_lossy(&resp).into_owned();
-    let code = resp
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
+    let reply = powermail_testkit::admin::request(&addr.to_string(), token, method, path)
+        .map_err(io::Error::other)?;
+    Ok((reply.status, reply.body))
 }
 
 /// A small ext4 image mounted on a loop device at a directory; unmounted on drop.
