@@ -411,6 +411,15 @@ impl Session {
             let r = Reply::new(500, "5.5.2 Syntax error, NUL byte in command");
             return self.refuse(d, out, r);
         }
+        let body = line.strip_suffix(b"\n").unwrap_or(line);
+        let body = body.strip_suffix(b"\r").unwrap_or(body);
+        if body.contains(&b'\r') {
+            // RFC 5321 2.3.8: CR only as part of CRLF. Read any other way
+            // (dropped: `NO\rOP` would run NOOP) it smuggles one command
+            // past a filter that reads another.
+            let r = Reply::new(500, "5.5.2 Syntax error, bare CR in command");
+            return self.refuse(d, out, r);
+        }
         match Request::parse(&mut line.iter()) {
             Ok(req) => self.request(req, d, out),
             Err(e) => {

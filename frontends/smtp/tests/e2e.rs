@@ -209,6 +209,19 @@ impl System {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// The stored bytes of every copy of `msgid` in `mailbox`, one per
+    /// backend that holds it.
+    fn copies(&self, mailbox: &str, msgid: &str) -> Vec<Vec<u8>> {
+        let (mb, id) = (
+            MailboxName::parse(mailbox).unwrap(),
+            MessageId::parse(msgid).unwrap(),
+        );
+        self.holders(mailbox, msgid)
+            .into_iter()
+            .map(|i| self.backends[i].conn().get(&mb, &id).unwrap())
+            .collect()
+    }
+
     /// Backends holding `msgid` for `mailbox`.
     fn holders(&self, mailbox: &str, msgid: &str) -> Vec<usize> {
         (0..self.backends.len())
@@ -256,16 +269,9 @@ fn single_recipient_k2_over_3_stores_wire_form_on_exactly_two() {
     let r = sys.send("a@sender.example", &["Alice@Example.com"], MSG);
     assert_eq!(r["rcpts"][0][0], 250, "{r}");
     let id = queued_id(&r["data"]);
-    let holders = sys.holders("alice@example.com", &id);
-    assert_eq!(holders.len(), 2, "{holders:?}");
-    for i in holders {
-        let stored = sys.backends[i]
-            .conn()
-            .get(
-                &MailboxName::parse("alice@example.com").unwrap(),
-                &MessageId::parse(&id).unwrap(),
-            )
-            .unwrap();
+    let copies = sys.copies("alice@example.com", &id);
+    assert_eq!(copies.len(), 2);
+    for stored in copies {
         let (received, body) = split_received(&stored);
         assert!(received.starts_with("Received: from "), "{received:?}");
         assert!(
@@ -763,16 +769,9 @@ fn small_segments_across_backend_chunks_are_stored_byte_for_byte() {
     w.write_all(b".\r\n").unwrap();
     let done = expect(&mut r, "250");
     let id = done.trim_end().rsplit(' ').next().unwrap().to_string();
-    let holders = sys.holders("alice@example.com", &id);
-    assert_eq!(holders.len(), 2, "{holders:?}");
-    for i in holders {
-        let stored = sys.backends[i]
-            .conn()
-            .get(
-                &MailboxName::parse("alice@example.com").unwrap(),
-                &MessageId::parse(&id).unwrap(),
-            )
-            .unwrap();
+    let copies = sys.copies("alice@example.com", &id);
+    assert_eq!(copies.len(), 2);
+    for stored in copies {
         let (_, got) = split_received(&stored);
         assert_eq!(got.len(), body.len());
         assert!(got == body.as_bytes(), "stored body differs");

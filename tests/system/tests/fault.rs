@@ -13,12 +13,11 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::mariadb::{mariadbd_installed, PrivateMariadb};
 use common::*;
 use powermail_proto::MailboxName;
 
@@ -635,89 +634,6 @@ fn out_of_inodes_keeps_its_backend_read_only_until_inodes_are_freed() {
     ));
 }
 
-/// A private MariaDB (its own datadir, socket and port) started with
-/// `.ci/mariadb.sh`, which the test kills with -9 and restarts.
-struct PrivateMariadb {
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl PrivateMariadb {
-    fn script() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.ci/mariadb.sh")
-    }
-
-    fn start() -> PrivateMariadb {
-        let m = PrivateMariadb {
-            dir: tempfile::tempdir().expect("tempdir"),
-            port: free_port(),
-        };
-        m.up();
-        let out = Command::new("mariadb")
-            .args(["--no-defaults", "-uroot"])
-            .arg(format!(
-                "--socket={}",
-                m.dir.path().join("run/mysqld.sock").display()
-            ))
-            .args(["-e", "CREATE DATABASE IF NOT EXISTS powermail_sys"])
-            .output()
-            .expect("mariadb client");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        m
-    }
-
-    fn up(&self) {
-        let out = Command::new(Self::script())
-            .arg("start")
-            .env("PM_MARIADB_DIR", self.dir.path())
-            .env("PM_MARIADB_PORT", self.port.to_string())
-            .env("PM_MARIADB_NO_TLS", "1")
-            .output()
-            .expect("mariadb.sh");
-        assert!(
-            out.status.success(),
-            "mariadb.sh start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn kill9(&self) {
-        let pid =
-            std::fs::read_to_string(self.dir.path().join("run/mysqld.pid")).unwrap_or_default();
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            // SAFETY: kill(2) on the server we started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let start = Instant::now();
-            // SAFETY: signal 0 only checks the process exists.
-            while unsafe { libc::kill(pid, 0) } == 0 && start.elapsed() < DEADLINE {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = std::fs::remove_file(self.dir.path().join("run/mysqld.pid"));
-    }
-
-    fn url(&self) -> String {
-        format!("mysql://root@127.0.0.1:{}/powermail_sys", self.port)
-    }
-}
-
-impl Drop for PrivateMariadb {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn mariadbd_installed() -> bool {
-    Command::new("sh")
-        .args(["-c", "command -v mariadbd || test -x /usr/sbin/mariadbd"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 /// Issue #6, case 5: MariaDB killed and restarted under load: only
 /// temporary refusals while it is down, service resumes by itself, nothing
 /// acknowledged is lost.
@@ -732,7 +648,7 @@ fn mariadb_killed_and_restarted_under_load() {
     }
     let _g = serial();
     const USERS: usize = 4;
-    let db = PrivateMariadb::start();
+    let db = PrivateMariadb::start("powermail_sys");
     let url = db.url();
     add_users(&url, USERS);
     let root = tempfile::tempdir().expect("tempdir");
@@ -808,7 +724,7 @@ fn frontends_start_while_the_database_is_down() {
         panic!("mariadbd is not installed: install mariadb-server (as .ci/run does) or set PM_SKIP_MARIADB=1");
     }
     let _g = serial();
-    let db = PrivateMariadb::start();
+    let db = PrivateMariadb::start("powermail_sys");
     let url = db.url();
     // Schema and users made by the tools' path (which migrates), then the database dies.
     add_users(&url, 1);

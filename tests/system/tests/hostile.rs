@@ -457,7 +457,7 @@ enum Case {
     EightBit,
     /// A bare CR inside a line: a refusal however it is read (as a line
     /// end, dropped, or kept, `XX`, `YY` and `XXYY` are no verbs). powersmtp
-    /// drops it: `NO\rOP` runs NOOP there.
+    /// refuses any line with one (`500 5.5.2 ... bare CR`).
     BareCr,
     /// A bare LF inside a line (the same, for a lone LF).
     BareLf,

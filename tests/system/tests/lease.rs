@@ -10,10 +10,10 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::mariadb::{mariadbd_installed, PrivateMariadb};
 use common::*;
 
 /// The lease the two powerpops run with: short, so the kill -9 case waits
@@ -25,105 +25,9 @@ fn report(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-/// A private MariaDB (its own datadir, socket and port) from `.ci/mariadb.sh`
-/// (the same shape as the fault suite's).
-struct PrivateMariadb {
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl PrivateMariadb {
-    fn start() -> PrivateMariadb {
-        let m = PrivateMariadb {
-            dir: tempfile::tempdir().expect("tempdir"),
-            port: free_port(),
-        };
-        m.up();
-        let out = Command::new("mariadb")
-            .args(["--no-defaults", "-uroot"])
-            .arg(format!(
-                "--socket={}",
-                m.dir.path().join("run/mysqld.sock").display()
-            ))
-            .args(["-e", "CREATE DATABASE IF NOT EXISTS powermail_lease"])
-            .output()
-            .expect("mariadb client");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        m
-    }
-
-    /// Runs `sql` in the test database with the `mariadb` client (as an
-    /// operator would).
-    fn sql(&self, sql: &str) {
-        let out = Command::new("mariadb")
-            .args(["--no-defaults", "-uroot", "powermail_lease"])
-            .arg(format!(
-                "--socket={}",
-                self.dir.path().join("run/mysqld.sock").display()
-            ))
-            .args(["-e", sql])
-            .output()
-            .expect("mariadb client");
-        assert!(
-            out.status.success(),
-            "{sql}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn up(&self) {
-        let script: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.ci/mariadb.sh");
-        let out = Command::new(script)
-            .arg("start")
-            .env("PM_MARIADB_DIR", self.dir.path())
-            .env("PM_MARIADB_PORT", self.port.to_string())
-            .env("PM_MARIADB_NO_TLS", "1")
-            .output()
-            .expect("mariadb.sh");
-        assert!(
-            out.status.success(),
-            "mariadb.sh start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn kill9(&self) {
-        let pid =
-            std::fs::read_to_string(self.dir.path().join("run/mysqld.pid")).unwrap_or_default();
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            // SAFETY: kill(2) on the server we started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let start = Instant::now();
-            // SAFETY: signal 0 only checks the process exists.
-            while unsafe { libc::kill(pid, 0) } == 0 && start.elapsed() < DEADLINE {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = std::fs::remove_file(self.dir.path().join("run/mysqld.pid"));
-    }
-
-    fn url(&self) -> String {
-        format!("mysql://root@127.0.0.1:{}/powermail_lease", self.port)
-    }
-}
-
-impl Drop for PrivateMariadb {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 /// False (after saying so) when the test must be skipped.
 fn mariadb_or_skip(case: &str) -> bool {
-    let installed = Command::new("sh")
-        .args(["-c", "command -v mariadbd || test -x /usr/sbin/mariadbd"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if installed {
+    if mariadbd_installed() {
         return true;
     }
     // CI must not skip: there a missing MariaDB is a failure.
@@ -157,7 +61,7 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
-        let db = PrivateMariadb::start();
+        let db = PrivateMariadb::start("powermail_lease");
         let url = db.url();
         add_users(&url, 2);
         let dirs = [(); 3].map(|_| tempfile::tempdir().expect("tempdir"));

@@ -323,6 +323,22 @@ fn nul_bytes_in_commands_are_refused() {
     assert!(mock.begun.is_empty());
 }
 
+#[test]
+fn bare_cr_inside_a_command_is_refused_not_dropped() {
+    let (out, mock, _) =
+        run(b"EHLO ok\r\nNO\rOP\r\nMAIL FROM:<a@b.c>\rRCPT TO:<x@y.z>\r\nNOOP\r\nQUIT\r\n");
+    assert_eq!(
+        codes(&out),
+        ["220", "250", "500", "500", "250", "221"],
+        "{out}"
+    );
+    assert!(
+        out.contains("500 5.5.2 Syntax error, bare CR in command"),
+        "{out}"
+    );
+    assert!(mock.begun.is_empty(), "no MAIL was smuggled in");
+}
+
 /// LMTP: the same result for every chunk size; returns it.
 fn run_lmtp(input: &[u8]) -> (String, Mock, bool) {
     let lmtp = || Session::new_lmtp("mx.test", "127.0.0.1:1", limits());
