@@ -355,7 +355,40 @@ impl Daemon {
         self.started = Instant::now();
         Ok(())
     }
+
+    /// Waits until the daemon has printed its readiness line
+    /// (`<name> ready pid=<pid> ...`) into its log, at most `timeout`; an
+    /// error if it exits first or takes longer.
+    fn wait_ready(&mut self, log_dir: &Path, timeout: Duration) -> anyhow::Result<()> {
+        let log = log_dir.join(format!("{}.log", self.name));
+        let child = self.child.as_mut().context("not started")?;
+        let needle = format!("{} ready pid={} ", self.name, child.id());
+        let started = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains(&needle) {
+                return Ok(());
+            }
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!(
+                    "{} exited during start-up ({status}); see {}",
+                    self.name,
+                    log.display()
+                );
+            }
+            anyhow::ensure!(
+                started.elapsed() < timeout,
+                "{} not ready after {timeout:?}; see {}",
+                self.name,
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
+
+/// Longest a daemon may take to print its readiness line at `powermail up`.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn up(mut args: UpArgs) -> anyhow::Result<()> {
     let mut layout = Layout::default();
@@ -399,13 +432,10 @@ fn up(mut args: UpArgs) -> anyhow::Result<()> {
         );
     }
     for d in &mut daemons {
+        // One after the other, each ready before the next starts: the
+        // backends first, so the frontends' first health check finds them.
         d.start(&logs)?;
-        // The backends first, so the frontends' first health check finds them.
-        std::thread::sleep(Duration::from_millis(if d.name == "pplistener" {
-            500
-        } else {
-            100
-        }));
+        d.wait_ready(&logs, READY_TIMEOUT)?;
     }
     let token = std::fs::read_to_string(etc.join("admin.token"))?;
     println!(
