@@ -132,6 +132,11 @@ impl Net {
             prefix,
             hosts: Vec::new(),
         };
+        // The machine itself is a host too (the clients of a test): the
+        // bridge's address, so test code reaches every host without
+        // entering a namespace — and a blackholed host is cut off from it.
+        let me = format!("{}/24", net.client_addr());
+        ip(&["addr", "add", &me, "dev", &net.bridge])?;
         ip(&["link", "set", &net.bridge, "up"])?;
         Ok(net)
     }
@@ -173,6 +178,13 @@ impl Net {
             ip(&full)?;
         }
         Ok(host)
+    }
+
+    /// This machine's own address on the cluster network (`.254`): where
+    /// test clients connect from.
+    pub fn client_addr(&self) -> Ipv4Addr {
+        let [a, b, c] = self.prefix;
+        Ipv4Addr::new(a, b, c, 254)
     }
 
     /// The hosts, in the order they were added.

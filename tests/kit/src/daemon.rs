@@ -67,18 +67,28 @@ pub struct Daemon {
     log: PathBuf,
     child: Option<Child>,
     ready: Option<ReadyLine>,
+    /// The network namespace it runs in (`ip netns exec`), if not this one.
+    netns: Option<String>,
 }
 
 impl Daemon {
     /// Starts binary `name` with `config`, appending its output to `log`,
     /// and returns once it has printed its readiness line.
     pub fn start(name: &str, config: &Path, log: &Path) -> Daemon {
+        Daemon::start_in(None, name, config, log)
+    }
+
+    /// The same, inside network namespace `netns` when given (a simulated
+    /// host of tests/cluster): `ip netns exec` replaces itself with the
+    /// daemon, so the pid is the daemon's.
+    pub fn start_in(netns: Option<&str>, name: &str, config: &Path, log: &Path) -> Daemon {
         let mut d = Daemon {
             name: name.to_string(),
             config: config.to_path_buf(),
             log: log.to_path_buf(),
             child: None,
             ready: None,
+            netns: netns.map(str::to_string),
         };
         d.restart();
         d
@@ -92,7 +102,15 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let mut child = Command::new(bin(&self.name))
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin(&self.name));
+                c
+            }
+            None => Command::new(bin(&self.name)),
+        };
+        let mut child = cmd
             .arg("--config")
             .arg(&self.config)
             .stdout(Stdio::piped())

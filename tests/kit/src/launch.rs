@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::daemon::Daemon;
-use crate::ports::free_addr;
 
 /// The `durability` line for each `[[backend]]` table: `PM_TEST_DURABILITY`
 /// (`file` or `syncfs`) runs a suite in that mode; unset or empty, the
@@ -18,6 +17,32 @@ pub fn durability_line() -> String {
         Ok(m) if m.is_empty() => String::new(),
         Ok(m) => panic!("PM_TEST_DURABILITY={m:?}: use file or syncfs"),
         Err(_) => String::new(),
+    }
+}
+
+/// Where a daemon runs: this machine's loopback (the default), or a
+/// simulated host of tests/cluster (its network namespace and address).
+#[derive(Debug, Clone)]
+pub struct Place {
+    /// The network namespace, `None` for this one.
+    pub netns: Option<String>,
+    /// The address its ports bind to.
+    pub ip: std::net::IpAddr,
+}
+
+impl Default for Place {
+    fn default() -> Place {
+        Place {
+            netns: None,
+            ip: std::net::Ipv4Addr::LOCALHOST.into(),
+        }
+    }
+}
+
+impl Place {
+    /// A free port (see [`crate::free_port`]) on this place's address.
+    pub fn free_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, crate::free_port())
     }
 }
 
@@ -84,14 +109,20 @@ impl Pplistener {
     /// Writes `<dir>/<stem>.toml` from `spec` and starts pplistener on it,
     /// logging to `<dir>/<stem>.log`.
     pub fn start(dir: &Path, stem: &str, spec: &PplistenerSpec) -> Pplistener {
-        let admin = free_addr();
+        Pplistener::start_at(&Place::default(), dir, stem, spec)
+    }
+
+    /// The same on `place`: its addresses (admin, and each backend without
+    /// a `listen`) on the place's IP, the process in its namespace.
+    pub fn start_at(place: &Place, dir: &Path, stem: &str, spec: &PplistenerSpec) -> Pplistener {
+        let admin = place.free_addr();
         let mut toml = format!(
             "secret = \"{}\"\nadmin_listen = \"{admin}\"\nadmin_token = \"{}\"\n{}\n",
             spec.secret, spec.admin_token, spec.extra
         );
         let mut backends = Vec::new();
         for b in &spec.backends {
-            let listen = b.listen.unwrap_or_else(free_addr);
+            let listen = b.listen.unwrap_or_else(|| place.free_addr());
             backends.push(listen);
             toml.push_str("\n[[backend]]\n");
             if let Some(name) = &b.name {
@@ -105,7 +136,8 @@ impl Pplistener {
         }
         let config = dir.join(format!("{stem}.toml"));
         std::fs::write(&config, toml).expect("write pplistener config");
-        let daemon = Daemon::start("pplistener", &config, &dir.join(format!("{stem}.log")));
+        let log = dir.join(format!("{stem}.log"));
+        let daemon = Daemon::start_in(place.netns.as_deref(), "pplistener", &config, &log);
         Pplistener {
             admin: daemon.addr("admin"),
             daemon,
@@ -177,7 +209,13 @@ impl Frontend {
     /// Writes `<dir>/<stem>.toml` from `spec` (the client port on a free
     /// port) and starts the daemon, logging to `<dir>/<stem>.log`.
     pub fn start(dir: &Path, stem: &str, spec: &FrontendSpec) -> Frontend {
-        let (addr, admin) = (free_addr(), free_addr());
+        Frontend::start_at(&Place::default(), dir, stem, spec)
+    }
+
+    /// The same on `place`: its client and admin ports on the place's IP,
+    /// the process in its namespace.
+    pub fn start_at(place: &Place, dir: &Path, stem: &str, spec: &FrontendSpec) -> Frontend {
+        let (addr, admin) = (place.free_addr(), place.free_addr());
         let mut toml = format!(
             "listen = \"{addr}\"\nadmin_listen = \"{admin}\"\nadmin_token = \"{}\"\n\
              userbase = \"{}\"\nsecret = \"{}\"\n{}\n",
@@ -191,7 +229,7 @@ impl Frontend {
         let config = dir.join(format!("{stem}.toml"));
         std::fs::write(&config, toml).expect("write frontend config");
         let log = dir.join(format!("{stem}.log"));
-        let daemon = Daemon::start(spec.kind.binary(), &config, &log);
+        let daemon = Daemon::start_in(place.netns.as_deref(), spec.kind.binary(), &config, &log);
         assert_eq!(daemon.addr(spec.kind.role()), addr);
         Frontend {
             kind: spec.kind,

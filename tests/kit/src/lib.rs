@@ -29,7 +29,7 @@ mod up;
 pub use clients::{connect, Pop, Smtp};
 pub use daemon::{bin, Daemon, START_TIMEOUT};
 pub use launch::{
-    durability_line, BackendSpec, Frontend, FrontendSpec, Kind, Pplistener, PplistenerSpec,
+    durability_line, BackendSpec, Frontend, FrontendSpec, Kind, Place, Pplistener, PplistenerSpec,
 };
 pub use ports::{free_addr, free_port, free_range};
 pub use powermail_admin::client as admin;

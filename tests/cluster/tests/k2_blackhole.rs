@@ -1,0 +1,294 @@
+//! Issue #15, first case of the topology suite: messages at K=2 through two
+//! SMTP hosts while one of three storage hosts is blackholed (its bridge
+//! port disabled: silence, no RST) and comes back. Every acknowledged
+//! message must be listed once over POP3, byte for byte; no SMTP
+//! transaction may take longer than a few seconds (the frontends cut the
+//! connections to a backend the health check marks down); after the heal
+//! `ppadmin repair` brings every message back to K copies.
+//!
+//! Hosts: `storage1..3` (one pplistener each), `smtp1`, `smtp2`, `pop1`;
+//! the clients and ppadmin run on this machine (the bridge's address).
+//! Scaled for CI: `PM_CLUSTER_MESSAGES` (default 1,200) messages and a
+//! `PM_CLUSTER_BLACKHOLE_MS` (default 6,000) cut; the issue's figure is
+//! 10,000 messages and 20 s.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use powermail_cluster::{skip_unless_root, Host, Net};
+use powermail_proto::{BackendConn, MailboxName};
+use powermail_testkit::{
+    eventually, BackendSpec, Frontend, FrontendSpec, Kind, Place, Pop, Pplistener, PplistenerSpec,
+    Smtp,
+};
+
+const SECRET: &str = "cluster-secret-0123456789";
+const TOKEN: &str = "cluster-admin-token";
+const USERS: usize = 6;
+const SENDERS: usize = 6;
+/// Longer than this is a stalled transaction.
+const SLOW: Duration = Duration::from_secs(5);
+const WAIT: Duration = Duration::from_secs(60);
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn user(i: usize) -> String {
+    format!("c{i}@cluster.test")
+}
+
+fn password(i: usize) -> String {
+    format!("pw-{i}")
+}
+
+fn place(h: &Host) -> Place {
+    Place {
+        netns: Some(h.netns.clone()),
+        ip: h.addr.into(),
+    }
+}
+
+/// Message `n` as sent on the wire (dot-stuffed, CRLF-terminated).
+fn wire(n: usize) -> Vec<u8> {
+    let mut m = format!("X-Cluster-Id: cl-{n}\r\nSubject: cluster {n}\r\n\r\n..dot\r\n");
+    for line in 0..(n % 40 + 10) {
+        m.push_str(&format!("line {line} of message {n}\r\n"));
+    }
+    m.into_bytes()
+}
+
+/// The id of a retrieved message.
+fn id_of(raw: &[u8]) -> Option<usize> {
+    let text = String::from_utf8_lossy(raw);
+    let at = text.find("X-Cluster-Id: cl-")? + "X-Cluster-Id: cl-".len();
+    text[at..].split("\r\n").next()?.parse().ok()
+}
+
+/// One sent message: (number, user, final code, how long its transaction took).
+type Sent = (usize, usize, u16, Duration);
+
+fn send_one(smtp: SocketAddr, n: usize) -> Sent {
+    let u = n % USERS;
+    let t = Instant::now();
+    let code = Smtp::connect(smtp)
+        .and_then(|mut c| {
+            let code = c.send("sender@outside.test", &[&user(u)], &wire(n))?;
+            c.quit();
+            Ok(code)
+        })
+        .unwrap_or(0);
+    (n, u, code, t.elapsed())
+}
+
+#[test]
+fn k2_blast_with_one_storage_host_blackholed() {
+    if skip_unless_root("cluster k2 blackhole") {
+        return;
+    }
+    let messages = env_or("PM_CLUSTER_MESSAGES", 1200) as usize;
+    let cut = Duration::from_millis(env_or("PM_CLUSTER_BLACKHOLE_MS", 6000));
+    let dir = tempfile::Builder::new()
+        .prefix("cluster-")
+        .tempdir()
+        .expect("tempdir");
+    let root = dir.path();
+    let mut net = Net::new().expect("bridge");
+    let storage: Vec<Host> = (1..=3)
+        .map(|i| net.add_host(&format!("storage{i}")).expect("host"))
+        .collect();
+    let smtp_hosts: Vec<Host> = (1..=2)
+        .map(|i| net.add_host(&format!("smtp{i}")).expect("host"))
+        .collect();
+    let pop_host = net.add_host("pop1").expect("host");
+
+    let url = format!("sqlite://{}", root.join("userbase.db").display());
+    let ub = powermail_userbase::open(&url).expect("userbase");
+    for i in 0..USERS {
+        ub.add_mailbox(&user(i), &password(i), 0).expect("mailbox");
+    }
+    drop(ub);
+
+    let listeners: Vec<Pplistener> = storage
+        .iter()
+        .map(|h| {
+            let spec = PplistenerSpec {
+                secret: SECRET.into(),
+                admin_token: TOKEN.into(),
+                extra: "blocking_threads = 4\n[limits]\nfree_bytes_min = 0\n".into(),
+                backends: vec![BackendSpec::named(&h.name, root.join(&h.name))],
+            };
+            Pplistener::start_at(&place(h), root, &format!("pplistener-{}", h.name), &spec)
+        })
+        .collect();
+    let backends: Vec<(String, SocketAddr, String)> = storage
+        .iter()
+        .zip(&listeners)
+        .map(|(h, l)| (h.name.clone(), l.backends[0], String::new()))
+        .collect();
+    let frontend = |kind: Kind, h: &Host, extra: &str| {
+        // Each host keeps its own state (journals, locks), as on real hosts.
+        let state = root.join(format!("{}-state", h.name));
+        let spec = FrontendSpec {
+            kind,
+            secret: SECRET.into(),
+            admin_token: TOKEN.into(),
+            userbase: url.clone(),
+            extra: format!("state_dir = \"{}\"\n{extra}", state.display()),
+            backends: backends.clone(),
+        };
+        Frontend::start_at(&place(h), root, &h.name, &spec)
+    };
+    let smtps: Vec<Frontend> = smtp_hosts
+        .iter()
+        .map(|h| frontend(Kind::Smtp, h, "replicas = 2\n"))
+        .collect();
+    // The test's clients are on the cluster network, not loopback: no TLS here.
+    let pop = frontend(Kind::Pop, &pop_host, "allow_plaintext_auth = true\n");
+
+    // The blast, from this machine, alternating the SMTP hosts.
+    let next = AtomicUsize::new(0);
+    let acked = AtomicUsize::new(0);
+    let sent: Mutex<Vec<Sent>> = Mutex::new(Vec::new());
+    let smtp_addrs: Vec<SocketAddr> = smtps.iter().map(|s| s.addr).collect();
+    let mut cut_window = None;
+    std::thread::scope(|s| {
+        for _ in 0..SENDERS {
+            s.spawn(|| loop {
+                let n = next.fetch_add(1, Relaxed);
+                if n >= messages {
+                    return;
+                }
+                let one = send_one(smtp_addrs[n % smtp_addrs.len()], n);
+                if one.2 == 250 {
+                    acked.fetch_add(1, Relaxed);
+                }
+                sent.lock().unwrap_or_else(|e| e.into_inner()).push(one);
+            });
+        }
+        eventually(WAIT, "a quarter acknowledged before the cut", || {
+            acked.load(Relaxed) >= messages / 4
+        });
+        let from = Instant::now();
+        net.blackhole(&storage[0]).expect("blackhole storage1");
+        std::thread::sleep(cut);
+        net.heal(&storage[0]).expect("heal storage1");
+        cut_window = Some((from, from.elapsed()));
+    });
+    let sent = sent.into_inner().unwrap_or_else(|e| e.into_inner());
+    let ok: HashMap<usize, usize> = sent
+        .iter()
+        .filter(|s| s.2 == 250)
+        .map(|s| (s.0, s.1))
+        .collect();
+    let slowest = sent.iter().map(|s| s.3).max().unwrap_or_default();
+    let slow = sent.iter().filter(|s| s.3 > SLOW).count();
+
+    // Every acknowledged message listed once over POP3, byte for byte.
+    let mut listed: HashMap<usize, usize> = HashMap::new();
+    let mut corrupt = 0;
+    for u in 0..USERS {
+        let mut session = None;
+        let mut last = String::new();
+        eventually(WAIT, "POP3 login", || {
+            match Pop::login(pop.addr, &user(u), &password(u)) {
+                Ok(p) => session = Some(p),
+                Err(e) => {
+                    if e.to_string() != last {
+                        eprintln!("POP3 login of {}: {e}", user(u));
+                        last = e.to_string();
+                    }
+                }
+            }
+            session.is_some()
+        });
+        let mut p = session.expect("logged in");
+        let count = p.uidl().expect("UIDL").len();
+        for i in 1..=count {
+            let raw = p.retr(i).expect("RETR");
+            match id_of(&raw) {
+                Some(n) => {
+                    *listed.entry(n).or_default() += 1;
+                    corrupt += usize::from(!raw.ends_with(&wire(n)) || n % USERS != u);
+                }
+                None => corrupt += 1,
+            }
+        }
+        p.quit().expect("QUIT");
+    }
+    let lost = ok.keys().filter(|n| !listed.contains_key(n)).count();
+    let duplicated = listed.values().filter(|&&c| c > 1).count();
+
+    // Copies per acknowledged message, before and after ppadmin repair.
+    let copies = || {
+        let mut c: HashMap<usize, usize> = HashMap::new();
+        for l in &listeners {
+            let mut conn =
+                BackendConn::connect(l.backends[0], SECRET.as_bytes(), WAIT).expect("backend");
+            for u in 0..USERS {
+                let mb = MailboxName::parse(&user(u)).expect("mailbox");
+                for e in conn.list(&mb, 1_000_000).expect("LIST") {
+                    let body = conn.get(&mb, &e.msgid).expect("GET");
+                    if let Some(n) = id_of(&body) {
+                        *c.entry(n).or_default() += 1;
+                    }
+                }
+            }
+        }
+        c
+    };
+    let before = copies();
+    let short_before = ok
+        .keys()
+        .filter(|n| before.get(n).copied() < Some(2))
+        .count();
+    let cluster = root.join("cluster.toml");
+    let mut text = format!("replicas = 2\nsecret = \"{SECRET}\"\n");
+    for (name, addr, _) in &backends {
+        text.push_str(&format!(
+            "[[backend]]\nname = \"{name}\"\naddr = \"{addr}\"\n"
+        ));
+    }
+    std::fs::write(&cluster, text).expect("cluster file");
+    let repair = std::process::Command::new(powermail_testkit::bin("ppadmin"))
+        .arg("--cluster")
+        .arg(&cluster)
+        .arg("repair")
+        .output()
+        .expect("ppadmin repair");
+    let after = copies();
+    let short_after = ok
+        .keys()
+        .filter(|n| after.get(n).copied() < Some(2))
+        .count();
+
+    let (_, cut_len) = cut_window.expect("the cut was made");
+    let line = format!(
+        "cluster k2 blackhole: sent {}, acknowledged {}, lost {lost}, duplicated {duplicated}, \
+         corrupt {corrupt}, slowest transaction {} ms, over {} s {slow}, under K before repair \
+         {short_before}, after repair {short_after}, storage1 cut for {} ms",
+        sent.len(),
+        ok.len(),
+        slowest.as_millis(),
+        SLOW.as_secs(),
+        cut_len.as_millis()
+    );
+    let _ = writeln!(std::io::stderr(), "{line}");
+    assert!(ok.len() >= messages / 2, "{line}");
+    assert_eq!((lost, duplicated, corrupt), (0, 0, 0), "{line}");
+    assert_eq!(slow, 0, "{line}");
+    assert!(
+        repair.status.success(),
+        "ppadmin repair: {}{}",
+        String::from_utf8_lossy(&repair.stdout),
+        String::from_utf8_lossy(&repair.stderr)
+    );
+    assert_eq!(short_after, 0, "{line}");
+}
