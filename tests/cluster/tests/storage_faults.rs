@@ -1,16 +1,17 @@
-//! Issue #15, first case of the topology suite: messages at K=2 through two
-//! SMTP hosts while one of three storage hosts is blackholed (its bridge
-//! port disabled: silence, no RST) and comes back. Every acknowledged
-//! message must be listed once over POP3, byte for byte; no SMTP
-//! transaction may take longer than a few seconds (the frontends cut the
-//! connections to a backend the health check marks down); after the heal
-//! `ppadmin repair` brings every message back to K copies.
+//! Issue #15, storage-host faults in the topology suite: messages at K=2
+//! through two SMTP hosts while one of three storage hosts fails and comes
+//! back — blackholed (its bridge port disabled: silence, no RST), or its
+//! pplistener killed -9 and restarted. Every acknowledged message must be
+//! listed once over POP3, byte for byte; no SMTP transaction may take longer
+//! than a few seconds (the frontends cut the connections to a backend the
+//! health check marks down); afterwards `ppadmin repair` brings every
+//! message back to K copies.
 //!
 //! Hosts: `storage1..3` (one pplistener each), `smtp1`, `smtp2`, `pop1`;
 //! the clients and ppadmin run on this machine (the bridge's address).
 //! Scaled for CI: `PM_CLUSTER_MESSAGES` (default 1,200) messages and a
-//! `PM_CLUSTER_BLACKHOLE_MS` (default 6,000) cut; the issue's figure is
-//! 10,000 messages and 20 s.
+//! `PM_CLUSTER_FAULT_MS` (default 6,000) fault; the issue's figure is
+//! 10,000 messages and a 20 s cut.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -88,13 +89,35 @@ fn send_one(smtp: SocketAddr, n: usize) -> Sent {
     (n, u, code, t.elapsed())
 }
 
+/// What happens to `storage1` in the middle of the blast.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Its switch port goes silent, then forwards again.
+    Blackhole,
+    /// Its pplistener is killed -9, then started again on the same disk.
+    Kill9,
+}
+
 #[test]
 fn k2_blast_with_one_storage_host_blackholed() {
-    if skip_unless_root("cluster k2 blackhole") {
+    k2_blast_with_a_storage_fault(Fault::Blackhole);
+}
+
+#[test]
+fn k2_blast_with_one_storage_host_killed_and_restarted() {
+    k2_blast_with_a_storage_fault(Fault::Kill9);
+}
+
+/// One topology at a time: the cases share the machine.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn k2_blast_with_a_storage_fault(fault: Fault) {
+    if skip_unless_root(&format!("cluster k2 {fault:?}")) {
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let messages = env_or("PM_CLUSTER_MESSAGES", 1200) as usize;
-    let cut = Duration::from_millis(env_or("PM_CLUSTER_BLACKHOLE_MS", 6000));
+    let cut = Duration::from_millis(env_or("PM_CLUSTER_FAULT_MS", 6000));
     let dir = tempfile::Builder::new()
         .prefix("cluster-")
         .tempdir()
@@ -116,7 +139,7 @@ fn k2_blast_with_one_storage_host_blackholed() {
     }
     drop(ub);
 
-    let listeners: Vec<Pplistener> = storage
+    let mut listeners: Vec<Pplistener> = storage
         .iter()
         .map(|h| {
             let spec = PplistenerSpec {
@@ -177,9 +200,18 @@ fn k2_blast_with_one_storage_host_blackholed() {
             acked.load(Relaxed) >= messages / 4
         });
         let from = Instant::now();
-        net.blackhole(&storage[0]).expect("blackhole storage1");
-        std::thread::sleep(cut);
-        net.heal(&storage[0]).expect("heal storage1");
+        match fault {
+            Fault::Blackhole => {
+                net.blackhole(&storage[0]).expect("blackhole storage1");
+                std::thread::sleep(cut);
+                net.heal(&storage[0]).expect("heal storage1");
+            }
+            Fault::Kill9 => {
+                listeners[0].kill9();
+                std::thread::sleep(cut);
+                listeners[0].restart();
+            }
+        }
         cut_window = Some((from, from.elapsed()));
     });
     let sent = sent.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -271,9 +303,9 @@ fn k2_blast_with_one_storage_host_blackholed() {
 
     let (_, cut_len) = cut_window.expect("the cut was made");
     let line = format!(
-        "cluster k2 blackhole: sent {}, acknowledged {}, lost {lost}, duplicated {duplicated}, \
+        "cluster k2 {fault:?}: sent {}, acknowledged {}, lost {lost}, duplicated {duplicated}, \
          corrupt {corrupt}, slowest transaction {} ms, over {} s {slow}, under K before repair \
-         {short_before}, after repair {short_after}, storage1 cut for {} ms",
+         {short_before}, after repair {short_after}, storage1 out for {} ms",
         sent.len(),
         ok.len(),
         slowest.as_millis(),
