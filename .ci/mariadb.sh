@@ -9,7 +9,8 @@
 #   .ci/mariadb.sh status   "running" / "stopped" (exit 0 / 1)
 #
 # Knobs: PM_MARIADB_DIR (default /tmp/pm-mariadb), PM_MARIADB_PORT (default 3306),
-# PM_MARIADB_NO_TLS=1 (no certificates; the fault suite's private instance).
+# PM_MARIADB_NO_TLS=1 (no certificates; the fault suite's private instance),
+# PM_MARIADB_BIND (default 127.0.0.1; the topology suite's database host binds its own address).
 # Idempotent: `start` while running only prints the export lines again.
 #
 # TLS: if `openssl` is available, a throw-away CA and a server certificate for 127.0.0.1
@@ -19,6 +20,7 @@ set -euo pipefail
 
 D="${PM_MARIADB_DIR:-/tmp/pm-mariadb}"
 PORT="${PM_MARIADB_PORT:-3306}"
+BIND="${PM_MARIADB_BIND:-127.0.0.1}"
 SOCK="$D/run/mysqld.sock"
 TLS="$D/tls"
 WAIT_SECONDS=30
@@ -80,12 +82,12 @@ start() {
     fi
     # setsid: the server must outlive this script and not get its terminal's signals.
     setsid mariadbd --no-defaults --user=root --datadir="$D/data" --socket="$SOCK" \
-        --pid-file="$D/run/mysqld.pid" --port="$PORT" --bind-address=127.0.0.1 \
+        --pid-file="$D/run/mysqld.pid" --port="$PORT" --bind-address="$BIND" \
         --log-error="$D/err.log" "${tls_args[@]}" </dev/null >/dev/null 2>&1 &
     local i
     for ((i = 0; i < WAIT_SECONDS * 10; i++)); do
         if is_running; then
-            echo "mariadb started on 127.0.0.1:${PORT} (datadir $D)" >&2
+            echo "mariadb started on ${BIND}:${PORT} (datadir $D)" >&2
             print_env
             return 0
         fi

@@ -3,7 +3,10 @@
 //! Connections come from a bounded `mysql::Pool`; every connect, read and write has a
 //! timeout, and waiting for a pooled connection is bounded too, so a dead or overloaded
 //! server turns into [`UserbaseError::Unavailable`] within a few seconds instead of
-//! hanging a frontend thread.
+//! hanging a frontend thread. Once a call has lost the server (no answer: I/O error,
+//! time-out), the calls of the next second fail at once (`OUTAGE_HOLD`), so during an
+//! outage only one lookup at a time pays the time-outs (tests/cluster, the database host
+//! partitioned under load).
 //!
 //! URL: `mysql://user:pass@host:port/db?connect_timeout_ms=2000&read_timeout_ms=2000&write_timeout_ms=2000&pool_min=1&pool_max=8&pool_wait_ms=2000&tls=false`.
 //! The listed parameters are ours (see [`MysqlConfig`]); any other parameter is passed to
@@ -34,6 +37,11 @@ const MIGRATION_LOCK: &str = "powermail_userbase_migrate";
 /// While the server cannot be reached, a new connection attempt at most this often
 /// (lazily opened userbases; calls in between get the last error).
 const CONNECT_RETRY_INTERVAL: Duration = Duration::from_millis(250);
+/// After a call lost the server (I/O error, time-out), calls within this long
+/// fail at once instead of each paying the connect and read time-outs again;
+/// the first call after it probes the server. One lookup of a session that
+/// makes several therefore waits for one time-out, not one per query.
+const OUTAGE_HOLD: Duration = Duration::from_millis(1000);
 /// Seconds to wait for [`MIGRATION_LOCK`].
 const MIGRATION_LOCK_TIMEOUT_S: u32 = 10;
 
@@ -202,6 +210,9 @@ pub struct MysqlUserbase {
     pool: OnceLock<Pool>,
     /// Serialises the attempts to make `pool`; holds the last failed attempt.
     connecting: Mutex<Option<(Instant, UserbaseError)>>,
+    /// When a call last lost the server (see [`OUTAGE_HOLD`]); `None` while
+    /// it answers.
+    outage: Mutex<Option<Instant>>,
     /// Whether this process may bring the schema up to date (else it only checks it).
     migrate: bool,
     pool_wait: Duration,
@@ -236,6 +247,7 @@ impl MysqlUserbase {
             opts: config.opts()?,
             pool: OnceLock::new(),
             connecting: Mutex::new(None),
+            outage: Mutex::new(None),
             migrate,
             pool_wait: config.pool_wait,
             label: config.redacted(),
@@ -365,11 +377,26 @@ impl MysqlUserbase {
         Ok(())
     }
 
-    /// A pooled connection, waiting at most `pool_wait_ms`.
+    /// A pooled connection, waiting at most `pool_wait_ms`; at once
+    /// `Unavailable` within [`OUTAGE_HOLD`] of a call that lost the server.
     fn conn(&self) -> Result<PooledConn, UserbaseError> {
-        self.pool()?
+        let since = *self.outage.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = since {
+            if at.elapsed() < OUTAGE_HOLD {
+                return Err(UserbaseError::Unavailable(format!(
+                    "mysql {}: unreachable {} ms ago, next try within {} ms",
+                    self.label,
+                    at.elapsed().as_millis(),
+                    OUTAGE_HOLD.as_millis()
+                )));
+            }
+        }
+        let conn = self
+            .pool()?
             .try_get_conn(self.pool_wait)
-            .map_err(|e| self.error(e, ""))
+            .map_err(|e| self.error(e, ""))?;
+        *self.outage.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(conn)
     }
 
     /// Maps a driver error: duplicate key → `Exists(what)`, CHECK violation →
@@ -382,6 +409,11 @@ impl MysqlUserbase {
             if ER_CONSTRAINT_FAILED.contains(&server.code) {
                 return UserbaseError::InvalidValue(format!("{what}: {err}"));
             }
+        }
+        if matches!(err, mysql::Error::IoError(_) | mysql::Error::DriverError(_)) {
+            // No answer from the server: unreachable, silent, or every
+            // connection stuck.
+            *self.outage.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         }
         UserbaseError::Unavailable(format!("mysql {}: {err}", self.label))
     }
