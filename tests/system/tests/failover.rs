@@ -239,7 +239,11 @@ fn pop_retr_and_list_on_a_blackholed_backend_end_quickly() {
     // The only holder is gone: a temporary error, the session lives on.
     assert!(status.starts_with("-ERR"), "{status}");
     assert!(p.cmd("NOOP").expect("noop").starts_with("+OK"));
-    drop(p);
+    // QUIT releases the mailbox lock before it answers; a dropped socket
+    // releases it only when the server notices, which can be after the next
+    // login (that raced: -ERR [IN-USE] under load).
+    let bye = p.quit().expect("quit");
+    assert!(bye.starts_with("+OK"), "{bye}");
     let login_at = Instant::now();
     let mut again = pop_login(pop.addr, 0).expect("login while b1 is silent");
     let listed = again.uidl().expect("uidl").len();
