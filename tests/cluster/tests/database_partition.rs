@@ -11,21 +11,18 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use powermail_cluster::{skip_unless_root, Host, Net};
-use powermail_testkit::{
-    eventually, BackendSpec, Frontend, FrontendSpec, Kind, Place, Pop, Pplistener, PplistenerSpec,
-    Smtp,
-};
+mod common;
 
-const SECRET: &str = "cluster-secret-0123456789";
-const TOKEN: &str = "cluster-admin-token";
+use common::{start_frontend, start_storage};
+use powermail_cluster::{skip_unless_root, Host, Net};
+use powermail_testkit::{eventually, Kind, Pop, Smtp};
+
 /// Mailboxes `0..WARM` get mail before the partition (cached); the rest not.
 const USERS: usize = 8;
 const WARM: usize = 4;
@@ -48,13 +45,6 @@ fn user(i: usize) -> String {
 
 fn password(i: usize) -> String {
     format!("pw-{i}")
-}
-
-fn place(h: &Host) -> Place {
-    Place {
-        netns: Some(h.netns.clone()),
-        ip: h.addr.into(),
-    }
 }
 
 fn wire(n: usize) -> Vec<u8> {
@@ -155,34 +145,10 @@ fn database_host_partitioned_under_load() {
     }
     drop(ub);
 
-    let listeners: Vec<Pplistener> = storage
-        .iter()
-        .map(|h| {
-            let spec = PplistenerSpec {
-                secret: SECRET.into(),
-                admin_token: TOKEN.into(),
-                extra: "blocking_threads = 4\n[limits]\nfree_bytes_min = 0\n".into(),
-                backends: vec![BackendSpec::named(&h.name, root.join(&h.name))],
-            };
-            Pplistener::start_at(&place(h), root, &format!("pplistener-{}", h.name), &spec)
-        })
-        .collect();
-    let backends: Vec<(String, SocketAddr, String)> = storage
-        .iter()
-        .zip(&listeners)
-        .map(|(h, l)| (h.name.clone(), l.backends[0], String::new()))
-        .collect();
+    // Bound for the whole test: dropping a daemon kills it.
+    let (_listeners, backends) = start_storage(root, &storage);
     let frontend = |kind: Kind, h: &Host, extra: &str| {
-        let state = root.join(format!("{}-state", h.name));
-        let spec = FrontendSpec {
-            kind,
-            secret: SECRET.into(),
-            admin_token: TOKEN.into(),
-            userbase: db.url.clone(),
-            extra: format!("state_dir = \"{}\"\n{extra}", state.display()),
-            backends: backends.clone(),
-        };
-        Frontend::start_at(&place(h), root, &h.name, &spec)
+        start_frontend(root, kind, h, &db.url, &backends, extra)
     };
     let smtp = frontend(Kind::Smtp, &smtp_host, "replicas = 2\n");
     let pop = frontend(Kind::Pop, &pop_host, "allow_plaintext_auth = true\n");

@@ -20,15 +20,13 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{start_frontend, start_storage, SECRET};
 use powermail_cluster::{skip_unless_root, Host, Net};
 use powermail_proto::{BackendConn, MailboxName};
-use powermail_testkit::{
-    eventually, BackendSpec, Frontend, FrontendSpec, Kind, Place, Pop, Pplistener, PplistenerSpec,
-    Smtp,
-};
+use powermail_testkit::{eventually, Frontend, Kind, Pop, Smtp};
 
-const SECRET: &str = "cluster-secret-0123456789";
-const TOKEN: &str = "cluster-admin-token";
 const USERS: usize = 6;
 const SENDERS: usize = 6;
 /// Longer than this is a stalled transaction.
@@ -48,13 +46,6 @@ fn user(i: usize) -> String {
 
 fn password(i: usize) -> String {
     format!("pw-{i}")
-}
-
-fn place(h: &Host) -> Place {
-    Place {
-        netns: Some(h.netns.clone()),
-        ip: h.addr.into(),
-    }
 }
 
 /// Message `n` as sent on the wire (dot-stuffed, CRLF-terminated).
@@ -139,36 +130,9 @@ fn k2_blast_with_a_storage_fault(fault: Fault) {
     }
     drop(ub);
 
-    let mut listeners: Vec<Pplistener> = storage
-        .iter()
-        .map(|h| {
-            let spec = PplistenerSpec {
-                secret: SECRET.into(),
-                admin_token: TOKEN.into(),
-                extra: "blocking_threads = 4\n[limits]\nfree_bytes_min = 0\n".into(),
-                backends: vec![BackendSpec::named(&h.name, root.join(&h.name))],
-            };
-            Pplistener::start_at(&place(h), root, &format!("pplistener-{}", h.name), &spec)
-        })
-        .collect();
-    let backends: Vec<(String, SocketAddr, String)> = storage
-        .iter()
-        .zip(&listeners)
-        .map(|(h, l)| (h.name.clone(), l.backends[0], String::new()))
-        .collect();
-    let frontend = |kind: Kind, h: &Host, extra: &str| {
-        // Each host keeps its own state (journals, locks), as on real hosts.
-        let state = root.join(format!("{}-state", h.name));
-        let spec = FrontendSpec {
-            kind,
-            secret: SECRET.into(),
-            admin_token: TOKEN.into(),
-            userbase: url.clone(),
-            extra: format!("state_dir = \"{}\"\n{extra}", state.display()),
-            backends: backends.clone(),
-        };
-        Frontend::start_at(&place(h), root, &h.name, &spec)
-    };
+    let (mut listeners, backends) = start_storage(root, &storage);
+    let frontend =
+        |kind: Kind, h: &Host, extra: &str| start_frontend(root, kind, h, &url, &backends, extra);
     let smtps: Vec<Frontend> = smtp_hosts
         .iter()
         .map(|h| frontend(Kind::Smtp, h, "replicas = 2\n"))
