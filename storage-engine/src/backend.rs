@@ -85,7 +85,7 @@ async fn run(start: Start) {
             return;
         }
     }
-    let listener = match TcpListener::bind(backend.listen) {
+    let listener = match listen(backend.listen) {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(format!(
@@ -176,6 +176,23 @@ async fn run(start: Start) {
 /// connections) and waits until this backend's open connections have ended:
 /// idle ones close at once, the others after their request (see
 /// [`crate::drain`]). The grace period is enforced by the process, not here.
+/// The backend's listening socket, bound the way the frontends' are:
+/// `SO_REUSEADDR`, so a restart binds at once over connections of the last
+/// run still in TIME_WAIT; no `SO_REUSEPORT` (glommio's `bind` sets it), so a
+/// second pplistener started with the same config fails to bind instead of
+/// silently sharing the port.
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    // SAFETY: the fd is a bound, listening TCP socket that we own and hand
+    // over whole.
+    Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
+}
+
 async fn drain(listener: TcpListener, ctx: &Ctx) {
     drop(listener);
     let c = &ctx.shared.counters;
