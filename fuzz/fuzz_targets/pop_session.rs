@@ -9,7 +9,7 @@ use std::io::Write;
 use libfuzzer_sys::fuzz_target;
 use powerpop::line::LineReader;
 use powerpop::session::{
-    is_enough, AuthResult, Listed, RetrieveError, Session, SessionLimits, Store,
+    is_enough, AuthResult, Listed, RetrieveError, Session, SessionLimits, SpliceSink, Store,
 };
 
 const LINE_MAX_BYTES: usize = 255;
@@ -54,7 +54,7 @@ impl Store for Mock {
     fn refuse_login(&mut self, user: &str) {
         self.calls.push(format!("refused {user:?}"));
     }
-    fn retrieve(&mut self, index: usize, out: &mut dyn Write) -> Result<(), RetrieveError> {
+    fn retrieve(&mut self, index: usize, out: &mut dyn SpliceSink) -> Result<(), RetrieveError> {
         self.calls.push(format!("retr {index}"));
         for chunk in BODIES[index].chunks(4) {
             match out.write_all(chunk) {

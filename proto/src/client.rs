@@ -8,11 +8,13 @@
 
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use crate::names::{MailboxName, MessageId};
 use crate::reply::{ErrorCode, Reply};
 use crate::request::{Request, DEL_MANY_MAX, GET_MANY_MAX};
+use crate::splice::{relay, Pipe, SpliceSink};
 
 /// Longest reply line a client accepts.
 pub const REPLY_LINE_MAX_BYTES: usize = 4096;
@@ -373,12 +375,48 @@ impl BackendConn {
     }
 
     /// Copies exactly `size_bytes` body bytes of a GET to `out`.
-    pub fn read_body<W: Write>(&mut self, size_bytes: u64, out: &mut W) -> Result<()> {
+    pub fn read_body<W: Write + ?Sized>(&mut self, size_bytes: u64, out: &mut W) -> Result<()> {
         let copied = io::copy(&mut (&mut self.reader).take(size_bytes), out)?;
         if copied != size_bytes {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short GET body").into());
         }
         Ok(())
+    }
+
+    /// Moves exactly `size_bytes` body bytes of a GET to `out`, zero copy
+    /// when `out` can take spliced bytes and the body is at least
+    /// `splice_min_bytes`: what is already buffered here is written first,
+    /// then the bytes move from the backend socket with `splice(2)`, and the
+    /// last two bytes are always written through [`Write`] (so `out` sees
+    /// how the message ends). Otherwise the same as
+    /// [`read_body`](Self::read_body). Returns the bytes spliced.
+    pub fn read_body_into(
+        &mut self,
+        size_bytes: u64,
+        splice_min_bytes: u64,
+        out: &mut dyn SpliceSink,
+    ) -> Result<u64> {
+        if size_bytes < splice_min_bytes.max(3) {
+            self.read_body(size_bytes, out)?;
+            return Ok(0);
+        }
+        let buffered = self.reader.buffer();
+        let head = buffered.len().min((size_bytes - 2) as usize);
+        out.write_all(&buffered[..head])?;
+        self.reader.consume(head);
+        let middle = size_bytes - 2 - head as u64;
+        let mut spliced = 0;
+        if middle > 0 {
+            if out.can_splice()? {
+                let pipe = Pipe::new()?;
+                relay(self.reader.get_ref().as_raw_fd(), &pipe, out, middle)?;
+                spliced = middle;
+            } else {
+                self.read_body(middle, out)?;
+            }
+        }
+        self.read_body(2, out)?;
+        Ok(spliced)
     }
 
     /// Fetches one message into memory (tests and tools; frontends stream).

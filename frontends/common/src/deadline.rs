@@ -11,6 +11,7 @@
 
 use std::io::{self, Write};
 use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
 /// A client stream whose writes can be held to a deadline.
@@ -20,16 +21,29 @@ pub trait DeadlineWrite {
     /// when that is not done by `deadline`, or with the socket's own error; how
     /// much went out is then unknown and the connection should be closed.
     fn write_all_by(&mut self, data: &[u8], deadline: Instant) -> io::Result<()>;
+
+    /// True when [`splice_from_by`](Self::splice_from_by) works: bytes can
+    /// go to the socket straight from a pipe (plain TCP, not TLS).
+    fn can_splice(&self) -> bool {
+        false
+    }
+
+    /// Moves up to `len` bytes from the read end of a pipe to the socket
+    /// (`splice(2)`, zero copy) by `deadline`; returns how many moved.
+    fn splice_from_by(&mut self, pipe: RawFd, len: usize, deadline: Instant) -> io::Result<usize> {
+        let _ = (pipe, len, deadline);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this stream cannot splice",
+        ))
+    }
 }
 
 /// Sets the socket's send time-out to the time left before `deadline`.
 fn arm(sock: &TcpStream, deadline: Instant) -> io::Result<()> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
-        return Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "reply not sent by its deadline",
-        ));
+        return Err(timed_out_now());
     }
     // std rounds a non-zero duration up to at least 1 µs (0 would mean "never").
     sock.set_write_timeout(Some(left))
@@ -38,7 +52,7 @@ fn arm(sock: &TcpStream, deadline: Instant) -> io::Result<()> {
 /// The kernel reports an expired `SO_SNDTIMEO` as `EAGAIN`: call it a time-out.
 fn timed_out(e: io::Error) -> io::Error {
     if e.kind() == io::ErrorKind::WouldBlock {
-        io::Error::new(io::ErrorKind::TimedOut, "reply not sent by its deadline")
+        timed_out_now()
     } else {
         e
     }
@@ -57,6 +71,26 @@ impl DeadlineWrite for TcpStream {
         }
         Ok(())
     }
+
+    fn can_splice(&self) -> bool {
+        true
+    }
+
+    fn splice_from_by(&mut self, pipe: RawFd, len: usize, deadline: Instant) -> io::Result<usize> {
+        arm(self, deadline)?;
+        powermail_proto::splice::splice(pipe, self.as_raw_fd(), len).map_err(|e| {
+            if e.kind() == io::ErrorKind::TimedOut {
+                timed_out_now()
+            } else {
+                e
+            }
+        })
+    }
+}
+
+/// The error of a reply not sent by its deadline.
+fn timed_out_now() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "reply not sent by its deadline")
 }
 
 impl DeadlineWrite for rustls::StreamOwned<rustls::ServerConnection, TcpStream> {

@@ -193,6 +193,11 @@ pub struct Serving {
     /// Most bytes held fetched ahead per session; a message larger than this
     /// is streamed straight from its backend as before (at most 64 MiB).
     pub prefetch_bytes_max: u64,
+    /// A streamed message (RETR, not TOP) of at least this many bytes goes
+    /// from the backend socket to a plain client socket with `splice(2)`,
+    /// never through powerpop's memory; TLS sessions always copy. 0 turns
+    /// splicing off.
+    pub splice_min_bytes: u64,
 }
 
 impl Default for Serving {
@@ -202,6 +207,7 @@ impl Default for Serving {
             listing_queue_max: 512,
             prefetch_messages_max: 32,
             prefetch_bytes_max: 1 << 20,
+            splice_min_bytes: 64 << 10,
         }
     }
 }

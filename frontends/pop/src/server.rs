@@ -15,7 +15,7 @@ use powermail_admin::{kv, Samples};
 use powermail_frontend::proxy::{self, ProxyPolicy};
 use powermail_frontend::reload::{on_sighup, on_sigterm, Reloadable};
 use powermail_frontend::{BackendId, Cluster, DeadlineWrite};
-use powermail_proto::{BackendError, ErrorCode, MailboxName, MessageId};
+use powermail_proto::{BackendError, ErrorCode, MailboxName, MessageId, SpliceSink};
 use powermail_userbase::{CacheConfig, CachedUserbase, Userbase, UserbaseError};
 
 use crate::config::{Config, Limits};
@@ -475,6 +475,25 @@ impl<S: DeadlineWrite> Out<'_, S> {
     }
 }
 
+/// Body bytes go straight from a pipe to a plain socket, after what is
+/// buffered, within the same answer's deadline.
+impl<S: DeadlineWrite> SpliceSink for Out<'_, S> {
+    fn can_splice(&mut self) -> io::Result<bool> {
+        if !self.stream.can_splice() {
+            return Ok(false);
+        }
+        self.flush()?;
+        Ok(true)
+    }
+
+    fn splice_from(&mut self, pipe: RawFd, len: usize) -> io::Result<usize> {
+        let deadline = *self
+            .deadline
+            .get_or_insert_with(|| Instant::now() + self.send_timeout);
+        self.stream.splice_from_by(pipe, len, deadline)
+    }
+}
+
 impl<S: DeadlineWrite> Write for Out<'_, S> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if self.buf.len() + data.len() > OUT_BUFFER_BYTES {
@@ -654,7 +673,7 @@ fn by_health(cluster: &Cluster, holders: &[BackendId]) -> Vec<BackendId> {
 }
 
 /// Writes a whole fetched message through the session's body writer.
-fn write_fetched(body: &[u8], out: &mut dyn Write) -> Result<(), RetrieveError> {
+fn write_fetched(body: &[u8], out: &mut dyn SpliceSink) -> Result<(), RetrieveError> {
     match out.write_all(body) {
         Ok(()) => Ok(()),
         // TOP has its lines.
@@ -890,7 +909,7 @@ impl Store for LiveStore {
         )
     }
 
-    fn retrieve(&mut self, index: usize, out: &mut dyn Write) -> Result<(), RetrieveError> {
+    fn retrieve(&mut self, index: usize, out: &mut dyn SpliceSink) -> Result<(), RetrieveError> {
         if let Some(body) = self.ahead.take(index) {
             return write_fetched(&body, out);
         }
@@ -961,7 +980,7 @@ impl Store for LiveStore {
 
 impl LiveStore {
     /// RETR of one message streamed from its first working holder.
-    fn stream(&mut self, index: usize, out: &mut dyn Write) -> Result<(), RetrieveError> {
+    fn stream(&mut self, index: usize, out: &mut dyn SpliceSink) -> Result<(), RetrieveError> {
         let (Some(mailbox), Some(msg)) = (&self.mailbox, self.messages.get(index)) else {
             return Err(RetrieveError::NotFound);
         };
@@ -987,9 +1006,18 @@ impl LiveStore {
                     continue;
                 }
             };
-            return match conn.read_body(size, &mut &mut *out) {
-                Ok(()) => {
+            let splice_min = match self.shared.cfg.serving.splice_min_bytes {
+                0 => u64::MAX,
+                n => n,
+            };
+            return match conn.read_body_into(size, splice_min, out) {
+                Ok(spliced) => {
                     conn.release();
+                    self.shared
+                        .stats
+                        .counters
+                        .bytes_spliced
+                        .fetch_add(spliced, Ordering::Relaxed);
                     Ok(())
                 }
                 // TOP has its lines: the rest of the message is not read,
@@ -1013,7 +1041,7 @@ impl LiveStore {
     fn fetch_ahead(
         &mut self,
         index: usize,
-        out: &mut dyn Write,
+        out: &mut dyn SpliceSink,
         messages_max: usize,
         bytes_max: u64,
     ) -> Result<(), RetrieveError> {

@@ -10,6 +10,9 @@
 //! the tests implement it in memory and drive the session with byte chunks.
 
 use std::io::{self, Write};
+use std::os::fd::RawFd;
+
+pub use powermail_proto::SpliceSink;
 
 use crate::command::{Command, CommandError};
 use crate::line::Line;
@@ -64,8 +67,9 @@ pub trait Store {
     /// counters) for `user` as typed; `user` is hostile and must be escaped
     /// wherever it is written.
     fn refuse_login(&mut self, user: &str);
-    /// Writes the stored bytes of listing entry `index` to `out`.
-    fn retrieve(&mut self, index: usize, out: &mut dyn Write) -> Result<(), RetrieveError>;
+    /// Writes the stored bytes of listing entry `index` to `out` (zero copy
+    /// where `out` can take spliced bytes: see [`SpliceSink`]).
+    fn retrieve(&mut self, index: usize, out: &mut dyn SpliceSink) -> Result<(), RetrieveError>;
     /// Deletes the listing entries `deleted` (UPDATE state). `Err` text is
     /// sent to the client after `-ERR [SYS/TEMP] `.
     fn commit(&mut self, deleted: &[usize]) -> Result<(), String>;
@@ -245,7 +249,7 @@ impl<S: Store> Session<S> {
 
     /// Handles one line from the client, writing the whole reply to `out`.
     /// An `Err` is an I/O error on `out`: the connection is gone.
-    pub fn handle<W: Write>(&mut self, line: Line, out: &mut W) -> io::Result<Step> {
+    pub fn handle<W: SpliceSink>(&mut self, line: Line, out: &mut W) -> io::Result<Step> {
         let step = self.dispatch(line, out)?;
         if self.errors >= self.limits.errors_max && !self.closed() {
             out.write_all(b"-ERR too many errors, closing\r\n")?;
@@ -267,12 +271,12 @@ impl<S: Store> Session<S> {
         }
     }
 
-    fn refuse<W: Write>(&mut self, out: &mut W, text: &str) -> io::Result<()> {
+    fn refuse<W: SpliceSink>(&mut self, out: &mut W, text: &str) -> io::Result<()> {
         self.errors += 1;
         write!(out, "-ERR {text}\r\n")
     }
 
-    fn dispatch<W: Write>(&mut self, line: Line, out: &mut W) -> io::Result<Step> {
+    fn dispatch<W: SpliceSink>(&mut self, line: Line, out: &mut W) -> io::Result<Step> {
         if let State::Closed = self.state {
             // After QUIT (or a proxied login, or too many errors) nothing
             // is answered and nothing is done, whatever the line holds.
@@ -334,7 +338,7 @@ impl<S: Store> Session<S> {
         }
     }
 
-    fn capa<W: Write>(&self, out: &mut W) -> io::Result<()> {
+    fn capa<W: SpliceSink>(&self, out: &mut W) -> io::Result<()> {
         out.write_all(b"+OK capability list follows\r\n")?;
         if !self.authenticated() && !self.plaintext_blocked() {
             out.write_all(b"USER\r\nSASL PLAIN\r\n")?;
@@ -349,7 +353,7 @@ impl<S: Store> Session<S> {
         )
     }
 
-    fn authorization<W: Write>(&mut self, cmd: Command, out: &mut W) -> io::Result<Step> {
+    fn authorization<W: SpliceSink>(&mut self, cmd: Command, out: &mut W) -> io::Result<Step> {
         let op = match cmd {
             Command::Capa => {
                 self.capa(out)?;
@@ -422,7 +426,7 @@ impl<S: Store> Session<S> {
         Ok(Self::step(op))
     }
 
-    fn auth<W: Write>(
+    fn auth<W: SpliceSink>(
         &mut self,
         mechanism: Option<String>,
         initial: Option<String>,
@@ -443,7 +447,7 @@ impl<S: Store> Session<S> {
         }
     }
 
-    fn sasl_response<W: Write>(&mut self, response: &[u8], out: &mut W) -> io::Result<()> {
+    fn sasl_response<W: SpliceSink>(&mut self, response: &[u8], out: &mut W) -> io::Result<()> {
         if response == b"*" {
             return self.refuse(out, "authentication cancelled");
         }
@@ -457,7 +461,7 @@ impl<S: Store> Session<S> {
         }
     }
 
-    fn login<W: Write>(&mut self, user: &str, password: &str, out: &mut W) -> io::Result<()> {
+    fn login<W: SpliceSink>(&mut self, user: &str, password: &str, out: &mut W) -> io::Result<()> {
         // The one field check for every way in (USER/PASS, AUTH PLAIN): a
         // field that could end a line here could start a command on the
         // fallback server or a line in the log. Refused as a failed guess.
@@ -495,7 +499,7 @@ impl<S: Store> Session<S> {
 
     /// Refuses a login whose fields hold CR, LF or NUL, counted as a failed
     /// guess, with the same reply a wrong password gets.
-    fn refuse_hostile_login<W: Write>(&mut self, user: &str, out: &mut W) -> io::Result<()> {
+    fn refuse_hostile_login<W: SpliceSink>(&mut self, user: &str, out: &mut W) -> io::Result<()> {
         self.store.refuse_login(user);
         self.counters.auth_failures += 1;
         self.refuse(out, "[AUTH] authentication failed")
@@ -519,7 +523,7 @@ impl<S: Store> Session<S> {
             .fold((0, 0), |(n, b), (_, m)| (n + 1, b + m.size_bytes))
     }
 
-    fn transaction<W: Write>(&mut self, cmd: Command, out: &mut W) -> io::Result<Step> {
+    fn transaction<W: SpliceSink>(&mut self, cmd: Command, out: &mut W) -> io::Result<Step> {
         let op = match cmd {
             Command::Capa => {
                 self.capa(out)?;
@@ -582,7 +586,7 @@ impl<S: Store> Session<S> {
         Ok(Self::step(op))
     }
 
-    fn list<W: Write>(
+    fn list<W: SpliceSink>(
         &mut self,
         arg: Option<u64>,
         out: &mut W,
@@ -604,7 +608,7 @@ impl<S: Store> Session<S> {
         }
     }
 
-    fn send<W: Write>(&mut self, n: u64, top: Option<u64>, out: &mut W) -> io::Result<()> {
+    fn send<W: SpliceSink>(&mut self, n: u64, top: Option<u64>, out: &mut W) -> io::Result<()> {
         let Some(i) = self.index(n) else {
             self.errors += 1;
             return out.write_all(no_such_message().as_bytes());
@@ -640,7 +644,7 @@ impl<S: Store> Session<S> {
         }
     }
 
-    fn update<W: Write>(&mut self, out: &mut W) -> io::Result<()> {
+    fn update<W: SpliceSink>(&mut self, out: &mut W) -> io::Result<()> {
         let deleted: Vec<usize> = (0..self.messages.len())
             .filter(|&i| self.deleted[i])
             .collect();
@@ -667,7 +671,7 @@ impl<S: Store> Session<S> {
 /// be replaced by the next), cuts TOP after the blank line and `n` body
 /// lines, and completes a last line lacking its CRLF. The bytes are stored
 /// dot-stuffed already, so they pass through unchanged.
-struct BodyWriter<'a, W: Write> {
+struct BodyWriter<'a, W: SpliceSink> {
     out: &'a mut W,
     header: Option<String>,
     /// Body lines still wanted (TOP); `None` for the whole message.
@@ -682,7 +686,7 @@ struct BodyWriter<'a, W: Write> {
     written: u64,
 }
 
-impl<'a, W: Write> BodyWriter<'a, W> {
+impl<'a, W: SpliceSink> BodyWriter<'a, W> {
     fn new(out: &'a mut W, header: String, top: Option<u64>) -> Self {
         BodyWriter {
             out,
@@ -781,7 +785,7 @@ pub fn is_enough(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<Enough>())
 }
 
-impl<W: Write> Write for BodyWriter<'_, W> {
+impl<W: SpliceSink> Write for BodyWriter<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if !self.done {
             let n = self.cut(buf);
@@ -795,6 +799,28 @@ impl<W: Write> Write for BodyWriter<'_, W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+}
+
+/// A whole message (RETR, not TOP) may go to the client zero copy: the
+/// `+OK` line and anything buffered are flushed first; the bytes spliced are
+/// counted as sent. The store writes the message's last bytes through
+/// [`Write`], so the check for a final CRLF still sees them.
+impl<W: SpliceSink> SpliceSink for BodyWriter<'_, W> {
+    fn can_splice(&mut self) -> io::Result<bool> {
+        if self.lines_left.is_some() || self.done {
+            return Ok(false);
+        }
+        if let Some(h) = self.header.take() {
+            self.out.write_all(h.as_bytes())?;
+        }
+        self.out.can_splice()
+    }
+
+    fn splice_from(&mut self, pipe: RawFd, len: usize) -> io::Result<usize> {
+        let moved = self.out.splice_from(pipe, len)?;
+        self.written += moved as u64;
+        Ok(moved)
     }
 }
 

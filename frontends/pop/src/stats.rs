@@ -42,6 +42,7 @@ counters! {
     empty_mailbox_logins: "logins that found an empty mailbox",
     messages_retrieved: "RETR and TOP served",
     bytes_retrieved: "message bytes sent by RETR and TOP",
+    bytes_spliced: "message bytes RETR moved from a backend to a plain client socket with splice(2), never copied",
     messages_deleted: "messages deleted at QUIT",
     deletes_journaled: "deletions recorded in the journal for a backend that could not take them",
     deletes_replayed: "journaled deletions replayed to a backend",

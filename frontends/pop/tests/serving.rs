@@ -170,3 +170,152 @@ fn concurrent_logins_share_the_listing_workers() {
     }
     assert_eq!(pop.stats()["counters"]["logins_ok"], 80);
 }
+
+/// The raw bytes of RETR `n` (between the `+OK` line and the final `.`)
+/// read by Python over STLS: `(length, sha256 hex)` of each.
+fn retr_over_tls(pop: &Pop, ns: &[usize]) -> Vec<(u64, String)> {
+    let out = pop.py(&format!(
+        r#"
+import ssl, hashlib
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+p.stls(context=ctx)
+p.user('bob'); p.pass_('pw')
+f = p.file
+for n in {ns:?}:
+    p._putcmd('RETR %d' % n)
+    status = f.readline()
+    assert status.startswith(b'+OK'), status
+    h, size = hashlib.sha256(), 0
+    while True:
+        line = f.readline()
+        if line == b'.\r\n':
+            break
+        h.update(line); size += len(line)
+    out([size, h.hexdigest()])
+p.quit()
+"#
+    ));
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+#[test]
+fn retr_is_byte_identical_spliced_copied_and_over_tls() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let b0 = Backend::start();
+    // Streamed (over the 1 MiB fetch-ahead window): 20 MiB, 3 MiB, just
+    // over 1 MiB, and one ending without CRLF (powerpop completes the
+    // line); and a small one, fetched ahead.
+    let mut unterminated = stored(3, 2 << 20);
+    unterminated.extend_from_slice(b"..no CRLF at the end");
+    let bodies = [
+        stored(0, 20 << 20),
+        stored(1, 3 << 20),
+        stored(2, 1_100_000),
+        unterminated,
+        stored(4, 5000),
+    ];
+    for (i, b) in bodies.iter().enumerate() {
+        b0.put(BOB, &msgid(i), b);
+    }
+    let sent = |b: &Vec<u8>| {
+        let mut b = b.clone();
+        if !b.ends_with(b"\r\n") {
+            b.extend_from_slice(b"\r\n");
+        }
+        b
+    };
+    let certs = tempfile::tempdir().unwrap();
+    let tls = test_certificate(certs.path());
+    let mut spliced = Vec::new();
+    for splice_min in [65_536u64, 0] {
+        let state = tempfile::tempdir().unwrap();
+        let tables = format!(
+            "{}\n[serving]\nsplice_min_bytes = {splice_min}\n",
+            tls.clone().unwrap_or_default()
+        );
+        let pop = Pop::start(&users, &[&b0], state.path(), &tables);
+        let mut p = PopClient::login(pop.addr, "bob", "pw").expect("login");
+        for (i, want) in bodies.iter().enumerate() {
+            let got = p.retr(i + 1).unwrap();
+            assert!(
+                got == sent(want),
+                "message {} differs (splice_min {splice_min})",
+                i + 1
+            );
+        }
+        // TOP never splices (it counts lines).
+        let (status, top) = p.multi("TOP 1 2").unwrap();
+        assert!(status.starts_with("+OK"), "{status}");
+        let lines: Vec<&[u8]> = top.split_inclusive(|&b| b == b'\n').collect();
+        assert_eq!(
+            lines.len(),
+            4,
+            "2 header lines (Subject, blank) and 2 body lines"
+        );
+        assert!(bodies[0].starts_with(&top));
+        assert!(p.cmd("QUIT").unwrap().starts_with("+OK"));
+        let plain = pop.stats()["counters"]["bytes_spliced"].as_u64().unwrap();
+        if tls.is_some() {
+            let got = retr_over_tls(&pop, &[1, 2, 4]);
+            for (k, i) in [0, 1, 3].into_iter().enumerate() {
+                let want = sent(&bodies[i]);
+                assert_eq!(
+                    got[k],
+                    (want.len() as u64, sha256_hex(&want)),
+                    "TLS RETR {}",
+                    i + 1
+                );
+            }
+            let after = pop.stats()["counters"]["bytes_spliced"].as_u64().unwrap();
+            assert_eq!(after, plain, "nothing is spliced into a TLS session");
+        }
+        spliced.push(plain);
+    }
+    // With splicing on, the three streamed messages went through the pipe
+    // (all but what was buffered with the GET reply line and the last two
+    // bytes); with it off, none.
+    let streamed: u64 = [0, 1, 2, 3].iter().map(|&i| bodies[i].len() as u64).sum();
+    assert!(
+        spliced[0] > streamed - 4 * (64 << 10) && spliced[0] <= streamed,
+        "spliced {} of {streamed}",
+        spliced[0]
+    );
+    assert_eq!(spliced[1], 0, "splice_min_bytes = 0 turns splicing off");
+}
+
+#[test]
+fn a_backend_cut_mid_splice_ends_the_session_without_update() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let b0 = Backend::start();
+    let big = stored(7, 3 << 20);
+    let small = stored(8, 300);
+    b0.put(BOB, &msgid(0), &big);
+    b0.put(BOB, &msgid(1), &small);
+    // Each backend connection breaks 1.5 MB into its answers: inside the
+    // spliced body of message 1.
+    let proxy = CuttingProxy::start(b0.addr, 1_500_000);
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start_addrs(&users, &[proxy.addr], state.path(), "");
+    let mut p = PopClient::login(pop.addr, "bob", "pw").expect("login");
+    assert!(p.cmd("DELE 2").unwrap().starts_with("+OK"));
+    let err = p
+        .retr(1)
+        .expect_err("a body cut short is never ended with '.'");
+    assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
+    // The session ended without UPDATE: message 2 was not deleted, and a
+    // new session (a new backend connection) is served.
+    let mut p = PopClient::login(pop.addr, "bob", "pw").expect("login again");
+    assert!(p.cmd("STAT").unwrap().starts_with("+OK 2 "));
+    assert!(p.retr(2).unwrap() == small);
+    assert!(p.cmd("QUIT").unwrap().starts_with("+OK"));
+    assert_eq!(pop.stats()["counters"]["bytes_spliced"], 0);
+}

@@ -39,7 +39,7 @@ impl Store for Fake {
         self.refused_logins.push(user.into());
     }
 
-    fn retrieve(&mut self, index: usize, out: &mut dyn Write) -> Result<(), RetrieveError> {
+    fn retrieve(&mut self, index: usize, out: &mut dyn SpliceSink) -> Result<(), RetrieveError> {
         let body = &self.messages[index].1;
         if body == b"GONE" {
             return Err(RetrieveError::NotFound);

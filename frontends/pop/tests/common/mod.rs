@@ -274,3 +274,33 @@ impl CuttingProxy {
         }
     }
 }
+
+/// A self-signed certificate made with the openssl tool, or `None` (with a
+/// note) when it is not installed and this is not CI.
+pub fn test_certificate(dir: &std::path::Path) -> Option<String> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=pop.test", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output();
+    match made {
+        Ok(o) if o.status.success() => Some(format!(
+            "\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        )),
+        other => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "openssl is required in CI: {other:?}"
+            );
+            eprintln!("NOTE: openssl cannot make a test certificate; TLS test skipped");
+            None
+        }
+    }
+}
