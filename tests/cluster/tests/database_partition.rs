@@ -11,8 +11,6 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -20,8 +18,9 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{start_frontend, start_storage};
-use powermail_cluster::{skip_unless_root, Host, Net};
-use powermail_testkit::{eventually, Kind, Pop, Smtp};
+use powermail_cluster::{Host, Net};
+use powermail_testkit::skip_unless_root;
+use powermail_testkit::{eventually, Kind, Mariadb, Pop, Smtp};
 
 /// Mailboxes `0..WARM` get mail before the partition (cached); the rest not.
 const USERS: usize = 8;
@@ -57,72 +56,12 @@ fn id_of(raw: &[u8]) -> Option<usize> {
     text[at..].split("\r\n").next()?.parse().ok()
 }
 
-/// MariaDB inside `host`, bound to its address, with user `pm` allowed from
-/// anywhere on the cluster network. Killed when dropped.
-struct Database {
-    dir: tempfile::TempDir,
-    url: String,
-}
-
-impl Database {
-    fn start(host: &Host) -> Database {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.ci/mariadb.sh");
-        let out = host
-            .command(&script)
-            .arg("start")
-            .env("PM_MARIADB_DIR", dir.path())
-            .env("PM_MARIADB_PORT", "3306")
-            .env("PM_MARIADB_BIND", host.addr.to_string())
-            .env("PM_MARIADB_NO_TLS", "1")
-            .output()
-            .expect("mariadb.sh");
-        assert!(
-            out.status.success(),
-            "mariadb.sh start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // The unix socket is a file: the client reaches it from any namespace.
-        let sql = "CREATE DATABASE powermail; CREATE USER 'pm'@'%' IDENTIFIED BY 'pm-pass'; \
-                   GRANT ALL ON powermail.* TO 'pm'@'%';";
-        let out = Command::new("mariadb")
-            .args(["--no-defaults", "-uroot"])
-            .arg(format!(
-                "--socket={}",
-                dir.path().join("run/mysqld.sock").display()
-            ))
-            .args(["-e", sql])
-            .output()
-            .expect("mariadb client");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Database {
-            url: format!("mysql://pm:pm-pass@{}:3306/powermail", host.addr),
-            dir,
-        }
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let pid =
-            std::fs::read_to_string(self.dir.path().join("run/mysqld.pid")).unwrap_or_default();
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            // SAFETY: kill(2) on the server this test started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-
 /// One message: (number, user, code, started during the partition, time taken).
 type Sent = (usize, usize, u16, bool, Duration);
 
 #[test]
 fn database_host_partitioned_under_load() {
-    if skip_unless_root("cluster database partition") {
+    if skip_unless_root("cluster database partition", "ip netns, ip link") {
         return;
     }
     let dir = tempfile::Builder::new()
@@ -138,8 +77,8 @@ fn database_host_partitioned_under_load() {
     let smtp_host = net.add_host("smtp1").expect("host");
     let pop_host = net.add_host("pop1").expect("host");
 
-    let db = Database::start(&db_host);
-    let ub = powermail_userbase::open(&db.url).expect("userbase (migrates)");
+    let db = Mariadb::start_at(&common::place(&db_host), "powermail");
+    let ub = powermail_userbase::open(&db.url()).expect("userbase (migrates)");
     for i in 0..USERS {
         ub.add_mailbox(&user(i), &password(i), 0).expect("mailbox");
     }
@@ -148,7 +87,7 @@ fn database_host_partitioned_under_load() {
     // Bound for the whole test: dropping a daemon kills it.
     let (_listeners, backends) = start_storage(root, &storage);
     let frontend = |kind: Kind, h: &Host, extra: &str| {
-        start_frontend(root, kind, h, &db.url, &backends, extra)
+        start_frontend(root, kind, h, &db.url(), &backends, extra)
     };
     let smtp = frontend(Kind::Smtp, &smtp_host, "replicas = 2\n");
     let pop = frontend(Kind::Pop, &pop_host, "allow_plaintext_auth = true\n");
