@@ -14,10 +14,10 @@ use crate::launch::Place;
 /// The longest a killed server takes to go away.
 const GONE_WITHIN: Duration = Duration::from_secs(60);
 
-/// The user every host may log in as (`'pm'@'%'`), and its password.
-pub const MARIADB_USER: &str = "pm";
+/// The user every host may log in as (`'powermail'@'%'`), and its password.
+pub const MARIADB_USER: &str = "powermail";
 /// The password of [`MARIADB_USER`].
-pub const MARIADB_PASSWORD: &str = "pm-pass";
+pub const MARIADB_PASSWORD: &str = "powermail-test-pass";
 
 /// A running private MariaDB with one database.
 pub struct Mariadb {
