@@ -10,8 +10,8 @@
 //!   lived through it resume by retransmission;
 //! * [`Net::link_down`]: the host's cable is pulled (its veth end goes down).
 //!
-//! Everything needs root (`ip netns`, `ip link`); [`skip_unless_root`] says
-//! so. Names are unique per [`Net`] so parallel tests never collide, and
+//! Everything needs root (`ip netns`, `ip link`); the test kit's
+//! `skip_unless_root` says so. Names are unique per [`Net`] so parallel tests never collide, and
 //! [`Drop`] removes every namespace, link and bridge it made.
 
 use std::fs::File;
@@ -23,26 +23,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Most hosts one [`Net`] holds (addresses `.1` to `.HOSTS_MAX`).
 pub const HOSTS_MAX: usize = 200;
-
-/// Whether this process may create namespaces and links.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Prints why a test is skipped and returns true when not root; under CI
-/// (`CI` set) a missing privilege is a failure, not a skip.
-pub fn skip_unless_root(test: &str) -> bool {
-    if is_root() {
-        return false;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test}: the cluster suite needs root (ip netns, ip link) and CI runs it as root"
-    );
-    eprintln!("SKIPPED {test}: the cluster suite needs root (ip netns, ip link)");
-    true
-}
 
 /// Runs `ip ARGS`, failing with its output when it fails.
 fn ip(args: &[&str]) -> io::Result<()> {
@@ -92,6 +72,23 @@ impl Host {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Kills every process inside this host with SIGKILL (the host's power
+    /// cut, as far as its network peers can tell); returns how many.
+    pub fn kill_all(&self) -> io::Result<usize> {
+        let out = Command::new("ip")
+            .args(["netns", "pids", &self.netns])
+            .output()?;
+        let pids: Vec<i32> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        for &pid in &pids {
+            // SAFETY: kill(2) on a process inside a namespace this test made.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        Ok(pids.len())
     }
 
     /// Runs `f` on a new thread inside this host and returns its result.

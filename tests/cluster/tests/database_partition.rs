@@ -6,13 +6,15 @@
 //! time-outs); once it is back every recipient gets mail again, and every
 //! acknowledged message is there over POP3, byte for byte.
 //!
+//! The second case starts a powersmtp and a powerpop while the database
+//! host is blackholed: they get ready, answer 4xx and `-ERR [SYS/TEMP]`,
+//! and deliver and log in as soon as it is healed (no restart).
+//!
 //! Hosts: `db` (MariaDB bound to its own address), `storage1`, `storage2`,
 //! `smtp1` (K=2), `pop1`; the clients on this machine (the bridge).
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -20,8 +22,9 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{start_frontend, start_storage};
-use powermail_cluster::{skip_unless_root, Host, Net};
-use powermail_testkit::{eventually, Kind, Pop, Smtp};
+use powermail_cluster::{Host, Net};
+use powermail_testkit::skip_unless_root;
+use powermail_testkit::{eventually, Kind, Mariadb, Pop, Smtp};
 
 /// Mailboxes `0..WARM` get mail before the partition (cached); the rest not.
 const USERS: usize = 8;
@@ -57,74 +60,15 @@ fn id_of(raw: &[u8]) -> Option<usize> {
     text[at..].split("\r\n").next()?.parse().ok()
 }
 
-/// MariaDB inside `host`, bound to its address, with user `pm` allowed from
-/// anywhere on the cluster network. Killed when dropped.
-struct Database {
-    dir: tempfile::TempDir,
-    url: String,
-}
-
-impl Database {
-    fn start(host: &Host) -> Database {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.ci/mariadb.sh");
-        let out = host
-            .command(&script)
-            .arg("start")
-            .env("PM_MARIADB_DIR", dir.path())
-            .env("PM_MARIADB_PORT", "3306")
-            .env("PM_MARIADB_BIND", host.addr.to_string())
-            .env("PM_MARIADB_NO_TLS", "1")
-            .output()
-            .expect("mariadb.sh");
-        assert!(
-            out.status.success(),
-            "mariadb.sh start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // The unix socket is a file: the client reaches it from any namespace.
-        let sql = "CREATE DATABASE powermail; CREATE USER 'pm'@'%' IDENTIFIED BY 'pm-pass'; \
-                   GRANT ALL ON powermail.* TO 'pm'@'%';";
-        let out = Command::new("mariadb")
-            .args(["--no-defaults", "-uroot"])
-            .arg(format!(
-                "--socket={}",
-                dir.path().join("run/mysqld.sock").display()
-            ))
-            .args(["-e", sql])
-            .output()
-            .expect("mariadb client");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Database {
-            url: format!("mysql://pm:pm-pass@{}:3306/powermail", host.addr),
-            dir,
-        }
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let pid =
-            std::fs::read_to_string(self.dir.path().join("run/mysqld.pid")).unwrap_or_default();
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            // SAFETY: kill(2) on the server this test started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-
 /// One message: (number, user, code, started during the partition, time taken).
 type Sent = (usize, usize, u16, bool, Duration);
 
 #[test]
 fn database_host_partitioned_under_load() {
-    if skip_unless_root("cluster database partition") {
+    if skip_unless_root("cluster database partition", "ip netns, ip link") {
         return;
     }
+    let _serial = powermail_testkit::serial();
     let dir = tempfile::Builder::new()
         .prefix("cluster-db-")
         .tempdir()
@@ -138,8 +82,8 @@ fn database_host_partitioned_under_load() {
     let smtp_host = net.add_host("smtp1").expect("host");
     let pop_host = net.add_host("pop1").expect("host");
 
-    let db = Database::start(&db_host);
-    let ub = powermail_userbase::open(&db.url).expect("userbase (migrates)");
+    let db = Mariadb::start_at(&common::place(&db_host), "powermail");
+    let ub = powermail_userbase::open(&db.url()).expect("userbase (migrates)");
     for i in 0..USERS {
         ub.add_mailbox(&user(i), &password(i), 0).expect("mailbox");
     }
@@ -148,7 +92,7 @@ fn database_host_partitioned_under_load() {
     // Bound for the whole test: dropping a daemon kills it.
     let (_listeners, backends) = start_storage(root, &storage);
     let frontend = |kind: Kind, h: &Host, extra: &str| {
-        start_frontend(root, kind, h, &db.url, &backends, extra)
+        start_frontend(root, kind, h, &db.url(), &backends, extra)
     };
     let smtp = frontend(Kind::Smtp, &smtp_host, "replicas = 2\n");
     let pop = frontend(Kind::Pop, &pop_host, "allow_plaintext_auth = true\n");
@@ -284,4 +228,108 @@ fn database_host_partitioned_under_load() {
 /// The highest message number started while the database was partitioned.
 fn n_at_heal(sent: &[Sent]) -> usize {
     sent.iter().filter(|s| s.3).map(|s| s.0).max().unwrap_or(0)
+}
+
+/// Frontends that start while the database host is cut off come up (the
+/// MySQL userbase connects on first use), refuse for now (4xx,
+/// `-ERR [SYS/TEMP]`), and serve once it is back, without a restart.
+#[test]
+fn frontends_started_while_the_database_host_is_down_serve_once_it_is_back() {
+    if skip_unless_root(
+        "cluster frontends start without the database",
+        "ip netns, ip link",
+    ) {
+        return;
+    }
+    let _serial = powermail_testkit::serial();
+    let dir = tempfile::Builder::new()
+        .prefix("cluster-dbstart-")
+        .tempdir()
+        .expect("tempdir");
+    let root = dir.path();
+    let mut net = Net::new().expect("bridge");
+    let db_host = net.add_host("db").expect("host");
+    let storage: Vec<Host> = (1..=2)
+        .map(|i| net.add_host(&format!("storage{i}")).expect("host"))
+        .collect();
+    let smtp_host = net.add_host("smtp1").expect("host");
+    let pop_host = net.add_host("pop1").expect("host");
+    let db = Mariadb::start_at(&common::place(&db_host), "powermail");
+    let ub = powermail_userbase::open(&db.url()).expect("userbase (migrates)");
+    ub.add_mailbox(&user(0), &password(0), 0).expect("mailbox");
+    drop(ub);
+    let (_listeners, backends) = start_storage(root, &storage);
+
+    // The database host goes silent before the frontends start.
+    net.blackhole(&db_host).expect("blackhole db");
+    let started = Instant::now();
+    let frontend = |kind: Kind, h: &Host, extra: &str| {
+        start_frontend(root, kind, h, &db.url(), &backends, extra)
+    };
+    let smtp = frontend(Kind::Smtp, &smtp_host, "replicas = 2\n");
+    let pop = frontend(Kind::Pop, &pop_host, "allow_plaintext_auth = true\n");
+    let ready_after = started.elapsed();
+
+    let t = Instant::now();
+    let during = Smtp::connect(smtp.addr)
+        .and_then(|mut c| {
+            let code = c.send("sender@outside.test", &[&user(0)], &wire(0))?;
+            c.quit();
+            Ok(code)
+        })
+        .expect("powersmtp answers while the database is down");
+    let smtp_answer = t.elapsed();
+    assert!(
+        (400..500).contains(&during),
+        "delivery while down: {during}"
+    );
+    let t = Instant::now();
+    let login = Pop::login(pop.addr, &user(0), &password(0))
+        .map(|p| drop(p.quit()))
+        .expect_err("no login while the database is down")
+        .to_string();
+    let pop_answer = t.elapsed();
+    assert!(login.contains("[SYS/TEMP]"), "login while down: {login}");
+
+    net.heal(&db_host).expect("heal db");
+    let healed = Instant::now();
+    let mut delivered = 0;
+    eventually(WAIT, "delivery after the heal", || {
+        let code = Smtp::connect(smtp.addr)
+            .and_then(|mut c| {
+                let code = c.send("sender@outside.test", &[&user(0)], &wire(1))?;
+                c.quit();
+                Ok(code)
+            })
+            .unwrap_or(0);
+        delivered += usize::from(code == 250);
+        code == 250
+    });
+    let delivery_after = healed.elapsed();
+    let mut session = None;
+    eventually(WAIT, "POP3 login after the heal", || {
+        session = Pop::login(pop.addr, &user(0), &password(0)).ok();
+        session.is_some()
+    });
+    let login_after = healed.elapsed();
+    let mut p = session.expect("logged in");
+    let listed = p.uidl().expect("UIDL").len();
+    let raw = p.retr(1).expect("RETR");
+    assert!(p.quit().expect("QUIT").starts_with("+OK"));
+    let line = format!(
+        "cluster frontends start without the database: ready after {} ms with the database \
+         blackholed; while down SMTP {during} in {} ms, POP3 {login:?} in {} ms; after the \
+         heal: delivery in {} ms, login in {} ms; sent 2, acknowledged {delivered}, retrieved \
+         {listed}, lost {}, duplicated {}",
+        ready_after.as_millis(),
+        smtp_answer.as_millis(),
+        pop_answer.as_millis(),
+        delivery_after.as_millis(),
+        login_after.as_millis(),
+        usize::from(listed == 0),
+        listed.saturating_sub(1),
+    );
+    let _ = writeln!(std::io::stderr(), "{line}");
+    assert_eq!((delivered, listed), (1, 1), "{line}");
+    assert!(raw.ends_with(&wire(1)), "{line}");
 }

@@ -5,7 +5,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use powermail_cluster::{skip_unless_root, Net};
+use powermail_cluster::Net;
+use powermail_testkit::skip_unless_root;
 
 const PORT: u16 = 4000;
 const WAIT: Duration = Duration::from_millis(800);
@@ -17,7 +18,7 @@ fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
 
 #[test]
 fn hosts_talk_and_faults_cut_them_off() {
-    if skip_unless_root("cluster net") {
+    if skip_unless_root("cluster net", "ip netns, ip link") {
         return;
     }
     let mut net = Net::new().expect("bridge");
@@ -101,7 +102,7 @@ fn hosts_talk_and_faults_cut_them_off() {
 
 #[test]
 fn commands_run_inside_their_host() {
-    if skip_unless_root("cluster net") {
+    if skip_unless_root("cluster net", "ip netns, ip link") {
         return;
     }
     let mut net = Net::new().expect("bridge");

@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{start_frontend, start_storage, SECRET};
-use powermail_cluster::{skip_unless_root, Host, Net};
+use powermail_cluster::{Host, Net};
 use powermail_proto::{BackendConn, MailboxName};
+use powermail_testkit::skip_unless_root;
 use powermail_testkit::{eventually, Frontend, Kind, Pop, Smtp};
 
 const USERS: usize = 6;
@@ -103,7 +104,7 @@ fn k2_blast_with_one_storage_host_killed_and_restarted() {
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn k2_blast_with_a_storage_fault(fault: Fault) {
-    if skip_unless_root(&format!("cluster k2 {fault:?}")) {
+    if skip_unless_root(&format!("cluster k2 {fault:?}"), "ip netns, ip link") {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -15,7 +15,9 @@
 //!   [`Up`] (`powermail up`) write the configuration first;
 //! * [`Smtp`] and [`Pop`]: blocking clients that keep the exact wire bytes
 //!   (suites that test real client behaviour keep Python's smtplib/poplib);
-//! * [`admin`]: the admin-port client of the admin crate, re-exported.
+//! * [`admin`]: the admin-port client of the admin crate, re-exported;
+//! * [`Mariadb`]: a private MariaDB (loopback or a cluster host);
+//! * [`skip_unless_root`]: the one skip of the suites that need root.
 //!
 //! Everything that waits is bounded; a launcher that fails panics with the
 //! daemon's log, because a test that cannot start its system has failed.
@@ -23,6 +25,7 @@
 mod clients;
 mod daemon;
 mod launch;
+mod mariadb;
 mod ports;
 mod up;
 
@@ -31,6 +34,7 @@ pub use daemon::{bin, Daemon, START_TIMEOUT};
 pub use launch::{
     durability_line, BackendSpec, Frontend, FrontendSpec, Kind, Place, Pplistener, PplistenerSpec,
 };
+pub use mariadb::{mariadbd_installed, Mariadb, MARIADB_PASSWORD, MARIADB_USER};
 pub use ports::{free_addr, free_port, free_range};
 pub use powermail_admin::client as admin;
 pub use powermail_admin::ReadyLine;
@@ -71,6 +75,27 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether this process runs as root (namespaces, FUSE, loop devices).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Prints why `test` is skipped and returns true when not root; `needs`
+/// says what for (`"ip netns, ip link"`). Under CI (`CI` set) a missing
+/// privilege is a failure, not a skip: CI runs these suites as root.
+pub fn skip_unless_root(test: &str, needs: &str) -> bool {
+    if is_root() {
+        return false;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: needs root ({needs}) and CI runs it as root"
+    );
+    eprintln!("SKIPPED {test}: needs root ({needs})");
+    true
 }
 
 /// Polls `f` every [`POLL_INTERVAL`] until it returns true; panics naming

@@ -58,7 +58,7 @@ fn cut_the_power(fs: FsKind) {
     let modes = durabilities();
     for durability in modes.iter().copied() {
         let test = format!("powercut {}/{}", fs.name(), durability.name());
-        if powermail_powercut::skip_unless_root(&test) {
+        if powermail_testkit::skip_unless_root(&test, "FUSE, losetup, mount") {
             return;
         }
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -123,7 +123,7 @@ fn a_failed_disk_acknowledges_nothing_more() {
     use powermail_powercut::model::mailbox;
     use powermail_powercut::rig::{unmount, CrashDisk, Listener, LoopDev};
     use powermail_proto::MessageId;
-    if powermail_powercut::skip_unless_root("powercut disk failure") {
+    if powermail_testkit::skip_unless_root("powercut disk failure", "FUSE, losetup, mount") {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

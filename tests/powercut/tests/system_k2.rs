@@ -162,7 +162,7 @@ fn copies_on(b: &Backend, acked: &HashMap<String, (usize, [u8; 32])>) -> HashMap
 
 #[test]
 fn k2_power_cut_on_one_backend_mid_blast() {
-    if powermail_powercut::skip_unless_root("powercut system K=2") {
+    if powermail_testkit::skip_unless_root("powercut system K=2", "FUSE, losetup, mount") {
         return;
     }
     let started = Instant::now();

@@ -17,9 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::mariadb::{mariadbd_installed, PrivateMariadb};
 use common::*;
 use powermail_proto::MailboxName;
+use powermail_testkit::{mariadbd_installed, Mariadb};
 
 /// One SMTP transaction of the suite.
 #[derive(Clone, Debug)]
@@ -648,7 +648,7 @@ fn mariadb_killed_and_restarted_under_load() {
     }
     let _g = serial();
     const USERS: usize = 4;
-    let db = PrivateMariadb::start("powermail_sys");
+    let db = Mariadb::start("powermail_sys");
     let url = db.url();
     add_users(&url, USERS);
     let root = tempfile::tempdir().expect("tempdir");
@@ -724,7 +724,7 @@ fn frontends_start_while_the_database_is_down() {
         panic!("mariadbd is not installed: install mariadb-server (as .ci/run does) or set PM_SKIP_MARIADB=1");
     }
     let _g = serial();
-    let db = PrivateMariadb::start("powermail_sys");
+    let db = Mariadb::start("powermail_sys");
     let url = db.url();
     // Schema and users made by the tools' path (which migrates), then the database dies.
     add_users(&url, 1);

@@ -13,8 +13,8 @@ use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::mariadb::{mariadbd_installed, PrivateMariadb};
 use common::*;
+use powermail_testkit::{mariadbd_installed, Mariadb};
 
 /// The lease the two powerpops run with: short, so the kill -9 case waits
 /// seconds, not the default 30 s.
@@ -51,7 +51,7 @@ fn login_text(pop: &Frontend, i: usize) -> String {
 /// One backend, one powersmtp, two powerpop "hosts", MariaDB; two messages in
 /// mailbox 0.
 struct Cluster {
-    db: PrivateMariadb,
+    db: Mariadb,
     backend: Backend,
     pop_a: Frontend,
     pop_b: Frontend,
@@ -61,7 +61,7 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
-        let db = PrivateMariadb::start("powermail_lease");
+        let db = Mariadb::start("powermail_lease");
         let url = db.url();
         add_users(&url, 2);
         let dirs = [(); 3].map(|_| tempfile::tempdir().expect("tempdir"));

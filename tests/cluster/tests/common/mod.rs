@@ -24,8 +24,15 @@ pub fn place(h: &Host) -> Place {
     }
 }
 
+/// The `group` line of a backend on storage host `h` (docs/DEPLOY.md: a
+/// host's disks share its group, so K copies land on K hosts).
+pub fn group(h: &Host) -> String {
+    format!("group = \"{}\"\n", h.name)
+}
+
 /// One pplistener with one backend (named after the host) on each of
-/// `storage`; returns them and the frontends' `[[backend]]` list.
+/// `storage`; returns them and the frontends' `[[backend]]` list (with the
+/// host's `group`).
 pub fn start_storage(
     root: &Path,
     storage: &[Host],
@@ -45,7 +52,7 @@ pub fn start_storage(
     let backends = storage
         .iter()
         .zip(&listeners)
-        .map(|(h, l)| (h.name.clone(), l.backends[0], String::new()))
+        .map(|(h, l)| (h.name.clone(), l.backends[0], group(h)))
         .collect();
     (listeners, backends)
 }

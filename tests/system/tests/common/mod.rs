@@ -6,8 +6,6 @@
 
 #![allow(dead_code, unused_imports)]
 
-pub mod mariadb;
-
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
