@@ -15,6 +15,8 @@
 //!   [`Up`] (`powermail up`) write the configuration first;
 //! * [`Smtp`] and [`Pop`]: blocking clients that keep the exact wire bytes
 //!   (suites that test real client behaviour keep Python's smtplib/poplib);
+//! * [`DelayProxy`]: a TCP relay adding a one-way delay per direction (this
+//!   kernel has no `netem`);
 //! * [`admin`]: the admin-port client of the admin crate, re-exported.
 //!
 //! Everything that waits is bounded; a launcher that fails panics with the
@@ -22,12 +24,14 @@
 
 mod clients;
 mod daemon;
+pub mod delay;
 mod launch;
 mod ports;
 mod up;
 
 pub use clients::{connect, Pop, Smtp};
 pub use daemon::{bin, Daemon, START_TIMEOUT};
+pub use delay::{DelayProxy, Delays};
 pub use launch::{
     durability_line, BackendSpec, Frontend, FrontendSpec, Kind, Place, Pplistener, PplistenerSpec,
 };
