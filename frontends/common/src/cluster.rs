@@ -677,3 +677,48 @@ impl Drop for PooledConn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loopback address nobody listens on (connections are refused).
+    fn closed_addr() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        drop(l);
+        addr.to_string()
+    }
+
+    #[test]
+    fn latency_ewma_and_the_order_of_reads() {
+        let specs = (0..3)
+            .map(|i| BackendSpec::new(&format!("b{i}"), &closed_addr()))
+            .collect();
+        let cfg = PoolConfig {
+            health_interval_ms: 60_000,
+            ..PoolConfig::default()
+        };
+        let c = Cluster::start(b"secret-0123456789".to_vec(), specs, cfg);
+        // A refused health check is no latency sample.
+        assert_eq!(c.latency_us(0), None);
+        c.observe_latency(0, Duration::from_millis(200));
+        assert_eq!(c.latency_us(0), Some(200_000));
+        c.observe_latency(0, Duration::from_millis(100));
+        assert_eq!(c.latency_us(0), Some(180_000));
+        // One stalled request counts as LATENCY_SAMPLE_MAX_US at most.
+        c.observe_latency(0, Duration::from_secs(1000));
+        assert_eq!(c.latency_us(0), Some(180_000 * 4 / 5 + 2_000_000));
+        c.observe_latency(1, Duration::from_millis(2));
+        // All down alike: fastest first; unmeasured counts as the fastest
+        // measured (ties keep their order).
+        assert_eq!(c.read_order(&[0, 1, 2]), vec![1, 2, 0]);
+        assert_eq!(c.read_order(&[2, 0]), vec![2, 0]);
+        let snap = c.snapshot();
+        assert_eq!(snap[0].latency_ewma_us, Some(2_144_000));
+        assert_eq!(snap[2].latency_ewma_us, None);
+        assert!(snap.iter().all(|b| b.in_flight == 0));
+        assert_eq!(c.in_flight(1), 0);
+        c.stop();
+    }
+}
