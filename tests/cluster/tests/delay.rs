@@ -8,11 +8,14 @@
 //!
 //! Asserted: every transaction answered 250 (nothing timed out into a 4xx),
 //! no frontend ever marked a backend down, every acknowledged message is
-//! stored exactly K times on K distinct backends, and the slow backend got
+//! stored exactly K times on K distinct backends and retrieved exactly once,
+//! byte for byte, over POP3 from a POP host whose path to `storage1` has the
+//! same delay (its listings wait for the slow backend, its RETRs prefer the
+//! fast holders), and the slow backend got
 //! less than half of an even share of the copies (an even spread, what the
 //! selection did before it weighed latency, gives it a third). Printed, not
 //! asserted: throughput, p50/p99 of the transactions, each backend's share
-//! and the latency EWMA the frontends report for it.
+//! and the latency EWMA the frontends report for it, and the POP3 time.
 //!
 //! Scaled for CI: `PM_DELAY_MESSAGES` (default 600) messages.
 
@@ -28,7 +31,7 @@ mod common;
 use common::{start_frontend, start_storage, SECRET, TOKEN};
 use powermail_cluster::{skip_unless_root, Host, Net};
 use powermail_proto::{BackendConn, MailboxName};
-use powermail_testkit::{admin, free_port, DelayProxy, Delays, Frontend, Kind, Smtp};
+use powermail_testkit::{admin, free_port, DelayProxy, Delays, Frontend, Kind, Pop, Smtp};
 
 const USERS: usize = 4;
 const SENDERS: usize = 8;
@@ -85,6 +88,7 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
     let smtp_hosts: Vec<Host> = (1..=2)
         .map(|i| net.add_host(&format!("smtp{i}")).expect("host"))
         .collect();
+    let pop_host = net.add_host("pop1").expect("host");
 
     let url = format!("sqlite://{}", root.join("userbase.db").display());
     let ub = powermail_userbase::open(&url).expect("userbase");
@@ -105,6 +109,15 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
         .map(|h| start_frontend(root, Kind::Smtp, h, &url, &backends, "replicas = 2\n"))
         .collect();
     let smtp_addrs: Vec<SocketAddr> = smtps.iter().map(|s| s.addr).collect();
+    // The test's clients are on the cluster network, not loopback: no TLS here.
+    let pop = start_frontend(
+        root,
+        Kind::Pop,
+        &pop_host,
+        &url,
+        &backends,
+        "allow_plaintext_auth = true\n",
+    );
 
     let next = AtomicUsize::new(0);
     let sent: Mutex<Vec<(usize, u16, Duration)>> = Mutex::new(Vec::new());
@@ -141,8 +154,42 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
     times.sort();
 
     // What the frontends think of the backends now.
+    // Every acknowledged message once over POP3, byte for byte.
+    let pop_started = Instant::now();
+    let mut retrieved: HashMap<usize, usize> = HashMap::new();
+    let mut corrupt = 0;
+    for u in 0..USERS {
+        let mut p = Pop::login(pop.addr, &user(u), "pw").expect("POP3 login");
+        let count = p.uidl().expect("UIDL").len();
+        for i in 1..=count {
+            let raw = p.retr(i).expect("RETR");
+            match id_of(&raw) {
+                Some(n) => {
+                    *retrieved.entry(n).or_default() += 1;
+                    corrupt += usize::from(!raw.ends_with(&wire(n)) || n % USERS != u);
+                }
+                None => corrupt += 1,
+            }
+        }
+        p.quit().expect("QUIT");
+    }
+    let pop_time = pop_started.elapsed();
+    // GETs each pplistener served (nothing else GETs until the count below).
+    let gets: Vec<u64> = listeners
+        .iter()
+        .map(|l| {
+            let v = admin::get_json(&l.admin.to_string(), Some(TOKEN), "/stats")
+                .expect("pplistener /stats");
+            v["backends"][0]["gets"].as_u64().unwrap_or(u64::MAX)
+        })
+        .collect();
+    let not_once = acked
+        .iter()
+        .filter(|n| retrieved.get(n) != Some(&1))
+        .count();
+
     let mut views = Vec::new();
-    for f in &smtps {
+    for f in smtps.iter().chain([&pop]) {
         let stats =
             admin::get_json(&f.admin.to_string(), Some(TOKEN), "/stats").expect("admin /stats");
         for b in stats["backends"].as_array().cloned().unwrap_or_default() {
@@ -157,6 +204,7 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
     }
     let marked_down: Vec<String> = smtps
         .iter()
+        .chain([&pop])
         .flat_map(|f| {
             f.daemon
                 .log_text()
@@ -197,12 +245,14 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
     let share = |b: usize| 100.0 * per_backend[b] as f64 / total.max(1) as f64;
     let line = format!(
         "cluster delay {} ms each way on storage1: sent {}, acknowledged {}, codes {codes:?}, \
-         not at K {not_k}, {:.0} msg/s, p50 {} ms, p99 {} ms, slowest {} ms; copies \
+         not at K {not_k}, not retrieved once {not_once}, corrupt {corrupt}, POP3 {} ms for \
+         all, GETs served {gets:?}, {:.0} msg/s, p50 {} ms, p99 {} ms, slowest {} ms; copies \
          storage1 {} ({:.1}%), storage2 {} ({:.1}%), storage3 {} ({:.1}%); proxy {} \
          connections; machine shared; frontends see: {}",
         ONE_WAY.as_millis(),
         sent.len(),
         acked.len(),
+        pop_time.as_millis(),
         acked.len() as f64 / elapsed.as_secs_f64(),
         quantile(&times, 0.5).as_millis(),
         quantile(&times, 0.99).as_millis(),
@@ -225,6 +275,12 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
         "all up at the end: {line}"
     );
     assert_eq!(not_k, 0, "{line}");
+    assert_eq!((not_once, corrupt), (0, 0), "{line}");
+    // RETR prefers a fast holder: storage1 serves few of the messages it holds.
+    assert!(
+        gets[0] * 2 <= per_backend[0] as u64,
+        "the slow backend served too many GETs: {line}"
+    );
     assert!(proxy.bytes() > 0, "storage1 was reached through the proxy");
     assert!(
         per_backend[0] * 6 < total,
