@@ -15,6 +15,16 @@
 //! or gets a temporary error, instead of waiting `io_timeout_ms`, which must
 //! stay long for honest slow fsyncs.
 //!
+//! Every backend's round-trip latency is kept as an EWMA
+//! ([`LATENCY_EWMA_WEIGHT_PERCENT`] for each new sample) of what the cluster
+//! times itself (each health check's STATUS, each PING of an idle connection)
+//! and what callers report through [`observe_latency`](Cluster::observe_latency)
+//! (powersmtp: the end of a PUT to its durable reply). With the number of
+//! connections checked out (in flight) it bends [`select_writable`](Cluster::select_writable)
+//! toward fast, unloaded backends and orders the holders a read tries
+//! ([`read_order`](Cluster::read_order)). The health check keeps the estimate
+//! of a backend fresh even when it gets no traffic.
+//!
 //! An operator can [`disable`](Cluster::set_disabled) a backend at run time (admin
 //! `POST /control/disable?backend=NAME`, `ppadmin disable`): it is then never chosen for
 //! new messages, whatever its health. Reads still use it while it answers, on purpose:
@@ -36,6 +46,12 @@ use crate::select::{select, Candidate};
 
 /// Index of a backend in the configured list.
 pub type BackendId = usize;
+
+/// How much of a backend's latency EWMA one new sample makes up, in percent.
+pub const LATENCY_EWMA_WEIGHT_PERCENT: u64 = 20;
+/// A latency sample above this is taken as this: one stalled request must
+/// not make a backend look slow for minutes.
+pub const LATENCY_SAMPLE_MAX_US: u64 = 10_000_000;
 
 /// What the health checker last saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -87,6 +103,10 @@ pub struct BackendSnapshot {
     pub last_error: Option<String>,
     /// Disabled by the operator: no new messages go to it.
     pub disabled: bool,
+    /// Round-trip latency EWMA in microseconds; `None` before the first sample.
+    pub latency_ewma_us: Option<u64>,
+    /// Connections checked out now (requests under way).
+    pub in_flight: usize,
 }
 
 #[derive(Debug)]
@@ -94,6 +114,7 @@ struct State {
     health: Health,
     free_bytes: u64,
     last_error: Option<String>,
+    latency_ewma_us: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -150,6 +171,7 @@ impl Cluster {
                     health: Health::Unknown,
                     free_bytes: 0,
                     last_error: None,
+                    latency_ewma_us: None,
                 }),
                 pool: Mutex::new(Pool::default()),
                 returned: Condvar::new(),
@@ -261,15 +283,71 @@ impl Cluster {
         self.slots[id].disabled.load(Ordering::Relaxed)
     }
 
+    /// Folds one round-trip time of backend `id` into its latency EWMA.
+    pub fn observe_latency(&self, id: BackendId, elapsed: Duration) {
+        let sample_us = (elapsed.as_micros() as u64).min(LATENCY_SAMPLE_MAX_US);
+        let mut st = lock(&self.slots[id].state);
+        st.latency_ewma_us = Some(match st.latency_ewma_us {
+            None => sample_us,
+            Some(old) => {
+                (old * (100 - LATENCY_EWMA_WEIGHT_PERCENT)
+                    + sample_us * LATENCY_EWMA_WEIGHT_PERCENT)
+                    / 100
+            }
+        });
+    }
+
+    /// Backend `id`'s latency EWMA in microseconds, `None` before any sample.
+    pub fn latency_us(&self, id: BackendId) -> Option<u64> {
+        lock(&self.slots[id].state).latency_ewma_us
+    }
+
+    /// Connections of backend `id` checked out now.
+    pub fn in_flight(&self, id: BackendId) -> usize {
+        let pool = lock(&self.slots[id].pool);
+        pool.open.saturating_sub(pool.idle.len())
+    }
+
+    /// `holders` in the order a read should try them: not down first, then
+    /// by latency and load (the cost [`select`] weighs by), fastest first;
+    /// unmeasured ones count as the fastest measured. Ties keep their order.
+    pub fn read_order(&self, holders: &[BackendId]) -> Vec<BackendId> {
+        let slack_us = self.cfg.latency_slack_us;
+        let known: Vec<(BackendId, bool, Option<u64>, usize)> = holders
+            .iter()
+            .map(|&b| {
+                (
+                    b,
+                    self.health(b) == Health::Down,
+                    self.latency_us(b),
+                    self.in_flight(b),
+                )
+            })
+            .collect();
+        let fastest_us = known.iter().filter_map(|k| k.2).min().unwrap_or(0);
+        let mut ordered = known;
+        ordered.sort_by_key(|&(_, down, latency_us, in_flight)| {
+            let cost = latency_us
+                .unwrap_or(fastest_us)
+                .saturating_add(slack_us)
+                .saturating_mul(in_flight as u64 + 1);
+            (down, cost)
+        });
+        ordered.into_iter().map(|k| k.0).collect()
+    }
+
     /// Up to `k` distinct backends that are up, writable and not disabled, chosen by
-    /// [`select`] (groups, priority, free space, random).
+    /// [`select`] (groups, priority, free space and latency × load, random).
     pub fn select_writable(&self, k: usize) -> Vec<BackendId> {
-        let states: Vec<(Health, u64)> = self
+        let states: Vec<(Health, u64, Option<u64>, usize)> = self
             .slots
             .iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(id, s)| {
                 let st = lock(&s.state);
-                (st.health, st.free_bytes)
+                let got = (st.health, st.free_bytes, st.latency_ewma_us);
+                drop(st);
+                (got.0, got.1, got.2, self.in_flight(id))
             })
             .collect();
         let candidates: Vec<Candidate<'_>> = self
@@ -277,19 +355,26 @@ impl Cluster {
             .iter()
             .zip(&states)
             .enumerate()
-            .filter(|(_, (slot, (h, free)))| {
+            .filter(|(_, (slot, (h, free, _, _)))| {
                 *h == Health::Up
                     && *free >= self.cfg.free_bytes_min
                     && !slot.disabled.load(Ordering::Relaxed)
             })
-            .map(|(id, (slot, (_, free)))| Candidate {
+            .map(|(id, (slot, (_, free, latency_us, in_flight)))| Candidate {
                 id,
                 group: slot.spec.group_name(),
                 priority: slot.spec.priority,
                 free_bytes: *free,
+                latency_us: *latency_us,
+                in_flight: *in_flight,
             })
             .collect();
-        select(&candidates, k, &mut rand::thread_rng())
+        select(
+            &candidates,
+            k,
+            self.cfg.latency_weighting(),
+            &mut rand::thread_rng(),
+        )
     }
 
     /// Backends that can serve reads right now (up or read-only): the ones a
@@ -332,7 +417,12 @@ impl Cluster {
             if let Some((mut conn, since)) = pool.idle.pop() {
                 drop(pool);
                 let fresh = since.elapsed() < Duration::from_millis(self.cfg.ping_after_idle_ms);
-                if fresh || conn.ping().is_ok() {
+                if fresh {
+                    return Ok(self.wrap(id, conn));
+                }
+                let ping_started = Instant::now();
+                if conn.ping().is_ok() {
+                    self.observe_latency(id, ping_started.elapsed());
                     return Ok(self.wrap(id, conn));
                 }
                 drop(conn);
@@ -432,6 +522,8 @@ impl Cluster {
                     idle_connections: pool.idle.len(),
                     last_error: st.last_error.clone(),
                     disabled: s.disabled.load(Ordering::Relaxed),
+                    latency_ewma_us: st.latency_ewma_us,
+                    in_flight: pool.open.saturating_sub(pool.idle.len()),
                 }
             })
             .collect()
@@ -445,11 +537,17 @@ impl Cluster {
             Some(c) => Ok(c),
             None => BackendConn::connect(&slot.spec.addr, &self.secret, timeout),
         }
-        .and_then(|mut c| c.status().map(|kv| (c, kv)));
+        .and_then(|mut c| {
+            let asked = Instant::now();
+            c.status().map(|kv| (c, kv, asked.elapsed()))
+        });
+        if let Ok((_, _, rtt)) = &result {
+            self.observe_latency(id, *rtt);
+        }
         let mut st = lock(&slot.state);
         let before = st.health;
         match result {
-            Ok((c, kv)) => {
+            Ok((c, kv, _)) => {
                 let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
                 st.health = match get("mode") {
                     Some("rw") => Health::Up,
@@ -577,5 +675,50 @@ impl Drop for PooledConn {
             lock(&slot.pool).open -= 1;
             slot.returned.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loopback address nobody listens on (connections are refused).
+    fn closed_addr() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        drop(l);
+        addr.to_string()
+    }
+
+    #[test]
+    fn latency_ewma_and_the_order_of_reads() {
+        let specs = (0..3)
+            .map(|i| BackendSpec::new(&format!("b{i}"), &closed_addr()))
+            .collect();
+        let cfg = PoolConfig {
+            health_interval_ms: 60_000,
+            ..PoolConfig::default()
+        };
+        let c = Cluster::start(b"secret-0123456789".to_vec(), specs, cfg);
+        // A refused health check is no latency sample.
+        assert_eq!(c.latency_us(0), None);
+        c.observe_latency(0, Duration::from_millis(200));
+        assert_eq!(c.latency_us(0), Some(200_000));
+        c.observe_latency(0, Duration::from_millis(100));
+        assert_eq!(c.latency_us(0), Some(180_000));
+        // One stalled request counts as LATENCY_SAMPLE_MAX_US at most.
+        c.observe_latency(0, Duration::from_secs(1000));
+        assert_eq!(c.latency_us(0), Some(180_000 * 4 / 5 + 2_000_000));
+        c.observe_latency(1, Duration::from_millis(2));
+        // All down alike: fastest first; unmeasured counts as the fastest
+        // measured (ties keep their order).
+        assert_eq!(c.read_order(&[0, 1, 2]), vec![1, 2, 0]);
+        assert_eq!(c.read_order(&[2, 0]), vec![2, 0]);
+        let snap = c.snapshot();
+        assert_eq!(snap[0].latency_ewma_us, Some(2_144_000));
+        assert_eq!(snap[2].latency_ewma_us, None);
+        assert!(snap.iter().all(|b| b.in_flight == 0));
+        assert_eq!(c.in_flight(1), 0);
+        c.stop();
     }
 }

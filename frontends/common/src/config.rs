@@ -100,6 +100,24 @@ pub struct PoolConfig {
     pub ping_after_idle_ms: u64,
     /// Below this many free bytes a backend is treated as read-only.
     pub free_bytes_min: u64,
+    /// Latency-aware selection: added to every backend's observed latency
+    /// before comparing, so differences well below it (an fsync more or
+    /// less) hardly change the spread. See [`crate::select`].
+    pub latency_slack_us: u64,
+    /// Latency-aware selection: the least share factor, in thousandths, of a
+    /// slow or loaded backend (it keeps at least this fraction of the weight
+    /// an equally fast one would get). 1000 turns latency-awareness off.
+    pub latency_factor_min_permille: u32,
+}
+
+impl PoolConfig {
+    /// The selection weighting these settings ask for.
+    pub fn latency_weighting(&self) -> crate::select::LatencyWeighting {
+        crate::select::LatencyWeighting {
+            slack_us: self.latency_slack_us,
+            factor_min_permille: self.latency_factor_min_permille.clamp(1, 1000),
+        }
+    }
 }
 
 impl Default for PoolConfig {
@@ -113,6 +131,8 @@ impl Default for PoolConfig {
             open_max_per_backend: 256,
             ping_after_idle_ms: 2000,
             free_bytes_min: 0,
+            latency_slack_us: 10_000,
+            latency_factor_min_permille: 20,
         }
     }
 }

@@ -50,4 +50,4 @@ pub mod settings;
 pub use cluster::{BackendId, BackendSnapshot, Cluster, Health, PoolError, PooledConn};
 pub use config::{validate_backends, BackendListError, BackendSpec, PoolConfig};
 pub use deadline::DeadlineWrite;
-pub use select::{select, Candidate};
+pub use select::{select, Candidate, LatencyWeighting};

@@ -663,13 +663,12 @@ pub fn fetch_plan(
     plan
 }
 
-/// `holders` with the ones the health checker calls down moved last (order
-/// otherwise kept): a RETR tries a backend known to be unreachable only when
-/// no other holder could serve it.
+/// `holders` with the ones the health checker calls down moved last, the
+/// others fastest and least loaded first ([`Cluster::read_order`]): a RETR
+/// tries a backend known to be unreachable only when no other holder could
+/// serve it, and a slow one only after the fast ones.
 fn by_health(cluster: &Cluster, holders: &[BackendId]) -> Vec<BackendId> {
-    let mut ordered = holders.to_vec();
-    ordered.sort_by_key(|&b| cluster.health(b) == powermail_frontend::Health::Down);
-    ordered
+    cluster.read_order(holders)
 }
 
 /// Writes a whole fetched message through the session's body writer.

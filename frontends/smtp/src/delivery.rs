@@ -42,6 +42,10 @@ pub fn combined_usage_bytes(per_backend: &[u64], replicas: usize) -> u64 {
     max.max(sum.div_ceil(k))
 }
 
+/// A reply read that took at least this long waited for the backend (a
+/// reply already buffered takes microseconds): its time is a latency sample.
+const REPLY_WAITED: Duration = Duration::from_micros(500);
+
 /// Numbers the SMTP connections of this process for the log lines.
 static SESSIONS: AtomicU64 = AtomicU64::new(1);
 
@@ -437,13 +441,26 @@ impl BackendDelivery {
         }
         let mut ok = Vec::new();
         let mut put_us = Vec::with_capacity(txn.copies.len());
+        // The replies are read in turn: the first one read, and any later one
+        // its read had to wait for, arrived just now, so the time since the
+        // ends were sent is that backend's latency. A later reply already
+        // waiting in the socket arrived at some unknown earlier time: no sample.
+        let ended = Instant::now();
+        let mut first = true;
         for copy in txn.copies.iter_mut() {
             let Some(mut conn) = copy.conn.take() else {
                 continue;
             };
+            let asked = Instant::now();
             match conn.put_reply() {
                 Ok(receipt) => {
                     debug_assert_eq!(receipt.size_bytes, txn.size_bytes);
+                    if first || asked.elapsed() >= REPLY_WAITED {
+                        self.shared
+                            .cluster
+                            .observe_latency(copy.id, ended.elapsed());
+                    }
+                    first = false;
                     put_us.push(copy.started.elapsed().as_micros() as u64);
                     ok.push((copy.id, conn));
                 }

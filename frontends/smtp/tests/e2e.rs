@@ -285,7 +285,22 @@ fn single_recipient_k2_over_3_stores_wire_form_on_exactly_two() {
     let stats: Value = serde_json::from_str(&sys.admin_get("/stats")).unwrap();
     assert_eq!(stats["messages"], 1, "{stats}");
     assert!(stats["latencies"]["backend_put"]["count"] == 2, "{stats}");
+    // Latency-aware selection: every backend has a latency (its health
+    // checks at least) and nothing in flight once the message is stored.
+    for i in 0..3 {
+        let b = &stats["backends"][i];
+        assert!(b["latency_ewma_us"].as_u64().is_some(), "{stats}");
+        assert_eq!(b["in_flight"], 0, "{stats}");
+    }
     let metrics = sys.admin_get("/metrics");
+    assert!(
+        metrics.contains("powersmtp_backend_in_flight{backend=\"b0\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("powersmtp_backend_latency_seconds{backend="),
+        "{metrics}"
+    );
     assert!(metrics.contains("powersmtp_messages_total 1"), "{metrics}");
     assert!(
         metrics.contains("powersmtp_replies_total{class=\"2xx\"}"),

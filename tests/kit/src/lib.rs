@@ -15,6 +15,8 @@
 //!   [`Up`] (`powermail up`) write the configuration first;
 //! * [`Smtp`] and [`Pop`]: blocking clients that keep the exact wire bytes
 //!   (suites that test real client behaviour keep Python's smtplib/poplib);
+//! * [`DelayProxy`]: a TCP relay adding a one-way delay per direction (this
+//!   kernel has no `netem`);
 //! * [`admin`]: the admin-port client of the admin crate, re-exported;
 //! * [`Mariadb`]: a private MariaDB (loopback or a cluster host);
 //! * [`skip_unless_root`]: the one skip of the suites that need root.
@@ -24,6 +26,7 @@
 
 mod clients;
 mod daemon;
+pub mod delay;
 mod launch;
 mod mariadb;
 mod ports;
@@ -31,6 +34,7 @@ mod up;
 
 pub use clients::{connect, Pop, Smtp};
 pub use daemon::{bin, Daemon, START_TIMEOUT};
+pub use delay::{DelayProxy, Delays};
 pub use launch::{
     durability_line, BackendSpec, Frontend, FrontendSpec, Kind, Place, Pplistener, PplistenerSpec,
 };
