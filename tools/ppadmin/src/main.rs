@@ -228,8 +228,8 @@ fn run_ops(target: &UserbaseTarget, command: Command) -> anyhow::Result<bool> {
             let locks = repair::PopLocks::new(info, Duration::from_millis(lock_wait_ms))?;
             let t = repair::repair(info, mailbox.as_deref(), &locks)?;
             println!(
-                "repair: {} mailboxes, {} messages, {} copies made ({} bytes), {} short of K, {} failed, {} busy",
-                t.mailboxes, t.messages, t.copied, t.bytes, t.short, t.failed, t.busy
+                "repair: {} mailboxes, {} messages, {} copies made ({} bytes), {} short of K, {} failed, {} busy, {} vanished",
+                t.mailboxes, t.messages, t.copied, t.bytes, t.short, t.failed, t.busy, t.vanished
             );
             return Ok(t.complete());
         }
@@ -240,8 +240,8 @@ fn run_ops(target: &UserbaseTarget, command: Command) -> anyhow::Result<bool> {
             let locks = repair::PopLocks::new(info, Duration::from_millis(lock_wait_ms))?;
             let t = repair::drain(info, &backend, &locks)?;
             println!(
-                "drain {backend}: {} messages moved, {} copies made ({} bytes), {} short of K, {} failed, {} busy",
-                t.moved, t.copied, t.bytes, t.short, t.failed, t.busy
+                "drain {backend}: {} messages moved, {} copies made ({} bytes), {} short of K, {} failed, {} busy, {} vanished",
+                t.moved, t.copied, t.bytes, t.short, t.failed, t.busy, t.vanished
             );
             return Ok(t.complete());
         }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use powermail_frontend::lock::{LeaseConfig, Locks, MailboxLock};
-use powermail_proto::{MailboxName, MessageId};
+use powermail_proto::{BackendError, ErrorCode, MailboxName, MessageId};
 
 use crate::cluster::ClusterInfo;
 use crate::inspect::mailbox;
@@ -58,6 +58,10 @@ pub struct Tally {
     pub failed: u64,
     /// Mailboxes skipped because a POP3 session held them.
     pub busy: u64,
+    /// Messages that every source answered `NOTFOUND` for between the listing and the
+    /// copy: deleted meanwhile (a replayed deletion, a refused message's copies cleaned
+    /// up), so there is nothing to repair.
+    pub vanished: u64,
 }
 
 impl Tally {
@@ -166,7 +170,7 @@ impl Progress {
         if force || self.last.elapsed() >= PROGRESS_EVERY {
             self.last = Instant::now();
             eprintln!(
-                "{}: {done}/{} mailboxes, {} messages, {} copies made ({}), {} moved, {} short, {} failed, {} busy",
+                "{}: {done}/{} mailboxes, {} messages, {} copies made ({}), {} moved, {} short, {} failed, {} busy, {} vanished",
                 self.what,
                 self.total,
                 t.messages,
@@ -175,7 +179,8 @@ impl Progress {
                 t.moved,
                 t.short,
                 t.failed,
-                t.busy
+                t.busy,
+                t.vanished
             );
         }
     }
@@ -230,6 +235,7 @@ impl Mover {
                 break;
             };
             let mut done = false;
+            let mut not_found = 0;
             for &source in sources {
                 match store.copy(mailbox, msgid, source, target) {
                     Ok(n) => {
@@ -240,12 +246,17 @@ impl Mover {
                         done = true;
                         break;
                     }
+                    Err(e) if is_not_found(&e) => not_found += 1,
                     Err(e) => eprintln!(
                         "ppadmin: copy {mailbox} {msgid} {} -> {}: {e:#}",
                         store.name(source),
                         store.name(target)
                     ),
                 }
+            }
+            if !done && not_found == sources.len() {
+                self.tally.vanished += 1;
+                break;
             }
             if !done {
                 self.tally.failed += 1;
@@ -255,6 +266,12 @@ impl Mover {
         }
         have
     }
+}
+
+/// True when a copy failed because its source no longer holds the message.
+fn is_not_found(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<BackendError>()
+        .is_some_and(|b| b.code() == Some(ErrorCode::NotFound))
 }
 
 /// `repair [--mailbox M]`: every message (of every mailbox, or of `only`) up to K copies.
@@ -365,4 +382,28 @@ pub fn drain(info: &ClusterInfo, name: &str, locks: &PopLocks) -> anyhow::Result
         }
     }
     Ok(run.tally)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_answering_notfound_is_told_apart_from_a_failure() {
+        let gone: anyhow::Error = Err::<(), _>(BackendError::Refused {
+            code: Some(ErrorCode::NotFound),
+            text: "no such message".into(),
+        })
+        .context("backend b0")
+        .unwrap_err();
+        assert!(is_not_found(&gone));
+        let temp: anyhow::Error = Err::<(), _>(BackendError::Refused {
+            code: Some(ErrorCode::Temp),
+            text: "busy".into(),
+        })
+        .context("backend b0")
+        .unwrap_err();
+        assert!(!is_not_found(&temp));
+        assert!(!is_not_found(&anyhow::anyhow!("backend b0 is down")));
+    }
 }
