@@ -63,11 +63,15 @@ impl MailboxIndex {
         let mut range = self
             .messages
             .range::<MessageId, _>((lower, Bound::Unbounded));
-        let page: Vec<(MessageId, u64)> = range
-            .by_ref()
-            .take(max)
-            .map(|(id, size)| (id.clone(), *size))
-            .collect();
+        // Sized up front: a range's iterator does not know its length, and
+        // growing by doubling copies a 50,000-entry page over and over.
+        let mut page = Vec::with_capacity(max.min(self.messages.len()));
+        page.extend(
+            range
+                .by_ref()
+                .take(max)
+                .map(|(id, size)| (id.clone(), *size)),
+        );
         let more = range.next().is_some();
         (page, more)
     }

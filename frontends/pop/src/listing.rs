@@ -16,7 +16,6 @@
 //! backends is one message, K copies), sorted by id — ids begin with their
 //! arrival time, so this is oldest first and stable across sessions.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,18 +49,23 @@ pub struct Listing {
     pub replayed: usize,
 }
 
-/// Merges per-backend listings; see the module documentation.
-pub fn merge(per_backend: &[(BackendId, Vec<ListEntry>)]) -> Vec<Merged> {
-    let mut by_id: BTreeMap<&MessageId, Merged> = BTreeMap::new();
-    let mut sorted: Vec<&(BackendId, Vec<ListEntry>)> = per_backend.iter().collect();
-    sorted.sort_by_key(|(id, _)| *id);
-    for (backend, entries) in sorted {
-        for e in entries {
-            let m = by_id.entry(&e.msgid).or_insert_with(|| Merged {
-                msgid: e.msgid.clone(),
-                size_bytes: e.size_bytes,
-                holders: Vec::new(),
-            });
+/// Merges per-backend listings; see the module documentation. Linear in
+/// the entries for listings sorted by id, as backends send them: one stable
+/// sort of all the entries (which merges the sorted runs it finds), then
+/// one pass that folds the copies of an id together; ids are moved, not
+/// copied.
+pub fn merge(mut per_backend: Vec<(BackendId, Vec<ListEntry>)>) -> Vec<Merged> {
+    per_backend.sort_by_key(|(id, _)| *id);
+    let total = per_backend.iter().map(|(_, e)| e.len()).sum();
+    let mut all: Vec<(ListEntry, BackendId)> = Vec::with_capacity(total);
+    for (backend, entries) in per_backend {
+        all.extend(entries.into_iter().map(|e| (e, backend)));
+    }
+    // Stable: the copies of one id stay in backend order.
+    all.sort_by(|a, b| a.0.msgid.cmp(&b.0.msgid));
+    let mut out: Vec<Merged> = Vec::with_capacity(total);
+    for (e, backend) in all {
+        if let Some(m) = out.last_mut().filter(|m| m.msgid == e.msgid) {
             if m.size_bytes != e.size_bytes {
                 log::warn!(
                     "msgid={} size {} on backend {backend}, {} elsewhere",
@@ -70,12 +74,18 @@ pub fn merge(per_backend: &[(BackendId, Vec<ListEntry>)]) -> Vec<Merged> {
                     m.size_bytes
                 );
             }
-            if !m.holders.contains(backend) {
-                m.holders.push(*backend);
+            if !m.holders.contains(&backend) {
+                m.holders.push(backend);
             }
+            continue;
         }
+        out.push(Merged {
+            msgid: e.msgid,
+            size_bytes: e.size_bytes,
+            holders: vec![backend],
+        });
     }
-    by_id.into_values().collect()
+    out
 }
 
 /// One backend's part: replay owed deletions, LIST, filter what is still owed.
@@ -291,7 +301,7 @@ fn collect(
     }
     listed.sort_unstable();
     Listing {
-        messages: merge(&parts),
+        messages: merge(parts),
         listed,
         replayed,
     }
@@ -315,13 +325,13 @@ mod tests {
             (0, vec![e("0002.a.1", 20), e("0001.a.1", 10)]),
             (1, vec![]),
         ];
-        let m = merge(&parts);
+        let m = merge(parts);
         let ids: Vec<&str> = m.iter().map(|x| x.msgid.as_str()).collect();
         assert_eq!(ids, vec!["0001.a.1", "0002.a.1", "0003.a.1"]);
         assert_eq!(m[0].holders, vec![0, 2]);
         assert_eq!(m[1].holders, vec![0]);
         assert_eq!(m[2].holders, vec![2]);
         assert_eq!(m[2].size_bytes, 30);
-        assert!(merge(&[]).is_empty());
+        assert!(merge(Vec::new()).is_empty());
     }
 }
