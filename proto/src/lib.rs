@@ -5,7 +5,7 @@
 //! mailbox name and message id are ([`names`]), the requests ([`request`]),
 //! the replies ([`reply`]), the authentication ([`auth`]), the server-side
 //! incremental [`Decoder`], and the blocking client [`BackendConn`]. The
-//! protocol itself is documented in `storage-engine/PROTOCOL.md`.
+//! protocol itself is documented in `proto/PROTOCOL.md`.
 
 pub mod auth;
 pub mod client;
