@@ -14,10 +14,13 @@ pub mod names;
 pub mod reply;
 pub mod request;
 
-pub use client::{BackendConn, BackendError, ListEntry, ListPage, PutReceipt};
+pub use client::{BackendConn, BackendError};
 pub use decoder::{Decoder, Event, Fatal, Limits};
 pub use names::{MailboxName, MessageId, NameError};
-pub use reply::{ErrorCode, Reply};
+pub use reply::{
+    BlockHeader, BodyHeader, DirPage, ErrorCode, Greeting, ListEntry, ListPage, OkReply,
+    PutReceipt, Removed, Reply, ReplyError, Status, Usage,
+};
 pub use request::{Request, RequestError, GET_MANY_MAX};
 
 /// The protocol version, first word of every greeting.

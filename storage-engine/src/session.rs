@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use powermail_admin::Latencies;
-use powermail_proto::reply::{err_line, ok_line};
+use powermail_proto::reply::{err_line, AUTHENTICATED, BYE, DELETED, PONG};
 use powermail_proto::{
-    auth, Decoder, ErrorCode, Event, Fatal, Limits, MailboxName, MessageId, Request,
+    auth, BodyHeader, Decoder, DirPage, ErrorCode, Event, Fatal, Greeting, Limits, ListEntry,
+    ListPage, MailboxName, MessageId, OkReply, PutReceipt, Removed, Reply, Request, Status, Usage,
 };
 
 use crate::config::LimitsConfig;
@@ -187,11 +188,11 @@ fn decoder_limits(l: &LimitsConfig) -> Limits {
 
 async fn session(ctx: &Ctx, conn: &mut Connection, peer: &str) -> io::Result<()> {
     let nonce = auth::new_nonce();
-    conn.queue(&ok_line(&format!(
-        "{} {} {nonce}",
-        powermail_proto::VERSION,
-        ctx.shared.name
-    )));
+    let greeting = Greeting {
+        backend_name: ctx.shared.name.clone(),
+        nonce: nonce.clone(),
+    };
+    conn.queue(&greeting.encode());
     conn.flush().await?;
     let mut authed = false;
     let mut decoder = Decoder::new(decoder_limits(&ctx.limits));
@@ -261,11 +262,11 @@ async fn session(ctx: &Ctx, conn: &mut Connection, peer: &str) -> io::Result<()>
                     if auth::verify(&ctx.secret, &nonce, &proof) =>
                 {
                     authed = true;
-                    conn.queue(&ok_line("authenticated"));
+                    conn.queue(&Reply::ok(AUTHENTICATED).encode());
                     continue;
                 }
                 Owned::Request(Request::Quit) => {
-                    conn.queue(&ok_line("bye"));
+                    conn.queue(&Reply::ok(BYE).encode());
                     return conn.flush().await;
                 }
                 _ => {
@@ -281,7 +282,7 @@ async fn session(ctx: &Ctx, conn: &mut Connection, peer: &str) -> io::Result<()>
         }
         match event {
             Owned::Request(Request::Quit) => {
-                conn.queue(&ok_line("bye"));
+                conn.queue(&Reply::ok(BYE).encode());
                 return conn.flush().await;
             }
             Owned::Request(req) => {
@@ -503,7 +504,12 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
                 "backend={} client={peer} put msgid={msgid} size={size_bytes} mailboxes={} created={} existing={} copies={} us={us}",
                 ctx.shared.name, mailbox_count, out.created, out.existing, out.extra_copies
             );
-            ok_line(&format!("{msgid} {size_bytes} {}", out.created))
+            PutReceipt {
+                msgid,
+                size_bytes,
+                links_created: out.created,
+            }
+            .encode()
         }
         Err(e) => {
             note_io_error(ctx, &e);
@@ -570,11 +576,20 @@ fn answer_unknown_mailbox(ctx: &Ctx, conn: &mut Connection, req: &Request) -> bo
     match req {
         Request::List { .. } => {
             add(&ctx.shared.counters.lists, 1);
-            conn.queue(&ok_line("0"));
-            conn.queue(".\r\n");
+            let empty = ListPage {
+                entries: Vec::new(),
+                more: false,
+            };
+            conn.queue(&empty.encode());
         }
-        Request::Usage { .. } => conn.queue(&ok_line("0 0")),
-        Request::DelMany { .. } => conn.queue(&ok_line("0")),
+        Request::Usage { .. } => conn.queue(
+            &Usage {
+                messages: 0,
+                size_bytes: 0,
+            }
+            .encode(),
+        ),
+        Request::DelMany { .. } => conn.queue(&Removed { count: 0 }.encode()),
         Request::GetMany { msgids, .. } => {
             for id in msgids {
                 conn.queue(&err_line(ErrorCode::NotFound, id.as_str()));
@@ -602,12 +617,11 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                 .await;
             match page {
                 Ok((list, more)) => {
-                    let more = if more { " more" } else { "" };
-                    conn.queue(&ok_line(&format!("{}{more}", list.len())));
-                    for (id, size) in list {
-                        conn.queue(&format!("{id} {size}\r\n"));
-                    }
-                    conn.queue(".\r\n");
+                    let entries = list
+                        .into_iter()
+                        .map(|(msgid, size_bytes)| ListEntry { msgid, size_bytes })
+                        .collect();
+                    conn.queue(&ListPage { entries, more }.encode());
                 }
                 Err(e) => conn.queue(&io_err_line(&e)),
             }
@@ -626,7 +640,7 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                         Ok(opened) => opened,
                         Err(e) => return Ok(Err(e)),
                     };
-                    let header = ok_line(&size.to_string());
+                    let header = BodyHeader { size_bytes: size }.encode();
                     crate::zerocopy::send_all(sock, header.as_bytes(), timeout)?;
                     crate::zerocopy::sendfile_all(sock, &file, size, timeout)?;
                     Ok(Ok(size))
@@ -653,7 +667,7 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                     for msgid in &msgids {
                         match store.open_message(&mailbox, msgid) {
                             Ok((file, size)) => {
-                                let header = ok_line(&size.to_string());
+                                let header = BodyHeader { size_bytes: size }.encode();
                                 crate::zerocopy::send_all(sock, header.as_bytes(), timeout)?;
                                 crate::zerocopy::sendfile_all(sock, &file, size, timeout)?;
                                 gets += 1;
@@ -692,7 +706,7 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
             match deleted {
                 Ok(()) => {
                     add(&c.dels, 1);
-                    conn.queue(&ok_line("deleted"));
+                    conn.queue(&Reply::ok(DELETED).encode());
                 }
                 Err(e) => conn.queue(&io_err_line(&e)),
             }
@@ -718,7 +732,7 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
             match deleted {
                 Ok(n) => {
                     add(&c.dels, n);
-                    conn.queue(&ok_line(&n.to_string()));
+                    conn.queue(&Removed { count: n }.encode());
                 }
                 Err(e) => conn.queue(&io_err_line(&e)),
             }
@@ -729,7 +743,13 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                 .view(&mailbox, walker(ctx, &mailbox), |m| m.usage())
                 .await;
             match usage {
-                Ok((n, bytes)) => conn.queue(&ok_line(&format!("{n} {bytes}"))),
+                Ok((messages, size_bytes)) => conn.queue(
+                    &Usage {
+                        messages,
+                        size_bytes,
+                    }
+                    .encode(),
+                ),
                 Err(e) => conn.queue(&io_err_line(&e)),
             }
         }
@@ -742,7 +762,7 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
             Ok(n) => {
                 ctx.index.invalidate(&mailbox);
                 ctx.known.borrow_mut().remove(&mailbox);
-                conn.queue(&ok_line(&n.to_string()))
+                conn.queue(&Removed { count: n }.encode())
             }
             Err(e) => {
                 ctx.index.invalidate(&mailbox);
@@ -751,29 +771,22 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
         },
         Request::Dir { after } => {
             match blocking(ctx, move |s| s.mailboxes_after(max, after.as_ref())).await {
-                Ok(list) => {
-                    conn.queue(&ok_line(&list.len().to_string()));
-                    for m in list {
-                        conn.queue(&format!("{m}\r\n"));
-                    }
-                    conn.queue(".\r\n");
-                }
+                Ok(mailboxes) => conn.queue(&DirPage { mailboxes }.encode()),
                 Err(e) => conn.queue(&io_err_line(&e)),
             }
         }
         Request::Status => {
             let s = &ctx.shared;
             let l = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-            conn.queue(&ok_line(&format!(
-                "name={} mode={} free_bytes={} total_bytes={} connections={} puts={} version={} features=delm,getm",
-                s.name,
+            let status = Status::of_backend(
+                &s.name,
                 s.mode(),
                 l(&s.free_bytes),
                 l(&s.total_bytes),
                 l(&c.connections),
                 l(&c.puts),
-                powermail_proto::VERSION
-            )));
+            );
+            conn.queue(&status.encode());
         }
         Request::ReadOnly | Request::ReadWrite => {
             let on = matches!(req, Request::ReadOnly);
@@ -782,11 +795,11 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                 .spawn_blocking(move || shared.set_operator_readonly(on))
                 .await
             {
-                Ok(()) => conn.queue(&ok_line(ctx.shared.mode())),
+                Ok(()) => conn.queue(&Reply::ok(ctx.shared.mode()).encode()),
                 Err(e) => conn.queue(&err_line(ErrorCode::Temp, &e.to_string())),
             }
         }
-        Request::Ping => conn.queue(&ok_line("PONG")),
+        Request::Ping => conn.queue(&Reply::ok(PONG).encode()),
         Request::Auth { .. } => conn.queue(&err_line(ErrorCode::Proto, "already authenticated")),
         Request::Put { .. } | Request::Quit => unreachable!("handled by the session loop"),
     }
