@@ -9,6 +9,7 @@
 mod backend;
 mod commit;
 mod config;
+mod conn_state;
 mod drain;
 mod index;
 mod session;

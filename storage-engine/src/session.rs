@@ -20,13 +20,14 @@ use std::time::{Duration, Instant};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use powermail_admin::Latencies;
-use powermail_proto::reply::{err_line, AUTHENTICATED, BYE, DELETED, PONG};
+use powermail_proto::reply::{err_line, DELETED, PONG};
 use powermail_proto::{
-    auth, BodyHeader, Decoder, DirPage, ErrorCode, Event, Fatal, Greeting, Limits, ListEntry,
-    ListPage, MailboxName, MessageId, OkReply, PutReceipt, Removed, Reply, Request, Status, Usage,
+    auth, BodyHeader, Decoder, DirPage, ErrorCode, Event, Limits, ListEntry, ListPage, MailboxName,
+    MessageId, OkReply, PutReceipt, Removed, Reply, Request, Status, Usage,
 };
 
 use crate::config::LimitsConfig;
+use crate::conn_state::{self, Action, ConnState, Owned};
 use crate::stats::{add, BackendShared};
 use crate::store::Store;
 use crate::writer::BodyWriter;
@@ -128,18 +129,20 @@ impl Connection {
     }
 }
 
-/// A PUT whose body is arriving.
-enum Put {
-    Writing {
-        writer: Box<BodyWriter>,
-        msgid: MessageId,
-        mailboxes: Vec<MailboxName>,
-        started: Instant,
-    },
-    Refused {
-        code: ErrorCode,
-        text: String,
-    },
+/// The loop's side of a PUT being written: its body file and when it began.
+struct Body {
+    writer: Box<BodyWriter>,
+    started: Instant,
+}
+
+/// A PUT as [`ConnState`] holds it.
+type Put = conn_state::Put<Body>;
+
+/// Deletes the nameless body file of a PUT that will not be stored.
+async fn discard(body: Option<Body>) {
+    if let Some(body) = body {
+        body.writer.discard().await;
+    }
 }
 
 /// Serves one accepted connection until it closes, errs or idles out.
@@ -187,44 +190,33 @@ fn decoder_limits(l: &LimitsConfig) -> Limits {
 }
 
 async fn session(ctx: &Ctx, conn: &mut Connection, peer: &str) -> io::Result<()> {
-    let nonce = auth::new_nonce();
-    let greeting = Greeting {
-        backend_name: ctx.shared.name.clone(),
-        nonce: nonce.clone(),
-    };
-    conn.queue(&greeting.encode());
+    let mut state: ConnState<Body> =
+        ConnState::new(auth::new_nonce(), ctx.limits.message_max_bytes);
+    conn.queue(&state.greeting(&ctx.shared.name));
     conn.flush().await?;
-    let mut authed = false;
     let mut decoder = Decoder::new(decoder_limits(&ctx.limits));
-    let mut put: Option<Put> = None;
     loop {
         let (event, used) = match decoder.decode(conn.pending()) {
             Err(fatal) => {
                 add(&ctx.shared.counters.protocol_errors, 1);
-                let code = match fatal {
-                    Fatal::MessageTooBig => ErrorCode::TooBig,
-                    Fatal::BadPut(powermail_proto::RequestError::TooManyMailboxes) => {
-                        ErrorCode::Limit
-                    }
-                    _ => ErrorCode::Proto,
-                };
-                if let Some(Put::Writing { writer, .. }) = put.take() {
-                    writer.discard().await;
-                }
+                let (body, line) = state.on_fatal(&fatal);
+                discard(body).await;
                 log::info!(
                     "backend={} client={peer} error={}",
                     ctx.shared.name,
                     powermail_admin::kv(&fatal.to_string())
                 );
-                conn.queue(&err_line(code, &format!("{fatal}; closing")));
+                conn.queue(&line);
                 conn.flush().await?;
                 return conn.linger().await;
             }
             Ok((Some(Event::Body(data)), used)) => {
                 // Body bytes go straight from the read buffer to the DMA buffer.
-                if let Some(Put::Writing { writer, .. }) = &mut put {
-                    if let Err(e) = writer.write(data).await {
-                        put = Some(refuse_after_io_error(ctx, put.take(), e).await);
+                if let Some(body) = state.body(data.len()) {
+                    if let Err(e) = body.writer.write(data).await {
+                        discard(state.refuse_put(ErrorCode::Temp, format!("write failed: {e}")))
+                            .await;
+                        note_io_error(ctx, &e);
                     }
                 }
                 conn.start += used;
@@ -234,7 +226,7 @@ async fn session(ctx: &Ctx, conn: &mut Connection, peer: &str) -> io::Result<()>
                 conn.flush().await?;
                 // Between requests a drain closes the connection; inside one
                 // (a PUT's body, a partial line) it reads on until it is done.
-                let between = put.is_none() && !decoder.in_put() && conn.pending().is_empty();
+                let between = !state.in_put() && !decoder.in_put() && conn.pending().is_empty();
                 let read = if between {
                     fill_unless_draining(conn, &ctx.drain).await
                 } else {
@@ -245,9 +237,7 @@ async fn session(ctx: &Ctx, conn: &mut Connection, peer: &str) -> io::Result<()>
                     return Ok(());
                 };
                 if read? == 0 {
-                    if let Some(Put::Writing { writer, .. }) = put.take() {
-                        writer.discard().await;
-                    }
+                    discard(state.take_writer()).await;
                     return Ok(());
                 }
                 continue;
@@ -256,36 +246,24 @@ async fn session(ctx: &Ctx, conn: &mut Connection, peer: &str) -> io::Result<()>
         };
         conn.start += used;
         let Some(event) = event else { continue };
-        if !authed {
-            match event {
-                Owned::Request(Request::Auth { proof })
-                    if auth::verify(&ctx.secret, &nonce, &proof) =>
-                {
-                    authed = true;
-                    conn.queue(&Reply::ok(AUTHENTICATED).encode());
-                    continue;
-                }
-                Owned::Request(Request::Quit) => {
-                    conn.queue(&Reply::ok(BYE).encode());
-                    return conn.flush().await;
-                }
-                _ => {
-                    add(&ctx.shared.counters.auth_failures, 1);
-                    log::warn!("backend={} client={peer} auth=failed", ctx.shared.name);
-                    conn.queue(&err_line(
-                        ErrorCode::Auth,
-                        "authentication required; closing",
-                    ));
-                    return conn.flush().await;
-                }
+        match state.on_event(event, &ctx.secret) {
+            Action::None => {}
+            Action::Reply(line) => conn.queue(&line),
+            Action::Invalid(line) => {
+                add(&ctx.shared.counters.protocol_errors, 1);
+                conn.queue(&line);
             }
-        }
-        match event {
-            Owned::Request(Request::Quit) => {
-                conn.queue(&Reply::ok(BYE).encode());
+            Action::Close(line) => {
+                conn.queue(&line);
                 return conn.flush().await;
             }
-            Owned::Request(req) => {
+            Action::AuthFailed(line) => {
+                add(&ctx.shared.counters.auth_failures, 1);
+                log::warn!("backend={} client={peer} auth=failed", ctx.shared.name);
+                conn.queue(&line);
+                return conn.flush().await;
+            }
+            Action::Apply(req) => {
                 let started = Instant::now();
                 let verb = req.verb();
                 apply(ctx, conn, req).await?;
@@ -293,28 +271,18 @@ async fn session(ctx: &Ctx, conn: &mut Connection, peer: &str) -> io::Result<()>
                     .borrow_mut()
                     .record(verb, started.elapsed().as_micros() as u64);
             }
-            Owned::Invalid(e) => {
-                add(&ctx.shared.counters.protocol_errors, 1);
-                let code = match e {
-                    powermail_proto::RequestError::BadName(_) => ErrorCode::BadName,
-                    _ => ErrorCode::Proto,
-                };
-                conn.queue(&err_line(code, &e.to_string()));
+            Action::StartPut(msgid, mailboxes) => {
+                let opened = open_body(ctx).await;
+                state.begin_put(Some((msgid, mailboxes)), opened);
             }
-            Owned::PutStart(header) => put = Some(start_put(ctx, header).await),
-            Owned::PutEnd => {
-                let reply = match put.take() {
-                    Some(p) => finish_put(ctx, p, peer).await,
-                    None => err_line(ErrorCode::Proto, "no PUT in progress"),
-                };
+            Action::FinishPut(put) => {
+                let reply = finish_put(ctx, put, peer).await;
                 conn.queue(&reply);
             }
-            Owned::PutAbort => {
-                if let Some(Put::Writing { writer, .. }) = put.take() {
-                    writer.discard().await;
-                }
+            Action::Aborted(body, line) => {
+                discard(body).await;
                 add(&ctx.shared.counters.put_errors, 1);
-                conn.queue(&err_line(ErrorCode::Aborted, "PUT aborted by client"));
+                conn.queue(&line);
             }
         }
     }
@@ -336,15 +304,6 @@ async fn fill_unless_draining(
     .await
 }
 
-/// An event with no borrow of the read buffer (bodies are handled apart).
-enum Owned {
-    Request(Request),
-    Invalid(powermail_proto::RequestError),
-    PutStart(Result<(MessageId, Vec<MailboxName>), powermail_proto::RequestError>),
-    PutEnd,
-    PutAbort,
-}
-
 fn owned_event(e: Event<'_>) -> Owned {
     match e {
         Event::Request(r) => Owned::Request(r),
@@ -356,50 +315,23 @@ fn owned_event(e: Event<'_>) -> Owned {
     }
 }
 
-async fn start_put(
-    ctx: &Ctx,
-    header: Result<(MessageId, Vec<MailboxName>), powermail_proto::RequestError>,
-) -> Put {
-    let (msgid, mailboxes) = match header {
-        Ok(h) => h,
-        Err(e) => {
-            return Put::Refused {
-                code: ErrorCode::BadName,
-                text: e.to_string(),
-            }
-        }
-    };
+/// Opens the nameless body file of a PUT, or says why it is refused.
+async fn open_body(ctx: &Ctx) -> Result<Body, (ErrorCode, String)> {
     if ctx.shared.readonly() {
-        return Put::Refused {
-            code: ErrorCode::ReadOnly,
-            text: format!("backend is read-only ({})", ctx.shared.mode()),
-        };
+        return Err((
+            ErrorCode::ReadOnly,
+            format!("backend is read-only ({})", ctx.shared.mode()),
+        ));
     }
     match BodyWriter::create(ctx.store.tmp_dir(), WRITE_UNIT_BYTES).await {
-        Ok(writer) => Put::Writing {
+        Ok(writer) => Ok(Body {
             writer: Box::new(writer),
-            msgid,
-            mailboxes,
             started: Instant::now(),
-        },
+        }),
         Err(e) => {
             note_io_error(ctx, &e);
-            Put::Refused {
-                code: ErrorCode::Temp,
-                text: format!("cannot create body file: {e}"),
-            }
+            Err((ErrorCode::Temp, format!("cannot create body file: {e}")))
         }
-    }
-}
-
-async fn refuse_after_io_error(ctx: &Ctx, put: Option<Put>, e: io::Error) -> Put {
-    if let Some(Put::Writing { writer, .. }) = put {
-        writer.discard().await;
-    }
-    note_io_error(ctx, &e);
-    Put::Refused {
-        code: ErrorCode::Temp,
-        text: format!("write failed: {e}"),
     }
 }
 
@@ -439,10 +371,9 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
     let c = &ctx.shared.counters;
     let (writer, msgid, mailboxes, started) = match put {
         Put::Writing {
-            writer,
+            writer: Body { writer, started },
             msgid,
             mailboxes,
-            started,
         } => (writer, msgid, mailboxes, started),
         Put::Refused { code, text } => {
             add(&c.put_errors, 1);
@@ -800,8 +731,9 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
             }
         }
         Request::Ping => conn.queue(&Reply::ok(PONG).encode()),
-        Request::Auth { .. } => conn.queue(&err_line(ErrorCode::Proto, "already authenticated")),
-        Request::Put { .. } | Request::Quit => unreachable!("handled by the session loop"),
+        Request::Auth { .. } | Request::Put { .. } | Request::Quit => {
+            unreachable!("answered by the connection state")
+        }
     }
     Ok(())
 }
