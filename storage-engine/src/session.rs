@@ -3,8 +3,10 @@
 //!
 //! [`Connection`] owns the socket and its buffers (reads are bounded by the
 //! buffer, replies are queued and flushed before the next read, so pipelined
-//! requests share one write). [`serve`] authenticates and then applies each
-//! request against the [`Store`](crate::store::Store). A body is written as it
+//! requests share one write). [`serve`] feeds the decoder's events to the
+//! pure [`ConnState`] (the auth gate and the PUT lifecycle), does what it
+//! says, and applies each request against the [`Store`](crate::store::Store);
+//! every reply is written through `powermail_proto::reply`'s types. A body is written as it
 //! arrives; `+OK` for a PUT is sent only once the body is durable and linked
 //! into every mailbox, with the links durable too (by the body's own
 //! `fdatasync` and the batch's directory fsyncs, or by the batch's one
@@ -211,32 +213,13 @@ async fn session(ctx: &Ctx, conn: &mut Connection, peer: &str) -> io::Result<()>
                 return conn.linger().await;
             }
             Ok((Some(Event::Body(data)), used)) => {
-                // Body bytes go straight from the read buffer to the DMA buffer.
-                if let Some(body) = state.body(data.len()) {
-                    if let Err(e) = body.writer.write(data).await {
-                        discard(state.refuse_put(ErrorCode::Temp, format!("write failed: {e}")))
-                            .await;
-                        note_io_error(ctx, &e);
-                    }
-                }
+                write_body(ctx, &mut state, data).await;
                 conn.start += used;
                 continue;
             }
             Ok((None, 0)) => {
-                conn.flush().await?;
-                // Between requests a drain closes the connection; inside one
-                // (a PUT's body, a partial line) it reads on until it is done.
-                let between = !state.in_put() && !decoder.in_put() && conn.pending().is_empty();
-                let read = if between {
-                    fill_unless_draining(conn, &ctx.drain).await
-                } else {
-                    Some(conn.fill().await)
-                };
-                let Some(read) = read else {
-                    log::debug!("backend={} client={peer} closed: draining", ctx.shared.name);
-                    return Ok(());
-                };
-                if read? == 0 {
+                let between = !state.in_put() && !decoder.in_put();
+                if !read_more(ctx, conn, between, peer).await? {
                     discard(state.take_writer()).await;
                     return Ok(());
                 }
@@ -246,46 +229,101 @@ async fn session(ctx: &Ctx, conn: &mut Connection, peer: &str) -> io::Result<()>
         };
         conn.start += used;
         let Some(event) = event else { continue };
-        match state.on_event(event, &ctx.secret) {
-            Action::None => {}
-            Action::Reply(line) => conn.queue(&line),
-            Action::Invalid(line) => {
-                add(&ctx.shared.counters.protocol_errors, 1);
-                conn.queue(&line);
-            }
-            Action::Close(line) => {
-                conn.queue(&line);
-                return conn.flush().await;
-            }
-            Action::AuthFailed(line) => {
-                add(&ctx.shared.counters.auth_failures, 1);
-                log::warn!("backend={} client={peer} auth=failed", ctx.shared.name);
-                conn.queue(&line);
-                return conn.flush().await;
-            }
-            Action::Apply(req) => {
-                let started = Instant::now();
-                let verb = req.verb();
-                apply(ctx, conn, req).await?;
-                ctx.latencies
-                    .borrow_mut()
-                    .record(verb, started.elapsed().as_micros() as u64);
-            }
-            Action::StartPut(msgid, mailboxes) => {
-                let opened = open_body(ctx).await;
-                state.begin_put(Some((msgid, mailboxes)), opened);
-            }
-            Action::FinishPut(put) => {
-                let reply = finish_put(ctx, put, peer).await;
-                conn.queue(&reply);
-            }
-            Action::Aborted(body, line) => {
-                discard(body).await;
-                add(&ctx.shared.counters.put_errors, 1);
-                conn.queue(&line);
-            }
+        let action = state.on_event(event, &ctx.secret);
+        if act(ctx, conn, &mut state, action, peer).await? == Flow::Close {
+            return conn.flush().await;
         }
     }
+}
+
+/// Whether the connection goes on after an action.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Close,
+}
+
+/// Does what the connection state said.
+async fn act(
+    ctx: &Ctx,
+    conn: &mut Connection,
+    state: &mut ConnState<Body>,
+    action: Action<Body>,
+    peer: &str,
+) -> io::Result<Flow> {
+    match action {
+        Action::None => {}
+        Action::Reply(line) => conn.queue(&line),
+        Action::Invalid(line) => {
+            add(&ctx.shared.counters.protocol_errors, 1);
+            conn.queue(&line);
+        }
+        Action::Close(line) => {
+            conn.queue(&line);
+            return Ok(Flow::Close);
+        }
+        Action::AuthFailed(line) => {
+            add(&ctx.shared.counters.auth_failures, 1);
+            log::warn!("backend={} client={peer} auth=failed", ctx.shared.name);
+            conn.queue(&line);
+            return Ok(Flow::Close);
+        }
+        Action::Apply(req) => {
+            let started = Instant::now();
+            let verb = req.verb();
+            apply(ctx, conn, req).await?;
+            ctx.latencies
+                .borrow_mut()
+                .record(verb, started.elapsed().as_micros() as u64);
+        }
+        Action::StartPut(msgid, mailboxes) => {
+            let opened = open_body(ctx).await;
+            state.begin_put(Some((msgid, mailboxes)), opened);
+        }
+        Action::FinishPut(put) => {
+            let reply = finish_put(ctx, put, peer).await;
+            conn.queue(&reply);
+        }
+        Action::Aborted(body, line) => {
+            discard(body).await;
+            add(&ctx.shared.counters.put_errors, 1);
+            conn.queue(&line);
+        }
+    }
+    Ok(Flow::Continue)
+}
+
+/// Body bytes go straight from the read buffer to the DMA buffer; a write
+/// error turns the PUT into a refusal (the rest of its body is dropped).
+async fn write_body(ctx: &Ctx, state: &mut ConnState<Body>, data: &[u8]) {
+    if let Some(body) = state.body(data.len()) {
+        if let Err(e) = body.writer.write(data).await {
+            discard(state.refuse_put(ErrorCode::Temp, format!("write failed: {e}"))).await;
+            note_io_error(ctx, &e);
+        }
+    }
+}
+
+/// Flushes the replies and reads more input: `Ok(false)` at end of stream,
+/// or when a drain starts while the client is `between` requests (inside
+/// one — a PUT's body, a partial line — it reads on until it is done).
+async fn read_more(
+    ctx: &Ctx,
+    conn: &mut Connection,
+    between: bool,
+    peer: &str,
+) -> io::Result<bool> {
+    conn.flush().await?;
+    let read = if between && conn.pending().is_empty() {
+        fill_unless_draining(conn, &ctx.drain).await
+    } else {
+        Some(conn.fill().await)
+    };
+    let Some(read) = read else {
+        log::debug!("backend={} client={peer} closed: draining", ctx.shared.name);
+        return Ok(false);
+    };
+    Ok(read? > 0)
 }
 
 /// [`Connection::fill`], or `None` once `drain` has started (also when it
