@@ -98,17 +98,23 @@ impl Reply {
     /// Parses one reply line (without its line ending). `None` if it is
     /// neither `+OK` nor `-ERR`.
     pub fn parse(line: &str) -> Option<Reply> {
+        // Only ASCII white space separates, as in every typed reply's words
+        // (a vertical tab is not one: trimming it would change a value).
+        let trim = |s: &str| {
+            s.trim_start_matches(|c: char| c.is_ascii_whitespace())
+                .to_string()
+        };
         if let Some(rest) = line.strip_prefix("+OK") {
-            return Some(Reply::Ok(rest.trim_start().to_string()));
+            return Some(Reply::Ok(trim(rest)));
         }
-        let rest = line.strip_prefix("-ERR")?.trim_start();
+        let rest = trim(line.strip_prefix("-ERR")?);
         if let Some(inner) = rest.strip_prefix('[') {
             if let Some(end) = inner.find(']') {
                 let code = ErrorCode::parse(&inner[..end]);
-                return Some(Reply::Err(code, inner[end + 1..].trim_start().to_string()));
+                return Some(Reply::Err(code, trim(&inner[end + 1..])));
             }
         }
-        Some(Reply::Err(None, rest.to_string()))
+        Some(Reply::Err(None, rest))
     }
 }
 
@@ -803,6 +809,9 @@ mod tests {
             "+OK 1\na@b.org\n.",
             "a 1",
             "\u{a0} \u{0}",
+            // Found by the fuzzer: a vertical tab trimmed from a STATUS key.
+            "+OK 1\r\na 1\r\n.\r\u{b}=\0x",
+            "+OK\u{b}=v",
         ] {
             check_round_trip(line);
         }
