@@ -12,12 +12,14 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use crate::names::{MailboxName, MessageId};
-use crate::reply::{ErrorCode, Reply};
+use crate::reply::{
+    BlockHeader, BodyHeader, DirPage, ErrorCode, Greeting, OkReply, Removed, Reply, ReplyError,
+    Status, Usage, BLOCK_END,
+};
 use crate::request::{Request, DEL_MANY_MAX, GET_MANY_MAX};
 use crate::splice::{relay, Pipe, SpliceSink};
 
-/// Longest reply line a client accepts.
-pub const REPLY_LINE_MAX_BYTES: usize = 4096;
+pub use crate::reply::{ListEntry, ListPage, PutReceipt, LIST_MORE, REPLY_LINE_MAX_BYTES};
 
 /// Longest `DELM` line [`BackendConn::del_many`] sends, CRLF included: below
 /// pplistener's default `line_max_bytes` (1024).
@@ -52,38 +54,17 @@ impl BackendError {
     }
 }
 
+impl From<ReplyError> for BackendError {
+    fn from(e: ReplyError) -> BackendError {
+        match e {
+            ReplyError::Refused { code, text } => BackendError::Refused { code, text },
+            other => BackendError::Protocol(other.to_string()),
+        }
+    }
+}
+
 /// Result of a backend call.
 pub type Result<T> = std::result::Result<T, BackendError>;
-
-/// What a backend said after storing a message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PutReceipt {
-    /// Body size stored, in bytes.
-    pub size_bytes: u64,
-    /// New links made (mailboxes that already held the id are not counted).
-    pub links_created: u64,
-}
-
-/// One entry of a mailbox listing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListEntry {
-    /// The message id.
-    pub msgid: MessageId,
-    /// Its size in bytes.
-    pub size_bytes: u64,
-}
-
-/// One page of a mailbox listing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListPage {
-    /// The entries, sorted by id.
-    pub entries: Vec<ListEntry>,
-    /// More follow: ask again after the last id.
-    pub more: bool,
-}
-
-/// The word after the count in a `LIST` reply when more messages follow.
-pub const LIST_MORE: &str = "more";
 
 /// Most lines a client reads from one `LIST` page (kept or dropped).
 pub const LIST_PAGE_LINES_MAX: usize = 10_000_000;
@@ -127,19 +108,11 @@ impl BackendConn {
             backend_name: String::new(),
             peer: addr,
         };
-        let greeting = conn.reply()?;
-        let mut words = greeting.split_ascii_whitespace();
-        match (words.next(), words.next(), words.next()) {
-            (Some(v), Some(name), Some(nonce)) if v == crate::VERSION => {
-                conn.backend_name = name.to_string();
-                let proof = crate::auth::proof(secret, nonce);
-                conn.command(&Request::Auth { proof })?;
-                Ok(conn)
-            }
-            _ => Err(BackendError::Protocol(format!(
-                "unexpected greeting {greeting:?}"
-            ))),
-        }
+        let greeting: Greeting = conn.expect()?;
+        let proof = crate::auth::proof(secret, &greeting.nonce);
+        conn.backend_name = greeting.backend_name;
+        conn.command(&Request::Auth { proof })?;
+        Ok(conn)
     }
 
     /// The backend's name from its greeting.
@@ -184,35 +157,57 @@ impl BackendConn {
         String::from_utf8(line).map_err(|_| BackendError::Protocol("reply not UTF-8".into()))
     }
 
-    /// Reads one reply line: the text after `+OK`, or the refusal.
+    /// Reads one reply line carrying no values: the text after `+OK`, or
+    /// the refusal.
     fn reply(&mut self) -> Result<String> {
         let line = self.read_line()?;
         match Reply::parse(&line) {
             Some(Reply::Ok(text)) => Ok(text),
             Some(Reply::Err(code, text)) => Err(BackendError::Refused { code, text }),
-            None => Err(BackendError::Protocol(format!("unexpected reply {line:?}"))),
+            None => Err(ReplyError::NotAReply(line).into()),
         }
     }
 
-    /// Sends one request and reads its one-line reply.
-    fn command(&mut self, req: &Request) -> Result<String> {
+    /// Reads one reply line as the `+OK` of `T`, or the refusal.
+    fn expect<T: OkReply>(&mut self) -> Result<T> {
+        let line = self.read_line()?;
+        Ok(Reply::expect(&line)?)
+    }
+
+    /// Sends one request.
+    fn send(&mut self, req: &Request) -> Result<()> {
         self.writer.write_all(req.encode().as_bytes())?;
         self.writer.flush()?;
+        Ok(())
+    }
+
+    /// Sends one request and reads its one-line reply carrying no values.
+    fn command(&mut self, req: &Request) -> Result<String> {
+        self.send(req)?;
         self.reply()
     }
 
-    /// Reads the lines of a multi-line reply up to the terminating `.`.
-    fn lines(&mut self, max_lines: usize) -> Result<Vec<String>> {
-        let mut out = Vec::new();
+    /// Sends one request and reads its reply as `T`.
+    fn call<T: OkReply>(&mut self, req: &Request) -> Result<T> {
+        self.send(req)?;
+        self.expect()
+    }
+
+    /// Reads the lines of a block after its header up to [`BLOCK_END`],
+    /// giving each to `each`; at most `lines_max` lines are read. Returns
+    /// how many lines there were.
+    fn block(&mut self, lines_max: usize, mut each: impl FnMut(&str) -> Result<()>) -> Result<u64> {
+        let mut read = 0u64;
         loop {
             let line = self.read_line()?;
-            if line == "." {
-                return Ok(out);
+            if line == BLOCK_END {
+                return Ok(read);
             }
-            if out.len() >= max_lines {
+            if read >= lines_max as u64 {
                 return Err(BackendError::Protocol("too many lines".into()));
             }
-            out.push(line);
+            read += 1;
+            each(&line)?;
         }
     }
 
@@ -255,15 +250,7 @@ impl BackendConn {
 
     /// Reads the reply to a finished PUT: `Ok` only once the message is durable.
     pub fn put_reply(&mut self) -> Result<PutReceipt> {
-        let text = self.reply()?;
-        let mut w = text.split_ascii_whitespace().skip(1).map(str::parse::<u64>);
-        match (w.next(), w.next()) {
-            (Some(Ok(size_bytes)), Some(Ok(links_created))) => Ok(PutReceipt {
-                size_bytes,
-                links_created,
-            }),
-            _ => Err(BackendError::Protocol(format!("bad PUT reply {text:?}"))),
-        }
+        self.expect()
     }
 
     /// Stores `body` as `msgid` in every mailbox, in one call.
@@ -323,55 +310,37 @@ impl BackendConn {
         after: Option<&MessageId>,
         keep_max: usize,
     ) -> Result<ListPage> {
-        let text = self.command(&Request::List {
+        let header: BlockHeader = self.call(&Request::List {
             mailbox: mailbox.clone(),
             after: after.cloned(),
         })?;
-        let mut words = text.split_ascii_whitespace();
-        let announced = words.next().and_then(|w| w.parse::<u64>().ok());
-        let more = words.next() == Some(LIST_MORE);
         let mut entries = Vec::new();
-        let mut read = 0usize;
-        loop {
-            let line = self.read_line()?;
-            if line == "." {
-                break;
+        let read = self.block(LIST_PAGE_LINES_MAX, |line| {
+            if entries.len() < keep_max {
+                entries.push(ListEntry::parse(line)?);
             }
-            read += 1;
-            if read > LIST_PAGE_LINES_MAX {
-                return Err(BackendError::Protocol("too many lines".into()));
-            }
-            if entries.len() >= keep_max {
-                continue;
-            }
-            let mut w = line.split(' ');
-            let id = w.next().and_then(|s| MessageId::parse(s).ok());
-            let size = w.next().and_then(|s| s.parse::<u64>().ok());
-            match (id, size, w.next()) {
-                (Some(msgid), Some(size_bytes), None) => {
-                    entries.push(ListEntry { msgid, size_bytes })
-                }
-                _ => return Err(BackendError::Protocol(format!("bad LIST line {line:?}"))),
-            }
-        }
-        if announced.is_some_and(|n| n != read as u64) {
+            Ok(())
+        })?;
+        if header.count != read {
             return Err(BackendError::Protocol(format!(
-                "LIST announced {text:?} but sent {read} lines"
+                "LIST announced {} lines but sent {read}",
+                header.count
             )));
         }
-        Ok(ListPage { entries, more })
+        Ok(ListPage {
+            entries,
+            more: header.more,
+        })
     }
 
     /// Sends GET and returns the size announced; exactly that many body
     /// bytes must then be read with [`read_body`](Self::read_body).
     pub fn get_begin(&mut self, mailbox: &MailboxName, msgid: &MessageId) -> Result<u64> {
-        let text = self.command(&Request::Get {
+        let header: BodyHeader = self.call(&Request::Get {
             mailbox: mailbox.clone(),
             msgid: msgid.clone(),
         })?;
-        text.trim()
-            .parse::<u64>()
-            .map_err(|_| BackendError::Protocol(format!("bad GET reply {text:?}")))
+        Ok(header.size_bytes)
     }
 
     /// Copies exactly `size_bytes` body bytes of a GET to `out`.
@@ -469,11 +438,8 @@ impl BackendConn {
         let mut index = 0;
         for (line, &count) in lines.iter().enumerate() {
             for k in 0..count {
-                match self.reply() {
-                    Ok(text) => {
-                        let size = text.trim().parse::<u64>().map_err(|_| {
-                            BackendError::Protocol(format!("bad GETM reply {text:?}"))
-                        })?;
+                match self.expect::<BodyHeader>() {
+                    Ok(BodyHeader { size_bytes: size }) => {
                         if size > left {
                             return Err(BackendError::Protocol(format!(
                                 "GETM answer of {size} bytes over the {bytes_max} asked for"
@@ -549,8 +515,8 @@ impl BackendConn {
                 mailbox: mailbox.clone(),
                 msgids: batch.iter().map(|id| (*id).clone()).collect(),
             };
-            match self.command(&req) {
-                Ok(text) => removed += text.trim().parse::<u64>().unwrap_or(0),
+            match self.call::<Removed>(&req) {
+                Ok(r) => removed += r.count,
                 Err(e) if e.code() == Some(ErrorCode::Proto) => {
                     for id in rest {
                         match self.del(mailbox, id) {
@@ -580,29 +546,21 @@ impl BackendConn {
         let req = Request::Usage {
             mailbox: mailbox.clone(),
         };
-        self.writer.write_all(req.encode().as_bytes())?;
-        self.writer.flush()?;
-        Ok(())
+        self.send(&req)
     }
 
     /// Reads the reply to a [`usage_send`](Self::usage_send): `(messages, bytes)`.
     pub fn usage_reply(&mut self) -> Result<(u64, u64)> {
-        let text = self.reply()?;
-        let mut w = text.split_ascii_whitespace().map(str::parse::<u64>);
-        match (w.next(), w.next()) {
-            (Some(Ok(m)), Some(Ok(b))) => Ok((m, b)),
-            _ => Err(BackendError::Protocol(format!("bad USAGE reply {text:?}"))),
-        }
+        let usage: Usage = self.expect()?;
+        Ok((usage.messages, usage.size_bytes))
     }
 
     /// Removes a whole mailbox from this backend; returns the messages removed.
     pub fn nuke(&mut self, mailbox: &MailboxName) -> Result<u64> {
-        let text = self.command(&Request::Nuke {
+        let removed: Removed = self.call(&Request::Nuke {
             mailbox: mailbox.clone(),
         })?;
-        text.trim()
-            .parse()
-            .map_err(|_| BackendError::Protocol(format!("bad NUKE reply {text:?}")))
+        Ok(removed.count)
     }
 
     /// The mailboxes this backend holds (at most `max_mailboxes`).
@@ -619,23 +577,27 @@ impl BackendConn {
         after: Option<&MailboxName>,
         max_mailboxes: usize,
     ) -> Result<Vec<MailboxName>> {
-        self.command(&Request::Dir {
+        let header: BlockHeader = self.call(&Request::Dir {
             after: after.cloned(),
         })?;
-        self.lines(max_mailboxes)?
-            .iter()
-            .map(|l| MailboxName::parse(l).map_err(|e| BackendError::Protocol(e.to_string())))
-            .collect()
+        let mut mailboxes = Vec::new();
+        let read = self.block(max_mailboxes, |line| {
+            mailboxes.push(DirPage::parse_line(line)?);
+            Ok(())
+        })?;
+        if header.count != read {
+            return Err(BackendError::Protocol(format!(
+                "DIR announced {} lines but sent {read}",
+                header.count
+            )));
+        }
+        Ok(mailboxes)
     }
 
     /// The backend's status line as `key=value` pairs.
     pub fn status(&mut self) -> Result<Vec<(String, String)>> {
-        let text = self.command(&Request::Status)?;
-        Ok(text
-            .split_ascii_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect())
+        let status: Status = self.call(&Request::Status)?;
+        Ok(status.pairs)
     }
 
     /// Switches the backend to read-only (`true`) or read-write.

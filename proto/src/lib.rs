@@ -6,7 +6,7 @@
 //! the replies ([`reply`]), the authentication ([`auth`]), the zero-copy
 //! body relay ([`splice`]), the server-side
 //! incremental [`Decoder`], and the blocking client [`BackendConn`]. The
-//! protocol itself is documented in `storage-engine/PROTOCOL.md`.
+//! protocol itself is documented in `proto/PROTOCOL.md`.
 
 pub mod auth;
 pub mod client;
@@ -16,10 +16,13 @@ pub mod reply;
 pub mod request;
 pub mod splice;
 
-pub use client::{BackendConn, BackendError, ListEntry, ListPage, PutReceipt};
+pub use client::{BackendConn, BackendError};
 pub use decoder::{Decoder, Event, Fatal, Limits};
 pub use names::{MailboxName, MessageId, NameError};
-pub use reply::{ErrorCode, Reply};
+pub use reply::{
+    BlockHeader, BodyHeader, DirPage, ErrorCode, Greeting, ListEntry, ListPage, OkReply,
+    PutReceipt, Removed, Reply, ReplyError, Status, Usage,
+};
 pub use request::{Request, RequestError, GET_MANY_MAX};
 pub use splice::SpliceSink;
 

@@ -14,7 +14,7 @@
 //! PING                         QUIT
 //! ```
 //!
-//! See `storage-engine/PROTOCOL.md` for replies and the PUT body framing.
+//! See `proto/PROTOCOL.md` for replies and the PUT body framing.
 
 use crate::names::{MailboxName, MessageId, NameError};
 

@@ -11,7 +11,7 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// The shared secret frontends prove they know (see PROTOCOL.md).
+    /// The shared secret frontends prove they know (see proto/PROTOCOL.md).
     /// Either this or `secret_file`.
     #[serde(default)]
     pub secret: Option<String>,

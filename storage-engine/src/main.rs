@@ -3,12 +3,13 @@
 //! A very simple-minded file server for message files (seed 000), rebuilt
 //! thread-per-core: one glommio executor per configured backend, each pinned
 //! to a CPU and given its own data directory and port. See
-//! `storage-engine/PROTOCOL.md` for the wire protocol and `docs/ARCHITECTURE.md`
+//! `proto/PROTOCOL.md` for the wire protocol and `docs/ARCHITECTURE.md`
 //! for where it sits.
 
 mod backend;
 mod commit;
 mod config;
+mod conn_state;
 mod drain;
 mod index;
 mod session;

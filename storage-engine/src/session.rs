@@ -3,8 +3,10 @@
 //!
 //! [`Connection`] owns the socket and its buffers (reads are bounded by the
 //! buffer, replies are queued and flushed before the next read, so pipelined
-//! requests share one write). [`serve`] authenticates and then applies each
-//! request against the [`Store`](crate::store::Store). A body is written as it
+//! requests share one write). [`serve`] feeds the decoder's events to the
+//! pure [`ConnState`] (the auth gate and the PUT lifecycle), does what it
+//! says, and applies each request against the [`Store`](crate::store::Store);
+//! every reply is written through `powermail_proto::reply`'s types. A body is written as it
 //! arrives; `+OK` for a PUT is sent only once the body is durable and linked
 //! into every mailbox, with the links durable too (by the body's own
 //! `fdatasync` and the batch's directory fsyncs, or by the batch's one
@@ -20,12 +22,14 @@ use std::time::{Duration, Instant};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use powermail_admin::Latencies;
-use powermail_proto::reply::{err_line, ok_line};
+use powermail_proto::reply::{err_line, DELETED, PONG};
 use powermail_proto::{
-    auth, Decoder, ErrorCode, Event, Fatal, Limits, MailboxName, MessageId, Request,
+    auth, BodyHeader, Decoder, DirPage, ErrorCode, Event, Limits, ListEntry, ListPage, MailboxName,
+    MessageId, OkReply, PutReceipt, Removed, Reply, Request, Status, Usage,
 };
 
 use crate::config::LimitsConfig;
+use crate::conn_state::{self, Action, ConnState, Owned};
 use crate::stats::{add, BackendShared};
 use crate::store::Store;
 use crate::writer::BodyWriter;
@@ -127,18 +131,20 @@ impl Connection {
     }
 }
 
-/// A PUT whose body is arriving.
-enum Put {
-    Writing {
-        writer: Box<BodyWriter>,
-        msgid: MessageId,
-        mailboxes: Vec<MailboxName>,
-        started: Instant,
-    },
-    Refused {
-        code: ErrorCode,
-        text: String,
-    },
+/// The loop's side of a PUT being written: its body file and when it began.
+struct Body {
+    writer: Box<BodyWriter>,
+    started: Instant,
+}
+
+/// A PUT as [`ConnState`] holds it.
+type Put = conn_state::Put<Body>;
+
+/// Deletes the nameless body file of a PUT that will not be stored.
+async fn discard(body: Option<Body>) {
+    if let Some(body) = body {
+        body.writer.discard().await;
+    }
 }
 
 /// Serves one accepted connection until it closes, errs or idles out.
@@ -186,67 +192,35 @@ fn decoder_limits(l: &LimitsConfig) -> Limits {
 }
 
 async fn session(ctx: &Ctx, conn: &mut Connection, peer: &str) -> io::Result<()> {
-    let nonce = auth::new_nonce();
-    conn.queue(&ok_line(&format!(
-        "{} {} {nonce}",
-        powermail_proto::VERSION,
-        ctx.shared.name
-    )));
+    let mut state: ConnState<Body> =
+        ConnState::new(auth::new_nonce(), ctx.limits.message_max_bytes);
+    conn.queue(&state.greeting(&ctx.shared.name));
     conn.flush().await?;
-    let mut authed = false;
     let mut decoder = Decoder::new(decoder_limits(&ctx.limits));
-    let mut put: Option<Put> = None;
     loop {
         let (event, used) = match decoder.decode(conn.pending()) {
             Err(fatal) => {
                 add(&ctx.shared.counters.protocol_errors, 1);
-                let code = match fatal {
-                    Fatal::MessageTooBig => ErrorCode::TooBig,
-                    Fatal::BadPut(powermail_proto::RequestError::TooManyMailboxes) => {
-                        ErrorCode::Limit
-                    }
-                    _ => ErrorCode::Proto,
-                };
-                if let Some(Put::Writing { writer, .. }) = put.take() {
-                    writer.discard().await;
-                }
+                let (body, line) = state.on_fatal(&fatal);
+                discard(body).await;
                 log::info!(
                     "backend={} client={peer} error={}",
                     ctx.shared.name,
                     powermail_admin::kv(&fatal.to_string())
                 );
-                conn.queue(&err_line(code, &format!("{fatal}; closing")));
+                conn.queue(&line);
                 conn.flush().await?;
                 return conn.linger().await;
             }
             Ok((Some(Event::Body(data)), used)) => {
-                // Body bytes go straight from the read buffer to the DMA buffer.
-                if let Some(Put::Writing { writer, .. }) = &mut put {
-                    if let Err(e) = writer.write(data).await {
-                        put = Some(refuse_after_io_error(ctx, put.take(), e).await);
-                    }
-                }
+                write_body(ctx, &mut state, data).await;
                 conn.start += used;
                 continue;
             }
             Ok((None, 0)) => {
-                conn.flush().await?;
-                // Between requests a drain closes the connection; inside one
-                // (a PUT's body, a partial line) it reads on until it is done.
-                let between = put.is_none() && !decoder.in_put() && conn.pending().is_empty();
-                let read = if between {
-                    fill_unless_draining(conn, &ctx.drain).await
-                } else {
-                    Some(conn.fill().await)
-                };
-                let Some(read) = read else {
-                    log::debug!("backend={} client={peer} closed: draining", ctx.shared.name);
-                    return Ok(());
-                };
-                if read? == 0 {
-                    if let Some(Put::Writing { writer, .. }) = put.take() {
-                        writer.discard().await;
-                    }
+                let between = !state.in_put() && !decoder.in_put();
+                if !read_more(ctx, conn, between, peer).await? {
+                    discard(state.take_writer()).await;
                     return Ok(());
                 }
                 continue;
@@ -255,68 +229,101 @@ async fn session(ctx: &Ctx, conn: &mut Connection, peer: &str) -> io::Result<()>
         };
         conn.start += used;
         let Some(event) = event else { continue };
-        if !authed {
-            match event {
-                Owned::Request(Request::Auth { proof })
-                    if auth::verify(&ctx.secret, &nonce, &proof) =>
-                {
-                    authed = true;
-                    conn.queue(&ok_line("authenticated"));
-                    continue;
-                }
-                Owned::Request(Request::Quit) => {
-                    conn.queue(&ok_line("bye"));
-                    return conn.flush().await;
-                }
-                _ => {
-                    add(&ctx.shared.counters.auth_failures, 1);
-                    log::warn!("backend={} client={peer} auth=failed", ctx.shared.name);
-                    conn.queue(&err_line(
-                        ErrorCode::Auth,
-                        "authentication required; closing",
-                    ));
-                    return conn.flush().await;
-                }
-            }
-        }
-        match event {
-            Owned::Request(Request::Quit) => {
-                conn.queue(&ok_line("bye"));
-                return conn.flush().await;
-            }
-            Owned::Request(req) => {
-                let started = Instant::now();
-                let verb = req.verb();
-                apply(ctx, conn, req).await?;
-                ctx.latencies
-                    .borrow_mut()
-                    .record(verb, started.elapsed().as_micros() as u64);
-            }
-            Owned::Invalid(e) => {
-                add(&ctx.shared.counters.protocol_errors, 1);
-                let code = match e {
-                    powermail_proto::RequestError::BadName(_) => ErrorCode::BadName,
-                    _ => ErrorCode::Proto,
-                };
-                conn.queue(&err_line(code, &e.to_string()));
-            }
-            Owned::PutStart(header) => put = Some(start_put(ctx, header).await),
-            Owned::PutEnd => {
-                let reply = match put.take() {
-                    Some(p) => finish_put(ctx, p, peer).await,
-                    None => err_line(ErrorCode::Proto, "no PUT in progress"),
-                };
-                conn.queue(&reply);
-            }
-            Owned::PutAbort => {
-                if let Some(Put::Writing { writer, .. }) = put.take() {
-                    writer.discard().await;
-                }
-                add(&ctx.shared.counters.put_errors, 1);
-                conn.queue(&err_line(ErrorCode::Aborted, "PUT aborted by client"));
-            }
+        let action = state.on_event(event, &ctx.secret);
+        if act(ctx, conn, &mut state, action, peer).await? == Flow::Close {
+            return conn.flush().await;
         }
     }
+}
+
+/// Whether the connection goes on after an action.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Close,
+}
+
+/// Does what the connection state said.
+async fn act(
+    ctx: &Ctx,
+    conn: &mut Connection,
+    state: &mut ConnState<Body>,
+    action: Action<Body>,
+    peer: &str,
+) -> io::Result<Flow> {
+    match action {
+        Action::None => {}
+        Action::Reply(line) => conn.queue(&line),
+        Action::Invalid(line) => {
+            add(&ctx.shared.counters.protocol_errors, 1);
+            conn.queue(&line);
+        }
+        Action::Close(line) => {
+            conn.queue(&line);
+            return Ok(Flow::Close);
+        }
+        Action::AuthFailed(line) => {
+            add(&ctx.shared.counters.auth_failures, 1);
+            log::warn!("backend={} client={peer} auth=failed", ctx.shared.name);
+            conn.queue(&line);
+            return Ok(Flow::Close);
+        }
+        Action::Apply(req) => {
+            let started = Instant::now();
+            let verb = req.verb();
+            apply(ctx, conn, req).await?;
+            ctx.latencies
+                .borrow_mut()
+                .record(verb, started.elapsed().as_micros() as u64);
+        }
+        Action::StartPut(msgid, mailboxes) => {
+            let opened = open_body(ctx).await;
+            state.begin_put(Some((msgid, mailboxes)), opened);
+        }
+        Action::FinishPut(put) => {
+            let reply = finish_put(ctx, put, peer).await;
+            conn.queue(&reply);
+        }
+        Action::Aborted(body, line) => {
+            discard(body).await;
+            add(&ctx.shared.counters.put_errors, 1);
+            conn.queue(&line);
+        }
+    }
+    Ok(Flow::Continue)
+}
+
+/// Body bytes go straight from the read buffer to the DMA buffer; a write
+/// error turns the PUT into a refusal (the rest of its body is dropped).
+async fn write_body(ctx: &Ctx, state: &mut ConnState<Body>, data: &[u8]) {
+    if let Some(body) = state.body(data.len()) {
+        if let Err(e) = body.writer.write(data).await {
+            discard(state.refuse_put(ErrorCode::Temp, format!("write failed: {e}"))).await;
+            note_io_error(ctx, &e);
+        }
+    }
+}
+
+/// Flushes the replies and reads more input: `Ok(false)` at end of stream,
+/// or when a drain starts while the client is `between` requests (inside
+/// one — a PUT's body, a partial line — it reads on until it is done).
+async fn read_more(
+    ctx: &Ctx,
+    conn: &mut Connection,
+    between: bool,
+    peer: &str,
+) -> io::Result<bool> {
+    conn.flush().await?;
+    let read = if between && conn.pending().is_empty() {
+        fill_unless_draining(conn, &ctx.drain).await
+    } else {
+        Some(conn.fill().await)
+    };
+    let Some(read) = read else {
+        log::debug!("backend={} client={peer} closed: draining", ctx.shared.name);
+        return Ok(false);
+    };
+    Ok(read? > 0)
 }
 
 /// [`Connection::fill`], or `None` once `drain` has started (also when it
@@ -335,15 +342,6 @@ async fn fill_unless_draining(
     .await
 }
 
-/// An event with no borrow of the read buffer (bodies are handled apart).
-enum Owned {
-    Request(Request),
-    Invalid(powermail_proto::RequestError),
-    PutStart(Result<(MessageId, Vec<MailboxName>), powermail_proto::RequestError>),
-    PutEnd,
-    PutAbort,
-}
-
 fn owned_event(e: Event<'_>) -> Owned {
     match e {
         Event::Request(r) => Owned::Request(r),
@@ -355,50 +353,23 @@ fn owned_event(e: Event<'_>) -> Owned {
     }
 }
 
-async fn start_put(
-    ctx: &Ctx,
-    header: Result<(MessageId, Vec<MailboxName>), powermail_proto::RequestError>,
-) -> Put {
-    let (msgid, mailboxes) = match header {
-        Ok(h) => h,
-        Err(e) => {
-            return Put::Refused {
-                code: ErrorCode::BadName,
-                text: e.to_string(),
-            }
-        }
-    };
+/// Opens the nameless body file of a PUT, or says why it is refused.
+async fn open_body(ctx: &Ctx) -> Result<Body, (ErrorCode, String)> {
     if ctx.shared.readonly() {
-        return Put::Refused {
-            code: ErrorCode::ReadOnly,
-            text: format!("backend is read-only ({})", ctx.shared.mode()),
-        };
+        return Err((
+            ErrorCode::ReadOnly,
+            format!("backend is read-only ({})", ctx.shared.mode()),
+        ));
     }
     match BodyWriter::create(ctx.store.tmp_dir(), WRITE_UNIT_BYTES).await {
-        Ok(writer) => Put::Writing {
+        Ok(writer) => Ok(Body {
             writer: Box::new(writer),
-            msgid,
-            mailboxes,
             started: Instant::now(),
-        },
+        }),
         Err(e) => {
             note_io_error(ctx, &e);
-            Put::Refused {
-                code: ErrorCode::Temp,
-                text: format!("cannot create body file: {e}"),
-            }
+            Err((ErrorCode::Temp, format!("cannot create body file: {e}")))
         }
-    }
-}
-
-async fn refuse_after_io_error(ctx: &Ctx, put: Option<Put>, e: io::Error) -> Put {
-    if let Some(Put::Writing { writer, .. }) = put {
-        writer.discard().await;
-    }
-    note_io_error(ctx, &e);
-    Put::Refused {
-        code: ErrorCode::Temp,
-        text: format!("write failed: {e}"),
     }
 }
 
@@ -438,10 +409,9 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
     let c = &ctx.shared.counters;
     let (writer, msgid, mailboxes, started) = match put {
         Put::Writing {
-            writer,
+            writer: Body { writer, started },
             msgid,
             mailboxes,
-            started,
         } => (writer, msgid, mailboxes, started),
         Put::Refused { code, text } => {
             add(&c.put_errors, 1);
@@ -503,7 +473,12 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
                 "backend={} client={peer} put msgid={msgid} size={size_bytes} mailboxes={} created={} existing={} copies={} us={us}",
                 ctx.shared.name, mailbox_count, out.created, out.existing, out.extra_copies
             );
-            ok_line(&format!("{msgid} {size_bytes} {}", out.created))
+            PutReceipt {
+                msgid,
+                size_bytes,
+                links_created: out.created,
+            }
+            .encode()
         }
         Err(e) => {
             note_io_error(ctx, &e);
@@ -570,11 +545,20 @@ fn answer_unknown_mailbox(ctx: &Ctx, conn: &mut Connection, req: &Request) -> bo
     match req {
         Request::List { .. } => {
             add(&ctx.shared.counters.lists, 1);
-            conn.queue(&ok_line("0"));
-            conn.queue(".\r\n");
+            let empty = ListPage {
+                entries: Vec::new(),
+                more: false,
+            };
+            conn.queue(&empty.encode());
         }
-        Request::Usage { .. } => conn.queue(&ok_line("0 0")),
-        Request::DelMany { .. } => conn.queue(&ok_line("0")),
+        Request::Usage { .. } => conn.queue(
+            &Usage {
+                messages: 0,
+                size_bytes: 0,
+            }
+            .encode(),
+        ),
+        Request::DelMany { .. } => conn.queue(&Removed { count: 0 }.encode()),
         Request::GetMany { msgids, .. } => {
             for id in msgids {
                 conn.queue(&err_line(ErrorCode::NotFound, id.as_str()));
@@ -602,12 +586,11 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                 .await;
             match page {
                 Ok((list, more)) => {
-                    let more = if more { " more" } else { "" };
-                    conn.queue(&ok_line(&format!("{}{more}", list.len())));
-                    for (id, size) in list {
-                        conn.queue(&format!("{id} {size}\r\n"));
-                    }
-                    conn.queue(".\r\n");
+                    let entries = list
+                        .into_iter()
+                        .map(|(msgid, size_bytes)| ListEntry { msgid, size_bytes })
+                        .collect();
+                    conn.queue(&ListPage { entries, more }.encode());
                 }
                 Err(e) => conn.queue(&io_err_line(&e)),
             }
@@ -626,7 +609,7 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                         Ok(opened) => opened,
                         Err(e) => return Ok(Err(e)),
                     };
-                    let header = ok_line(&size.to_string());
+                    let header = BodyHeader { size_bytes: size }.encode();
                     crate::zerocopy::send_all(sock, header.as_bytes(), timeout)?;
                     crate::zerocopy::sendfile_all(sock, &file, size, timeout)?;
                     Ok(Ok(size))
@@ -653,7 +636,7 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                     for msgid in &msgids {
                         match store.open_message(&mailbox, msgid) {
                             Ok((file, size)) => {
-                                let header = ok_line(&size.to_string());
+                                let header = BodyHeader { size_bytes: size }.encode();
                                 crate::zerocopy::send_all(sock, header.as_bytes(), timeout)?;
                                 crate::zerocopy::sendfile_all(sock, &file, size, timeout)?;
                                 gets += 1;
@@ -692,7 +675,7 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
             match deleted {
                 Ok(()) => {
                     add(&c.dels, 1);
-                    conn.queue(&ok_line("deleted"));
+                    conn.queue(&Reply::ok(DELETED).encode());
                 }
                 Err(e) => conn.queue(&io_err_line(&e)),
             }
@@ -718,7 +701,7 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
             match deleted {
                 Ok(n) => {
                     add(&c.dels, n);
-                    conn.queue(&ok_line(&n.to_string()));
+                    conn.queue(&Removed { count: n }.encode());
                 }
                 Err(e) => conn.queue(&io_err_line(&e)),
             }
@@ -729,7 +712,13 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                 .view(&mailbox, walker(ctx, &mailbox), |m| m.usage())
                 .await;
             match usage {
-                Ok((n, bytes)) => conn.queue(&ok_line(&format!("{n} {bytes}"))),
+                Ok((messages, size_bytes)) => conn.queue(
+                    &Usage {
+                        messages,
+                        size_bytes,
+                    }
+                    .encode(),
+                ),
                 Err(e) => conn.queue(&io_err_line(&e)),
             }
         }
@@ -742,7 +731,7 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
             Ok(n) => {
                 ctx.index.invalidate(&mailbox);
                 ctx.known.borrow_mut().remove(&mailbox);
-                conn.queue(&ok_line(&n.to_string()))
+                conn.queue(&Removed { count: n }.encode())
             }
             Err(e) => {
                 ctx.index.invalidate(&mailbox);
@@ -751,29 +740,22 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
         },
         Request::Dir { after } => {
             match blocking(ctx, move |s| s.mailboxes_after(max, after.as_ref())).await {
-                Ok(list) => {
-                    conn.queue(&ok_line(&list.len().to_string()));
-                    for m in list {
-                        conn.queue(&format!("{m}\r\n"));
-                    }
-                    conn.queue(".\r\n");
-                }
+                Ok(mailboxes) => conn.queue(&DirPage { mailboxes }.encode()),
                 Err(e) => conn.queue(&io_err_line(&e)),
             }
         }
         Request::Status => {
             let s = &ctx.shared;
             let l = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-            conn.queue(&ok_line(&format!(
-                "name={} mode={} free_bytes={} total_bytes={} connections={} puts={} version={} features=delm,getm",
-                s.name,
+            let status = Status::of_backend(
+                &s.name,
                 s.mode(),
                 l(&s.free_bytes),
                 l(&s.total_bytes),
                 l(&c.connections),
                 l(&c.puts),
-                powermail_proto::VERSION
-            )));
+            );
+            conn.queue(&status.encode());
         }
         Request::ReadOnly | Request::ReadWrite => {
             let on = matches!(req, Request::ReadOnly);
@@ -782,13 +764,14 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                 .spawn_blocking(move || shared.set_operator_readonly(on))
                 .await
             {
-                Ok(()) => conn.queue(&ok_line(ctx.shared.mode())),
+                Ok(()) => conn.queue(&Reply::ok(ctx.shared.mode()).encode()),
                 Err(e) => conn.queue(&err_line(ErrorCode::Temp, &e.to_string())),
             }
         }
-        Request::Ping => conn.queue(&ok_line("PONG")),
-        Request::Auth { .. } => conn.queue(&err_line(ErrorCode::Proto, "already authenticated")),
-        Request::Put { .. } | Request::Quit => unreachable!("handled by the session loop"),
+        Request::Ping => conn.queue(&Reply::ok(PONG).encode()),
+        Request::Auth { .. } | Request::Put { .. } | Request::Quit => {
+            unreachable!("answered by the connection state")
+        }
     }
     Ok(())
 }
