@@ -141,9 +141,16 @@ impl BackendConn {
 
     fn read_line(&mut self) -> Result<String> {
         let mut line = Vec::new();
+        self.fill_line(&mut line)?;
+        String::from_utf8(line).map_err(|_| BackendError::Protocol("reply not UTF-8".into()))
+    }
+
+    /// Reads one line into `line` (emptied first), without its line ending.
+    fn fill_line(&mut self, line: &mut Vec<u8>) -> Result<()> {
+        line.clear();
         let n = (&mut self.reader)
             .take(REPLY_LINE_MAX_BYTES as u64)
-            .read_until(b'\n', &mut line)?;
+            .read_until(b'\n', line)?;
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "backend closed").into());
         }
@@ -154,7 +161,7 @@ impl BackendConn {
         if line.last() == Some(&b'\r') {
             line.pop();
         }
-        String::from_utf8(line).map_err(|_| BackendError::Protocol("reply not UTF-8".into()))
+        Ok(())
     }
 
     /// Reads one reply line carrying no values: the text after `+OK`, or
@@ -198,8 +205,12 @@ impl BackendConn {
     /// how many lines there were.
     fn block(&mut self, lines_max: usize, mut each: impl FnMut(&str) -> Result<()>) -> Result<u64> {
         let mut read = 0u64;
+        // One buffer for every line of the block (a LIST page can hold 50,000).
+        let mut buf = Vec::with_capacity(128);
         loop {
-            let line = self.read_line()?;
+            self.fill_line(&mut buf)?;
+            let line = std::str::from_utf8(&buf)
+                .map_err(|_| BackendError::Protocol("reply not UTF-8".into()))?;
             if line == BLOCK_END {
                 return Ok(read);
             }
@@ -207,7 +218,7 @@ impl BackendConn {
                 return Err(BackendError::Protocol("too many lines".into()));
             }
             read += 1;
-            each(&line)?;
+            each(line)?;
         }
     }
 

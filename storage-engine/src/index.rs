@@ -53,9 +53,15 @@ impl MailboxIndex {
         (self.messages.len() as u64, self.bytes)
     }
 
-    /// At most `max` messages sorted by id, after `after` (from the first when
-    /// `None`), and whether more follow.
-    pub fn page(&self, after: Option<&MessageId>, max: usize) -> (Vec<(MessageId, u64)>, bool) {
+    /// Calls `each` for at most `max` messages in id order, after `after`
+    /// (from the first when `None`), without copying them; returns how many
+    /// and whether more follow.
+    pub fn page_each(
+        &self,
+        after: Option<&MessageId>,
+        max: usize,
+        mut each: impl FnMut(&MessageId, u64),
+    ) -> (usize, bool) {
         let lower = match after {
             Some(a) => Bound::Excluded(a),
             None => Bound::Unbounded,
@@ -63,16 +69,20 @@ impl MailboxIndex {
         let mut range = self
             .messages
             .range::<MessageId, _>((lower, Bound::Unbounded));
-        // Sized up front: a range's iterator does not know its length, and
-        // growing by doubling copies a 50,000-entry page over and over.
-        let mut page = Vec::with_capacity(max.min(self.messages.len()));
-        page.extend(
-            range
-                .by_ref()
-                .take(max)
-                .map(|(id, size)| (id.clone(), *size)),
-        );
-        let more = range.next().is_some();
+        let mut n = 0;
+        for (id, size) in range.by_ref().take(max) {
+            each(id, *size);
+            n += 1;
+        }
+        (n, range.next().is_some())
+    }
+
+    /// At most `max` messages sorted by id, after `after` (from the first when
+    /// `None`), and whether more follow (the tests' view of [`Self::page_each`]).
+    #[cfg(test)]
+    pub fn page(&self, after: Option<&MessageId>, max: usize) -> (Vec<(MessageId, u64)>, bool) {
+        let mut page = Vec::new();
+        let (_, more) = self.page_each(after, max, |id, size| page.push((id.clone(), size)));
         (page, more)
     }
 
