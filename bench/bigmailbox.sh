@@ -82,7 +82,8 @@ for r in $(seq "$ROUNDS"); do
 done
 echo "-- POP: USER, PASS, STAT, UIDL, QUIT on pop50k@ (50,000 messages, K=2), one connection"
 $B/ppblast pop --server 127.0.0.1:11210 --login pop50k@bench.test:pw --sessions "$SESSIONS" --connections 1 --uidl --quiet
-curl -s -H "Authorization: Bearer $(cat "$D/var/etc/"*secret* 2>/dev/null | head -1)" http://127.0.0.1:18012/stats \
+TOKEN=$(sed -n 's/.*Authorization: Bearer \([0-9a-f]*\).*/\1/p' "$D/up.log" | tail -1)
+curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:18012/stats \
   | python3 -c 'import json,sys; [print(b["name"], "index_mailboxes", b["index_mailboxes"], "index_entries", b["index_entries"], "index_builds", b["index_builds"]) for b in json.load(sys.stdin)["backends"]]' || true
 down
 trap - EXIT
