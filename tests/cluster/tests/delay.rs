@@ -29,8 +29,9 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{start_frontend, start_storage, SECRET, TOKEN};
-use powermail_cluster::{skip_unless_root, Host, Net};
+use powermail_cluster::{Host, Net};
 use powermail_proto::{BackendConn, MailboxName};
+use powermail_testkit::skip_unless_root;
 use powermail_testkit::{admin, free_port, DelayProxy, Delays, Frontend, Kind, Pop, Smtp};
 
 const USERS: usize = 4;
@@ -69,7 +70,7 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
 
 #[test]
 fn k2_blast_with_100ms_added_on_one_storage_path() {
-    if skip_unless_root("cluster delay") {
+    if skip_unless_root("cluster delay", "ip netns, ip link") {
         return;
     }
     let messages: usize = std::env::var("PM_DELAY_MESSAGES")
