@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{start_frontend, start_storage};
+use common::{id_header, id_of, password, start_frontend, start_storage};
 use powermail_cluster::{Host, Net};
 use powermail_testkit::skip_unless_root;
 use powermail_testkit::{eventually, Kind, Mariadb, Pop, Smtp};
@@ -46,18 +46,12 @@ fn user(i: usize) -> String {
     format!("d{i}@cluster.test")
 }
 
-fn password(i: usize) -> String {
-    format!("pw-{i}")
-}
-
 fn wire(n: usize) -> Vec<u8> {
-    format!("X-Cluster-Id: db-{n}\r\nSubject: db {n}\r\n\r\nbody of {n}\r\n").into_bytes()
-}
-
-fn id_of(raw: &[u8]) -> Option<usize> {
-    let text = String::from_utf8_lossy(raw);
-    let at = text.find("X-Cluster-Id: db-")? + "X-Cluster-Id: db-".len();
-    text[at..].split("\r\n").next()?.parse().ok()
+    format!(
+        "{}Subject: db {n}\r\n\r\nbody of {n}\r\n",
+        id_header("db", n)
+    )
+    .into_bytes()
 }
 
 /// One message: (number, user, code, started during the partition, time taken).
@@ -192,7 +186,7 @@ fn database_host_partitioned_under_load() {
         let count = p.uidl().expect("UIDL").len();
         for i in 1..=count {
             let raw = p.retr(i).expect("RETR");
-            match id_of(&raw) {
+            match id_of("db", &raw) {
                 Some(n) => {
                     *listed.entry(n).or_default() += 1;
                     let expected = ok.get(&n).copied();

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{start_frontend, start_storage, SECRET, TOKEN};
+use common::{id_header, id_of, start_frontend, start_storage, SECRET, TOKEN};
 use powermail_cluster::{Host, Net};
 use powermail_proto::{BackendConn, MailboxName};
 use powermail_testkit::skip_unless_root;
@@ -46,17 +46,11 @@ fn user(i: usize) -> String {
 }
 
 fn wire(n: usize) -> Vec<u8> {
-    let mut m = format!("X-Delay-Id: dl-{n}\r\nSubject: delay {n}\r\n\r\n");
+    let mut m = format!("{}Subject: delay {n}\r\n\r\n", id_header("dl", n));
     for line in 0..(n % 30 + 5) {
         m.push_str(&format!("line {line} of message {n}\r\n"));
     }
     m.into_bytes()
-}
-
-fn id_of(raw: &[u8]) -> Option<usize> {
-    let text = String::from_utf8_lossy(raw);
-    let at = text.find("X-Delay-Id: dl-")? + "X-Delay-Id: dl-".len();
-    text[at..].split("\r\n").next()?.parse().ok()
 }
 
 /// The `q`-quantile of sorted durations.
@@ -164,7 +158,7 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
         let count = p.uidl().expect("UIDL").len();
         for i in 1..=count {
             let raw = p.retr(i).expect("RETR");
-            match id_of(&raw) {
+            match id_of("dl", &raw) {
                 Some(n) => {
                     *retrieved.entry(n).or_default() += 1;
                     corrupt += usize::from(!raw.ends_with(&wire(n)) || n % USERS != u);
@@ -226,7 +220,7 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
             let mb = MailboxName::parse(&user(u)).expect("mailbox");
             for e in conn.list(&mb, 1_000_000).expect("LIST") {
                 let body = conn.get(&mb, &e.msgid).expect("GET");
-                if let Some(n) = id_of(&body) {
+                if let Some(n) = id_of("dl", &body) {
                     copies.entry(n).or_default().push(b);
                     per_backend[b] += 1;
                 }

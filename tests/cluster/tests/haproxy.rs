@@ -20,7 +20,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{place, start_frontend, start_storage};
+use common::{id_header, id_of, password, place, start_frontend, start_storage};
 use powermail_cluster::{Host, Net};
 use powermail_testkit::{
     connect, eventually, skip_unless_root, Frontend, Kind, Mariadb, Pop, Smtp,
@@ -40,18 +40,12 @@ fn user(i: usize) -> String {
     format!("h{i}@cluster.test")
 }
 
-fn password(i: usize) -> String {
-    format!("pw-{i}")
-}
-
 fn wire(n: usize) -> Vec<u8> {
-    format!("X-Cluster-Id: lb-{n}\r\nSubject: lb {n}\r\n\r\nbody of {n}\r\n").into_bytes()
-}
-
-fn id_of(raw: &[u8]) -> Option<usize> {
-    let text = String::from_utf8_lossy(raw);
-    let at = text.find("X-Cluster-Id: lb-")? + "X-Cluster-Id: lb-".len();
-    text[at..].split("\r\n").next()?.parse().ok()
+    format!(
+        "{}Subject: lb {n}\r\n\r\nbody of {n}\r\n",
+        id_header("lb", n)
+    )
+    .into_bytes()
 }
 
 /// A running `haproxy -db` inside the balancer's host, killed on drop.
@@ -230,7 +224,7 @@ fn haproxy_in_front_of_the_smtp_and_pop_hosts() {
                     .next()
                     .unwrap_or_default()
                     .to_string();
-                let n = id_of(&raw).expect("a test message");
+                let n = id_of("lb", &raw).expect("a test message");
                 retrieved += 1;
                 ids.push(n);
                 let want = format!("([{}])", from[&n]);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{place, start_frontend, start_storage};
+use common::{id_header, id_of, password, place, start_frontend, start_storage};
 use powermail_cluster::{Host, Net};
 use powermail_testkit::{eventually, skip_unless_root, Frontend, Kind, Mariadb, Pop, Smtp};
 
@@ -36,18 +36,12 @@ fn user(i: usize) -> String {
     format!("p{i}@cluster.test")
 }
 
-fn password(i: usize) -> String {
-    format!("pw-{i}")
-}
-
 fn wire(n: usize) -> Vec<u8> {
-    format!("X-Cluster-Id: pop-{n}\r\nSubject: pop {n}\r\n\r\nbody of {n}\r\n").into_bytes()
-}
-
-fn id_of(raw: &[u8]) -> Option<usize> {
-    let text = String::from_utf8_lossy(raw);
-    let at = text.find("X-Cluster-Id: pop-")? + "X-Cluster-Id: pop-".len();
-    text[at..].split("\r\n").next()?.parse().ok()
+    format!(
+        "{}Subject: pop {n}\r\n\r\nbody of {n}\r\n",
+        id_header("pop", n)
+    )
+    .into_bytes()
 }
 
 /// The error of a login of mailbox `u` at `pop`, or "+OK" (then QUIT).
@@ -169,7 +163,7 @@ fn pop_host_lock_spans_hosts_and_a_killed_host_frees_it_within_the_lease() {
     let mut corrupt = 0;
     for i in 1..=count {
         let raw = on_2.retr(i).expect("RETR");
-        match id_of(&raw) {
+        match id_of("pop", &raw) {
             Some(n) => {
                 *listed.entry(n).or_default() += 1;
                 corrupt += usize::from(!raw.ends_with(&wire(n)));

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{start_frontend, start_storage, SECRET};
+use common::{id_header, id_of, password, start_frontend, start_storage, SECRET};
 use powermail_cluster::{Host, Net};
 use powermail_proto::{BackendConn, MailboxName};
 use powermail_testkit::skip_unless_root;
@@ -45,24 +45,16 @@ fn user(i: usize) -> String {
     format!("c{i}@cluster.test")
 }
 
-fn password(i: usize) -> String {
-    format!("pw-{i}")
-}
-
 /// Message `n` as sent on the wire (dot-stuffed, CRLF-terminated).
 fn wire(n: usize) -> Vec<u8> {
-    let mut m = format!("X-Cluster-Id: cl-{n}\r\nSubject: cluster {n}\r\n\r\n..dot\r\n");
+    let mut m = format!(
+        "{}Subject: cluster {n}\r\n\r\n..dot\r\n",
+        id_header("cl", n)
+    );
     for line in 0..(n % 40 + 10) {
         m.push_str(&format!("line {line} of message {n}\r\n"));
     }
     m.into_bytes()
-}
-
-/// The id of a retrieved message.
-fn id_of(raw: &[u8]) -> Option<usize> {
-    let text = String::from_utf8_lossy(raw);
-    let at = text.find("X-Cluster-Id: cl-")? + "X-Cluster-Id: cl-".len();
-    text[at..].split("\r\n").next()?.parse().ok()
 }
 
 /// One sent message: (number, user, final code, how long its transaction took).
@@ -210,7 +202,7 @@ fn k2_blast_with_a_storage_fault(fault: Fault) {
         let count = p.uidl().expect("UIDL").len();
         for i in 1..=count {
             let raw = p.retr(i).expect("RETR");
-            match id_of(&raw) {
+            match id_of("cl", &raw) {
                 Some(n) => {
                     *listed.entry(n).or_default() += 1;
                     corrupt += usize::from(!raw.ends_with(&wire(n)) || n % USERS != u);
@@ -233,7 +225,7 @@ fn k2_blast_with_a_storage_fault(fault: Fault) {
                 let mb = MailboxName::parse(&user(u)).expect("mailbox");
                 for e in conn.list(&mb, 1_000_000).expect("LIST") {
                     let body = conn.get(&mb, &e.msgid).expect("GET");
-                    if let Some(n) = id_of(&body) {
+                    if let Some(n) = id_of("cl", &body) {
                         *c.entry(n).or_default() += 1;
                     }
                 }

@@ -78,3 +78,22 @@ pub fn start_frontend(
     };
     Frontend::start_at(&place(h), root, &h.name, &spec)
 }
+
+/// The password of test user `i`, in every case's userbase.
+pub fn password(i: usize) -> String {
+    format!("pw-{i}")
+}
+
+/// The header that numbers message `n` of a case tagged `tag` (first line of
+/// every message a case sends; [`id_of`] reads it back).
+pub fn id_header(tag: &str, n: usize) -> String {
+    format!("X-Cluster-Id: {tag}-{n}\r\n")
+}
+
+/// The number of a retrieved message of the case tagged `tag`.
+pub fn id_of(tag: &str, raw: &[u8]) -> Option<usize> {
+    let text = String::from_utf8_lossy(raw);
+    let prefix = format!("X-Cluster-Id: {tag}-");
+    let at = text.find(&prefix)? + prefix.len();
+    text[at..].split("\r\n").next()?.parse().ok()
+}
