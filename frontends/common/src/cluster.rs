@@ -529,6 +529,42 @@ impl Cluster {
             .collect()
     }
 
+    /// The per-backend gauges of a frontend's `/metrics`, from one
+    /// snapshot: `<prefix>_backend_up` (1 when `up(health)`, described by
+    /// `up_help`), `_backend_latency_seconds` (the EWMA the selection weighs,
+    /// absent before a sample) and `_backend_in_flight`.
+    pub fn write_backend_metrics(
+        &self,
+        p: &mut powermail_admin::Prometheus,
+        prefix: &str,
+        up_help: &str,
+        up: impl Fn(Health) -> bool,
+    ) {
+        let backends = self.snapshot();
+        let label = |b: &BackendSnapshot| format!("backend=\"{}\"", b.name);
+        let name = format!("{prefix}_backend_up");
+        p.header(&name, "gauge", up_help);
+        for b in &backends {
+            p.sample(&name, &label(b), f64::from(u8::from(up(b.health))));
+        }
+        let name = format!("{prefix}_backend_latency_seconds");
+        p.header(
+            &name,
+            "gauge",
+            "round-trip latency EWMA the backend selection weighs (absent before a sample)",
+        );
+        for b in &backends {
+            if let Some(us) = b.latency_ewma_us {
+                p.sample(&name, &label(b), us as f64 / 1e6);
+            }
+        }
+        let name = format!("{prefix}_backend_in_flight");
+        p.header(&name, "gauge", "connections to the backend checked out now");
+        for b in &backends {
+            p.sample(&name, &label(b), b.in_flight as f64);
+        }
+    }
+
     /// One STATUS round trip on the checker's own connection.
     fn check(&self, id: BackendId, conn: &mut Option<BackendConn>) {
         let slot = &self.slots[id];

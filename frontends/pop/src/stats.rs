@@ -180,49 +180,17 @@ impl AdminHandler for Admin {
             "deletions owed to backends",
             self.journal.owed_count() as f64,
         );
-        p.header(
-            "powerpop_backend_up",
-            "gauge",
+        self.cluster.write_backend_metrics(
+            &mut p,
+            "powerpop",
             "1 if the backend serves reads",
+            |h| {
+                matches!(
+                    h,
+                    powermail_frontend::Health::Up | powermail_frontend::Health::ReadOnly
+                )
+            },
         );
-        for b in self.cluster.snapshot() {
-            let up = matches!(
-                b.health,
-                powermail_frontend::Health::Up | powermail_frontend::Health::ReadOnly
-            );
-            p.sample(
-                "powerpop_backend_up",
-                &format!("backend=\"{}\"", b.name),
-                up as u8 as f64,
-            );
-        }
-        p.header(
-            "powerpop_backend_latency_seconds",
-            "gauge",
-            "round-trip latency EWMA the backend selection weighs (absent before a sample)",
-        );
-        let backends = self.cluster.snapshot();
-        for b in &backends {
-            if let Some(us) = b.latency_ewma_us {
-                p.sample(
-                    "powerpop_backend_latency_seconds",
-                    &format!("backend=\"{}\"", b.name),
-                    us as f64 / 1e6,
-                );
-            }
-        }
-        p.header(
-            "powerpop_backend_in_flight",
-            "gauge",
-            "connections to the backend checked out now",
-        );
-        for b in &backends {
-            p.sample(
-                "powerpop_backend_in_flight",
-                &format!("backend=\"{}\"", b.name),
-                b.in_flight as f64,
-            );
-        }
         self.stats
             .latencies
             .lock()

@@ -553,46 +553,12 @@ impl AdminHandler for Admin {
                 l(&s.replies[i]),
             );
         }
-        p.header(
-            "powersmtp_backend_up",
-            "gauge",
+        self.shared.cluster.write_backend_metrics(
+            &mut p,
+            "powersmtp",
             "1 when the backend is up and writable",
+            |h| matches!(h, powermail_frontend::Health::Up),
         );
-        for b in self.shared.cluster.snapshot() {
-            let up = matches!(b.health, powermail_frontend::Health::Up);
-            p.sample(
-                "powersmtp_backend_up",
-                &format!("backend=\"{}\"", b.name),
-                f64::from(u8::from(up)),
-            );
-        }
-        p.header(
-            "powersmtp_backend_latency_seconds",
-            "gauge",
-            "round-trip latency EWMA the backend selection weighs (absent before a sample)",
-        );
-        let backends = self.shared.cluster.snapshot();
-        for b in &backends {
-            if let Some(us) = b.latency_ewma_us {
-                p.sample(
-                    "powersmtp_backend_latency_seconds",
-                    &format!("backend=\"{}\"", b.name),
-                    us as f64 / 1e6,
-                );
-            }
-        }
-        p.header(
-            "powersmtp_backend_in_flight",
-            "gauge",
-            "connections to the backend checked out now",
-        );
-        for b in &backends {
-            p.sample(
-                "powersmtp_backend_in_flight",
-                &format!("backend=\"{}\"", b.name),
-                b.in_flight as f64,
-            );
-        }
         if let Ok(lat) = s.latencies.lock() {
             lat.write_prometheus(&mut p, "powersmtp_latency_seconds", "");
         }
