@@ -429,13 +429,26 @@ mod tests {
         }
     }
 
+    /// A `sleep 60` child, returned once it sleeps in `nanosleep` (`S`): a
+    /// child still starting up can be in `D` (paging in), which [`freeze`]
+    /// rightly counts as held but which is not yet `T`.
     fn sleeper() -> Sleeper {
-        Sleeper(
+        let child = Sleeper(
             std::process::Command::new("sleep")
                 .arg("60")
                 .spawn()
                 .expect("spawn sleep"),
-        )
+        );
+        let pid = child.0.id();
+        let started = std::time::Instant::now();
+        while state_of(pid) != "S" {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "sleep never went to sleep"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child
     }
 
     #[test]
