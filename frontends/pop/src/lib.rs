@@ -6,6 +6,7 @@
 //! streams each message from one backend that holds it. See
 //! `frontends/pop/README.md` for the design of deletion and locking.
 //!
+//! * [`ahead`] — which messages a RETR fetches ahead (`GETM`) and keeps;
 //! * [`line`] and [`command`] — bounded, incremental parsing of client lines;
 //! * [`session`] — the POP3 state machine, pure, behind a [`session::Store`];
 //! * [`sasl`] — AUTH PLAIN;
@@ -17,6 +18,7 @@
 //! * [`server`] — accept loop, connection threads, the live store;
 //! * [`config`], [`stats`] — the TOML file and the admin port.
 
+pub mod ahead;
 pub mod command;
 pub mod config;
 pub use powermail_frontend::journal;

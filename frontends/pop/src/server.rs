@@ -18,6 +18,7 @@ use powermail_frontend::{BackendId, Cluster, DeadlineWrite};
 use powermail_proto::{BackendError, ErrorCode, MailboxName, MessageId, SpliceSink};
 use powermail_userbase::{CacheConfig, CachedUserbase, Userbase, UserbaseError};
 
+use crate::ahead::{fetch_plan, window, Ahead};
 use crate::config::{Config, Limits};
 use crate::journal::{Journal, Owed};
 use crate::line::LineReader;
@@ -618,51 +619,6 @@ pub struct LiveStore {
     ahead: Ahead,
 }
 
-/// Messages fetched ahead of the client's RETRs: listing index and bytes,
-/// at most `serving.prefetch_bytes_max` bytes in all (one `GETM` fills it;
-/// the next fetch empties it first).
-#[derive(Debug, Default)]
-pub struct Ahead {
-    held: Vec<(usize, Vec<u8>)>,
-}
-
-impl Ahead {
-    /// Takes the bytes of listing entry `index`, if fetched ahead.
-    fn take(&mut self, index: usize) -> Option<Vec<u8>> {
-        let at = self.held.iter().position(|(i, _)| *i == index)?;
-        Some(self.held.swap_remove(at).1)
-    }
-}
-
-/// The listing indexes one `GETM` to `holder` fetches when RETR asks for
-/// `index`: it, then the next messages `holder` also holds, while the
-/// window has room (`messages_max` messages, `bytes_max` bytes). Empty when
-/// `index` alone is over `bytes_max` (it is streamed instead).
-pub fn fetch_plan(
-    messages: &[Merged],
-    index: usize,
-    holder: BackendId,
-    messages_max: usize,
-    bytes_max: u64,
-) -> Vec<usize> {
-    let mut plan = Vec::new();
-    let mut bytes = 0u64;
-    for (i, m) in messages.iter().enumerate().skip(index) {
-        if plan.len() >= messages_max {
-            break;
-        }
-        if i != index && !m.holders.contains(&holder) {
-            continue;
-        }
-        if bytes + m.size_bytes > bytes_max {
-            break;
-        }
-        bytes += m.size_bytes;
-        plan.push(i);
-    }
-    plan
-}
-
 /// `holders` with the ones the health checker calls down moved last, the
 /// others fastest and least loaded first ([`Cluster::read_order`]): a RETR
 /// tries a backend known to be unreachable only when no other holder could
@@ -1033,8 +989,9 @@ impl LiveStore {
     }
 
     /// RETR of a message that fits the fetch-ahead window: one `GETM` to its
-    /// first working holder fetches it and the next messages that holder
-    /// has (see [`fetch_plan`]); the rest wait in [`Ahead`] for their RETR.
+    /// first working holder fetches it and the messages of its window that
+    /// holder has (see [`crate::ahead`]); the rest wait in [`Ahead`] for
+    /// their RETR, with what other backends' `GETM`s brought.
     /// A holder failing part-way keeps what arrived complete; the message
     /// asked for, if it did not, goes to the next holder.
     fn fetch_ahead(
@@ -1051,7 +1008,16 @@ impl LiveStore {
         let cluster = self.shared.cluster.clone();
         let mut not_found = 0;
         for &b in &holders {
-            let plan = fetch_plan(&self.messages, index, b, messages_max, bytes_max);
+            self.ahead
+                .keep_only(window(&self.messages, index, messages_max, bytes_max));
+            let plan = fetch_plan(
+                &self.messages,
+                index,
+                b,
+                &self.ahead,
+                messages_max,
+                bytes_max,
+            );
             let ids: Vec<&MessageId> = plan.iter().map(|&i| &self.messages[i].msgid).collect();
             let mut conn = match cluster.checkout(b) {
                 Ok(c) => c,
@@ -1060,12 +1026,11 @@ impl LiveStore {
                     continue;
                 }
             };
-            self.ahead.held.clear();
-            let held = &mut self.ahead.held;
+            let ahead = &mut self.ahead;
             let mut first = None;
             let fetched = conn.get_many(&mailbox, &ids, bytes_max, |k, r| match (k, r) {
                 (0, r) => first = Some(r),
-                (k, Ok(body)) => held.push((plan[k], body)),
+                (k, Ok(body)) => ahead.hold(plan[k], body),
                 (_, Err(_)) => {}
             });
             match fetched {
