@@ -102,6 +102,18 @@ fn adapt_to_file_systems(backends: &mut [config::Backend]) {
             b.flush_before_link = true;
         }
     }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for b in backends.iter() {
+        if dev(&b.data_dir).is_some_and(|d| mounted_with_discard(&mounts, d)) {
+            log::warn!(
+                "backend={} data_dir {} is mounted with online discard: every unlink (DEL, \
+                 DELM) waits for a TRIM of its blocks; mount it without discard and run \
+                 fstrim periodically (kernel-notes/README.md)",
+                b.name,
+                b.data_dir.display()
+            );
+        }
+    }
     let root = dev(std::path::Path::new("/"));
     for (i, b) in backends.iter().enumerate() {
         if b.durability != config::Durability::Syncfs {
@@ -129,6 +141,31 @@ fn adapt_to_file_systems(backends: &mut [config::Backend]) {
             }
         }
     }
+}
+
+/// Whether the file system on device `dev` is mounted with online discard,
+/// according to `mountinfo` (the text of `/proc/self/mountinfo`): one line
+/// per mount, `major:minor` third, and after ` - ` the file system type,
+/// the source and its super-block options, where ext4 and xfs show
+/// `discard` (btrfs `discard=sync`; its `discard=async` does not make an
+/// unlink wait). Unknown: false.
+fn mounted_with_discard(mountinfo: &str, dev: u64) -> bool {
+    let want = format!("{}:{}", libc::major(dev), libc::minor(dev));
+    mountinfo.lines().any(|line| {
+        let mut fields = line.split(' ');
+        if fields.nth(2) != Some(want.as_str()) {
+            return false;
+        }
+        let Some((mount, fs)) = line.split_once(" - ") else {
+            return false;
+        };
+        let per_mount = mount.split(' ').nth(5).unwrap_or("");
+        let per_fs = fs.split(' ').nth(2).unwrap_or("");
+        per_mount
+            .split(',')
+            .chain(per_fs.split(','))
+            .any(|o| o == "discard" || o == "discard=sync")
+    })
 }
 
 /// Whether the file system on device `dev` is an ext4 with no journal, as
@@ -332,4 +369,27 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     stop.finish(&shared_all, "drained");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard,resv_strict
+43 27 7:0 / /srv/mail/0 rw,relatime - ext4 /dev/loop0 rw
+44 27 7:1 / /srv/mail/1 rw,noatime - btrfs /dev/loop1 rw,discard=async,space_cache=v2
+45 27 7:2 / /srv/mail/2 rw,noatime - xfs /dev/loop2 rw,attr2,discard,inode64
+";
+
+    #[test]
+    fn online_discard_is_read_from_mountinfo() {
+        let dev = |major, minor| libc::makedev(major, minor);
+        assert!(mounted_with_discard(MOUNTINFO, dev(254, 0)));
+        assert!(!mounted_with_discard(MOUNTINFO, dev(7, 0)));
+        assert!(!mounted_with_discard(MOUNTINFO, dev(7, 1)), "async discard");
+        assert!(mounted_with_discard(MOUNTINFO, dev(7, 2)));
+        assert!(!mounted_with_discard(MOUNTINFO, dev(8, 0)), "not mounted");
+        assert!(!mounted_with_discard("garbage\n\n", dev(254, 0)));
+    }
 }
