@@ -509,7 +509,16 @@ impl BackendConn {
     /// per line); ids not present are skipped. Returns how many were removed.
     /// A backend without `DELM` gets one `DEL` per message.
     pub fn del_many(&mut self, mailbox: &MailboxName, msgids: &[&MessageId]) -> Result<u64> {
-        let mut removed = 0;
+        let lines = self.del_many_send(mailbox, msgids)?;
+        self.del_many_reply(mailbox, msgids, lines)
+    }
+
+    /// Sends the `DELM` lines of [`del_many`](Self::del_many) together without
+    /// waiting for their replies, so that a caller can delete on several
+    /// backends at once; returns how many lines were sent, for
+    /// [`del_many_reply`](Self::del_many_reply).
+    pub fn del_many_send(&mut self, mailbox: &MailboxName, msgids: &[&MessageId]) -> Result<usize> {
+        let mut lines = 0;
         let mut rest = msgids;
         while !rest.is_empty() {
             let mut line_bytes = "DELM ".len() + mailbox.as_str().len() + 2;
@@ -526,21 +535,41 @@ impl BackendConn {
                 mailbox: mailbox.clone(),
                 msgids: batch.iter().map(|id| (*id).clone()).collect(),
             };
-            match self.call::<Removed>(&req) {
+            self.writer.write_all(req.encode().as_bytes())?;
+            lines += 1;
+            rest = tail;
+        }
+        self.writer.flush()?;
+        Ok(lines)
+    }
+
+    /// Reads the replies to the `lines` `DELM` lines that
+    /// [`del_many_send`](Self::del_many_send) sent for `msgids`; returns how
+    /// many messages were removed. A backend that does not know `DELM`
+    /// (every line refused as a protocol error) gets one `DEL` per message.
+    pub fn del_many_reply(
+        &mut self,
+        mailbox: &MailboxName,
+        msgids: &[&MessageId],
+        lines: usize,
+    ) -> Result<u64> {
+        let mut removed = 0;
+        let mut unknown = false;
+        for _ in 0..lines {
+            match self.expect::<Removed>() {
                 Ok(r) => removed += r.count,
-                Err(e) if e.code() == Some(ErrorCode::Proto) => {
-                    for id in rest {
-                        match self.del(mailbox, id) {
-                            Ok(()) => removed += 1,
-                            Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    return Ok(removed);
-                }
+                Err(e) if e.code() == Some(ErrorCode::Proto) => unknown = true,
                 Err(e) => return Err(e),
             }
-            rest = tail;
+        }
+        if unknown {
+            for id in msgids {
+                match self.del(mailbox, id) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
+                    Err(e) => return Err(e),
+                }
+            }
         }
         Ok(removed)
     }

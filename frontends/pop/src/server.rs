@@ -14,7 +14,7 @@ use anyhow::Context;
 use powermail_admin::{kv, Samples};
 use powermail_frontend::proxy::{self, ProxyPolicy};
 use powermail_frontend::reload::{on_sighup, on_sigterm, Reloadable};
-use powermail_frontend::{BackendId, Cluster, DeadlineWrite};
+use powermail_frontend::{BackendId, Cluster, DeadlineWrite, PooledConn};
 use powermail_proto::{BackendError, ErrorCode, MailboxName, MessageId, SpliceSink};
 use powermail_userbase::{CacheConfig, CachedUserbase, Userbase, UserbaseError};
 
@@ -894,24 +894,38 @@ impl Store for LiveStore {
                 return Err(format!("mailbox lock not confirmed ({e}); nothing deleted"));
             }
         }
-        let mut owed = Vec::new();
+        // Every backend's DELM lines go out first, then the replies are
+        // read: the backends unlink and sync at the same time, so a QUIT
+        // waits for the slowest backend, not for the sum of them.
+        let mut owed: Vec<(BackendId, &Merged)> = Vec::new();
+        let mut pending = Vec::new();
         for b in 0..sh.cluster.len() {
-            let ids: Vec<&Merged> = deleted
+            let msgs: Vec<&Merged> = deleted
                 .iter()
                 .filter_map(|&i| self.messages.get(i))
                 .filter(|m| m.holders.contains(&b) || !self.listed.contains(&b))
                 .collect();
-            if ids.is_empty() {
+            if msgs.is_empty() {
                 continue;
             }
-            let failed = delete_on(&sh.cluster, b, &mailbox, &ids, self.listed.contains(&b));
-            let name = &sh.cluster.spec(b).name;
-            owed.extend(failed.into_iter().map(|m| Owed {
-                backend: name.clone(),
+            match delete_send(&sh.cluster, b, &mailbox, &msgs, self.listed.contains(&b)) {
+                Some(sent) => pending.push((b, msgs, sent)),
+                None => owed.extend(msgs.iter().map(|m| (b, *m))),
+            }
+        }
+        for (b, msgs, sent) in pending {
+            if !delete_reply(&sh.cluster, b, &mailbox, &msgs, sent) {
+                owed.extend(msgs.iter().map(|m| (b, *m)));
+            }
+        }
+        let owed: Vec<Owed> = owed
+            .into_iter()
+            .map(|(b, m)| Owed {
+                backend: sh.cluster.spec(b).name.clone(),
                 mailbox: mailbox.to_string(),
                 msgid: m.msgid.to_string(),
-            }));
-        }
+            })
+            .collect();
         if owed.is_empty() {
             return Ok(());
         }
@@ -1051,39 +1065,59 @@ impl LiveStore {
     }
 }
 
-/// Deletes `msgs` from `mailbox` on backend `b`; returns those still owed.
-/// A backend that was not listed in this session is not even tried: it was
-/// down or slow a moment ago, and the journal replays the deletions before
-/// its next listing anyway.
-fn delete_on<'a>(
+/// Sends the `DELM` lines deleting `msgs` from `mailbox` to backend `b`;
+/// the connection and the number of lines, for [`delete_reply`], or `None`
+/// when all of `msgs` stay owed. A backend that was not listed in this
+/// session is not even tried: it was down or slow a moment ago, and the
+/// journal replays the deletions before its next listing anyway.
+fn delete_send(
     cluster: &Arc<Cluster>,
     b: BackendId,
     mailbox: &MailboxName,
-    msgs: &[&'a Merged],
+    msgs: &[&Merged],
     was_listed: bool,
-) -> Vec<&'a Merged> {
+) -> Option<(PooledConn, usize)> {
     if !was_listed {
-        return msgs.to_vec();
+        return None;
     }
     let mut conn = match cluster.checkout(b) {
         Ok(c) => c,
         Err(e) => {
             log::info!("DEL on backend {b}: {e}");
-            return msgs.to_vec();
+            return None;
         }
     };
     // One DELM per command line's worth of ids: one directory sync each,
-    // not one per message. On an error the whole set stays owed (replaying a
-    // deletion that did happen is harmless).
+    // not one per message.
     let ids: Vec<&MessageId> = msgs.iter().map(|m| &m.msgid).collect();
-    match conn.del_many(mailbox, &ids) {
+    match conn.del_many_send(mailbox, &ids) {
+        Ok(lines) => Some((conn, lines)),
+        Err(e) => {
+            cluster.report_error(b, &e);
+            None
+        }
+    }
+}
+
+/// Reads backend `b`'s replies to what [`delete_send`] sent; whether all of
+/// `msgs` are deleted. On an error the whole set stays owed (replaying a
+/// deletion that did happen is harmless).
+fn delete_reply(
+    cluster: &Arc<Cluster>,
+    b: BackendId,
+    mailbox: &MailboxName,
+    msgs: &[&Merged],
+    (mut conn, lines): (PooledConn, usize),
+) -> bool {
+    let ids: Vec<&MessageId> = msgs.iter().map(|m| &m.msgid).collect();
+    match conn.del_many_reply(mailbox, &ids, lines) {
         Ok(_) => {
             conn.release();
-            Vec::new()
+            true
         }
         Err(e) => {
             cluster.report_error(b, &e);
-            msgs.to_vec()
+            false
         }
     }
 }
