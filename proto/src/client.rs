@@ -284,7 +284,22 @@ impl BackendConn {
     /// A mailbox larger than that is cut short, not an error: the caller sees
     /// its oldest `max_messages` messages and the backend stays usable.
     pub fn list(&mut self, mailbox: &MailboxName, max_messages: usize) -> Result<Vec<ListEntry>> {
+        self.list_with_generation(mailbox, max_messages)
+            .map(|(all, _)| all)
+    }
+
+    /// As [`list`](Self::list), with the mailbox's generation
+    /// ([`Usage::generation`]) the listing was read at: `Some` only when
+    /// every page came with the same one, so the listing is one consistent
+    /// state of the mailbox.
+    pub fn list_with_generation(
+        &mut self,
+        mailbox: &MailboxName,
+        max_messages: usize,
+    ) -> Result<(Vec<ListEntry>, Option<u64>)> {
         let mut all: Vec<ListEntry> = Vec::new();
+        let mut generation = None;
+        let mut first_page = true;
         loop {
             let after = all.last().map(|e| e.msgid.clone());
             let left = max_messages.saturating_sub(all.len());
@@ -297,11 +312,17 @@ impl BackendConn {
                     )));
                 }
             }
+            if first_page {
+                generation = page.generation;
+                first_page = false;
+            } else if page.generation != generation {
+                generation = None;
+            }
             let progressed = !page.entries.is_empty();
             all.extend(page.entries);
             if !page.more || all.len() >= max_messages {
                 all.truncate(max_messages);
-                return Ok(all);
+                return Ok((all, generation));
             }
             if !progressed {
                 return Err(BackendError::Protocol(format!(
@@ -341,6 +362,7 @@ impl BackendConn {
         Ok(ListPage {
             entries,
             more: header.more,
+            generation: header.generation,
         })
     }
 
@@ -591,8 +613,13 @@ impl BackendConn {
 
     /// Reads the reply to a [`usage_send`](Self::usage_send): `(messages, bytes)`.
     pub fn usage_reply(&mut self) -> Result<(u64, u64)> {
-        let usage: Usage = self.expect()?;
+        let usage = self.usage_full_reply()?;
         Ok((usage.messages, usage.size_bytes))
+    }
+
+    /// Reads the reply to a [`usage_send`](Self::usage_send), generation included.
+    pub fn usage_full_reply(&mut self) -> Result<Usage> {
+        self.expect()
     }
 
     /// Removes a whole mailbox from this backend; returns the messages removed.

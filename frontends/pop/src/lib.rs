@@ -11,6 +11,8 @@
 //! * [`session`] — the POP3 state machine, pure, behind a [`session::Store`];
 //! * [`sasl`] — AUTH PLAIN;
 //! * [`listing`] — parallel LIST to every backend, merge, soft failure;
+//! * [`listing_cache`] — big mailboxes' merged listings kept while their
+//!   generations hold;
 //! * [`journal`] — deletions owed to backends that were down;
 //! * [`lock`] — one session per mailbox, in and across processes and hosts
 //!   (`powermail_frontend::lock`, shared with `ppadmin`);
@@ -24,6 +26,7 @@ pub mod config;
 pub use powermail_frontend::journal;
 pub mod line;
 pub mod listing;
+pub mod listing_cache;
 pub use powermail_frontend::lock;
 pub mod sasl;
 pub mod server;

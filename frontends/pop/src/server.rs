@@ -22,7 +22,8 @@ use crate::ahead::{fetch_plan, window, Ahead};
 use crate::config::{Config, Limits};
 use crate::journal::{Journal, Owed};
 use crate::line::LineReader;
-use crate::listing::{ListPool, Merged};
+use crate::listing::{CacheUse, ListPool, Merged};
+use crate::listing_cache::ListingCache;
 use crate::lock::{LeaseConfig, LockError, Locks, MailboxLock};
 use crate::session::{
     is_enough, qualify, AuthResult, Listed, RetrieveError, Session, SessionLimits, Store,
@@ -129,6 +130,10 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         &journal,
         cfg.serving.listing_workers_per_backend,
         cfg.serving.listing_queue_max,
+        ListingCache::new(
+            cfg.serving.listing_cache_entries_max,
+            cfg.serving.listing_cache_min_messages,
+        ),
     )
     .context("starting the listing workers")?;
     let (on_term, grace) = (stats.clone(), Duration::from_millis(cfg.shutdown_grace_ms));
@@ -271,7 +276,7 @@ fn serve(
         local,
         mailbox: None,
         lock: None,
-        messages: Vec::new(),
+        messages: Arc::default(),
         listed: Vec::new(),
         upstream: None,
         ahead: Ahead::default(),
@@ -610,7 +615,7 @@ pub struct LiveStore {
     mailbox: Option<MailboxName>,
     /// Held from login to the end of the session.
     lock: Option<MailboxLock>,
-    messages: Vec<Merged>,
+    messages: Arc<Vec<Merged>>,
     /// Backends whose listing made up `messages`.
     listed: Vec<BackendId>,
     /// The fallback server's connection after a proxied login.
@@ -849,6 +854,11 @@ impl Store for LiveStore {
             .fetch_add(listing.replayed as u64, Ordering::Relaxed);
         if listing.messages.is_empty() {
             Stats::inc(&counters.empty_mailbox_logins);
+        }
+        match listing.cache {
+            CacheUse::Hit => Stats::inc(&counters.listing_cache_hits),
+            CacheUse::Stale => Stats::inc(&counters.listing_cache_stale),
+            CacheUse::None => {}
         }
         self.mailbox = Some(name);
         self.listed = listing.listed;
