@@ -97,8 +97,9 @@ pub trait Service: Send + Sync + Sized + 'static {
     /// Counts `event` (the daemon decides which counters it has).
     fn count(&self, event: Event);
     /// Serves one admitted connection to its end, on its own thread; `ends` are its
-    /// real endpoints (from a PROXY header or the socket).
-    fn serve(self: &Arc<Self>, stream: TcpStream, ends: Endpoints);
+    /// real endpoints (from a PROXY header or the socket), `started` when its thread
+    /// began (before the PROXY stage).
+    fn serve(self: &Arc<Self>, stream: TcpStream, ends: Endpoints, started: Instant);
 }
 
 /// How a listener's threads are made and what its refusals say.
@@ -194,9 +195,10 @@ pub fn start_session<S: Service>(service: &Arc<S>, stream: TcpStream, spec: &Lis
     // On failure the closure, and with it the slot, is dropped: the place is given back.
     // A panic in the session drops the slot while the thread unwinds.
     let spawned = builder.spawn(move || {
+        let started = Instant::now();
         let service = slot.service.clone();
         match service.proxy().accept(&stream) {
-            Ok(ends) => service.serve(stream, ends),
+            Ok(ends) => service.serve(stream, ends, started),
             Err(e) => {
                 service.count(Event::ProxyRefused);
                 log::warn!("connection refused: {e}");
@@ -288,7 +290,7 @@ mod tests {
                 _ => 0,
             };
         }
-        fn serve(self: &Arc<Self>, mut stream: TcpStream, _ends: Endpoints) {
+        fn serve(self: &Arc<Self>, mut stream: TcpStream, _ends: Endpoints, _started: Instant) {
             self.served.fetch_add(1, Ordering::SeqCst);
             let mut byte = [0u8; 1];
             // The client sends one byte: then this session panics.

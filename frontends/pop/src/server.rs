@@ -237,24 +237,31 @@ impl accept::Service for Listener {
         }
     }
 
-    fn serve(self: &Arc<Self>, stream: TcpStream, ends: Endpoints) {
-        serve(&self.shared, stream, ends, self.tls.clone(), self.implicit);
+    fn serve(self: &Arc<Self>, stream: TcpStream, ends: Endpoints, started: Instant) {
+        serve(
+            &self.shared,
+            stream,
+            ends,
+            started,
+            self.tls.clone(),
+            self.implicit,
+        );
     }
 }
 
 /// Numbers the sessions of this process for their log lines.
 static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// Serves one connection to its end (past the PROXY stage: `ends`) and logs its one
-/// summary line.
+/// Serves one connection to its end (past the PROXY stage: `ends`; its thread began at
+/// `started`) and logs its one summary line.
 fn serve(
     shared: &Arc<Shared>,
     stream: TcpStream,
     ends: Endpoints,
+    started: Instant,
     tls: Option<Arc<rustls::ServerConfig>>,
     implicit: bool,
 ) {
-    let started = Instant::now();
     let (client, local) = (ends.client, ends.local);
     let limits = shared.limits.get();
     let _ = stream.set_read_timeout(Some(limits.idle_timeout()));

@@ -233,7 +233,7 @@ impl accept::Service for Listener {
         }
     }
 
-    fn serve(self: &Arc<Self>, stream: TcpStream, ends: Endpoints) {
+    fn serve(self: &Arc<Self>, stream: TcpStream, ends: Endpoints, _started: Instant) {
         let cfg = self.current.get();
         let ip = ends.client.ip().to_string();
         if let Err(e) = serve(stream, &self.shared, &cfg, &self.tls, self.protocol, &ip) {
