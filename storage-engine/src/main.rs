@@ -18,36 +18,17 @@ mod store;
 mod writer;
 mod zerocopy;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use clap::Parser;
-
-/// Command line.
-#[derive(Parser, Debug)]
-#[command(
-    name = "pplistener",
-    version,
-    about = "PowerMail message store (one backend per CPU/disk)"
-)]
-struct Args {
-    /// TOML configuration file (see examples/pplistener.toml).
-    #[arg(long)]
-    config: PathBuf,
-    /// Check the configuration and exit.
-    #[arg(long)]
-    check: bool,
-}
 
 fn main() {
-    powermail_admin::init_logging();
-    if let Err(e) = run(Args::parse()) {
-        log::error!("pplistener: {e:#}");
-        eprintln!("pplistener: {e:#}");
-        std::process::exit(1);
-    }
+    let daemon = powermail_admin::daemon::Daemon {
+        name: "pplistener",
+        about: "PowerMail message store (one backend per CPU/disk)",
+    };
+    powermail_admin::daemon::run(&daemon, config::Config::parse, run);
 }
 
 /// Raises the soft open-file limit to the hard one: every connection, body
@@ -233,12 +214,10 @@ fn reload(path: &std::path::Path, backends: &[Arc<stats::BackendShared>]) {
     );
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+/// Starts the backends from `cfg` (read from `args.config`) and serves until a stop
+/// signal has drained them; with `--check`, only checks the configuration.
+fn run(cfg: config::Config, args: powermail_admin::daemon::Invocation) -> anyhow::Result<()> {
     raise_fd_limit();
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("reading {}", args.config.display()))?;
-    let cfg = config::Config::parse(&text)
-        .with_context(|| format!("parsing {}", args.config.display()))?;
     let secret = cfg.secret()?;
     if let Some(level) = cfg.log_filter()? {
         log::set_max_level(level);
