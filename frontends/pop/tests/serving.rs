@@ -437,11 +437,13 @@ fn a_kept_listing_is_used_only_while_every_backend_generation_holds() {
     // A restarted backend hands out new generations: listed again.
     b0.kill9();
     b0.restart();
-    eventually(TIMEOUT, "b0 back", || uids(&pop) == want);
+    // (Until the pool has dropped its connections to the old process, a
+    // login may still leave b0 out: soft failure, and nothing kept.)
+    eventually(TIMEOUT, "b0 back and its listing kept again", || {
+        let hits = counter("listing_cache_hits");
+        uids(&pop) == want && counter("listing_cache_hits") == hits + 1
+    });
     assert!(counter("listing_cache_stale") >= 3);
-    let hits = counter("listing_cache_hits");
-    assert_eq!(uids(&pop), want);
-    assert_eq!(counter("listing_cache_hits"), hits + 1, "kept again");
 
     // A backend gone: its messages are not served from the kept listing.
     drop(b1);
