@@ -159,7 +159,7 @@ mod tests {
 
     #[test]
     fn keeps_big_listings_within_the_bound_least_recently_used_out_first() {
-        let c = ListingCache::new(30, 5).unwrap();
+        let c = ListingCache::new(25, 5).unwrap();
         c.put(&mb("small@x"), kept(4, 1));
         assert!(c.get(&mb("small@x")).is_none(), "under min_messages");
         c.put(&mb("a@x"), kept(9, 1));
