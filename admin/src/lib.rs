@@ -14,8 +14,11 @@
 //!
 //! [`client`] is the other side of the port (ppadmin and the tests use it),
 //! and [`announce_ready`] prints the one readiness line every daemon prints.
+//! [`daemon::run`] is the `main` skeleton the three daemons share (command line,
+//! logger, configuration file, exit codes).
 
 pub mod client;
+pub mod daemon;
 mod http;
 mod latency;
 mod logfmt;

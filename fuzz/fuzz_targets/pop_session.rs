@@ -4,7 +4,6 @@
 //! split, keeps its buffered input bounded, never passes a login field with
 //! CR, LF or NUL to the store, and acts on nothing once QUIT was answered.
 #![no_main]
-use std::io::Write;
 
 use libfuzzer_sys::fuzz_target;
 use powerpop::line::LineReader;

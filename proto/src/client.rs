@@ -284,7 +284,22 @@ impl BackendConn {
     /// A mailbox larger than that is cut short, not an error: the caller sees
     /// its oldest `max_messages` messages and the backend stays usable.
     pub fn list(&mut self, mailbox: &MailboxName, max_messages: usize) -> Result<Vec<ListEntry>> {
+        self.list_with_generation(mailbox, max_messages)
+            .map(|(all, _)| all)
+    }
+
+    /// As [`list`](Self::list), with the mailbox's generation
+    /// ([`Usage::generation`]) the listing was read at: `Some` only when
+    /// every page came with the same one, so the listing is one consistent
+    /// state of the mailbox.
+    pub fn list_with_generation(
+        &mut self,
+        mailbox: &MailboxName,
+        max_messages: usize,
+    ) -> Result<(Vec<ListEntry>, Option<u64>)> {
         let mut all: Vec<ListEntry> = Vec::new();
+        let mut generation = None;
+        let mut first_page = true;
         loop {
             let after = all.last().map(|e| e.msgid.clone());
             let left = max_messages.saturating_sub(all.len());
@@ -297,11 +312,17 @@ impl BackendConn {
                     )));
                 }
             }
+            if first_page {
+                generation = page.generation;
+                first_page = false;
+            } else if page.generation != generation {
+                generation = None;
+            }
             let progressed = !page.entries.is_empty();
             all.extend(page.entries);
             if !page.more || all.len() >= max_messages {
                 all.truncate(max_messages);
-                return Ok(all);
+                return Ok((all, generation));
             }
             if !progressed {
                 return Err(BackendError::Protocol(format!(
@@ -341,6 +362,7 @@ impl BackendConn {
         Ok(ListPage {
             entries,
             more: header.more,
+            generation: header.generation,
         })
     }
 
@@ -509,7 +531,16 @@ impl BackendConn {
     /// per line); ids not present are skipped. Returns how many were removed.
     /// A backend without `DELM` gets one `DEL` per message.
     pub fn del_many(&mut self, mailbox: &MailboxName, msgids: &[&MessageId]) -> Result<u64> {
-        let mut removed = 0;
+        let lines = self.del_many_send(mailbox, msgids)?;
+        self.del_many_reply(mailbox, msgids, lines)
+    }
+
+    /// Sends the `DELM` lines of [`del_many`](Self::del_many) together without
+    /// waiting for their replies, so that a caller can delete on several
+    /// backends at once; returns how many lines were sent, for
+    /// [`del_many_reply`](Self::del_many_reply).
+    pub fn del_many_send(&mut self, mailbox: &MailboxName, msgids: &[&MessageId]) -> Result<usize> {
+        let mut lines = 0;
         let mut rest = msgids;
         while !rest.is_empty() {
             let mut line_bytes = "DELM ".len() + mailbox.as_str().len() + 2;
@@ -526,21 +557,41 @@ impl BackendConn {
                 mailbox: mailbox.clone(),
                 msgids: batch.iter().map(|id| (*id).clone()).collect(),
             };
-            match self.call::<Removed>(&req) {
+            self.writer.write_all(req.encode().as_bytes())?;
+            lines += 1;
+            rest = tail;
+        }
+        self.writer.flush()?;
+        Ok(lines)
+    }
+
+    /// Reads the replies to the `lines` `DELM` lines that
+    /// [`del_many_send`](Self::del_many_send) sent for `msgids`; returns how
+    /// many messages were removed. A backend that does not know `DELM`
+    /// (every line refused as a protocol error) gets one `DEL` per message.
+    pub fn del_many_reply(
+        &mut self,
+        mailbox: &MailboxName,
+        msgids: &[&MessageId],
+        lines: usize,
+    ) -> Result<u64> {
+        let mut removed = 0;
+        let mut unknown = false;
+        for _ in 0..lines {
+            match self.expect::<Removed>() {
                 Ok(r) => removed += r.count,
-                Err(e) if e.code() == Some(ErrorCode::Proto) => {
-                    for id in rest {
-                        match self.del(mailbox, id) {
-                            Ok(()) => removed += 1,
-                            Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    return Ok(removed);
-                }
+                Err(e) if e.code() == Some(ErrorCode::Proto) => unknown = true,
                 Err(e) => return Err(e),
             }
-            rest = tail;
+        }
+        if unknown {
+            for id in msgids {
+                match self.del(mailbox, id) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
+                    Err(e) => return Err(e),
+                }
+            }
         }
         Ok(removed)
     }
@@ -562,8 +613,13 @@ impl BackendConn {
 
     /// Reads the reply to a [`usage_send`](Self::usage_send): `(messages, bytes)`.
     pub fn usage_reply(&mut self) -> Result<(u64, u64)> {
-        let usage: Usage = self.expect()?;
+        let usage = self.usage_full_reply()?;
         Ok((usage.messages, usage.size_bytes))
+    }
+
+    /// Reads the reply to a [`usage_send`](Self::usage_send), generation included.
+    pub fn usage_full_reply(&mut self) -> Result<Usage> {
+        self.expect()
     }
 
     /// Removes a whole mailbox from this backend; returns the messages removed.

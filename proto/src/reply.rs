@@ -343,25 +343,59 @@ impl OkReply for Removed {
     }
 }
 
-/// `+OK <messages> <bytes>`: a mailbox's usage on one backend.
+/// `+OK <messages> <bytes> [g=<generation>]`: a mailbox's usage on one backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
     /// Messages held.
     pub messages: u64,
     /// Their bytes.
     pub size_bytes: u64,
+    /// The mailbox's generation on this backend (`g=`), when the backend
+    /// sends one: a number that changes whenever the mailbox's content there
+    /// may have changed, and never comes back (a random start per process,
+    /// then counting up, so a restart or an index eviction gives new ones).
+    /// `0` is a mailbox with no directory on the backend, so empty. A reader
+    /// that saw generation `g` with a listing and sees `g` again knows the
+    /// listing still holds; a different number only says "list again".
+    pub generation: Option<u64>,
+}
+
+/// Prefix of the generation field in `USAGE` and `LIST` replies.
+const GENERATION_PREFIX: &str = "g=";
+
+fn generation_text(generation: Option<u64>) -> String {
+    generation.map_or_else(String::new, |g| format!(" {GENERATION_PREFIX}{g}"))
+}
+
+fn parse_generation(word: &str) -> Option<u64> {
+    word.strip_prefix(GENERATION_PREFIX)?.parse().ok()
 }
 
 impl OkReply for Usage {
     const WHAT: &'static str = "USAGE";
     fn text(&self) -> String {
-        format!("{} {}", self.messages, self.size_bytes)
+        format!(
+            "{} {}{}",
+            self.messages,
+            self.size_bytes,
+            generation_text(self.generation)
+        )
     }
     fn parse_text(text: &str) -> Option<Usage> {
-        let [messages, size] = words(text)?;
+        let mut w = text.split_ascii_whitespace();
+        let messages = w.next()?.parse().ok()?;
+        let size_bytes = w.next()?.parse().ok()?;
+        let generation = match w.next() {
+            None => None,
+            Some(g) => Some(parse_generation(g)?),
+        };
+        if w.next().is_some() {
+            return None;
+        }
         Some(Usage {
-            messages: messages.parse().ok()?,
-            size_bytes: size.parse().ok()?,
+            messages,
+            size_bytes,
+            generation,
         })
     }
 }
@@ -374,22 +408,38 @@ pub struct BlockHeader {
     pub count: u64,
     /// `LIST` only: more entries follow on a next page.
     pub more: bool,
+    /// `LIST` only: the mailbox's generation ([`Usage::generation`]) this
+    /// page was read at, when the backend sends one.
+    pub generation: Option<u64>,
 }
 
 impl OkReply for BlockHeader {
     const WHAT: &'static str = "LIST/DIR";
     fn text(&self) -> String {
-        if self.more {
-            format!("{} {LIST_MORE}", self.count)
+        let more = if self.more {
+            format!(" {LIST_MORE}")
         } else {
-            self.count.to_string()
-        }
+            String::new()
+        };
+        format!("{}{more}{}", self.count, generation_text(self.generation))
     }
     fn parse_text(text: &str) -> Option<BlockHeader> {
         let mut w = text.split_ascii_whitespace();
+        let count = w.next()?.parse().ok()?;
+        let (mut more, mut generation) = (false, None);
+        for word in w {
+            if word == LIST_MORE && !more && generation.is_none() {
+                more = true;
+            } else if generation.is_none() {
+                generation = Some(parse_generation(word)?);
+            } else {
+                return None;
+            }
+        }
         Some(BlockHeader {
-            count: w.next()?.parse().ok()?,
-            more: w.next() == Some(LIST_MORE),
+            count,
+            more,
+            generation,
         })
     }
 }
@@ -453,13 +503,20 @@ pub struct ListPage {
     pub entries: Vec<ListEntry>,
     /// More follow: ask again after the last id.
     pub more: bool,
+    /// The mailbox's generation ([`Usage::generation`]) the page was read at.
+    pub generation: Option<u64>,
 }
 
 impl ListPage {
     /// The whole block around `lines`, entry lines already written with
     /// [`ListEntry::write_line`] (`count` of them): header, lines, end line.
-    pub fn encode_lines(count: u64, more: bool, lines: &[u8]) -> Vec<u8> {
-        let header = BlockHeader { count, more }.encode();
+    pub fn encode_lines(count: u64, more: bool, generation: Option<u64>, lines: &[u8]) -> Vec<u8> {
+        let header = BlockHeader {
+            count,
+            more,
+            generation,
+        }
+        .encode();
         let mut block = Vec::with_capacity(header.len() + lines.len() + 3);
         block.extend_from_slice(header.as_bytes());
         block.extend_from_slice(lines);
@@ -473,6 +530,7 @@ impl ListPage {
         let mut s = BlockHeader {
             count: self.entries.len() as u64,
             more: self.more,
+            generation: self.generation,
         }
         .encode();
         for e in &self.entries {
@@ -494,6 +552,7 @@ impl ListPage {
         Ok(ListPage {
             entries,
             more: header.more,
+            generation: header.generation,
         })
     }
 }
@@ -511,6 +570,7 @@ impl DirPage {
         let mut s = BlockHeader {
             count: self.mailboxes.len() as u64,
             more: false,
+            generation: None,
         }
         .encode();
         for m in &self.mailboxes {
@@ -710,12 +770,15 @@ mod tests {
             ListEntry::write_line(&e.msgid, e.size_bytes, &mut lines);
         }
         for more in [false, true] {
-            let page = ListPage {
-                entries: entries.clone(),
-                more,
-            };
-            let block = ListPage::encode_lines(3, more, &lines);
-            assert_eq!(String::from_utf8(block).unwrap(), page.encode());
+            for generation in [None, Some(0), Some(u64::MAX)] {
+                let page = ListPage {
+                    entries: entries.clone(),
+                    more,
+                    generation,
+                };
+                let block = ListPage::encode_lines(3, more, generation, &lines);
+                assert_eq!(String::from_utf8(block).unwrap(), page.encode());
+            }
         }
         assert_eq!(entries[1].encode(), "0002.b-c_d.2 18446744073709551615\r\n");
     }
@@ -780,18 +843,20 @@ mod tests {
             size_bytes: u64::MAX,
         });
         round_trip(Removed { count: 7 });
-        round_trip(Usage {
-            messages: 2,
-            size_bytes: 99,
-        });
-        round_trip(BlockHeader {
-            count: 100_000,
-            more: true,
-        });
-        round_trip(BlockHeader {
-            count: 0,
-            more: false,
-        });
+        for generation in [None, Some(0), Some(7), Some(u64::MAX)] {
+            round_trip(Usage {
+                messages: 2,
+                size_bytes: 99,
+                generation,
+            });
+            for (count, more) in [(100_000, true), (0, false)] {
+                round_trip(BlockHeader {
+                    count,
+                    more,
+                    generation,
+                });
+            }
+        }
         round_trip(Status::of_backend("b1", "ro-auto", 1, 2, 3, 4));
     }
 
@@ -822,13 +887,41 @@ mod tests {
                 size_bytes: 1,
             }],
             more: true,
+            generation: None,
         };
         assert_eq!(page.encode(), "+OK 1 more\r\na 1\r\n.\r\n");
         let empty = ListPage {
             entries: vec![],
             more: false,
+            generation: Some(0),
         };
-        assert_eq!(empty.encode(), "+OK 0\r\n.\r\n");
+        assert_eq!(empty.encode(), "+OK 0 g=0\r\n.\r\n");
+        let usage = Usage {
+            messages: 3,
+            size_bytes: 12,
+            generation: Some(41),
+        };
+        assert_eq!(usage.encode(), "+OK 3 12 g=41\r\n");
+        // What a backend without generations sends still reads.
+        assert_eq!(
+            Reply::expect::<Usage>("+OK 3 12"),
+            Ok(Usage {
+                messages: 3,
+                size_bytes: 12,
+                generation: None
+            })
+        );
+        for bad in ["+OK 3 12 41", "+OK 3 12 g=x", "+OK 3 12 g=1 g=2"] {
+            assert!(Reply::expect::<Usage>(bad).is_err(), "{bad}");
+        }
+        for bad in [
+            "+OK 3 g=1 more",
+            "+OK 3 more more",
+            "+OK 3 g=1 g=2",
+            "+OK 3 x",
+        ] {
+            assert!(Reply::expect::<BlockHeader>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -841,6 +934,7 @@ mod tests {
                 })
                 .collect(),
             more: true,
+            generation: Some(12),
         };
         assert_eq!(ListPage::parse(&page.encode(), 5), Ok(page.clone()));
         assert!(

@@ -19,6 +19,12 @@
 //!   per message) stay resident; the least recently used mailboxes are evicted
 //!   and rebuilt on their next touch. A mailbox larger than the bound on its
 //!   own is answered from a fresh walk each time and never kept.
+//! * **Generations**: each resident mailbox carries a generation number,
+//!   new from a per-index counter (random start, so a restart gives new
+//!   ones) when it is built and at every mutation that changes it; LIST and
+//!   USAGE send it, so a frontend can keep a listing while the number holds
+//!   (`powermail_proto::Usage::generation`). A mailbox evicted and rebuilt,
+//!   or too big to keep, gets a new number.
 //! * **Shared-nothing**: each executor owns its index (`RefCell`, no locks).
 
 use std::cell::RefCell;
@@ -29,6 +35,10 @@ use std::ops::Bound;
 use glommio::channels::local_channel::{self, LocalSender};
 use powermail_proto::{MailboxName, MessageId};
 
+/// The generation of a mailbox with no directory on a backend (so empty);
+/// an index never hands it out.
+pub const GENERATION_EMPTY: u64 = 0;
+
 /// One mailbox's messages, sorted by id, with its usage.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct MailboxIndex {
@@ -36,6 +46,8 @@ pub struct MailboxIndex {
     bytes: u64,
     /// Position in the eviction order (higher = used more recently).
     tick: u64,
+    /// Changes whenever the messages may have (see the module docs).
+    generation: u64,
 }
 
 impl MailboxIndex {
@@ -51,6 +63,11 @@ impl MailboxIndex {
     /// `(messages, bytes)`.
     pub fn usage(&self) -> (u64, u64) {
         (self.messages.len() as u64, self.bytes)
+    }
+
+    /// The generation: the same number means the same messages.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Calls `each` for at most `max` messages in id order, after `after`
@@ -182,6 +199,8 @@ pub struct Index {
     entries_max: usize,
     builds: u64,
     evictions: u64,
+    /// The last generation handed out.
+    generation: u64,
 }
 
 impl Index {
@@ -195,7 +214,19 @@ impl Index {
             entries_max,
             builds: 0,
             evictions: 0,
+            // Random, so that numbers from before a restart do not come back
+            // (2^63 apart on average; one counts up by one per mutation).
+            generation: rand::random::<u64>() >> 1,
         }
+    }
+
+    /// A generation never handed out before (and never [`GENERATION_EMPTY`]).
+    fn next_generation(&mut self) -> u64 {
+        self.generation = self.generation.wrapping_add(1);
+        if self.generation == GENERATION_EMPTY {
+            self.generation = 1;
+        }
+        self.generation
     }
 
     /// Where `mailbox` stands.
@@ -248,6 +279,7 @@ impl Index {
                 Op::Remove(id) => m.remove(&id),
             };
         }
+        m.generation = self.next_generation();
         if m.entries() > self.entries_max {
             return Ok(Built::Oversized(m));
         }
@@ -278,8 +310,12 @@ impl Index {
 
     /// Records a mutation of `mailbox` whose effect is on disk.
     pub fn apply(&mut self, mailbox: &MailboxName, op: Op) {
+        let generation = self.next_generation();
         match self.slots.get_mut(mailbox) {
             Some(Slot::Resident(m)) => {
+                // A new number even when nothing changed (a retried PUT, a
+                // second DEL): cheaper than proving it.
+                m.generation = generation;
                 let grew = match op {
                     Op::Add(id, size) => m.add(id, size),
                     Op::Remove(id) => {
@@ -495,6 +531,75 @@ mod tests {
     }
     fn usage(ix: &mut Index, m: &MailboxName) -> Option<(u64, u64)> {
         ix.read(m, |m| m.usage())
+    }
+    fn generation(ix: &mut Index, m: &MailboxName) -> Option<u64> {
+        ix.read(m, |m| m.generation())
+    }
+    fn build(ix: &mut Index, m: &MailboxName, ids: &[(&str, u64)]) -> Built {
+        ix.begin_build(m);
+        ix.finish_build(m, walk(ids)).unwrap()
+    }
+
+    #[test]
+    fn the_generation_changes_with_every_mutation_and_never_comes_back() {
+        let (a, b) = (mb("a@x.org"), mb("b@x.org"));
+        let mut ix = Index::new(6);
+        assert_eq!(
+            build(&mut ix, &a, &[("1", 10), ("2", 20)]),
+            Built::Installed
+        );
+        assert_eq!(build(&mut ix, &b, &[]), Built::Installed);
+        let mut seen = std::collections::HashSet::new();
+        let g = generation(&mut ix, &a).unwrap();
+        assert_ne!(g, GENERATION_EMPTY);
+        assert!(seen.insert(g));
+        assert_eq!(generation(&mut ix, &a), Some(g), "reading changes nothing");
+        // Another mailbox's mutation leaves it alone.
+        ix.apply(&b, Op::Add(id("9"), 1));
+        assert_eq!(generation(&mut ix, &a), Some(g));
+        assert!(seen.insert(generation(&mut ix, &b).unwrap()));
+        for op in [
+            Op::Add(id("3"), 30),
+            Op::Remove(id("1")),
+            Op::Remove(id("1")),
+        ] {
+            ix.apply(&a, op);
+            let now = generation(&mut ix, &a).unwrap();
+            assert!(seen.insert(now), "{now} handed out twice");
+        }
+        // Invalidated and walked again: new.
+        ix.invalidate(&a);
+        assert_eq!(
+            build(&mut ix, &a, &[("2", 20), ("3", 30)]),
+            Built::Installed
+        );
+        assert!(seen.insert(generation(&mut ix, &a).unwrap()));
+        // Evicted (the bound is 6 entries; b used last) and rebuilt: new.
+        assert!(generation(&mut ix, &b).is_some());
+        let c = mb("c@x.org");
+        assert_eq!(build(&mut ix, &c, &[("4", 1), ("5", 1)]), Built::Installed);
+        assert_eq!(generation(&mut ix, &a), None, "a was evicted");
+        assert_eq!(
+            build(&mut ix, &a, &[("2", 20), ("3", 30)]),
+            Built::Installed
+        );
+        assert!(seen.insert(generation(&mut ix, &a).unwrap()));
+        // Too big to keep: a new number at every walk.
+        let big: Vec<(String, u64)> = (0..10).map(|i| (format!("m{i}"), 1)).collect();
+        let big: Vec<(&str, u64)> = big.iter().map(|(i, s)| (i.as_str(), *s)).collect();
+        for _ in 0..2 {
+            match build(&mut ix, &mb("big@x.org"), &big) {
+                Built::Oversized(m) => assert!(seen.insert(m.generation())),
+                other => panic!("{other:?}"),
+            }
+        }
+        // A restarted backend starts somewhere else.
+        let mut again = Index::new(6);
+        assert_eq!(
+            build(&mut again, &a, &[("2", 20), ("3", 30)]),
+            Built::Installed
+        );
+        assert!(seen.insert(generation(&mut again, &a).unwrap()));
     }
 
     #[test]

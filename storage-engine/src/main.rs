@@ -18,36 +18,17 @@ mod store;
 mod writer;
 mod zerocopy;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use clap::Parser;
-
-/// Command line.
-#[derive(Parser, Debug)]
-#[command(
-    name = "pplistener",
-    version,
-    about = "PowerMail message store (one backend per CPU/disk)"
-)]
-struct Args {
-    /// TOML configuration file (see examples/pplistener.toml).
-    #[arg(long)]
-    config: PathBuf,
-    /// Check the configuration and exit.
-    #[arg(long)]
-    check: bool,
-}
 
 fn main() {
-    powermail_admin::init_logging();
-    if let Err(e) = run(Args::parse()) {
-        log::error!("pplistener: {e:#}");
-        eprintln!("pplistener: {e:#}");
-        std::process::exit(1);
-    }
+    let daemon = powermail_admin::daemon::Daemon {
+        name: "pplistener",
+        about: "PowerMail message store (one backend per CPU/disk)",
+    };
+    powermail_admin::daemon::run(&daemon, config::Config::parse, run);
 }
 
 /// Raises the soft open-file limit to the hard one: every connection, body
@@ -102,6 +83,18 @@ fn adapt_to_file_systems(backends: &mut [config::Backend]) {
             b.flush_before_link = true;
         }
     }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for b in backends.iter() {
+        if dev(&b.data_dir).is_some_and(|d| mounted_with_discard(&mounts, d)) {
+            log::warn!(
+                "backend={} data_dir {} is mounted with online discard: every unlink (DEL, \
+                 DELM) waits for a TRIM of its blocks; mount it without discard and run \
+                 fstrim periodically (kernel-notes/README.md)",
+                b.name,
+                b.data_dir.display()
+            );
+        }
+    }
     let root = dev(std::path::Path::new("/"));
     for (i, b) in backends.iter().enumerate() {
         if b.durability != config::Durability::Syncfs {
@@ -129,6 +122,31 @@ fn adapt_to_file_systems(backends: &mut [config::Backend]) {
             }
         }
     }
+}
+
+/// Whether the file system on device `dev` is mounted with online discard,
+/// according to `mountinfo` (the text of `/proc/self/mountinfo`): one line
+/// per mount, `major:minor` third, and after ` - ` the file system type,
+/// the source and its super-block options, where ext4 and xfs show
+/// `discard` (btrfs `discard=sync`; its `discard=async` does not make an
+/// unlink wait). Unknown: false.
+fn mounted_with_discard(mountinfo: &str, dev: u64) -> bool {
+    let want = format!("{}:{}", libc::major(dev), libc::minor(dev));
+    mountinfo.lines().any(|line| {
+        let mut fields = line.split(' ');
+        if fields.nth(2) != Some(want.as_str()) {
+            return false;
+        }
+        let Some((mount, fs)) = line.split_once(" - ") else {
+            return false;
+        };
+        let per_mount = mount.split(' ').nth(5).unwrap_or("");
+        let per_fs = fs.split(' ').nth(2).unwrap_or("");
+        per_mount
+            .split(',')
+            .chain(per_fs.split(','))
+            .any(|o| o == "discard" || o == "discard=sync")
+    })
 }
 
 /// Whether the file system on device `dev` is an ext4 with no journal, as
@@ -196,12 +214,10 @@ fn reload(path: &std::path::Path, backends: &[Arc<stats::BackendShared>]) {
     );
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+/// Starts the backends from `cfg` (read from `args.config`) and serves until a stop
+/// signal has drained them; with `--check`, only checks the configuration.
+fn run(cfg: config::Config, args: powermail_admin::daemon::Invocation) -> anyhow::Result<()> {
     raise_fd_limit();
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("reading {}", args.config.display()))?;
-    let cfg = config::Config::parse(&text)
-        .with_context(|| format!("parsing {}", args.config.display()))?;
     let secret = cfg.secret()?;
     if let Some(level) = cfg.log_filter()? {
         log::set_max_level(level);
@@ -332,4 +348,27 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     stop.finish(&shared_all, "drained");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard,resv_strict
+43 27 7:0 / /srv/mail/0 rw,relatime - ext4 /dev/loop0 rw
+44 27 7:1 / /srv/mail/1 rw,noatime - btrfs /dev/loop1 rw,discard=async,space_cache=v2
+45 27 7:2 / /srv/mail/2 rw,noatime - xfs /dev/loop2 rw,attr2,discard,inode64
+";
+
+    #[test]
+    fn online_discard_is_read_from_mountinfo() {
+        let dev = |major, minor| libc::makedev(major, minor);
+        assert!(mounted_with_discard(MOUNTINFO, dev(254, 0)));
+        assert!(!mounted_with_discard(MOUNTINFO, dev(7, 0)));
+        assert!(!mounted_with_discard(MOUNTINFO, dev(7, 1)), "async discard");
+        assert!(mounted_with_discard(MOUNTINFO, dev(7, 2)));
+        assert!(!mounted_with_discard(MOUNTINFO, dev(8, 0)), "not mounted");
+        assert!(!mounted_with_discard("garbage\n\n", dev(254, 0)));
+    }
 }

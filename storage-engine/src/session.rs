@@ -521,6 +521,7 @@ fn answer_unknown_mailbox(ctx: &Ctx, conn: &mut Connection, req: &Request) -> bo
             let empty = ListPage {
                 entries: Vec::new(),
                 more: false,
+                generation: Some(crate::index::GENERATION_EMPTY),
             };
             conn.queue(&empty.encode());
         }
@@ -528,6 +529,7 @@ fn answer_unknown_mailbox(ctx: &Ctx, conn: &mut Connection, req: &Request) -> bo
             &Usage {
                 messages: 0,
                 size_bytes: 0,
+                generation: Some(crate::index::GENERATION_EMPTY),
             }
             .encode(),
         ),
@@ -560,12 +562,12 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                     let (n, more) = m.page_each(after.as_ref(), max, |id, size| {
                         ListEntry::write_line(id, size, &mut lines)
                     });
-                    (lines, n, more)
+                    (lines, n, more, m.generation())
                 })
                 .await;
             match page {
-                Ok((lines, n, more)) => {
-                    let block = ListPage::encode_lines(n as u64, more, &lines);
+                Ok((lines, n, more, generation)) => {
+                    let block = ListPage::encode_lines(n as u64, more, Some(generation), &lines);
                     conn.wbuf.extend_from_slice(&block);
                 }
                 Err(e) => conn.queue(&io_err_line(&e)),
@@ -685,13 +687,16 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
         Request::Usage { mailbox } => {
             let usage = ctx
                 .index
-                .view(&mailbox, walker(ctx, &mailbox), |m| m.usage())
+                .view(&mailbox, walker(ctx, &mailbox), |m| {
+                    (m.usage(), m.generation())
+                })
                 .await;
             match usage {
-                Ok((messages, size_bytes)) => conn.queue(
+                Ok(((messages, size_bytes), generation)) => conn.queue(
                     &Usage {
                         messages,
                         size_bytes,
+                        generation: Some(generation),
                     }
                     .encode(),
                 ),

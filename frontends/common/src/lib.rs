@@ -4,6 +4,9 @@
 //! store is a configured list of pplistener backends. This crate turns that
 //! list into a live [`Cluster`]:
 //!
+//! * [`accept`] — the threaded accept loop both frontends run: a connection-slot limit
+//!   held by an RAII guard, the over-limit and draining refusals, the PROXY stage, and
+//!   the shared half of a graceful stop;
 //! * [`config`] — the `[[backend]]` tables and the `[backend_pool]` knobs of a
 //!   frontend's TOML file;
 //! * [`Cluster`] — one background health-checker thread per backend (STATUS
@@ -23,6 +26,7 @@
 //! * [`lock`] — the per-mailbox `[IN-USE]` lock: in-process, `flock` on the
 //!   host, and a lease row in a MySQL/MariaDB userbase across hosts;
 //! * [`proxy`] — the PROXY protocol (v1/v2) from trusted balancers only;
+//! * [`tls`] — the TLS upgrade (STARTTLS, STLS, implicit-TLS ports);
 //! * [`reload`] — configuration reload without a restart (SIGHUP or the admin port),
 //!   applied to new sessions only.
 //!
@@ -38,6 +42,7 @@
 //! }
 //! ```
 
+pub mod accept;
 pub mod cluster;
 pub mod config;
 pub mod deadline;
@@ -47,6 +52,7 @@ pub mod proxy;
 pub mod reload;
 pub mod select;
 pub mod settings;
+pub mod tls;
 
 pub use cluster::{BackendId, BackendSnapshot, Cluster, Health, PoolError, PooledConn};
 pub use config::{validate_backends, BackendListError, BackendSpec, PoolConfig};

@@ -164,6 +164,14 @@ pub struct Serving {
     /// never through powerpop's memory; TLS sessions always copy. 0 turns
     /// splicing off.
     pub splice_min_bytes: u64,
+    /// Entries (one per mailbox plus one per message) of merged listings
+    /// kept between logins, least recently used dropped first; a login of a
+    /// kept mailbox asks each backend only whether its generation changed.
+    /// 0 turns the cache off (at most 100,000,000).
+    pub listing_cache_entries_max: usize,
+    /// Only mailboxes of at least this many messages are kept: a smaller
+    /// listing costs no more than the check.
+    pub listing_cache_min_messages: usize,
 }
 
 impl Default for Serving {
@@ -174,6 +182,8 @@ impl Default for Serving {
             prefetch_messages_max: 32,
             prefetch_bytes_max: 1 << 20,
             splice_min_bytes: 64 << 10,
+            listing_cache_entries_max: 1_000_000,
+            listing_cache_min_messages: 1_000,
         }
     }
 }
@@ -255,6 +265,9 @@ impl Config {
         let sv = &cfg.serving;
         if !(1..=256).contains(&sv.listing_workers_per_backend) {
             bail!("serving.listing_workers_per_backend must be 1 to 256");
+        }
+        if sv.listing_cache_entries_max > 100_000_000 {
+            bail!("serving.listing_cache_entries_max must be at most 100000000");
         }
         if sv.listing_queue_max == 0 {
             bail!("serving.listing_queue_max must be at least 1");

@@ -26,6 +26,7 @@ use powermail_frontend::{BackendId, Cluster};
 use powermail_proto::{BackendError, ErrorCode, ListEntry, MailboxName, MessageId};
 
 use crate::journal::{Journal, Owed};
+use crate::listing_cache::{Kept, ListingCache};
 
 /// One message of the merged listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,11 +43,38 @@ pub struct Merged {
 #[derive(Debug, Clone, Default)]
 pub struct Listing {
     /// The merged messages, oldest first.
-    pub messages: Vec<Merged>,
+    pub messages: Arc<Vec<Merged>>,
     /// Backends whose listing is part of it, ascending.
     pub listed: Vec<BackendId>,
     /// Deletions replayed from the journal on the way.
     pub replayed: usize,
+    /// What the [`ListingCache`] did for it.
+    pub cache: CacheUse,
+}
+
+/// What the [`ListingCache`] did for a login.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CacheUse {
+    /// Nothing was kept for the mailbox (or the cache is off).
+    #[default]
+    None,
+    /// Every backend's generation held: the kept listing was used.
+    Hit,
+    /// Something was kept but a generation (or the backends) changed: listed again.
+    Stale,
+}
+
+/// One backend's answer to a listing job.
+#[derive(Debug)]
+enum Answer {
+    /// Its listing, and the mailbox generation it was read at.
+    Listed {
+        entries: Vec<ListEntry>,
+        generation: Option<u64>,
+        replayed: usize,
+    },
+    /// The generation asked about still holds: nothing listed.
+    Unchanged,
 }
 
 /// Merges per-backend listings; see the module documentation. Linear in
@@ -93,9 +121,9 @@ fn list_one(
     cluster: &Arc<Cluster>,
     journal: &Journal,
     backend: BackendId,
-    mailbox: &MailboxName,
-    max_messages: usize,
-) -> Result<(Vec<ListEntry>, usize), BackendError> {
+    job: &Job,
+) -> Result<Answer, BackendError> {
+    let (mailbox, max_messages) = (&job.mailbox, job.max_messages);
     let name = cluster.spec(backend).name.clone();
     let mut conn = cluster
         .checkout(backend)
@@ -123,10 +151,28 @@ fn list_one(
     if let Err(e) = journal.complete(&done) {
         log::error!("delete journal: cannot record replayed deletions: {e}");
     }
-    let result = conn.list(mailbox, max_messages);
-    let entries = match result {
-        Ok(entries) => entries,
-        Err(e) if e.code() == Some(ErrorCode::NotFound) => Vec::new(),
+    // A kept listing to check (and nothing replayed just now, which would
+    // have changed it): one USAGE says whether it still holds.
+    if let (Some(kept), true) = (job.check, done.is_empty()) {
+        let usage = conn
+            .usage_send(mailbox)
+            .and_then(|()| conn.usage_full_reply());
+        match usage {
+            Ok(u) if u.generation == Some(kept) => {
+                conn.release();
+                return Ok(Answer::Unchanged);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                cluster.report_error(backend, &e);
+                return Err(e);
+            }
+        }
+    }
+    let result = conn.list_with_generation(mailbox, max_messages);
+    let (entries, generation) = match result {
+        Ok(listed) => listed,
+        Err(e) if e.code() == Some(ErrorCode::NotFound) => (Vec::new(), None),
         Err(e) => {
             cluster.report_error(backend, &e);
             return Err(e);
@@ -136,20 +182,30 @@ fn list_one(
     // Anything still owed (a replay that failed half-way cannot get here,
     // but another process may have added records meanwhile) stays hidden.
     let still_owed = journal.owed(&name, mailbox.as_str());
+    // A listing with deletions still owed is not the backend's state at
+    // its generation: not to be kept.
+    let generation = generation.filter(|_| still_owed.is_empty());
     let entries = entries
         .into_iter()
         .filter(|e| !still_owed.iter().any(|id| id == e.msgid.as_str()))
         .collect();
-    Ok((entries, done.len()))
+    Ok(Answer::Listed {
+        entries,
+        generation,
+        replayed: done.len(),
+    })
 }
 
-/// One backend's answer: its entries and the deletions replayed.
-type Part = (BackendId, Result<(Vec<ListEntry>, usize), BackendError>);
+/// One backend's answer.
+type Part = (BackendId, Result<Answer, BackendError>);
 
 /// A listing asked of one backend's workers.
 struct Job {
     mailbox: MailboxName,
     max_messages: usize,
+    /// The generation of a kept listing: answer [`Answer::Unchanged`] if it
+    /// still holds, else list.
+    check: Option<u64>,
     /// Past this instant nobody waits for the answer: the job is dropped.
     deadline: Instant,
     reply: Sender<Part>,
@@ -170,6 +226,8 @@ pub struct PoolCounters {
 pub struct ListPool {
     cluster: Arc<Cluster>,
     queues: Vec<Sender<Job>>,
+    /// Merged listings of big mailboxes kept between logins (`None`: off).
+    pub cache: Option<ListingCache>,
     /// Stale and refused jobs.
     pub counters: Arc<PoolCounters>,
 }
@@ -182,6 +240,7 @@ impl ListPool {
         journal: &Arc<Journal>,
         workers_per_backend: usize,
         queue_max: usize,
+        cache: Option<ListingCache>,
     ) -> std::io::Result<ListPool> {
         assert!(workers_per_backend >= 1 && queue_max >= 1);
         let counters = Arc::new(PoolCounters::default());
@@ -205,11 +264,14 @@ impl ListPool {
             cluster: cluster.clone(),
             queues,
             counters,
+            cache,
         })
     }
 
     /// Lists `mailbox` on every readable backend in parallel, waiting at
-    /// most `timeout`; see the module documentation.
+    /// most `timeout`; see the module documentation. A mailbox whose merged
+    /// listing is kept in the [`ListingCache`] is first only checked (one
+    /// `USAGE` per backend): if every generation holds, that listing is it.
     pub fn list_all(
         &self,
         mailbox: &MailboxName,
@@ -218,15 +280,105 @@ impl ListPool {
     ) -> Listing {
         let deadline = Instant::now() + timeout;
         let backends = self.cluster.readable();
+        let kept = self.cache.as_ref().and_then(|c| c.get(mailbox));
+        let mut cache = CacheUse::None;
+        if let Some(kept) = kept {
+            cache = CacheUse::Stale;
+            if kept.backends() == backends {
+                let check = |b| {
+                    kept.generations
+                        .iter()
+                        .find(|(k, _)| *k == b)
+                        .map(|(_, g)| *g)
+                };
+                let parts = self.ask(mailbox, &backends, check, max_messages, deadline, timeout);
+                let unchanged = parts
+                    .iter()
+                    .filter(|(_, a)| matches!(a, Answer::Unchanged))
+                    .count();
+                if unchanged == backends.len() {
+                    return Listing {
+                        messages: kept.messages,
+                        listed: backends,
+                        replayed: 0,
+                        cache: CacheUse::Hit,
+                    };
+                }
+            }
+            if let Some(c) = &self.cache {
+                c.forget(mailbox);
+            }
+        }
+        let parts = self.ask(
+            mailbox,
+            &backends,
+            |_| None,
+            max_messages,
+            deadline,
+            timeout,
+        );
+        let mut listing = Listing {
+            cache,
+            ..Listing::default()
+        };
+        let mut generations = Vec::with_capacity(parts.len());
+        let mut lists = Vec::with_capacity(parts.len());
+        for (b, answer) in parts {
+            if let Answer::Listed {
+                entries,
+                generation,
+                replayed,
+            } = answer
+            {
+                listing.replayed += replayed;
+                listing.listed.push(b);
+                lists.push((b, entries));
+                if let Some(g) = generation {
+                    generations.push((b, g));
+                }
+            }
+        }
+        listing.listed.sort_unstable();
+        generations.sort_unstable();
+        listing.messages = Arc::new(merge(lists));
+        // Kept only when complete: every readable backend answered, each
+        // with one generation for its whole listing, none over the limit.
+        let complete = listing.listed == backends
+            && generations.len() == backends.len()
+            && listing.messages.len() < max_messages;
+        if let (Some(c), true) = (&self.cache, complete) {
+            c.put(
+                mailbox,
+                Kept {
+                    generations,
+                    messages: listing.messages.clone(),
+                },
+            );
+        }
+        listing
+    }
+
+    /// Sends one job per backend of `backends` (`check(b)`: the generation
+    /// to check on `b`) and collects the answers that come by `deadline`.
+    fn ask(
+        &self,
+        mailbox: &MailboxName,
+        backends: &[BackendId],
+        check: impl Fn(BackendId) -> Option<u64>,
+        max_messages: usize,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Vec<(BackendId, Answer)> {
         let (tx, rx) = channel::bounded::<Part>(backends.len().max(1));
         let mut asked = 0;
-        for b in backends {
+        for &b in backends {
             let Some(queue) = self.queues.get(b) else {
                 continue;
             };
             let job = Job {
                 mailbox: mailbox.clone(),
                 max_messages,
+                check: check(b),
                 deadline,
                 reply: tx.clone(),
             };
@@ -262,13 +414,14 @@ fn work(
             counters.stale_dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let r = list_one(cluster, journal, backend, &job.mailbox, job.max_messages);
+        let r = list_one(cluster, journal, backend, &job);
         // The caller may have given up waiting: then nobody listens.
         let _ = job.reply.try_send((backend, r));
     }
 }
 
-/// Waits for `asked` answers until `deadline` and merges them.
+/// Waits for `asked` answers until `deadline`; a backend that errs or is
+/// late is left out (logged).
 fn collect(
     cluster: &Cluster,
     rx: &Receiver<Part>,
@@ -276,17 +429,11 @@ fn collect(
     mailbox: &MailboxName,
     deadline: Instant,
     timeout: Duration,
-) -> Listing {
+) -> Vec<(BackendId, Answer)> {
     let mut parts = Vec::with_capacity(asked);
-    let mut listed = Vec::with_capacity(asked);
-    let mut replayed = 0;
     for _ in 0..asked {
         match rx.recv_deadline(deadline) {
-            Ok((b, Ok((entries, n)))) => {
-                replayed += n;
-                listed.push(b);
-                parts.push((b, entries));
-            }
+            Ok((b, Ok(answer))) => parts.push((b, answer)),
             Ok((b, Err(e))) => {
                 log::info!(
                     "backend={} skipped for {mailbox}: {e}",
@@ -299,12 +446,7 @@ fn collect(
             }
         }
     }
-    listed.sort_unstable();
-    Listing {
-        messages: merge(parts),
-        listed,
-        replayed,
-    }
+    parts
 }
 
 #[cfg(test)]

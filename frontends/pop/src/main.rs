@@ -1,37 +1,18 @@
 //! `powerpop`: PowerMail's POP3 frontend. See the library docs and
 //! `examples/powerpop.toml`.
 
-use std::path::PathBuf;
-
-use anyhow::Context;
-use clap::Parser;
-
-/// Command line.
-#[derive(Parser, Debug)]
-#[command(name = "powerpop", version, about = "PowerMail POP3 frontend")]
-struct Args {
-    /// TOML configuration file (see examples/powerpop.toml).
-    #[arg(long)]
-    config: PathBuf,
-    /// Check the configuration and exit.
-    #[arg(long)]
-    check: bool,
-}
+use powermail_admin::daemon::{self, Daemon, Invocation};
+use powerpop::config::Config;
 
 fn main() {
-    powermail_admin::init_logging();
-    if let Err(e) = run(Args::parse()) {
-        log::error!("powerpop: {e:#}");
-        eprintln!("powerpop: {e:#}");
-        std::process::exit(1);
-    }
+    let daemon = Daemon {
+        name: "powerpop",
+        about: "PowerMail POP3 frontend",
+    };
+    daemon::run(&daemon, Config::parse, start);
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("reading {}", args.config.display()))?;
-    let cfg = powerpop::config::Config::parse(&text)
-        .with_context(|| format!("parsing {}", args.config.display()))?;
+fn start(cfg: Config, args: Invocation) -> anyhow::Result<()> {
     if args.check {
         println!("configuration OK: {} backends", cfg.backends.len());
         return Ok(());

@@ -13,21 +13,24 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use powermail_admin::{kv, Samples};
-use powermail_frontend::proxy::{self, ProxyPolicy};
+use powermail_frontend::accept::{self, Event, ListenerSpec, Refusals};
+use powermail_frontend::proxy::{self, Endpoints, ProxyPolicy};
 use powermail_frontend::reload::{on_sighup, on_sigterm, Reloadable};
 use powermail_frontend::{Cluster, DeadlineWrite};
 use powermail_proto::SpliceSink;
 use powermail_userbase::{CacheConfig, CachedUserbase, Userbase};
 
+use crate::ahead::Ahead;
 use crate::config::{Config, Limits};
 use crate::fallback::relay;
 use crate::journal::Journal;
 use crate::line::LineReader;
 use crate::listing::ListPool;
+use crate::listing_cache::ListingCache;
 use crate::lock::{LeaseConfig, Locks};
 use crate::session::{Session, SessionLimits};
 use crate::stats::{Admin, Stats};
-use crate::store::{Ahead, LiveStore};
+use crate::store::LiveStore;
 use crate::throttle::Throttle;
 
 /// What every connection thread shares.
@@ -129,6 +132,10 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         &journal,
         cfg.serving.listing_workers_per_backend,
         cfg.serving.listing_queue_max,
+        ListingCache::new(
+            cfg.serving.listing_cache_entries_max,
+            cfg.serving.listing_cache_min_messages,
+        ),
     )
     .context("starting the listing workers")?;
     let (on_term, grace) = (stats.clone(), Duration::from_millis(cfg.shutdown_grace_ms));
@@ -147,10 +154,10 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     });
     if let (Some(l), Some(tls)) = (tls_listener, tls.clone()) {
         let local = l.local_addr()?;
-        let s = shared.clone();
+        let service = Listener::new(&shared, Some(tls), true);
         std::thread::Builder::new()
             .name("accept-tls".into())
-            .spawn(move || accept_loop(l, s, Some(tls), true))?;
+            .spawn(move || accept::accept_loop(&l, &service, &LISTENER))?;
         log::info!("powerpop implicit TLS on {local}");
         println!("powerpop implicit TLS on {local}");
         ready.insert(0, ("pop3s", local));
@@ -160,7 +167,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     println!("powerpop listening on {local}");
     ready.insert(0, ("pop3", local));
     powermail_admin::announce_ready("powerpop", &ready);
-    accept_loop(listener, shared, tls, false);
+    accept::accept_loop(&listener, &Listener::new(&shared, tls, false), &LISTENER);
     Ok(())
 }
 
@@ -170,97 +177,99 @@ static DRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::
 /// SIGTERM: refuse new sessions, wait up to `grace` for the open ones to
 /// end, then end the process.
 fn drain(stats: &Stats, grace: Duration) {
-    DRAINING.store(true, Ordering::SeqCst);
-    let _ = powermail_admin::systemd::notify("STOPPING=1");
-    let open = stats.connections.load(Ordering::SeqCst);
-    log::warn!(
-        "SIGTERM: no new sessions; {open} open get up to {} ms to finish",
-        grace.as_millis()
-    );
-    let deadline = Instant::now() + grace;
-    while stats.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let left = stats.connections.load(Ordering::SeqCst);
-    if left > 0 {
-        log::warn!("grace period over: {left} sessions cut off (their DELEs not applied)");
-    }
-    log::info!("stopped");
+    accept::begin_drain(&DRAINING, &stats.connections, grace);
+    accept::wait_drained(&stats.connections, grace, "their DELEs not applied");
     println!("powerpop stopped");
     let _ = io::stdout().flush();
     std::process::exit(0);
 }
 
-/// Accepts connections for ever; `implicit`: TLS from the first byte.
-fn accept_loop(
-    listener: TcpListener,
+/// How the POP3 listeners make their session threads and refuse.
+const LISTENER: ListenerSpec = ListenerSpec {
+    thread_name: "pop",
+    stack_size_bytes: None,
+    accept_error_pause_ms: 50,
+    refusals: Refusals {
+        full: b"-ERR [SYS/TEMP] too many connections\r\n",
+        draining: b"-ERR [SYS/TEMP] shutting down\r\n",
+    },
+};
+
+/// One listener (plain POP3 with STLS, or implicit TLS) in the shared accept loop.
+struct Listener {
     shared: Arc<Shared>,
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS from the first byte.
     implicit: bool,
-) {
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                log::warn!("accept: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-        };
-        if DRAINING.load(Ordering::SeqCst) {
-            let mut stream = stream;
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = stream.write_all(b"-ERR [SYS/TEMP] shutting down\r\n");
-            continue;
-        }
-        Stats::inc(&shared.stats.counters.connections_accepted);
-        let open = shared.stats.connections.fetch_add(1, Ordering::SeqCst);
-        if open as usize >= shared.limits.get().connections_max {
-            shared.stats.connections.fetch_sub(1, Ordering::SeqCst);
-            Stats::inc(&shared.stats.counters.connections_refused);
-            refuse(stream);
-            continue;
-        }
-        let s = shared.clone();
-        let tls = tls.clone();
-        let spawned = std::thread::Builder::new()
-            .name("pop".into())
-            .spawn(move || {
-                serve(&s, stream, tls, implicit);
-                s.stats.connections.fetch_sub(1, Ordering::SeqCst);
-            });
-        if let Err(e) = spawned {
-            log::error!("cannot start a connection thread: {e}");
-            shared.stats.connections.fetch_sub(1, Ordering::SeqCst);
-        }
+}
+
+impl Listener {
+    fn new(
+        shared: &Arc<Shared>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        implicit: bool,
+    ) -> Arc<Listener> {
+        Arc::new(Listener {
+            shared: shared.clone(),
+            tls,
+            implicit,
+        })
     }
 }
 
-fn refuse(mut stream: TcpStream) {
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-    let _ = stream.write_all(b"-ERR [SYS/TEMP] too many connections\r\n");
+impl accept::Service for Listener {
+    fn connections(&self) -> &dyn accept::SlotCounter {
+        &self.shared.stats.connections
+    }
+
+    fn connections_max(&self) -> u64 {
+        self.shared.limits.get().connections_max as u64
+    }
+
+    fn draining(&self) -> bool {
+        DRAINING.load(Ordering::SeqCst)
+    }
+
+    fn proxy(&self) -> &ProxyPolicy {
+        &self.shared.proxy
+    }
+
+    fn count(&self, event: Event) {
+        let counters = &self.shared.stats.counters;
+        match event {
+            Event::Accepted => Stats::inc(&counters.connections_accepted),
+            Event::RefusedFull => Stats::inc(&counters.connections_refused),
+            Event::ProxyRefused => Stats::inc(&counters.proxy_refused),
+            Event::RefusedDraining | Event::Admitted => {}
+        }
+    }
+
+    fn serve(self: &Arc<Self>, stream: TcpStream, ends: Endpoints, started: Instant) {
+        serve(
+            &self.shared,
+            stream,
+            ends,
+            started,
+            self.tls.clone(),
+            self.implicit,
+        );
+    }
 }
 
 /// Numbers the sessions of this process for their log lines.
 static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// Serves one connection to its end and logs its one summary line.
+/// Serves one connection to its end (past the PROXY stage: `ends`; its thread began at
+/// `started`) and logs its one summary line.
 fn serve(
     shared: &Arc<Shared>,
     stream: TcpStream,
+    ends: Endpoints,
+    started: Instant,
     tls: Option<Arc<rustls::ServerConfig>>,
     implicit: bool,
 ) {
-    let started = Instant::now();
-    let (client, local) = match shared.proxy.accept(&stream) {
-        Ok(ends) => (ends.client, ends.local),
-        Err(e) => {
-            Stats::inc(&shared.stats.counters.proxy_refused);
-            log::warn!("connection refused: {e}");
-            return;
-        }
-    };
+    let (client, local) = (ends.client, ends.local);
     let limits = shared.limits.get();
     let _ = stream.set_read_timeout(Some(limits.idle_timeout()));
     let _ = stream.set_write_timeout(Some(limits.send_timeout()));
@@ -271,7 +280,7 @@ fn serve(
         local,
         mailbox: None,
         lock: None,
-        messages: Vec::new(),
+        messages: Arc::default(),
         listed: Vec::new(),
         upstream: None,
         ahead: Ahead::default(),
@@ -359,11 +368,7 @@ fn converse(
     let Some(tls) = tls else {
         return Ok("closed");
     };
-    let conn = rustls::ServerConnection::new(tls).map_err(io::Error::other)?;
-    let mut secure = rustls::StreamOwned::new(conn, plain);
-    while secure.conn.is_handshaking() {
-        secure.conn.complete_io(&mut secure.sock)?;
-    }
+    let mut secure = powermail_frontend::tls::upgrade(tls, plain)?;
     session.tls_started();
     let ended = drive(shared, session, &mut secure, latencies, implicit)?;
     secure.sock.set_write_timeout(Some(send_timeout))?;

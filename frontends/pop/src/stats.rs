@@ -40,6 +40,8 @@ counters! {
     logins_in_use: "logins refused because the mailbox was locked",
     logins_unavailable: "logins refused because the userbase was unavailable",
     empty_mailbox_logins: "logins that found an empty mailbox",
+    listing_cache_hits: "logins whose big mailbox listing was kept and still held on every backend (one USAGE each, no LIST)",
+    listing_cache_stale: "logins whose kept listing no longer held (a generation or the backends changed) and listed again",
     messages_retrieved: "RETR and TOP served",
     bytes_retrieved: "message bytes sent by RETR and TOP",
     bytes_spliced: "message bytes RETR moved from a backend to a plain client socket with splice(2), never copied",

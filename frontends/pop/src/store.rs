@@ -10,12 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use powermail_admin::kv;
-use powermail_frontend::{BackendId, Cluster};
+use powermail_frontend::{BackendId, Cluster, PooledConn};
 use powermail_proto::{BackendError, ErrorCode, MailboxName, MessageId, SpliceSink};
 use powermail_userbase::UserbaseError;
 
+use crate::ahead::{fetch_plan, window, Ahead};
 use crate::journal::Owed;
-use crate::listing::Merged;
+use crate::listing::{CacheUse, Merged};
 use crate::lock::{LockError, MailboxLock};
 use crate::server::Shared;
 use crate::session::{is_enough, qualify, AuthResult, Listed, RetrieveError, Store};
@@ -30,58 +31,13 @@ pub struct LiveStore {
     pub(crate) mailbox: Option<MailboxName>,
     /// Held from login to the end of the session.
     pub(crate) lock: Option<MailboxLock>,
-    pub(crate) messages: Vec<Merged>,
+    pub(crate) messages: Arc<Vec<Merged>>,
     /// Backends whose listing made up `messages`.
     pub(crate) listed: Vec<BackendId>,
     /// The fallback server's connection after a proxied login.
     pub(crate) upstream: Option<TcpStream>,
     /// Messages fetched ahead by the last RETR.
     pub(crate) ahead: Ahead,
-}
-
-/// Messages fetched ahead of the client's RETRs: listing index and bytes,
-/// at most `serving.prefetch_bytes_max` bytes in all (one `GETM` fills it;
-/// the next fetch empties it first).
-#[derive(Debug, Default)]
-pub struct Ahead {
-    held: Vec<(usize, Vec<u8>)>,
-}
-
-impl Ahead {
-    /// Takes the bytes of listing entry `index`, if fetched ahead.
-    fn take(&mut self, index: usize) -> Option<Vec<u8>> {
-        let at = self.held.iter().position(|(i, _)| *i == index)?;
-        Some(self.held.swap_remove(at).1)
-    }
-}
-
-/// The listing indexes one `GETM` to `holder` fetches when RETR asks for
-/// `index`: it, then the next messages `holder` also holds, while the
-/// window has room (`messages_max` messages, `bytes_max` bytes). Empty when
-/// `index` alone is over `bytes_max` (it is streamed instead).
-pub fn fetch_plan(
-    messages: &[Merged],
-    index: usize,
-    holder: BackendId,
-    messages_max: usize,
-    bytes_max: u64,
-) -> Vec<usize> {
-    let mut plan = Vec::new();
-    let mut bytes = 0u64;
-    for (i, m) in messages.iter().enumerate().skip(index) {
-        if plan.len() >= messages_max {
-            break;
-        }
-        if i != index && !m.holders.contains(&holder) {
-            continue;
-        }
-        if bytes + m.size_bytes > bytes_max {
-            break;
-        }
-        bytes += m.size_bytes;
-        plan.push(i);
-    }
-    plan
 }
 
 /// `holders` with the ones the health checker calls down moved last, the
@@ -226,6 +182,11 @@ impl Store for LiveStore {
         if listing.messages.is_empty() {
             Stats::inc(&counters.empty_mailbox_logins);
         }
+        match listing.cache {
+            CacheUse::Hit => Stats::inc(&counters.listing_cache_hits),
+            CacheUse::Stale => Stats::inc(&counters.listing_cache_stale),
+            CacheUse::None => {}
+        }
         self.mailbox = Some(name);
         self.listed = listing.listed;
         self.messages = listing.messages;
@@ -270,24 +231,38 @@ impl Store for LiveStore {
                 return Err(format!("mailbox lock not confirmed ({e}); nothing deleted"));
             }
         }
-        let mut owed = Vec::new();
+        // Every backend's DELM lines go out first, then the replies are
+        // read: the backends unlink and sync at the same time, so a QUIT
+        // waits for the slowest backend, not for the sum of them.
+        let mut owed: Vec<(BackendId, &Merged)> = Vec::new();
+        let mut pending = Vec::new();
         for b in 0..sh.cluster.len() {
-            let ids: Vec<&Merged> = deleted
+            let msgs: Vec<&Merged> = deleted
                 .iter()
                 .filter_map(|&i| self.messages.get(i))
                 .filter(|m| m.holders.contains(&b) || !self.listed.contains(&b))
                 .collect();
-            if ids.is_empty() {
+            if msgs.is_empty() {
                 continue;
             }
-            let failed = delete_on(&sh.cluster, b, &mailbox, &ids, self.listed.contains(&b));
-            let name = &sh.cluster.spec(b).name;
-            owed.extend(failed.into_iter().map(|m| Owed {
-                backend: name.clone(),
+            match delete_send(&sh.cluster, b, &mailbox, &msgs, self.listed.contains(&b)) {
+                Some(sent) => pending.push((b, msgs, sent)),
+                None => owed.extend(msgs.iter().map(|m| (b, *m))),
+            }
+        }
+        for (b, msgs, sent) in pending {
+            if !delete_reply(&sh.cluster, b, &mailbox, &msgs, sent) {
+                owed.extend(msgs.iter().map(|m| (b, *m)));
+            }
+        }
+        let owed: Vec<Owed> = owed
+            .into_iter()
+            .map(|(b, m)| Owed {
+                backend: sh.cluster.spec(b).name.clone(),
                 mailbox: mailbox.to_string(),
                 msgid: m.msgid.to_string(),
-            }));
-        }
+            })
+            .collect();
         if owed.is_empty() {
             return Ok(());
         }
@@ -365,8 +340,9 @@ impl LiveStore {
     }
 
     /// RETR of a message that fits the fetch-ahead window: one `GETM` to its
-    /// first working holder fetches it and the next messages that holder
-    /// has (see [`fetch_plan`]); the rest wait in [`Ahead`] for their RETR.
+    /// first working holder fetches it and the messages of its window that
+    /// holder has (see [`crate::ahead`]); the rest wait in [`Ahead`] for
+    /// their RETR, with what other backends' `GETM`s brought.
     /// A holder failing part-way keeps what arrived complete; the message
     /// asked for, if it did not, goes to the next holder.
     fn fetch_ahead(
@@ -383,7 +359,16 @@ impl LiveStore {
         let cluster = self.shared.cluster.clone();
         let mut not_found = 0;
         for &b in &holders {
-            let plan = fetch_plan(&self.messages, index, b, messages_max, bytes_max);
+            self.ahead
+                .keep_only(window(&self.messages, index, messages_max, bytes_max));
+            let plan = fetch_plan(
+                &self.messages,
+                index,
+                b,
+                &self.ahead,
+                messages_max,
+                bytes_max,
+            );
             let ids: Vec<&MessageId> = plan.iter().map(|&i| &self.messages[i].msgid).collect();
             let mut conn = match cluster.checkout(b) {
                 Ok(c) => c,
@@ -392,12 +377,11 @@ impl LiveStore {
                     continue;
                 }
             };
-            self.ahead.held.clear();
-            let held = &mut self.ahead.held;
+            let ahead = &mut self.ahead;
             let mut first = None;
             let fetched = conn.get_many(&mailbox, &ids, bytes_max, |k, r| match (k, r) {
                 (0, r) => first = Some(r),
-                (k, Ok(body)) => held.push((plan[k], body)),
+                (k, Ok(body)) => ahead.hold(plan[k], body),
                 (_, Err(_)) => {}
             });
             match fetched {
@@ -418,39 +402,59 @@ impl LiveStore {
     }
 }
 
-/// Deletes `msgs` from `mailbox` on backend `b`; returns those still owed.
-/// A backend that was not listed in this session is not even tried: it was
-/// down or slow a moment ago, and the journal replays the deletions before
-/// its next listing anyway.
-fn delete_on<'a>(
+/// Sends the `DELM` lines deleting `msgs` from `mailbox` to backend `b`;
+/// the connection and the number of lines, for [`delete_reply`], or `None`
+/// when all of `msgs` stay owed. A backend that was not listed in this
+/// session is not even tried: it was down or slow a moment ago, and the
+/// journal replays the deletions before its next listing anyway.
+fn delete_send(
     cluster: &Arc<Cluster>,
     b: BackendId,
     mailbox: &MailboxName,
-    msgs: &[&'a Merged],
+    msgs: &[&Merged],
     was_listed: bool,
-) -> Vec<&'a Merged> {
+) -> Option<(PooledConn, usize)> {
     if !was_listed {
-        return msgs.to_vec();
+        return None;
     }
     let mut conn = match cluster.checkout(b) {
         Ok(c) => c,
         Err(e) => {
             log::info!("DEL on backend {b}: {e}");
-            return msgs.to_vec();
+            return None;
         }
     };
     // One DELM per command line's worth of ids: one directory sync each,
-    // not one per message. On an error the whole set stays owed (replaying a
-    // deletion that did happen is harmless).
+    // not one per message.
     let ids: Vec<&MessageId> = msgs.iter().map(|m| &m.msgid).collect();
-    match conn.del_many(mailbox, &ids) {
+    match conn.del_many_send(mailbox, &ids) {
+        Ok(lines) => Some((conn, lines)),
+        Err(e) => {
+            cluster.report_error(b, &e);
+            None
+        }
+    }
+}
+
+/// Reads backend `b`'s replies to what [`delete_send`] sent; whether all of
+/// `msgs` are deleted. On an error the whole set stays owed (replaying a
+/// deletion that did happen is harmless).
+fn delete_reply(
+    cluster: &Arc<Cluster>,
+    b: BackendId,
+    mailbox: &MailboxName,
+    msgs: &[&Merged],
+    (mut conn, lines): (PooledConn, usize),
+) -> bool {
+    let ids: Vec<&MessageId> = msgs.iter().map(|m| &m.msgid).collect();
+    match conn.del_many_reply(mailbox, &ids, lines) {
         Ok(_) => {
             conn.release();
-            Vec::new()
+            true
         }
         Err(e) => {
             cluster.report_error(b, &e);
-            msgs.to_vec()
+            false
         }
     }
 }

@@ -319,3 +319,134 @@ fn a_backend_cut_mid_splice_ends_the_session_without_update() {
     assert!(p.cmd("QUIT").unwrap().starts_with("+OK"));
     assert_eq!(pop.stats()["counters"]["bytes_spliced"], 0);
 }
+
+/// Body bytes a backend has sent by GET/GETM (pplistener's `bytes_out`).
+fn bytes_out(b: &Backend) -> u64 {
+    let (status, body) =
+        powermail_testkit::admin_request(b.process.admin, "GET", "/stats", Some("tok"));
+    assert_eq!(status, 200, "{body}");
+    let stats: serde_json::Value = serde_json::from_str(&body).expect("stats JSON");
+    stats["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| b["bytes_out"].as_u64().expect("bytes_out"))
+        .sum()
+}
+
+#[test]
+fn a_drain_over_two_backends_fetches_each_message_once() {
+    // K=1 over two backends: the messages alternate between them. What one
+    // backend's GETM fetched ahead must survive the other backend's GETM
+    // (it used to be dropped, so every RETR fetched a whole window again).
+    let users = Users::new(&[(BOB, "pw")]);
+    let (b0, b1) = (Backend::start(), Backend::start());
+    let bodies: Vec<Vec<u8>> = (0..40).map(|i| stored(i, 3000 + 97 * i)).collect();
+    for (i, b) in bodies.iter().enumerate() {
+        [&b0, &b1][i % 2].put(BOB, &msgid(i), b);
+    }
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start(
+        &users,
+        &[&b0, &b1],
+        state.path(),
+        "[serving]\nprefetch_messages_max = 16\nprefetch_bytes_max = 65536\n",
+    );
+    let before = bytes_out(&b0) + bytes_out(&b1);
+    let mut p = PopClient::login(pop.addr, "bob", "pw").expect("login");
+    for (i, want) in bodies.iter().enumerate() {
+        assert!(p.retr(i + 1).unwrap() == *want, "message {} differs", i + 1);
+    }
+    assert!(p.cmd("QUIT").expect("QUIT").starts_with("+OK"));
+    let sent = bytes_out(&b0) + bytes_out(&b1) - before;
+    let stored_bytes: u64 = bodies.iter().map(|b| b.len() as u64).sum();
+    assert_eq!(sent, stored_bytes, "every message sent by a backend once");
+}
+
+/// LIST requests a backend has answered (pplistener's `lists`).
+fn lists(b: &Backend) -> u64 {
+    let (status, body) =
+        powermail_testkit::admin_request(b.process.admin, "GET", "/stats", Some("tok"));
+    assert_eq!(status, 200, "{body}");
+    let stats: serde_json::Value = serde_json::from_str(&body).expect("stats JSON");
+    stats["backends"][0]["lists"].as_u64().expect("lists")
+}
+
+/// The UIDs of a fresh session (logged in, UIDL, QUIT).
+fn uids(pop: &Pop) -> Vec<String> {
+    let mut p = PopClient::login(pop.addr, "bob", "pw").expect("login");
+    let uids = p
+        .uidl()
+        .expect("UIDL")
+        .into_iter()
+        .map(|(_, u)| u)
+        .collect();
+    assert!(p.quit().expect("QUIT").starts_with("+OK"));
+    uids
+}
+
+#[test]
+fn a_kept_listing_is_used_only_while_every_backend_generation_holds() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let (mut b0, b1) = (Backend::start(), Backend::start());
+    let mut want: Vec<String> = Vec::new();
+    for i in 0..30 {
+        // Alternating: every backend's part matters.
+        [&b0, &b1][i % 2].put(BOB, &msgid(i), &stored(i, 200));
+        want.push(msgid(i));
+    }
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start(
+        &users,
+        &[&b0, &b1],
+        state.path(),
+        "[serving]\nlisting_cache_min_messages = 10\n",
+    );
+    let counter = |name: &str| pop.stats()["counters"][name].as_u64().expect(name);
+    let listed = |b0: &Backend| lists(b0) + lists(&b1);
+
+    // First login lists and keeps; the second only checks.
+    assert_eq!(uids(&pop), want);
+    let before = listed(&b0);
+    assert_eq!(uids(&pop), want);
+    assert_eq!(listed(&b0), before, "no LIST on an unchanged mailbox");
+    assert_eq!(
+        (
+            counter("listing_cache_hits"),
+            counter("listing_cache_stale")
+        ),
+        (1, 0)
+    );
+
+    // New mail on one backend: listed again, and kept again.
+    b1.put(BOB, &msgid(30), &stored(30, 200));
+    want.push(msgid(30));
+    assert_eq!(uids(&pop), want);
+    assert_eq!(counter("listing_cache_stale"), 1);
+    assert_eq!(uids(&pop), want);
+    assert_eq!(counter("listing_cache_hits"), 2);
+
+    // A deletion through POP3 is seen at the next login.
+    let mut p = PopClient::login(pop.addr, "bob", "pw").expect("login");
+    assert!(p.cmd("DELE 1").expect("DELE").starts_with("+OK"));
+    assert!(p.quit().expect("QUIT").starts_with("+OK"));
+    want.remove(0);
+    assert_eq!(uids(&pop), want, "listed again after the DELE");
+    assert_eq!(counter("listing_cache_stale"), 2);
+
+    // A restarted backend hands out new generations: listed again.
+    b0.kill9();
+    b0.restart();
+    eventually(TIMEOUT, "b0 back", || uids(&pop) == want);
+    assert!(counter("listing_cache_stale") >= 3);
+    let hits = counter("listing_cache_hits");
+    assert_eq!(uids(&pop), want);
+    assert_eq!(counter("listing_cache_hits"), hits + 1, "kept again");
+
+    // A backend gone: its messages are not served from the kept listing.
+    drop(b1);
+    // b0 holds the even indexes below 30; index 0 was deleted.
+    let only_b0: Vec<String> = (2..30).step_by(2).map(msgid).collect();
+    eventually(TIMEOUT, "b1 left out", || uids(&pop) == only_b0);
+    assert_eq!(uids(&pop), only_b0);
+}

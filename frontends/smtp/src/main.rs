@@ -1,37 +1,18 @@
 //! `powersmtp`: PowerMail's SMTP frontend. See the library docs and
 //! `examples/powersmtp.toml`.
 
-use std::path::PathBuf;
-
-use anyhow::Context;
-use clap::Parser;
-
-/// Command line.
-#[derive(Parser, Debug)]
-#[command(name = "powersmtp", version, about = "PowerMail SMTP frontend")]
-struct Args {
-    /// TOML configuration file (see examples/powersmtp.toml).
-    #[arg(long)]
-    config: PathBuf,
-    /// Check the configuration and exit.
-    #[arg(long)]
-    check: bool,
-}
+use powermail_admin::daemon::{self, Daemon, Invocation};
+use powersmtp::config::Config;
 
 fn main() {
-    powermail_admin::init_logging();
-    if let Err(e) = run(Args::parse()) {
-        log::error!("powersmtp: {e:#}");
-        eprintln!("powersmtp: {e:#}");
-        std::process::exit(1);
-    }
+    let daemon = Daemon {
+        name: "powersmtp",
+        about: "PowerMail SMTP frontend",
+    };
+    daemon::run(&daemon, Config::parse, start);
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("reading {}", args.config.display()))?;
-    let cfg = powersmtp::config::Config::parse(&text)
-        .with_context(|| format!("parsing {}", args.config.display()))?;
+fn start(cfg: Config, args: Invocation) -> anyhow::Result<()> {
     if args.check {
         println!(
             "configuration OK: {} backends, K = {}",

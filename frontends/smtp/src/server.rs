@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use powermail_admin::{AdminHandler, Prometheus};
-use powermail_frontend::proxy::{self, ProxyPolicy};
+use powermail_frontend::accept::{self, Event, ListenerSpec, Refusals};
+use powermail_frontend::proxy::{self, Endpoints, ProxyPolicy};
 use powermail_frontend::reload::{
     changes, on_sighup, on_sigterm, reload_file, split_live, Reloadable,
 };
@@ -48,23 +49,9 @@ const DRAIN_POLL: Duration = Duration::from_millis(200);
 /// SIGTERM: stop taking sessions, wait up to `grace` for the open ones (each
 /// closes with `421` as soon as it has no transaction), then end the process.
 fn drain(shared: &Shared, grace: Duration) {
-    DRAINING.store(true, Ordering::SeqCst);
-    let _ = powermail_admin::systemd::notify("STOPPING=1");
-    let open = shared.stats.connections.load(Ordering::SeqCst);
-    log::warn!(
-        "SIGTERM: no new sessions; {open} open get up to {} ms to finish",
-        grace.as_millis()
-    );
+    let open = accept::begin_drain(&DRAINING, &shared.stats.connections, grace);
     println!("powersmtp: stopping ({open} sessions open)");
-    let deadline = Instant::now() + grace;
-    while shared.stats.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
-    }
-    let left = shared.stats.connections.load(Ordering::SeqCst);
-    if left > 0 {
-        log::warn!("grace period over: {left} sessions cut off (no 250 was sent for them)");
-    }
-    log::info!("stopped");
+    accept::wait_drained(&shared.stats.connections, grace, "no 250 was sent for them");
     println!("powersmtp: stopped");
     std::process::exit(0);
 }
@@ -154,14 +141,14 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         ready.insert(1, ("lmtp", local));
         log::info!("LMTP listening on {local}");
         println!("powersmtp: LMTP listening on {local}");
-        let (shared, current, tls) = (shared.clone(), current.clone(), tls.clone());
-        thread::Builder::new().name("lmtp-accept".into()).spawn({
-            let proxy = proxy.clone();
-            move || serve_listener(&lmtp, &shared, &current, &tls, Protocol::Lmtp, &proxy)
-        })?;
+        let service = Listener::new(&shared, &current, &tls, &proxy, Protocol::Lmtp);
+        thread::Builder::new()
+            .name("lmtp-accept".into())
+            .spawn(move || accept::accept_loop(&lmtp, &service, &LISTENER))?;
     }
     powermail_admin::announce_ready("powersmtp", &ready);
-    serve_listener(&listener, &shared, &current, &tls, Protocol::Smtp, &proxy);
+    let service = Listener::new(&shared, &current, &tls, &proxy, Protocol::Smtp);
+    accept::accept_loop(&listener, &service, &LISTENER);
     Ok(())
 }
 
@@ -174,104 +161,101 @@ enum Protocol {
     Lmtp,
 }
 
-/// Accepts connections on `listener` until the process ends.
-fn serve_listener(
-    listener: &TcpListener,
-    shared: &Arc<Shared>,
-    current: &Reloadable<Config>,
-    tls: &Option<Arc<rustls::ServerConfig>>,
+/// How the SMTP and LMTP listeners make their session threads and refuse.
+const LISTENER: ListenerSpec = ListenerSpec {
+    thread_name: "smtp",
+    stack_size_bytes: Some(256 << 10),
+    accept_error_pause_ms: 10,
+    refusals: Refusals {
+        full: b"421 4.3.2 Too many connections, try again later\r\n",
+        draining: b"421 4.3.2 Service shutting down\r\n",
+    },
+};
+
+/// One listener (SMTP or LMTP) in the shared accept loop.
+struct Listener {
+    shared: Arc<Shared>,
+    /// The configuration new sessions get.
+    current: Arc<Reloadable<Config>>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    proxy: Arc<ProxyPolicy>,
     protocol: Protocol,
-    proxy: &Arc<ProxyPolicy>,
-) {
-    for stream in listener.incoming() {
-        match stream {
-            Ok(s) => accept(s, shared, &current.get(), tls, protocol, proxy),
-            Err(e) => {
-                log::warn!("accept: {e}");
-                // Out of file descriptors and the like: do not spin.
-                thread::sleep(Duration::from_millis(10));
+}
+
+impl Listener {
+    fn new(
+        shared: &Arc<Shared>,
+        current: &Arc<Reloadable<Config>>,
+        tls: &Option<Arc<rustls::ServerConfig>>,
+        proxy: &Arc<ProxyPolicy>,
+        protocol: Protocol,
+    ) -> Arc<Listener> {
+        Arc::new(Listener {
+            shared: shared.clone(),
+            current: current.clone(),
+            tls: tls.clone(),
+            proxy: proxy.clone(),
+            protocol,
+        })
+    }
+}
+
+impl accept::Service for Listener {
+    fn connections(&self) -> &dyn accept::SlotCounter {
+        &self.shared.stats.connections
+    }
+
+    fn connections_max(&self) -> u64 {
+        self.current.get().limits.connections_max as u64
+    }
+
+    fn draining(&self) -> bool {
+        DRAINING.load(Ordering::SeqCst)
+    }
+
+    fn proxy(&self) -> &ProxyPolicy {
+        &self.proxy
+    }
+
+    fn count(&self, event: Event) {
+        let stats = &self.shared.stats;
+        match event {
+            Event::RefusedDraining | Event::RefusedFull => {
+                stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
             }
+            Event::Admitted => {
+                stats.sessions.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::ProxyRefused => {
+                stats.proxy_refused.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Accepted => {}
         }
     }
-}
 
-/// Decrements the connection gauge when a session thread ends.
-struct Slot(Arc<Shared>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.stats.connections.fetch_sub(1, Ordering::Relaxed);
+    fn serve(self: &Arc<Self>, stream: TcpStream, ends: Endpoints, _started: Instant) {
+        let cfg = self.current.get();
+        let ip = ends.client.ip().to_string();
+        if let Err(e) = serve(stream, &self.shared, &cfg, &self.tls, self.protocol, &ip) {
+            log::debug!("session ended: {e}");
+        }
     }
-}
-
-fn accept(
-    stream: TcpStream,
-    shared: &Arc<Shared>,
-    cfg: &Arc<Config>,
-    tls: &Option<Arc<rustls::ServerConfig>>,
-    protocol: Protocol,
-    proxy: &Arc<ProxyPolicy>,
-) {
-    let stats = &shared.stats;
-    if DRAINING.load(Ordering::SeqCst) {
-        stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
-        refuse(stream, b"421 4.3.2 Service shutting down\r\n");
-        return;
-    }
-    let open = stats.connections.fetch_add(1, Ordering::Relaxed);
-    let slot = Slot(shared.clone());
-    if open >= cfg.limits.connections_max {
-        stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
-        refuse(
-            stream,
-            b"421 4.3.2 Too many connections, try again later\r\n",
-        );
-        return;
-    }
-    stats.sessions.fetch_add(1, Ordering::Relaxed);
-    let (shared, cfg, tls, proxy) = (shared.clone(), cfg.clone(), tls.clone(), proxy.clone());
-    let spawned = thread::Builder::new()
-        .name("smtp".into())
-        .stack_size(256 << 10)
-        .spawn(move || {
-            let _slot = slot;
-            if let Err(e) = serve(stream, shared, &cfg, tls, protocol, &proxy) {
-                log::debug!("session ended: {e}");
-            }
-        });
-    if let Err(e) = spawned {
-        log::error!("cannot start a session thread: {e}");
-    }
-}
-
-fn refuse(mut stream: TcpStream, reply: &[u8]) {
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-    let _ = stream.write_all(reply);
-    let _ = stream.shutdown(Shutdown::Both);
 }
 
 fn serve(
     stream: TcpStream,
-    shared: Arc<Shared>,
+    shared: &Arc<Shared>,
     cfg: &Config,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: &Option<Arc<rustls::ServerConfig>>,
     protocol: Protocol,
-    proxy: &ProxyPolicy,
+    ip: &str,
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(cfg.limits.command_timeout()))?;
-    let ip = match proxy.accept(&stream) {
-        Ok(ends) => ends.client.ip().to_string(),
-        Err(e) => {
-            shared.stats.proxy_refused.fetch_add(1, Ordering::Relaxed);
-            log::warn!("connection refused: {e}");
-            return Ok(());
-        }
-    };
-    let mut delivery = BackendDelivery::new(shared.clone(), &ip);
+    let mut delivery = BackendDelivery::new(shared.clone(), ip);
     let mut session = match protocol {
-        Protocol::Smtp => Session::new(&cfg.hostname, &ip, cfg.limits.session()),
-        Protocol::Lmtp => Session::new_lmtp(&cfg.hostname, &ip, cfg.limits.session()),
+        Protocol::Smtp => Session::new(&cfg.hostname, ip, cfg.limits.session()),
+        Protocol::Lmtp => Session::new_lmtp(&cfg.hostname, ip, cfg.limits.session()),
     };
     if tls.is_some() {
         session.offer_starttls();
@@ -287,7 +271,7 @@ fn serve(
         out,
         cfg,
         tcp: &stream,
-        shared,
+        shared: shared.clone(),
     };
     if c.run(&mut plain)? != Flow::StartTls {
         return Ok(());
@@ -295,15 +279,17 @@ fn serve(
     // `run` left the send time-out at what remained of the last reply's
     // deadline: the handshake gets the full one again.
     stream.set_write_timeout(Some(cfg.limits.command_timeout()))?;
-    let tls = tls.expect("STARTTLS is only offered with a certificate");
-    let conn = rustls::ServerConnection::new(tls).map_err(io::Error::other)?;
-    let mut secure = rustls::StreamOwned::new(conn, plain);
-    while secure.conn.is_handshaking() {
-        if let Err(e) = secure.conn.complete_io(&mut secure.sock) {
+    let Some(tls) = tls.clone() else {
+        // STARTTLS is only offered with a certificate.
+        return Ok(());
+    };
+    let mut secure = match powermail_frontend::tls::upgrade(tls, plain) {
+        Ok(secure) => secure,
+        Err(e) => {
             c.session.lost(&mut c.delivery);
             return Err(e);
         }
-    }
+    };
     c.session.tls_started();
     c.run(&mut secure).map(drop)
 }

@@ -1,0 +1,385 @@
+//! The threaded accept loop powersmtp and powerpop share.
+//!
+//! One std thread per connection, at most [`Service::connections_max`] at once. Each
+//! admitted connection holds a [`Slot`]: an RAII guard that gives its place back when it
+//! is dropped — when the session thread ends, when the thread cannot be started, and when
+//! the session panics (the guard is dropped while the thread unwinds). Beyond the limit,
+//! and while the daemon drains after `SIGTERM`, a connection gets the daemon's own refusal
+//! bytes ([`Refusals`]) and is closed. On its thread a connection first passes the PROXY
+//! protocol stage ([`ProxyPolicy::accept`]), then the daemon's [`Service::serve`] runs.
+//!
+//! [`drain`] is the shared half of a graceful stop: no new sessions, then wait up to the
+//! grace period for the open ones.
+
+use std::io::Write;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::proxy::{Endpoints, ProxyPolicy};
+
+/// How long a refusal may take to write before the connection is dropped anyway.
+const REFUSAL_WRITE_TIMEOUT_MS: u64 = 1_000;
+
+/// How often [`drain`] looks at the count of open connections.
+const DRAIN_POLL_MS: u64 = 20;
+
+/// A counter of open connections (each daemon keeps its own in its stats).
+pub trait SlotCounter: Send + Sync {
+    /// Adds one; returns the count before.
+    fn take(&self) -> u64;
+    /// Takes one away.
+    fn give_back(&self);
+    /// The count now.
+    fn open(&self) -> u64;
+}
+
+impl SlotCounter for AtomicU64 {
+    fn take(&self) -> u64 {
+        self.fetch_add(1, Ordering::SeqCst)
+    }
+    fn give_back(&self) {
+        self.fetch_sub(1, Ordering::SeqCst);
+    }
+    fn open(&self) -> u64 {
+        self.load(Ordering::SeqCst)
+    }
+}
+
+impl SlotCounter for AtomicUsize {
+    fn take(&self) -> u64 {
+        self.fetch_add(1, Ordering::SeqCst) as u64
+    }
+    fn give_back(&self) {
+        self.fetch_sub(1, Ordering::SeqCst);
+    }
+    fn open(&self) -> u64 {
+        self.load(Ordering::SeqCst) as u64
+    }
+}
+
+/// What happened to an accepted connection, for the daemon's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Accepted while not draining (before the limit is checked).
+    Accepted,
+    /// Refused: the daemon is draining.
+    RefusedDraining,
+    /// Refused: `connections_max` connections are open.
+    RefusedFull,
+    /// Within the limit: it gets a session thread.
+    Admitted,
+    /// Refused at the PROXY stage (missing, malformed or slow header from a balancer).
+    ProxyRefused,
+}
+
+/// The bytes a daemon writes to a connection it refuses before its session starts.
+#[derive(Debug, Clone, Copy)]
+pub struct Refusals {
+    /// Over `connections_max`.
+    pub full: &'static [u8],
+    /// While draining after `SIGTERM`.
+    pub draining: &'static [u8],
+}
+
+/// One listener's daemon-specific part.
+pub trait Service: Send + Sync + Sized + 'static {
+    /// The process's count of open connections (shared by all its listeners).
+    fn connections(&self) -> &dyn SlotCounter;
+    /// The limit new connections are held to now (it may change on reload).
+    fn connections_max(&self) -> u64;
+    /// Whether the daemon is draining (see [`drain`]).
+    fn draining(&self) -> bool;
+    /// Who may send a PROXY header.
+    fn proxy(&self) -> &ProxyPolicy;
+    /// Counts `event` (the daemon decides which counters it has).
+    fn count(&self, event: Event);
+    /// Serves one admitted connection to its end, on its own thread; `ends` are its
+    /// real endpoints (from a PROXY header or the socket), `started` when its thread
+    /// began (before the PROXY stage).
+    fn serve(self: &Arc<Self>, stream: TcpStream, ends: Endpoints, started: Instant);
+}
+
+/// How a listener's threads are made and what its refusals say.
+#[derive(Debug, Clone)]
+pub struct ListenerSpec {
+    /// The name of each session thread.
+    pub thread_name: &'static str,
+    /// Each session thread's stack (none: the std default).
+    pub stack_size_bytes: Option<usize>,
+    /// Pause after a failed `accept` (out of file descriptors and the like), so the
+    /// loop does not spin.
+    pub accept_error_pause_ms: u64,
+    /// What refused connections are told.
+    pub refusals: Refusals,
+}
+
+/// A place among the open connections; given back when dropped (panics included).
+#[must_use = "the slot is given back as soon as it is dropped"]
+pub struct Slot<S: Service> {
+    service: Arc<S>,
+}
+
+impl<S: Service> Drop for Slot<S> {
+    fn drop(&mut self) {
+        self.service.connections().give_back();
+    }
+}
+
+impl<S: Service> std::fmt::Debug for Slot<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot").finish_non_exhaustive()
+    }
+}
+
+/// Takes a slot for a new connection, or says why not. Counts the events; a refused
+/// connection is told why ([`Refusals`]) and closed.
+pub fn admit<S: Service>(
+    service: &Arc<S>,
+    stream: TcpStream,
+    refusals: &Refusals,
+) -> Option<(TcpStream, Slot<S>)> {
+    if service.draining() {
+        service.count(Event::RefusedDraining);
+        refuse(stream, refusals.draining);
+        return None;
+    }
+    service.count(Event::Accepted);
+    let open = service.connections().take();
+    let slot = Slot {
+        service: service.clone(),
+    };
+    if open >= service.connections_max() {
+        drop(slot);
+        service.count(Event::RefusedFull);
+        refuse(stream, refusals.full);
+        return None;
+    }
+    service.count(Event::Admitted);
+    Some((stream, slot))
+}
+
+/// Writes `reply` (waiting at most a second) and closes.
+pub fn refuse(mut stream: TcpStream, reply: &[u8]) {
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(REFUSAL_WRITE_TIMEOUT_MS)));
+    let _ = stream.write_all(reply);
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// Accepts connections on `listener` until the process ends: each admitted one is
+/// served on a thread of its own holding its [`Slot`].
+pub fn accept_loop<S: Service>(listener: &TcpListener, service: &Arc<S>, spec: &ListenerSpec) {
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => start_session(service, stream, spec),
+            Err(e) => {
+                log::warn!("accept: {e}");
+                thread::sleep(Duration::from_millis(spec.accept_error_pause_ms));
+            }
+        }
+    }
+}
+
+/// Admits `stream` and starts its session thread (PROXY stage, then
+/// [`Service::serve`]); the slot is given back when the thread ends, however it ends.
+pub fn start_session<S: Service>(service: &Arc<S>, stream: TcpStream, spec: &ListenerSpec) {
+    let Some((stream, slot)) = admit(service, stream, &spec.refusals) else {
+        return;
+    };
+    let mut builder = thread::Builder::new().name(spec.thread_name.into());
+    if let Some(size) = spec.stack_size_bytes {
+        builder = builder.stack_size(size);
+    }
+    // On failure the closure, and with it the slot, is dropped: the place is given back.
+    // A panic in the session drops the slot while the thread unwinds.
+    let spawned = builder.spawn(move || {
+        let started = Instant::now();
+        let service = slot.service.clone();
+        match service.proxy().accept(&stream) {
+            Ok(ends) => service.serve(stream, ends, started),
+            Err(e) => {
+                service.count(Event::ProxyRefused);
+                log::warn!("connection refused: {e}");
+            }
+        }
+        drop(slot);
+    });
+    if let Err(e) = spawned {
+        log::error!("cannot start a session thread: {e}");
+    }
+}
+
+/// The first half of a graceful stop: sets `draining` (new connections are refused),
+/// tells systemd `STOPPING=1` and logs how many sessions are open; returns that count.
+pub fn begin_drain(draining: &AtomicBool, open: &dyn SlotCounter, grace: Duration) -> u64 {
+    draining.store(true, Ordering::SeqCst);
+    let _ = powermail_admin::systemd::notify("STOPPING=1");
+    let now = open.open();
+    log::warn!(
+        "SIGTERM: no new sessions; {now} open get up to {} ms to finish",
+        grace.as_millis()
+    );
+    now
+}
+
+/// The second half: waits up to `grace` for the open sessions to end. Returns how many
+/// are left (logged as cut off, with `consequence` saying what that means for them).
+pub fn wait_drained(open: &dyn SlotCounter, grace: Duration, consequence: &str) -> u64 {
+    let deadline = Instant::now() + grace;
+    while open.open() > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(DRAIN_POLL_MS));
+    }
+    let left = open.open();
+    if left > 0 {
+        log::warn!("grace period over: {left} sessions cut off ({consequence})");
+    }
+    log::info!("stopped");
+    left
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::SocketAddr;
+
+    /// A service whose sessions panic (or wait for the client to close).
+    struct Panicky {
+        open: AtomicU64,
+        max: u64,
+        draining: AtomicBool,
+        proxy: ProxyPolicy,
+        refused_full: AtomicU64,
+        refused_draining: AtomicU64,
+        served: AtomicU64,
+    }
+
+    impl Panicky {
+        fn new(max: u64) -> Arc<Panicky> {
+            Arc::new(Panicky {
+                open: AtomicU64::new(0),
+                max,
+                draining: AtomicBool::new(false),
+                proxy: ProxyPolicy::default(),
+                refused_full: AtomicU64::new(0),
+                refused_draining: AtomicU64::new(0),
+                served: AtomicU64::new(0),
+            })
+        }
+    }
+
+    impl Service for Panicky {
+        fn connections(&self) -> &dyn SlotCounter {
+            &self.open
+        }
+        fn connections_max(&self) -> u64 {
+            self.max
+        }
+        fn draining(&self) -> bool {
+            self.draining.load(Ordering::SeqCst)
+        }
+        fn proxy(&self) -> &ProxyPolicy {
+            &self.proxy
+        }
+        fn count(&self, event: Event) {
+            match event {
+                Event::RefusedFull => self.refused_full.fetch_add(1, Ordering::SeqCst),
+                Event::RefusedDraining => self.refused_draining.fetch_add(1, Ordering::SeqCst),
+                _ => 0,
+            };
+        }
+        fn serve(self: &Arc<Self>, mut stream: TcpStream, _ends: Endpoints, _started: Instant) {
+            self.served.fetch_add(1, Ordering::SeqCst);
+            let mut byte = [0u8; 1];
+            // The client sends one byte: then this session panics.
+            let _ = stream.read(&mut byte);
+            panic!("session handler panics on purpose");
+        }
+    }
+
+    const SPEC: ListenerSpec = ListenerSpec {
+        thread_name: "test-session",
+        stack_size_bytes: Some(256 << 10),
+        accept_error_pause_ms: 10,
+        refusals: Refusals {
+            full: b"FULL\r\n",
+            draining: b"DRAINING\r\n",
+        },
+    };
+
+    fn start(service: &Arc<Panicky>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let service = service.clone();
+        thread::spawn(move || accept_loop(&listener, &service, &SPEC));
+        addr
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn read_all(stream: &mut TcpStream) -> Vec<u8> {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        let mut got = Vec::new();
+        let _ = stream.read_to_end(&mut got);
+        got
+    }
+
+    #[test]
+    fn slot_is_given_back_after_a_panic_and_after_a_refusal() {
+        let service = Panicky::new(1);
+        let addr = start(&service);
+        let mut first = TcpStream::connect(addr).expect("connect");
+        wait_for("the first session", || {
+            service.served.load(Ordering::SeqCst) == 1
+        });
+        assert_eq!(service.open.load(Ordering::SeqCst), 1);
+        // Over the limit: refused with the daemon's bytes, and its slot given back.
+        let mut second = TcpStream::connect(addr).expect("connect");
+        assert_eq!(read_all(&mut second), b"FULL\r\n");
+        assert_eq!(service.refused_full.load(Ordering::SeqCst), 1);
+        assert_eq!(service.open.load(Ordering::SeqCst), 1);
+        // The first session panics: its slot comes back all the same.
+        first.write_all(b"x").expect("write");
+        wait_for("the panicked session's slot", || {
+            service.open.load(Ordering::SeqCst) == 0
+        });
+        // And the place is usable again.
+        let _third = TcpStream::connect(addr).expect("connect");
+        wait_for("the third session", || {
+            service.served.load(Ordering::SeqCst) == 2
+        });
+        assert_eq!(service.open.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn draining_refuses_new_connections_and_waits_for_open_ones() {
+        let service = Panicky::new(4);
+        let addr = start(&service);
+        let mut open = TcpStream::connect(addr).expect("connect");
+        wait_for("the session", || service.served.load(Ordering::SeqCst) == 1);
+        let grace = Duration::from_secs(10);
+        assert_eq!(begin_drain(&service.draining, &service.open, grace), 1);
+        let mut late = TcpStream::connect(addr).expect("connect");
+        assert_eq!(read_all(&mut late), b"DRAINING\r\n");
+        assert_eq!(service.refused_draining.load(Ordering::SeqCst), 1);
+        assert_eq!(service.open.load(Ordering::SeqCst), 1);
+        open.write_all(b"x").expect("write");
+        assert_eq!(wait_drained(&service.open, grace, "test"), 0);
+    }
+
+    #[test]
+    fn drain_reports_sessions_left_after_the_grace_period() {
+        let counter = AtomicUsize::new(2);
+        assert_eq!(wait_drained(&counter, Duration::ZERO, "test"), 2);
+    }
+}
