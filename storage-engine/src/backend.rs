@@ -6,6 +6,9 @@
 //! its latency histograms for the admin thread and checks free space and inodes
 //! (turning the backend read-only under either floor, and back only once a real
 //! write succeeds again).
+//!
+//! [`Ctx`], built here once per executor, is what that executor's
+//! connections share: the store, the limits, the commit queue, the index.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -18,15 +21,41 @@ use glommio::io::DmaFile;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 use powermail_admin::Latencies;
+use powermail_proto::MailboxName;
 
 use crate::config::{Backend, LimitsConfig};
 use crate::drain::Drain;
-use crate::session::{serve, Ctx};
+use crate::session::serve;
 use crate::stats::{add, BackendShared};
 use crate::store::{Space, Store};
 
 /// How often latencies are published and free space is checked.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What one backend's connections share (all on the same executor).
+pub struct Ctx {
+    /// Shared with the admin thread.
+    pub shared: Arc<BackendShared>,
+    /// The on-disk store.
+    pub store: Store,
+    /// The backend secret.
+    pub secret: Vec<u8>,
+    /// Limits.
+    pub limits: LimitsConfig,
+    /// This executor's latency histograms (published by a timer).
+    pub latencies: RefCell<Latencies>,
+    /// The group-commit queue of the link stage.
+    pub committer: Rc<crate::commit::Committer>,
+    /// Mailboxes that have a directory on this backend (scanned at start,
+    /// grown by PUT before it links, shrunk by NUKE). Anything else is empty.
+    pub known: RefCell<std::collections::HashSet<MailboxName>>,
+    /// Messages and usage of the mailboxes touched lately: LIST and USAGE
+    /// are answered from it (see [`crate::index`]).
+    pub index: crate::index::SharedIndex,
+    /// This executor's graceful stop: once started, a connection between
+    /// requests is closed (see [`crate::drain`]).
+    pub drain: Rc<crate::drain::Drain>,
+}
 
 /// Everything an executor needs, moved into its thread.
 pub struct Start {

@@ -12,25 +12,23 @@
 //! `fdatasync` and the batch's directory fsyncs, or by the batch's one
 //! `syncfs`: see [`crate::commit`]).
 
-use std::cell::RefCell;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
-use powermail_admin::Latencies;
 use powermail_proto::reply::{err_line, DELETED, PONG};
 use powermail_proto::{
     auth, BodyHeader, Decoder, DirPage, ErrorCode, Event, Limits, ListEntry, ListPage, MailboxName,
     MessageId, OkReply, PutReceipt, Removed, Reply, Request, Status, Usage,
 };
 
+use crate::backend::Ctx;
 use crate::config::LimitsConfig;
 use crate::conn_state::{self, Action, ConnState, Owned};
-use crate::stats::{add, BackendShared};
+use crate::stats::add;
 use crate::store::Store;
 use crate::writer::BodyWriter;
 
@@ -39,31 +37,6 @@ const READ_BUF_BYTES: usize = 64 << 10;
 
 /// Aligned unit in which bodies are written.
 const WRITE_UNIT_BYTES: usize = 128 << 10;
-
-/// What one backend's connections share (all on the same executor).
-pub struct Ctx {
-    /// Shared with the admin thread.
-    pub shared: Arc<BackendShared>,
-    /// The on-disk store.
-    pub store: Store,
-    /// The backend secret.
-    pub secret: Vec<u8>,
-    /// Limits.
-    pub limits: LimitsConfig,
-    /// This executor's latency histograms (published by a timer).
-    pub latencies: RefCell<Latencies>,
-    /// The group-commit queue of the link stage.
-    pub committer: Rc<crate::commit::Committer>,
-    /// Mailboxes that have a directory on this backend (scanned at start,
-    /// grown by PUT before it links, shrunk by NUKE). Anything else is empty.
-    pub known: RefCell<std::collections::HashSet<MailboxName>>,
-    /// Messages and usage of the mailboxes touched lately: LIST and USAGE
-    /// are answered from it (see [`crate::index`]).
-    pub index: crate::index::SharedIndex,
-    /// This executor's graceful stop: once started, a connection between
-    /// requests is closed (see [`crate::drain`]).
-    pub drain: Rc<crate::drain::Drain>,
-}
 
 /// The socket and its buffers.
 struct Connection {

@@ -16,8 +16,9 @@
 //! * [`select`] — the choice of K distinct writable backends for a new
 //!   message, after PowerMail's ServerSelect: distinct groups first, then
 //!   higher priority, then weighted by free space, random among equals;
-//! * [`settings`] — configuration both frontends share: TLS certificate,
-//!   userbase cache, backend secret;
+//! * [`settings`] — configuration both frontends share: [`FrontendSettings`]
+//!   (PROXY sources, admin port, userbase, secret, pool, backends; one
+//!   `check`, one password-hiding `public_json`), TLS certificate, userbase cache;
 //! * [`deadline`] — client writes held to a deadline for a whole reply, so a
 //!   client that reads a trickle cannot hold a connection thread for ever;
 //! * [`journal`] — deletions owed to backends that could not take them (powerpop's
@@ -57,3 +58,4 @@ pub use cluster::{BackendId, BackendSnapshot, Cluster, Health, PoolError, Pooled
 pub use config::{validate_backends, BackendListError, BackendSpec, PoolConfig};
 pub use deadline::DeadlineWrite;
 pub use select::{select, Candidate, LatencyWeighting};
+pub use settings::{FrontendSettings, SettingsError};

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
-pub use powermail_frontend::settings::{CacheSettings, TlsSettings};
-use powermail_frontend::{BackendSpec, PoolConfig};
+pub use powermail_frontend::settings::{CacheSettings, FrontendSettings, TlsSettings};
 use serde::{Deserialize, Serialize};
 
 /// The whole file.
@@ -28,40 +27,6 @@ pub struct Config {
     /// implicit-TLS port (loopback clients are always allowed).
     #[serde(default)]
     pub allow_plaintext_auth: bool,
-    /// Load balancers trusted to send a PROXY protocol header (v1 or v2),
-    /// as CIDR blocks or addresses. Connections from them must start with
-    /// one; its client address is then what logs, throttling, lock-outs and
-    /// virtual-server mapping see. From anyone else a PROXY header is
-    /// refused. Default: none.
-    #[serde(default)]
-    pub proxy_from: Vec<String>,
-    /// Time a trusted balancer has to send its PROXY header, in ms.
-    #[serde(default = "powermail_frontend::proxy::default_timeout_ms")]
-    pub proxy_timeout_ms: u64,
-    /// Admin HTTP port; none: no admin port.
-    #[serde(default)]
-    pub admin_listen: Option<String>,
-    /// Bearer token for the admin port (default: the backend secret).
-    #[serde(default)]
-    pub admin_token: Option<String>,
-    /// Admin connections served at once (one thread each); beyond: `503` and close.
-    #[serde(default = "powermail_admin::default_connections_max")]
-    pub admin_connections_max: usize,
-    /// The longest one admin connection may take, in ms, to send its request
-    /// and read the answer; then it is closed (slow or silent clients).
-    #[serde(default = "powermail_admin::default_request_timeout_ms")]
-    pub admin_request_timeout_ms: u64,
-    /// Userbase URL: `sqlite:///path.db` or `mysql://user:pass@host/db`.
-    pub userbase: String,
-    /// MySQL: bring the userbase schema up to date at the first connection. Default
-    /// false: migrations are run by `ppadmin userbase migrate`, and an older schema
-    /// is answered with a temporary error until then. (SQLite is always migrated at
-    /// start: an embedded file, as `powermail up` uses it.)
-    #[serde(default)]
-    pub userbase_migrate: bool,
-    /// The userbase look-up cache.
-    #[serde(default)]
-    pub userbase_cache: CacheSettings,
     /// Domain for bare user names when the userbase has no virtual server
     /// for the address the client connected to.
     #[serde(default)]
@@ -82,12 +47,6 @@ pub struct Config {
     /// process ends and the rest are cut (RFC 1939: nothing deleted for them).
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
-    /// Shared backend secret; either this or `secret_file`.
-    #[serde(default)]
-    pub secret: Option<String>,
-    /// File holding the backend secret (trailing whitespace ignored).
-    #[serde(default)]
-    pub secret_file: Option<PathBuf>,
     /// Limits and time-outs.
     #[serde(default)]
     pub limits: Limits,
@@ -100,12 +59,19 @@ pub struct Config {
     /// A legacy POP3 server for users not in the userbase (migration).
     #[serde(default)]
     pub fallback: Option<FallbackSettings>,
-    /// Backend health checks and connection pools.
-    #[serde(default)]
-    pub backend_pool: PoolConfig,
-    /// The backends.
-    #[serde(rename = "backend")]
-    pub backends: Vec<BackendSpec>,
+    /// The keys powersmtp has too: PROXY sources, admin port, userbase,
+    /// secret, `[backend_pool]` and the `[[backend]]` tables (top level in
+    /// the file; read through `Deref`, so `cfg.backends` works).
+    #[serde(flatten)]
+    pub frontend: FrontendSettings,
+}
+
+impl std::ops::Deref for Config {
+    type Target = FrontendSettings;
+
+    fn deref(&self) -> &FrontendSettings {
+        &self.frontend
+    }
 }
 
 /// The legacy POP3 server that users not (yet) in the userbase are proxied
@@ -264,20 +230,11 @@ fn default_listen() -> String {
 }
 
 impl Config {
-    /// The admin port's limits (`admin_connections_max`, `admin_request_timeout_ms`).
-    pub fn admin_limits(&self) -> powermail_admin::AdminLimits {
-        powermail_admin::AdminLimits {
-            connections_max: self.admin_connections_max,
-            request_timeout_ms: self.admin_request_timeout_ms,
-        }
-    }
-
     /// Parses and checks a configuration text.
     pub fn parse(text: &str) -> anyhow::Result<Config> {
-        let cfg: Config = toml::from_str(text)?;
-        if cfg.backends.is_empty() {
-            bail!("no [[backend]] configured");
-        }
+        let cfg: Config = powermail_frontend::settings::from_toml(text)?;
+        // The delete journal is keyed by backend name: names are unique.
+        cfg.frontend.check()?;
         if cfg.limits.line_max_bytes < 255 {
             bail!("limits.line_max_bytes must be at least 255 (RFC 2449)");
         }
@@ -321,45 +278,32 @@ impl Config {
         if sv.prefetch_bytes_max > 64 << 20 {
             bail!("serving.prefetch_bytes_max must be at most 64 MiB");
         }
-        if cfg.secret.is_none() == cfg.secret_file.is_none() {
-            bail!("set exactly one of secret and secret_file");
-        }
-        // The delete journal is keyed by backend name.
-        powermail_frontend::validate_backends(&cfg.backends)?;
         Ok(cfg)
     }
 
-    /// The backend secret, by the rule all PowerMail processes share
-    /// ([`powermail_proto::auth::load_secret`]).
-    pub fn secret(&self) -> anyhow::Result<Vec<u8>> {
-        Ok(powermail_proto::auth::load_secret(
-            self.secret.as_deref(),
-            self.secret_file.as_deref(),
-        )?)
-    }
-
-    /// The effective configuration for the admin port, secrets removed.
+    /// The effective configuration for the admin port: the shared block's
+    /// ([`FrontendSettings::public_json`], no secret, token or userbase
+    /// password) and powerpop's own keys.
     pub fn public_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut map = self.frontend.public_json();
+        let own = serde_json::json!({
             "listen": self.listen,
             "tls_listen": self.tls_listen,
             "tls": self.tls,
             "allow_plaintext_auth": self.allow_plaintext_auth,
-            "admin_listen": self.admin_listen,
             "default_domain": self.default_domain,
             "state_dir": self.state_dir,
             "shutdown_grace_ms": self.shutdown_grace_ms,
             "lock_lease_ms": self.lock_lease_ms,
-            "userbase_cache": self.userbase_cache,
             "limits": self.limits,
             "throttle": self.throttle,
             "serving": self.serving,
             "fallback": self.fallback,
-            "backend_pool": self.backend_pool,
-            "backends": self.backends.iter().map(|b| serde_json::json!({
-                "name": b.name, "addr": b.addr, "group": b.group_name(), "priority": b.priority,
-            })).collect::<Vec<_>>(),
-        })
+        });
+        if let serde_json::Value::Object(own) = own {
+            map.extend(own);
+        }
+        serde_json::Value::Object(map)
     }
 }
 
@@ -394,5 +338,80 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+    /// The example file with a MySQL userbase whose password, the backend
+    /// secret and the admin token are all distinctive strings.
+    fn with_secrets(example: &str) -> String {
+        let text = example
+            .replace(
+                "userbase = \"sqlite:///var/lib/powermail/userbase.db\"",
+                "userbase = \"mysql://pm:Pw-7f3a@db.example:3306/mail?password=Qp-91c2&pool_max=4\"",
+            )
+            .replace(
+                "secret = \"0123456789abcdef0123\"",
+                "secret = \"Sx-backend-5e1d-secret\"",
+            )
+            .replace(
+                "admin_token = \"change-me-admin\"",
+                "admin_token = \"Tk-admin-88b0\"",
+            );
+        assert!(
+            text.contains("Pw-7f3a") && text.contains("Sx-backend") && text.contains("Tk-admin")
+        );
+        text
+    }
+
+    #[test]
+    fn config_json_hides_every_secret() {
+        let text = with_secrets(include_str!("../../../examples/powerpop.toml"));
+        let cfg = Config::parse(&text).expect("example with secrets parses");
+        assert_eq!(
+            cfg.secret().expect("secret loads"),
+            b"Sx-backend-5e1d-secret"
+        );
+        let json = cfg.public_json().to_string();
+        for secret in ["Pw-7f3a", "Qp-91c2", "Sx-backend", "Tk-admin"] {
+            assert!(!json.contains(secret), "{secret} in /config: {json}");
+        }
+        assert!(
+            json.contains("mysql://pm:***@db.example:3306/mail"),
+            "{json}"
+        );
+        assert!(json.contains("\"backend_pool\"") && json.contains("\"admin_listen\""));
+    }
+
+    #[test]
+    fn duplicate_backend_name_refused() {
+        let text = include_str!("../../../examples/powerpop.toml");
+        let dup = format!("{text}\n[[backend]]\nname = \"b0\"\naddr = \"127.0.0.1:7999\"\n");
+        let err = Config::parse(&dup).expect_err("two backends named b0");
+        assert!(err.to_string().contains("used more than once"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_refused_at_top_and_in_tables() {
+        let text = include_str!("../../../examples/powerpop.toml");
+        // A key of neither the daemon nor the shared block, before any table.
+        let top = format!("bogus_key = 1\n{text}");
+        let err = Config::parse(&top).expect_err("unknown top-level key");
+        assert!(err.to_string().contains("bogus_key"), "{err}");
+        let cache = text.replace("[userbase_cache]\n", "[userbase_cache]\nbogus_ttl = 1\n");
+        assert_ne!(cache, text);
+        assert!(
+            Config::parse(&cache).is_err(),
+            "unknown key in [userbase_cache]"
+        );
+        let pool = text.replace("[backend_pool]\n", "[backend_pool]\nbogus_ms = 1\n");
+        assert_ne!(pool, text);
+        assert!(
+            Config::parse(&pool).is_err(),
+            "unknown key in [backend_pool]"
+        );
+        let typed = text.replace(
+            "admin_connections_max = 128",
+            "admin_connections_max = \"x\"",
+        );
+        assert_ne!(typed, text);
+        assert!(Config::parse(&typed).is_err(), "a string for a count");
     }
 }

@@ -17,12 +17,15 @@
 //! * [`lock`] — one session per mailbox, in and across processes and hosts
 //!   (`powermail_frontend::lock`, shared with `ppadmin`);
 //! * [`throttle`] — login-failure delay and lock-out;
-//! * [`server`] — accept loop, connection threads, the live store;
+//! * [`server`] — accept loop, connection threads, the read-answer loop;
+//! * [`store`] — the live store: login, listing, RETR, QUIT's deletions;
+//! * [`fallback`] — login at and relay to a legacy POP3 server;
 //! * [`config`], [`stats`] — the TOML file and the admin port.
 
 pub mod ahead;
 pub mod command;
 pub mod config;
+pub mod fallback;
 pub use powermail_frontend::journal;
 pub mod line;
 pub mod listing;
@@ -32,4 +35,5 @@ pub mod sasl;
 pub mod server;
 pub mod session;
 pub mod stats;
+pub mod store;
 pub mod throttle;

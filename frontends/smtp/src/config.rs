@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
-pub use powermail_frontend::settings::{CacheSettings, TlsSettings};
-use powermail_frontend::{BackendSpec, PoolConfig};
+pub use powermail_frontend::settings::{CacheSettings, FrontendSettings, TlsSettings};
 use serde::{Deserialize, Serialize};
 
 use crate::session::SessionLimits;
@@ -31,48 +30,9 @@ pub struct Config {
     /// share backends. Default: `hostname`.
     #[serde(default)]
     pub frontend_id: Option<String>,
-    /// Load balancers trusted to send a PROXY protocol header (v1 or v2),
-    /// as CIDR blocks or addresses. Connections from them must start with
-    /// one; its client address is then what the Received header and the logs
-    /// see. From anyone else a PROXY header is refused. Default: none.
-    #[serde(default)]
-    pub proxy_from: Vec<String>,
-    /// Time a trusted balancer has to send its PROXY header, in ms.
-    #[serde(default = "powermail_frontend::proxy::default_timeout_ms")]
-    pub proxy_timeout_ms: u64,
-    /// Admin HTTP port; none: no admin port.
-    #[serde(default)]
-    pub admin_listen: Option<String>,
-    /// Bearer token for the admin port (default: the backend secret).
-    #[serde(default)]
-    pub admin_token: Option<String>,
-    /// Admin connections served at once (one thread each); beyond: `503` and close.
-    #[serde(default = "powermail_admin::default_connections_max")]
-    pub admin_connections_max: usize,
-    /// The longest one admin connection may take, in ms, to send its request
-    /// and read the answer; then it is closed (slow or silent clients).
-    #[serde(default = "powermail_admin::default_request_timeout_ms")]
-    pub admin_request_timeout_ms: u64,
-    /// Userbase URL: `sqlite:///path.db` or `mysql://user:pass@host/db`.
-    pub userbase: String,
-    /// MySQL: bring the userbase schema up to date at the first connection. Default
-    /// false: migrations are run by `ppadmin userbase migrate`, and an older schema
-    /// is answered with a temporary error until then. (SQLite is always migrated at
-    /// start: an embedded file, as `powermail up` uses it.)
-    #[serde(default)]
-    pub userbase_migrate: bool,
-    /// The userbase look-up cache.
-    #[serde(default)]
-    pub userbase_cache: CacheSettings,
     /// Copies of each message (K): 250 only when K backends hold it durably.
     #[serde(default = "default_replicas")]
     pub replicas: usize,
-    /// Shared backend secret; either this or `secret_file`.
-    #[serde(default)]
-    pub secret: Option<String>,
-    /// File holding the backend secret (trailing whitespace ignored).
-    #[serde(default)]
-    pub secret_file: Option<PathBuf>,
     /// Where the undo journal lives (`undo.journal`: deletions owed for
     /// copies of refused messages, replayed until acknowledged). None: the
     /// journal is kept in memory only and lost on a restart.
@@ -84,9 +44,6 @@ pub struct Config {
     /// Limits and time-outs.
     #[serde(default)]
     pub limits: Limits,
-    /// Backend health checks and connection pools.
-    #[serde(default)]
-    pub backend_pool: PoolConfig,
     /// Forwarding through an outgoing relay.
     #[serde(default)]
     pub forward: ForwardSettings,
@@ -97,9 +54,19 @@ pub struct Config {
     /// finish (idle sessions get `421` at once), then the process ends.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
-    /// The backends.
-    #[serde(rename = "backend")]
-    pub backends: Vec<BackendSpec>,
+    /// The keys powerpop has too: PROXY sources, admin port, userbase,
+    /// secret, `[backend_pool]` and the `[[backend]]` tables (top level in
+    /// the file; read through `Deref`, so `cfg.backends` works).
+    #[serde(flatten)]
+    pub frontend: FrontendSettings,
+}
+
+impl std::ops::Deref for Config {
+    type Target = FrontendSettings;
+
+    fn deref(&self) -> &FrontendSettings {
+        &self.frontend
+    }
 }
 
 /// Where forwarded mail goes. The relay is spoken to during the incoming
@@ -203,18 +170,10 @@ fn default_shutdown_grace_ms() -> u64 {
 }
 
 impl Config {
-    /// The admin port's limits (`admin_connections_max`, `admin_request_timeout_ms`).
-    pub fn admin_limits(&self) -> powermail_admin::AdminLimits {
-        powermail_admin::AdminLimits {
-            connections_max: self.admin_connections_max,
-            request_timeout_ms: self.admin_request_timeout_ms,
-        }
-    }
-
     /// Parses and checks a configuration text.
     pub fn parse(text: &str) -> anyhow::Result<Config> {
-        let cfg: Config = toml::from_str(text)?;
-        powermail_frontend::validate_backends(&cfg.backends)?;
+        let cfg: Config = powermail_frontend::settings::from_toml(text)?;
+        cfg.frontend.check()?;
         if cfg.replicas == 0 || cfg.replicas > cfg.backends.len() {
             bail!(
                 "replicas = {} must be between 1 and the number of backends ({})",
@@ -228,22 +187,10 @@ impl Config {
         if cfg.limits.connections_max == 0 {
             bail!("limits.connections_max must be at least 1");
         }
-        if cfg.secret.is_none() == cfg.secret_file.is_none() {
-            bail!("set exactly one of secret and secret_file");
-        }
         if cfg.undo_replay_interval_ms == 0 {
             bail!("undo_replay_interval_ms must be at least 1");
         }
         Ok(cfg)
-    }
-
-    /// The backend secret, by the rule all PowerMail processes share
-    /// ([`powermail_proto::auth::load_secret`]).
-    pub fn secret(&self) -> anyhow::Result<Vec<u8>> {
-        Ok(powermail_proto::auth::load_secret(
-            self.secret.as_deref(),
-            self.secret_file.as_deref(),
-        )?)
     }
 
     /// The message-id component naming this frontend.
@@ -251,39 +198,28 @@ impl Config {
         self.frontend_id.as_deref().unwrap_or(&self.hostname)
     }
 
-    /// The effective configuration for the admin port, secrets removed.
+    /// The effective configuration for the admin port: the shared block's
+    /// ([`FrontendSettings::public_json`], no secret, token or userbase
+    /// password) and powersmtp's own keys.
     pub fn public_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut map = self.frontend.public_json();
+        let own = serde_json::json!({
             "listen": self.listen,
             "lmtp_listen": self.lmtp_listen,
             "hostname": self.hostname,
             "frontend_id": self.frontend_id(),
-            "admin_listen": self.admin_listen,
-            "userbase": redact_url(&self.userbase),
-            "userbase_cache": self.userbase_cache,
             "replicas": self.replicas,
             "state_dir": self.state_dir,
             "undo_replay_interval_ms": self.undo_replay_interval_ms,
             "shutdown_grace_ms": self.shutdown_grace_ms,
             "limits": self.limits,
-            "backend_pool": self.backend_pool,
             "forward": self.forward,
             "tls": self.tls,
-            "backends": self.backends.iter().map(|b| serde_json::json!({
-                "name": b.name, "addr": b.addr, "group": b.group_name(), "priority": b.priority,
-            })).collect::<Vec<_>>(),
-        })
-    }
-}
-
-/// `mysql://user:pass@host/db` → `mysql://user:***@host/db`.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
-            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-            None => url.to_string(),
-        },
-        _ => url.to_string(),
+        });
+        if let serde_json::Value::Object(own) = own {
+            map.extend(own);
+        }
+        serde_json::Value::Object(map)
     }
 }
 
@@ -311,10 +247,79 @@ mod tests {
         assert!(err.to_string().contains("used more than once"), "{err}");
         assert!(Config::parse(&format!("{base}bogus = 1\n{one}")).is_err());
     }
+    /// The example file with a MySQL userbase whose password, the backend
+    /// secret and the admin token are all distinctive strings.
+    fn with_secrets(example: &str) -> String {
+        let text = example
+            .replace(
+                "userbase = \"sqlite:///var/lib/powermail/userbase.db\"",
+                "userbase = \"mysql://pm:Pw-7f3a@db.example:3306/mail?password=Qp-91c2&pool_max=4\"",
+            )
+            .replace(
+                "secret = \"0123456789abcdef0123\"",
+                "secret = \"Sx-backend-5e1d-secret\"",
+            )
+            .replace(
+                "admin_token = \"change-me-admin\"",
+                "admin_token = \"Tk-admin-88b0\"",
+            );
+        assert!(
+            text.contains("Pw-7f3a") && text.contains("Sx-backend") && text.contains("Tk-admin")
+        );
+        text
+    }
 
     #[test]
-    fn urls_are_redacted() {
-        assert_eq!(redact_url("mysql://u:pw@h/db"), "mysql://u:***@h/db");
-        assert_eq!(redact_url("sqlite:///a@b.db"), "sqlite:///a@b.db");
+    fn config_json_hides_every_secret() {
+        let text = with_secrets(include_str!("../../../examples/powersmtp.toml"));
+        let cfg = Config::parse(&text).expect("example with secrets parses");
+        assert_eq!(
+            cfg.secret().expect("secret loads"),
+            b"Sx-backend-5e1d-secret"
+        );
+        let json = cfg.public_json().to_string();
+        for secret in ["Pw-7f3a", "Qp-91c2", "Sx-backend", "Tk-admin"] {
+            assert!(!json.contains(secret), "{secret} in /config: {json}");
+        }
+        assert!(
+            json.contains("mysql://pm:***@db.example:3306/mail"),
+            "{json}"
+        );
+        assert!(json.contains("\"backend_pool\"") && json.contains("\"admin_listen\""));
+    }
+
+    #[test]
+    fn duplicate_backend_name_refused() {
+        let text = include_str!("../../../examples/powersmtp.toml");
+        let dup = format!("{text}\n[[backend]]\nname = \"b0\"\naddr = \"127.0.0.1:7999\"\n");
+        let err = Config::parse(&dup).expect_err("two backends named b0");
+        assert!(err.to_string().contains("used more than once"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_refused_at_top_and_in_tables() {
+        let text = include_str!("../../../examples/powersmtp.toml");
+        // A key of neither the daemon nor the shared block, before any table.
+        let top = format!("bogus_key = 1\n{text}");
+        let err = Config::parse(&top).expect_err("unknown top-level key");
+        assert!(err.to_string().contains("bogus_key"), "{err}");
+        let cache = text.replace("[userbase_cache]\n", "[userbase_cache]\nbogus_ttl = 1\n");
+        assert_ne!(cache, text);
+        assert!(
+            Config::parse(&cache).is_err(),
+            "unknown key in [userbase_cache]"
+        );
+        let pool = text.replace("[backend_pool]\n", "[backend_pool]\nbogus_ms = 1\n");
+        assert_ne!(pool, text);
+        assert!(
+            Config::parse(&pool).is_err(),
+            "unknown key in [backend_pool]"
+        );
+        let typed = text.replace(
+            "admin_connections_max = 128",
+            "admin_connections_max = \"x\"",
+        );
+        assert_ne!(typed, text);
+        assert!(Config::parse(&typed).is_err(), "a string for a count");
     }
 }

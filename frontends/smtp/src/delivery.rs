@@ -12,17 +12,18 @@
 //! when the sender retries; see [`crate::undo`]) and the reply is `451 4.3.0`.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use powermail_admin::{kv, Latencies};
+use powermail_admin::kv;
 use powermail_frontend::{BackendId, Cluster, PooledConn};
 use powermail_proto::{BackendError, ErrorCode, MailboxName, MessageId};
 use powermail_userbase::{CachedUserbase, Userbase, UserbaseError};
 
 use crate::relay::Relay;
 use crate::session::{Delivery, Envelope, RcptVerdict, Reply};
+use crate::stats::Stats;
 
 /// A mailbox's bytes over the whole cluster from the `USAGE` of each backend
 /// that answered, with K = `replicas` copies of every message:
@@ -48,33 +49,6 @@ const REPLY_WAITED: Duration = Duration::from_micros(500);
 
 /// Numbers the SMTP connections of this process for the log lines.
 static SESSIONS: AtomicU64 = AtomicU64::new(1);
-
-/// Process-wide counters, read by the admin port.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Sessions accepted.
-    pub sessions: AtomicU64,
-    /// Connections refused with 421 (over `connections_max`).
-    pub sessions_refused: AtomicU64,
-    /// Connections refused for a missing, malformed or untrusted PROXY header.
-    pub proxy_refused: AtomicU64,
-    /// Sessions open now.
-    pub connections: AtomicUsize,
-    /// Messages accepted (250 after DATA).
-    pub messages: AtomicU64,
-    /// Messages refused after DATA began (451/552).
-    pub messages_failed: AtomicU64,
-    /// Recipients of accepted messages.
-    pub recipients: AtomicU64,
-    /// Bytes of accepted messages (one copy, Received header included).
-    pub bytes: AtomicU64,
-    /// Replies by class: 2xx, 3xx, 4xx, 5xx.
-    pub replies: [AtomicU64; 4],
-    /// Latencies: `transaction` (MAIL to final reply), `eod_to_reply`
-    /// (end of DATA to the reply), `backend_put` (one PUT, first byte to
-    /// durable reply).
-    pub latencies: Mutex<Latencies>,
-}
 
 /// What every session shares.
 pub struct Shared {

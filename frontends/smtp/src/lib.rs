@@ -6,6 +6,7 @@
 //! * [`delivery`] — the real [`session::Delivery`]: userbase look-ups and
 //!   streaming PUTs to K backends;
 //! * [`relay`] — forwarding through the outgoing relay, inside the transaction;
+//! * [`stats`] — the process-wide counters the admin port reads;
 //! * [`undo`] — the undo journal: copies of refused messages deleted for sure;
 //! * [`config`] — the TOML file;
 //! * [`server`] — the threaded I/O loop and the admin port.
@@ -16,4 +17,5 @@ pub mod delivery;
 pub mod relay;
 pub mod server;
 pub mod session;
+pub mod stats;
 pub mod undo;

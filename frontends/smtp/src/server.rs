@@ -61,7 +61,7 @@ fn drain(shared: &Shared, grace: Duration) {
 pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     // A MySQL server that is down does not stop the start: RCPT answers 451 until it is back.
     let ub = powermail_userbase::open_lazy(&cfg.userbase, cfg.userbase_migrate)
-        .with_context(|| format!("opening userbase {}", cfg.userbase))?;
+        .with_context(|| format!("opening userbase {}", cfg.userbase_redacted()))?;
     let cache = CacheConfig {
         positive_ttl: Duration::from_millis(cfg.userbase_cache.positive_ttl_ms),
         negative_ttl: Duration::from_millis(cfg.userbase_cache.negative_ttl_ms),

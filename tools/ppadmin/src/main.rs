@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use powermail_frontend::settings::redact_url;
 use powermail_userbase::{Userbase, UserbaseError};
 
 /// Exit status when the userbase cannot be reached (sysexits.h `EX_TEMPFAIL`).
@@ -87,21 +88,8 @@ impl UserbaseTarget {
                 format!("sqlite://{}", dir.join("userbase.db").display())
             }
         };
-        powermail_userbase::open(&url).with_context(|| format!("opening userbase {}", redact(&url)))
-    }
-}
-
-/// The URL with any password hidden, for error messages.
-fn redact(url: &str) -> String {
-    match url
-        .split_once("://")
-        .and_then(|(scheme, rest)| Some((scheme, rest.split_once('@')?)))
-    {
-        Some((scheme, (credentials, host))) => match credentials.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
-            None => format!("{scheme}://{credentials}@{host}"),
-        },
-        None => url.to_string(),
+        powermail_userbase::open(&url)
+            .with_context(|| format!("opening userbase {}", redact_url(&url)))
     }
 }
 
@@ -308,9 +296,11 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(redact("mysql://u:secret@h/db"), "mysql://u:***@h/db");
-        assert_eq!(redact("mysql://root@h/db"), "mysql://root@h/db");
-        assert_eq!(redact("sqlite:///x.db"), "sqlite:///x.db");
+        // The frontends' rule (powermail_frontend::settings::redact_url).
+        assert_eq!(redact_url("mysql://u:secret@h/db"), "mysql://u:***@h/db");
+        assert_eq!(redact_url("mysql://u:p@ss@h/db"), "mysql://u:***@h/db");
+        assert_eq!(redact_url("mysql://root@h/db"), "mysql://root@h/db");
+        assert_eq!(redact_url("sqlite:///x.db"), "sqlite:///x.db");
     }
 
     #[test]
