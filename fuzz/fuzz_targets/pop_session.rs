@@ -35,7 +35,7 @@ impl Store for Mock {
         }
         self.calls.push(format!("auth {user:?} {password:?}"));
         match (user, password) {
-            ("bob", "pw") => AuthResult::Ok(
+            ("bob", "pw") => AuthResult::Ok(std::sync::Arc::new(
                 BODIES
                     .iter()
                     .enumerate()
@@ -43,8 +43,8 @@ impl Store for Mock {
                         uid: format!("m{i}"),
                         size_bytes: b.len() as u64,
                     })
-                    .collect(),
-            ),
+                    .collect::<Vec<_>>(),
+            )),
             ("busy", _) => AuthResult::InUse,
             ("old", "pw") => AuthResult::Proxied("+OK legacy".into()),
             _ => AuthResult::Bad,

@@ -39,6 +39,19 @@ pub struct Merged {
     pub holders: Vec<BackendId>,
 }
 
+impl crate::session::Listing for Vec<Merged> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+    fn entry(&self, index: usize) -> crate::session::Entry<'_> {
+        let m = &self[index];
+        crate::session::Entry {
+            uid: m.msgid.as_str(),
+            size_bytes: m.size_bytes,
+        }
+    }
+}
+
 /// What a login's listing found.
 #[derive(Debug, Clone, Default)]
 pub struct Listing {

@@ -11,6 +11,7 @@
 
 use std::io::{self, Write};
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 pub use powermail_proto::SpliceSink;
 
@@ -27,11 +28,47 @@ pub struct Listed {
     pub size_bytes: u64,
 }
 
+/// One message of a [`Listing`] as the session reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry<'a> {
+    /// Unique id: the message id, also the UIDL.
+    pub uid: &'a str,
+    /// Size in bytes, as stored (wire form).
+    pub size_bytes: u64,
+}
+
+/// A mailbox listing, oldest first, shared rather than copied: the server
+/// hands the session the merged listing it keeps (a 50,000-message mailbox
+/// is not turned into 50,000 new strings at every login).
+pub trait Listing: Send + Sync + std::fmt::Debug {
+    /// How many messages.
+    fn len(&self) -> usize;
+    /// Whether there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Message `index` (below [`len`](Self::len)).
+    fn entry(&self, index: usize) -> Entry<'_>;
+}
+
+impl Listing for Vec<Listed> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+    fn entry(&self, index: usize) -> Entry<'_> {
+        let m = &self[index];
+        Entry {
+            uid: &m.uid,
+            size_bytes: m.size_bytes,
+        }
+    }
+}
+
 /// What a login attempt came to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum AuthResult {
     /// Logged in and locked; the mailbox listing, oldest first.
-    Ok(Vec<Listed>),
+    Ok(Arc<dyn Listing>),
     /// Unknown user or wrong password: `-ERR [AUTH]`.
     Bad,
     /// Too many recent failures from this client or for this account.
@@ -45,6 +82,20 @@ pub enum AuthResult {
     /// loop relays bytes both ways until either side closes.
     Proxied(String),
 }
+
+impl PartialEq for AuthResult {
+    fn eq(&self, other: &AuthResult) -> bool {
+        use AuthResult::*;
+        match (self, other) {
+            (Ok(a), Ok(b)) => a.len() == b.len() && (0..a.len()).all(|i| a.entry(i) == b.entry(i)),
+            (Bad, Bad) | (Locked, Locked) | (InUse, InUse) | (Unavailable, Unavailable) => true,
+            (Proxied(a), Proxied(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for AuthResult {}
 
 /// Why a message could not be sent.
 #[derive(Debug)]
@@ -144,7 +195,7 @@ pub struct Session<S: Store> {
     store: S,
     limits: SessionLimits,
     state: State,
-    messages: Vec<Listed>,
+    messages: Arc<dyn Listing>,
     deleted: Vec<bool>,
     errors: u32,
     user: Option<String>,
@@ -173,7 +224,7 @@ impl<S: Store> Session<S> {
                 user: None,
                 sasl_pending: false,
             },
-            messages: Vec::new(),
+            messages: Arc::new(Vec::<Listed>::new()),
             deleted: Vec::new(),
             errors: 0,
             user: None,
@@ -470,7 +521,9 @@ impl<S: Store> Session<S> {
         }
         let reply = match self.store.authenticate(user, password) {
             AuthResult::Ok(listing) => {
-                let total: u64 = listing.iter().map(|m| m.size_bytes).sum();
+                let total: u64 = (0..listing.len())
+                    .map(|i| listing.entry(i).size_bytes)
+                    .sum();
                 self.deleted = vec![false; listing.len()];
                 self.counters.messages = listing.len();
                 self.messages = listing;
@@ -511,11 +564,10 @@ impl<S: Store> Session<S> {
         (i < self.messages.len() && !self.deleted[i]).then_some(i)
     }
 
-    fn live(&self) -> impl Iterator<Item = (usize, &Listed)> {
-        self.messages
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !self.deleted[*i])
+    fn live(&self) -> impl Iterator<Item = (usize, Entry<'_>)> {
+        (0..self.messages.len())
+            .filter(|i| !self.deleted[*i])
+            .map(|i| (i, self.messages.entry(i)))
     }
 
     fn maildrop(&self) -> (usize, u64) {
@@ -592,13 +644,13 @@ impl<S: Store> Session<S> {
         &mut self,
         arg: Option<u64>,
         out: &mut W,
-        column: impl Fn(&Listed, &mut Vec<u8>),
+        column: impl Fn(Entry<'_>, &mut Vec<u8>),
     ) -> io::Result<()> {
         match arg {
             Some(n) => match self.index(n) {
                 Some(i) => {
                     let mut line = format!("+OK {n} ").into_bytes();
-                    column(&self.messages[i], &mut line);
+                    column(self.messages.entry(i), &mut line);
                     line.extend_from_slice(b"\r\n");
                     out.write_all(&line)
                 }
@@ -635,7 +687,7 @@ impl<S: Store> Session<S> {
             return out.write_all(no_such_message().as_bytes());
         };
         let header = match top {
-            None => format!("+OK {} octets\r\n", self.messages[i].size_bytes),
+            None => format!("+OK {} octets\r\n", self.messages.entry(i).size_bytes),
             Some(_) => "+OK top of message follows\r\n".to_string(),
         };
         let mut body = BodyWriter::new(out, header, top);
@@ -650,7 +702,10 @@ impl<S: Store> Session<S> {
             Err(RetrieveError::Broken(e)) => {
                 // Part of the message is on the wire: nothing sensible can
                 // follow it, so end the session (without UPDATE).
-                log::warn!("message {} broke off mid-stream: {e}", self.messages[i].uid);
+                log::warn!(
+                    "message {} broke off mid-stream: {e}",
+                    self.messages.entry(i).uid
+                );
                 self.state = State::Closed;
                 Ok(())
             }

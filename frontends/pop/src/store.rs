@@ -19,7 +19,7 @@ use crate::journal::Owed;
 use crate::listing::{CacheUse, Merged};
 use crate::lock::{LockError, MailboxLock};
 use crate::server::Shared;
-use crate::session::{is_enough, qualify, AuthResult, Listed, RetrieveError, Store};
+use crate::session::{is_enough, qualify, AuthResult, RetrieveError, Store};
 use crate::stats::Stats;
 
 /// The [`Store`] of one live session.
@@ -190,15 +190,7 @@ impl Store for LiveStore {
         self.mailbox = Some(name);
         self.listed = listing.listed;
         self.messages = listing.messages;
-        AuthResult::Ok(
-            self.messages
-                .iter()
-                .map(|m| Listed {
-                    uid: m.msgid.to_string(),
-                    size_bytes: m.size_bytes,
-                })
-                .collect(),
-        )
+        AuthResult::Ok(self.messages.clone())
     }
 
     fn retrieve(&mut self, index: usize, out: &mut dyn SpliceSink) -> Result<(), RetrieveError> {

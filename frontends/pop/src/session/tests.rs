@@ -21,15 +21,15 @@ impl Store for Fake {
         if qualify(user, Some("example.org")).as_deref() == Some("bob@example.org")
             && password == "pw"
         {
-            AuthResult::Ok(
+            AuthResult::Ok(std::sync::Arc::new(
                 self.messages
                     .iter()
                     .map(|(uid, body)| Listed {
                         uid: uid.clone(),
                         size_bytes: body.len() as u64,
                     })
-                    .collect(),
-            )
+                    .collect::<Vec<_>>(),
+            ))
         } else {
             AuthResult::Bad
         }
