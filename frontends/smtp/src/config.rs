@@ -247,79 +247,29 @@ mod tests {
         assert!(err.to_string().contains("used more than once"), "{err}");
         assert!(Config::parse(&format!("{base}bogus = 1\n{one}")).is_err());
     }
-    /// The example file with a MySQL userbase whose password, the backend
-    /// secret and the admin token are all distinctive strings.
-    fn with_secrets(example: &str) -> String {
-        let text = example
-            .replace(
-                "userbase = \"sqlite:///var/lib/powermail/userbase.db\"",
-                "userbase = \"mysql://pm:Pw-7f3a@db.example:3306/mail?password=Qp-91c2&pool_max=4\"",
-            )
-            .replace(
-                "secret = \"0123456789abcdef0123\"",
-                "secret = \"Sx-backend-5e1d-secret\"",
-            )
-            .replace(
-                "admin_token = \"change-me-admin\"",
-                "admin_token = \"Tk-admin-88b0\"",
-            );
-        assert!(
-            text.contains("Pw-7f3a") && text.contains("Sx-backend") && text.contains("Tk-admin")
-        );
-        text
-    }
+
+    const EXAMPLE: &str = include_str!("../../../examples/powersmtp.toml");
 
     #[test]
     fn config_json_hides_every_secret() {
-        let text = with_secrets(include_str!("../../../examples/powersmtp.toml"));
-        let cfg = Config::parse(&text).expect("example with secrets parses");
-        assert_eq!(
-            cfg.secret().expect("secret loads"),
-            b"Sx-backend-5e1d-secret"
+        powermail_testkit::frontend_config::config_json_hides_every_secret(
+            EXAMPLE,
+            Config::parse,
+            |c| c.secret().expect("secret loads"),
+            |c| c.public_json().to_string(),
         );
-        let json = cfg.public_json().to_string();
-        for secret in ["Pw-7f3a", "Qp-91c2", "Sx-backend", "Tk-admin"] {
-            assert!(!json.contains(secret), "{secret} in /config: {json}");
-        }
-        assert!(
-            json.contains("mysql://pm:***@db.example:3306/mail"),
-            "{json}"
-        );
-        assert!(json.contains("\"backend_pool\"") && json.contains("\"admin_listen\""));
     }
 
     #[test]
     fn duplicate_backend_name_refused() {
-        let text = include_str!("../../../examples/powersmtp.toml");
-        let dup = format!("{text}\n[[backend]]\nname = \"b0\"\naddr = \"127.0.0.1:7999\"\n");
-        let err = Config::parse(&dup).expect_err("two backends named b0");
-        assert!(err.to_string().contains("used more than once"), "{err}");
+        powermail_testkit::frontend_config::duplicate_backend_name_refused(EXAMPLE, Config::parse);
     }
 
     #[test]
     fn unknown_keys_refused_at_top_and_in_tables() {
-        let text = include_str!("../../../examples/powersmtp.toml");
-        // A key of neither the daemon nor the shared block, before any table.
-        let top = format!("bogus_key = 1\n{text}");
-        let err = Config::parse(&top).expect_err("unknown top-level key");
-        assert!(err.to_string().contains("bogus_key"), "{err}");
-        let cache = text.replace("[userbase_cache]\n", "[userbase_cache]\nbogus_ttl = 1\n");
-        assert_ne!(cache, text);
-        assert!(
-            Config::parse(&cache).is_err(),
-            "unknown key in [userbase_cache]"
+        powermail_testkit::frontend_config::unknown_keys_refused_at_top_and_in_tables(
+            EXAMPLE,
+            Config::parse,
         );
-        let pool = text.replace("[backend_pool]\n", "[backend_pool]\nbogus_ms = 1\n");
-        assert_ne!(pool, text);
-        assert!(
-            Config::parse(&pool).is_err(),
-            "unknown key in [backend_pool]"
-        );
-        let typed = text.replace(
-            "admin_connections_max = 128",
-            "admin_connections_max = \"x\"",
-        );
-        assert_ne!(typed, text);
-        assert!(Config::parse(&typed).is_err(), "a string for a count");
     }
 }

@@ -19,7 +19,8 @@
 //!   kernel has no `netem`);
 //! * [`admin`]: the admin-port client of the admin crate, re-exported;
 //! * [`Mariadb`]: a private MariaDB (loopback or a cluster host);
-//! * [`skip_unless_root`]: the one skip of the suites that need root.
+//! * [`skip_unless_root`]: the one skip of the suites that need root;
+//! * [`frontend_config`]: the configuration checks powersmtp and powerpop share.
 //!
 //! Everything that waits is bounded; a launcher that fails panics with the
 //! daemon's log, because a test that cannot start its system has failed.
@@ -27,6 +28,7 @@
 mod clients;
 mod daemon;
 pub mod delay;
+pub mod frontend_config;
 mod launch;
 mod mariadb;
 mod ports;
