@@ -322,16 +322,7 @@ fn a_backend_cut_mid_splice_ends_the_session_without_update() {
 
 /// Body bytes a backend has sent by GET/GETM (pplistener's `bytes_out`).
 fn bytes_out(b: &Backend) -> u64 {
-    let (status, body) =
-        powermail_testkit::admin_request(b.process.admin, "GET", "/stats", Some("tok"));
-    assert_eq!(status, 200, "{body}");
-    let stats: serde_json::Value = serde_json::from_str(&body).expect("stats JSON");
-    stats["backends"]
-        .as_array()
-        .expect("backends")
-        .iter()
-        .map(|b| b["bytes_out"].as_u64().expect("bytes_out"))
-        .sum()
+    b.stats()["bytes_out"].as_u64().expect("bytes_out")
 }
 
 #[test]
@@ -365,11 +356,7 @@ fn a_drain_over_two_backends_fetches_each_message_once() {
 
 /// LIST requests a backend has answered (pplistener's `lists`).
 fn lists(b: &Backend) -> u64 {
-    let (status, body) =
-        powermail_testkit::admin_request(b.process.admin, "GET", "/stats", Some("tok"));
-    assert_eq!(status, 200, "{body}");
-    let stats: serde_json::Value = serde_json::from_str(&body).expect("stats JSON");
-    stats["backends"][0]["lists"].as_u64().expect("lists")
+    b.stats()["lists"].as_u64().expect("lists")
 }
 
 /// The UIDs of a fresh session (logged in, UIDL, QUIT).

@@ -55,6 +55,15 @@ impl Backend {
         self.process.kill9();
     }
 
+    /// The stats of its one backend (GET /stats of its admin port).
+    pub fn stats(&self) -> serde_json::Value {
+        let (status, body) =
+            powermail_testkit::admin_request(self.process.admin, "GET", "/stats", Some("tok"));
+        assert_eq!(status, 200, "{body}");
+        let stats: serde_json::Value = serde_json::from_str(&body).expect("stats JSON");
+        stats["backends"][0].clone()
+    }
+
     pub fn conn(&self) -> BackendConn {
         BackendConn::connect(self.addr, SECRET.as_bytes(), TIMEOUT).expect("connect")
     }
