@@ -15,7 +15,8 @@
 //! [`client`] is the other side of the port (ppadmin and the tests use it),
 //! and [`announce_ready`] prints the one readiness line every daemon prints.
 //! [`daemon::run`] is the `main` skeleton the three daemons share (command line,
-//! logger, configuration file, exit codes).
+//! logger, configuration file, exit codes), and [`AdminSettings`] the admin keys
+//! of every daemon's configuration file; [`signals`] the SIGHUP and SIGTERM rules.
 
 pub mod client;
 pub mod daemon;
@@ -24,6 +25,8 @@ mod latency;
 mod logfmt;
 mod prom;
 mod ready;
+mod settings;
+pub mod signals;
 pub mod systemd;
 
 pub use http::{default_connections_max, default_request_timeout_ms, AdminLimits};
@@ -31,6 +34,7 @@ pub use latency::{Latencies, Samples, LATENCY_MAX_US, SAMPLES_MAX};
 pub use logfmt::{kv, LogValue, LOG_VALUE_MAX_BYTES};
 pub use prom::Prometheus;
 pub use ready::{announce_ready, ReadyLine, READY_LISTEN_MAX, READY_ROLE_MAX_BYTES};
+pub use settings::AdminSettings;
 
 use std::sync::Arc;
 

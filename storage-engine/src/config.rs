@@ -18,20 +18,9 @@ pub struct Config {
     /// A file holding the secret (surrounding whitespace ignored).
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
-    /// Admin HTTP port (stats, metrics, runtime switches). None: no admin port.
-    #[serde(default)]
-    pub admin_listen: Option<String>,
-    /// Token required on the admin port (`Authorization: Bearer ...`).
-    /// Defaults to the backend secret.
-    #[serde(default)]
-    pub admin_token: Option<String>,
-    /// Admin connections served at once (one thread each); beyond: `503` and close.
-    #[serde(default = "powermail_admin::default_connections_max")]
-    pub admin_connections_max: usize,
-    /// The longest one admin connection may take, in ms, to send its request
-    /// and read the answer; then it is closed (slow or silent clients).
-    #[serde(default = "powermail_admin::default_request_timeout_ms")]
-    pub admin_request_timeout_ms: u64,
+    /// The admin port (`admin_listen`, `admin_token`, its limits).
+    #[serde(flatten)]
+    pub admin: powermail_admin::AdminSettings,
     /// Log level (`error`, `warn`, `info`, `debug`, `trace`); none: `RUST_LOG`
     /// or `info`. Applied at start and on SIGHUP.
     #[serde(default)]
@@ -192,14 +181,6 @@ pub struct Backend {
 }
 
 impl Config {
-    /// The admin port's limits (`admin_connections_max`, `admin_request_timeout_ms`).
-    pub fn admin_limits(&self) -> powermail_admin::AdminLimits {
-        powermail_admin::AdminLimits {
-            connections_max: self.admin_connections_max,
-            request_timeout_ms: self.admin_request_timeout_ms,
-        }
-    }
-
     /// Parses a TOML text.
     pub fn parse(text: &str) -> anyhow::Result<Config> {
         let cfg: Config = toml::from_str(text)?;

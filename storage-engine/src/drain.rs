@@ -156,41 +156,22 @@ impl Stop {
 /// On the first SIGTERM or SIGINT: requests `stop`, tells systemd
 /// `STOPPING=1`, and after `grace` ends the process with status 0 whatever is
 /// still open (`main` ends it sooner once every executor has drained). A
-/// second signal ends the process at once, with status 1.
+/// second signal ends the process at once, with status 1
+/// ([`powermail_admin::signals::on_sigterm`]).
 pub fn on_stop_signal(
     stop: Arc<Stop>,
     backends: Vec<Arc<BackendShared>>,
     grace: Duration,
 ) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    std::thread::Builder::new()
-        .name("sigterm".into())
-        .spawn(move || {
-            if signals.forever().next().is_none() {
-                return;
-            }
-            stop.request(&backends, grace.as_millis() as u64);
-            if let Err(e) = powermail_admin::systemd::notify("STOPPING=1") {
-                log::warn!("sd_notify STOPPING=1 failed: {e}");
-            }
-            let timer = std::thread::Builder::new()
-                .name("grace".into())
-                .spawn(move || {
-                    std::thread::sleep(grace);
-                    stop.finish(&backends, "grace");
-                    std::process::exit(0);
-                });
-            if let Err(e) = timer {
-                log::error!("cannot start the grace timer ({e}): exiting now");
-                std::process::exit(1);
-            }
-            if signals.forever().next().is_some() {
-                log::warn!("second stop signal: exiting now");
-                std::process::exit(1);
-            }
-        })?;
-    Ok(())
+    powermail_admin::signals::on_sigterm(move || {
+        stop.request(&backends, grace.as_millis() as u64);
+        if let Err(e) = powermail_admin::systemd::notify("STOPPING=1") {
+            log::warn!("sd_notify STOPPING=1 failed: {e}");
+        }
+        std::thread::sleep(grace);
+        stop.finish(&backends, "grace");
+        std::process::exit(0);
+    })
 }
 
 #[cfg(test)]

@@ -301,38 +301,31 @@ fn run(cfg: config::Config, args: powermail_admin::daemon::Invocation) -> anyhow
         }
     }
     let shared_all_for_reload = shared_all.clone();
+    let mut config_json = serde_json::json!({
+        "backends": backends.iter().map(|b| serde_json::json!({
+            "name": b.name, "listen": b.listen.to_string(), "data_dir": b.data_dir.display().to_string(), "cpu": b.cpu,
+        })).collect::<Vec<_>>(),
+        "limits": format!("{:?}", cfg.limits),
+        "blocking_threads": cfg.blocking_threads,
+        "shutdown_grace_ms": cfg.shutdown_grace_ms,
+        "durability": backends.iter().map(|b| b.durability.as_str()).collect::<Vec<_>>(),
+    });
+    if let (Some(all), serde_json::Value::Object(admin)) =
+        (config_json.as_object_mut(), cfg.admin.public_json())
+    {
+        all.extend(admin);
+    }
+    let handler = Arc::new(stats::Process {
+        backends: shared_all.clone(),
+        config: config_json,
+    });
     let mut admin_addr = None;
-    if let Some(listen) = &cfg.admin_listen {
-        let token = match &cfg.admin_token {
-            Some(t) => t.clone(),
-            None => String::from_utf8_lossy(&secret).into_owned(),
-        };
-        let config_json = serde_json::json!({
-            "backends": backends.iter().map(|b| serde_json::json!({
-                "name": b.name, "listen": b.listen.to_string(), "data_dir": b.data_dir.display().to_string(), "cpu": b.cpu,
-            })).collect::<Vec<_>>(),
-            "limits": format!("{:?}", cfg.limits),
-            "blocking_threads": cfg.blocking_threads,
-            "shutdown_grace_ms": cfg.shutdown_grace_ms,
-            "durability": backends.iter().map(|b| b.durability.as_str()).collect::<Vec<_>>(),
-        });
-        let handler = Arc::new(stats::Process {
-            backends: shared_all.clone(),
-            config: config_json,
-        });
-        let server = powermail_admin::spawn(listen, &token, handler, cfg.admin_limits())?;
+    if let Some(server) = cfg.admin.start(&secret, handler)? {
         println!("pplistener: admin port on {}", server.local_addr());
         admin_addr = Some(server.local_addr());
     }
     let (path, all) = (args.config.clone(), shared_all_for_reload);
-    let mut hup = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
-    std::thread::Builder::new()
-        .name("sighup".into())
-        .spawn(move || {
-            for _ in hup.forever() {
-                reload(&path, &all);
-            }
-        })?;
+    powermail_admin::signals::on_sighup(move || reload(&path, &all))?;
     let grace = std::time::Duration::from_millis(cfg.shutdown_grace_ms);
     drain::on_stop_signal(stop.clone(), shared_all.clone(), grace)?;
     let mut listen: Vec<(&str, std::net::SocketAddr)> = backends

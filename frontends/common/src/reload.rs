@@ -4,7 +4,7 @@
 //! [`Reloadable`]: every new session takes the current value once ([`Reloadable::get`],
 //! an `Arc` clone) and keeps it to its end, so a reload never changes the rules under an
 //! open connection and never drops one. A reload is asked for by `SIGHUP`
-//! ([`on_sighup`]) or the admin port (`POST /control/reload`); both re-read the same file.
+//! ([`powermail_admin::signals::on_sighup`]) or the admin port (`POST /control/reload`); both re-read the same file.
 //! [`changes`] compares the old and new effective configurations so the frontend can log
 //! what it applied and what still needs a restart (listening addresses, TLS, the
 //! backend list, the userbase).
@@ -37,43 +37,6 @@ impl<T> Reloadable<T> {
     pub fn set(&self, value: T) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
     }
-}
-
-/// Calls `reload` (on a thread of its own) every time the process gets `SIGHUP`.
-pub fn on_sighup(reload: impl Fn() + Send + 'static) -> std::io::Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
-    std::thread::Builder::new()
-        .name("sighup".into())
-        .spawn(move || {
-            for _ in signals.forever() {
-                reload();
-            }
-        })?;
-    Ok(())
-}
-
-/// Graceful stop: on the first `SIGTERM` (or `SIGINT`), calls `stop` once on a thread of
-/// its own; `stop` stops accepting, waits for open work within the grace period and
-/// ends the process. A second signal while it drains ends the process at once.
-pub fn on_sigterm(stop: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    std::thread::Builder::new()
-        .name("sigterm".into())
-        .spawn(move || {
-            if signals.forever().next().is_none() {
-                return;
-            }
-            if let Err(e) = std::thread::Builder::new().name("drain".into()).spawn(stop) {
-                log::error!("cannot start draining ({e}): exiting now");
-                std::process::exit(1);
-            }
-            if signals.forever().next().is_some() {
-                log::warn!("second stop signal: exiting now");
-                std::process::exit(1);
-            }
-        })?;
-    Ok(())
 }
 
 /// Every leaf that differs between two JSON configurations, as `path: old -> new`

@@ -1,6 +1,7 @@
 //! Configuration pieces every frontend has in the same form: the TLS
 //! certificate, the userbase cache, and [`FrontendSettings`], the block of
-//! keys both daemons' files share (admin port, userbase, secret, backends).
+//! keys both daemons' files share (PROXY sources, userbase, secret, backends;
+//! the admin-port keys are [`powermail_admin::AdminSettings`], flattened beside it).
 //! One definition, so `powersmtp.toml` and `powerpop.toml` cannot drift apart.
 
 use std::path::PathBuf;
@@ -71,7 +72,9 @@ impl Default for CacheSettings {
 
 /// The block of keys powersmtp and powerpop share, at the top level of
 /// either daemon's TOML file (`#[serde(flatten)]` into the daemon's own
-/// `Config`): the PROXY-protocol sources, the admin port, the userbase, the
+/// `Config`, next to [`powermail_admin::AdminSettings`]; serde cannot nest
+/// one flatten inside another under `deny_unknown_fields`): the
+/// PROXY-protocol sources, the userbase, the
 /// backend secret, the pool and the backends. One set of defaults, one
 /// [`check`](Self::check), one [`public_json`](Self::public_json).
 ///
@@ -90,19 +93,6 @@ pub struct FrontendSettings {
     /// Time a trusted balancer has to send its PROXY header, in ms.
     #[serde(default = "crate::proxy::default_timeout_ms")]
     pub proxy_timeout_ms: u64,
-    /// Admin HTTP port; none: no admin port.
-    #[serde(default)]
-    pub admin_listen: Option<String>,
-    /// Bearer token for the admin port (default: the backend secret).
-    #[serde(default)]
-    pub admin_token: Option<String>,
-    /// Admin connections served at once (one thread each); beyond: `503` and close.
-    #[serde(default = "powermail_admin::default_connections_max")]
-    pub admin_connections_max: usize,
-    /// The longest one admin connection may take, in ms, to send its request
-    /// and read the answer; then it is closed (slow or silent clients).
-    #[serde(default = "powermail_admin::default_request_timeout_ms")]
-    pub admin_request_timeout_ms: u64,
     /// Userbase URL: `sqlite:///path.db` or `mysql://user:pass@host/db`.
     pub userbase: String,
     /// MySQL: bring the userbase schema up to date at the first connection. Default
@@ -157,14 +147,6 @@ impl FrontendSettings {
         powermail_proto::auth::load_secret(self.secret.as_deref(), self.secret_file.as_deref())
     }
 
-    /// The admin port's limits (`admin_connections_max`, `admin_request_timeout_ms`).
-    pub fn admin_limits(&self) -> powermail_admin::AdminLimits {
-        powermail_admin::AdminLimits {
-            connections_max: self.admin_connections_max,
-            request_timeout_ms: self.admin_request_timeout_ms,
-        }
-    }
-
     /// The userbase URL with its password (and any password-like query
     /// parameter) replaced by `***`, for `/config` and log lines.
     pub fn userbase_redacted(&self) -> String {
@@ -174,7 +156,11 @@ impl FrontendSettings {
     /// This block for the admin port's `/config`, as top-level keys the
     /// daemon adds its own to. Never holds the secret, the admin token or the
     /// userbase password; the secret file's path is shown.
-    pub fn public_json(&self) -> serde_json::Map<String, serde_json::Value> {
+    /// `admin` is the daemon's admin block, shown beside it (token hidden).
+    pub fn public_json(
+        &self,
+        admin: &powermail_admin::AdminSettings,
+    ) -> serde_json::Map<String, serde_json::Value> {
         let backends: Vec<serde_json::Value> = self
             .backends
             .iter()
@@ -187,9 +173,6 @@ impl FrontendSettings {
         let value = serde_json::json!({
             "proxy_from": self.proxy_from,
             "proxy_timeout_ms": self.proxy_timeout_ms,
-            "admin_listen": self.admin_listen,
-            "admin_connections_max": self.admin_connections_max,
-            "admin_request_timeout_ms": self.admin_request_timeout_ms,
             "userbase": self.userbase_redacted(),
             "userbase_migrate": self.userbase_migrate,
             "userbase_cache": self.userbase_cache,
@@ -197,10 +180,14 @@ impl FrontendSettings {
             "backend_pool": self.backend_pool,
             "backends": backends,
         });
-        match value {
+        let mut map = match value {
             serde_json::Value::Object(map) => map,
             _ => serde_json::Map::new(),
+        };
+        if let serde_json::Value::Object(admin) = admin.public_json() {
+            map.extend(admin);
         }
+        map
     }
 }
 
@@ -210,9 +197,14 @@ impl FrontendSettings {
 /// would be reported at line 1; when `T` fails and the shared block alone
 /// fails too, that error (which has the line) is returned instead.
 pub fn from_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, toml::de::Error> {
-    toml::from_str::<T>(text).map_err(|e| match toml::from_str::<FrontendSettings>(text) {
-        Err(shared) => shared,
-        Ok(_) => e,
+    toml::from_str::<T>(text).map_err(|e| {
+        if let Err(shared) = toml::from_str::<FrontendSettings>(text) {
+            shared
+        } else if let Err(admin) = toml::from_str::<powermail_admin::AdminSettings>(text) {
+            admin
+        } else {
+            e
+        }
     })
 }
 
@@ -277,6 +269,8 @@ mod tests {
         own: u32,
         #[serde(flatten)]
         shared: FrontendSettings,
+        #[serde(flatten)]
+        admin: powermail_admin::AdminSettings,
     }
 
     const MINIMAL: &str = "userbase = \"sqlite:///x.db\"\nsecret = \"0123456789abcdef\"\n\
@@ -287,7 +281,7 @@ mod tests {
         let d: Daemon = toml::from_str(&format!("own = 7\n{MINIMAL}")).expect("parses");
         assert_eq!(d.own, 7);
         assert_eq!(d.shared.backends.len(), 1);
-        assert_eq!(d.shared.admin_connections_max, 128);
+        assert_eq!(d.admin.admin_connections_max, 128);
         assert_eq!(d.shared.check(), Ok(()));
         let err = toml::from_str::<Daemon>(&format!("bogus = 1\n{MINIMAL}")).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");

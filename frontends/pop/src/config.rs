@@ -64,6 +64,10 @@ pub struct Config {
     /// the file; read through `Deref`, so `cfg.backends` works).
     #[serde(flatten)]
     pub frontend: FrontendSettings,
+    /// The admin port: `admin_listen`, `admin_token` and its limits (top level
+    /// in the file, as in every daemon's).
+    #[serde(flatten)]
+    pub admin: powermail_admin::AdminSettings,
 }
 
 impl std::ops::Deref for Config {
@@ -285,7 +289,7 @@ impl Config {
     /// ([`FrontendSettings::public_json`], no secret, token or userbase
     /// password) and powerpop's own keys.
     pub fn public_json(&self) -> serde_json::Value {
-        let mut map = self.frontend.public_json();
+        let mut map = self.frontend.public_json(&self.admin);
         let own = serde_json::json!({
             "listen": self.listen,
             "tls_listen": self.tls_listen,

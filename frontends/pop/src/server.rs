@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use powermail_admin::signals::{on_sighup, on_sigterm};
 use powermail_admin::{kv, Samples};
 use powermail_frontend::accept::{self, Event, ListenerSpec, Refusals};
 use powermail_frontend::proxy::{self, Endpoints, ProxyPolicy};
-use powermail_frontend::reload::{on_sighup, on_sigterm, Reloadable};
+use powermail_frontend::reload::Reloadable;
 use powermail_frontend::{Cluster, DeadlineWrite};
 use powermail_proto::SpliceSink;
 use powermail_userbase::{CacheConfig, CachedUserbase, Userbase};
@@ -113,13 +114,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         path,
     });
     let mut ready: Vec<(&str, std::net::SocketAddr)> = Vec::new();
-    if let Some(admin_listen) = &cfg.admin_listen {
-        let token = match &cfg.admin_token {
-            Some(t) => t.clone(),
-            None => String::from_utf8_lossy(&secret).into_owned(),
-        };
-        let server =
-            powermail_admin::spawn(admin_listen, &token, admin.clone(), cfg.admin_limits())?;
+    if let Some(server) = cfg.admin.start(&secret, admin.clone())? {
         println!("powerpop admin port on {}", server.local_addr());
         ready.push(("admin", server.local_addr()));
     }

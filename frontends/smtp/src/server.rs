@@ -22,12 +22,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use powermail_admin::signals::{on_sighup, on_sigterm};
 use powermail_admin::{AdminHandler, Prometheus};
 use powermail_frontend::accept::{self, Event, ListenerSpec, Refusals};
 use powermail_frontend::proxy::{self, Endpoints, ProxyPolicy};
-use powermail_frontend::reload::{
-    changes, on_sighup, on_sigterm, reload_file, split_live, Reloadable,
-};
+use powermail_frontend::reload::{changes, reload_file, split_live, Reloadable};
 use powermail_frontend::{Cluster, DeadlineWrite};
 use powermail_userbase::{CacheConfig, CachedUserbase};
 
@@ -109,12 +108,7 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         path,
     });
     let mut ready: Vec<(&str, std::net::SocketAddr)> = Vec::new();
-    if let Some(listen) = &cfg.admin_listen {
-        let token = match &cfg.admin_token {
-            Some(t) => t.clone(),
-            None => String::from_utf8_lossy(&secret).into_owned(),
-        };
-        let server = powermail_admin::spawn(listen, &token, admin.clone(), cfg.admin_limits())?;
+    if let Some(server) = cfg.admin.start(&secret, admin.clone())? {
         println!("powersmtp: admin port on {}", server.local_addr());
         ready.push(("admin", server.local_addr()));
     }
