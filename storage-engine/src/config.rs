@@ -301,6 +301,25 @@ mod tests {
     }
 
     #[test]
+    fn admin_keys_are_read_and_unknown_keys_still_refused() {
+        let base =
+            "secret = \"0123456789abcdef\"\ndata_root = \"/d\"\nlisten_base = \"127.0.0.1:7000\"\n";
+        let c = Config::parse(&format!(
+            "{base}admin_listen = \"127.0.0.1:8\"\nadmin_connections_max = 3\n"
+        ))
+        .unwrap();
+        assert_eq!(c.admin.admin_listen.as_deref(), Some("127.0.0.1:8"));
+        assert_eq!(c.admin.limits().connections_max, 3);
+        for bad in [
+            "bogus = 1\n",
+            "admin_lsten = \"x\"\n",
+            "admin_connections_max = \"x\"\n",
+        ] {
+            assert!(Config::parse(&format!("{base}{bad}")).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn more_backends_than_cpus_share_them() {
         let c = Config::parse(
             "secret = \"0123456789abcdef\"\ndata_root = \"/d\"\nlisten_base = \"127.0.0.1:7000\"\nbackend_count = 3\n",
