@@ -611,8 +611,20 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
             let (gets, bytes) = glommio::executor()
                 .spawn_blocking(move || -> io::Result<(u64, u64)> {
                     let (mut gets, mut bytes) = (0, 0);
-                    for msgid in &msgids {
-                        match store.open_message(&mailbox, msgid) {
+                    // Open the whole batch and start every read first (bodies
+                    // are O_DIRECT-written, not cached), then send in order.
+                    let opened: Vec<_> = msgids
+                        .iter()
+                        .map(|msgid| {
+                            let o = store.open_message(&mailbox, msgid);
+                            if let Ok((file, size)) = &o {
+                                crate::zerocopy::will_need(file, *size);
+                            }
+                            (msgid, o)
+                        })
+                        .collect();
+                    for (msgid, o) in opened {
+                        match o {
                             Ok((file, size)) => {
                                 let header = BodyHeader { size_bytes: size }.encode();
                                 crate::zerocopy::send_all(sock, header.as_bytes(), timeout)?;
