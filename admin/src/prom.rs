@@ -2,6 +2,14 @@
 //!
 //! Small on purpose: daemons know their metrics; this only gets the syntax
 //! right (one `# TYPE` per family, labels in braces).
+//!
+//! Kept instead of the `prometheus-client` crate (0.26): it has no summary type
+//! (our HdrHistogram quantiles would need a custom collector anyway), it writes
+//! OpenMetrics, where pplistener's `connections` gauge and `connections_total`
+//! counter would be one clashing family and dashboards' names would change, and
+//! its typed per-family registry would duplicate the atomics the executors
+//! already count into; the numbers themselves are declared once in
+//! `src/metrics.rs`.
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
