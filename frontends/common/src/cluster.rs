@@ -529,6 +529,24 @@ impl Cluster {
             .collect()
     }
 
+    /// The backends as a [`powermail_admin::Report`] shows them: each
+    /// [`BackendSnapshot`]'s fields as its state (their gauges go to
+    /// `/metrics` through [`Cluster::write_backend_metrics`]).
+    pub fn reports(&self) -> Vec<powermail_admin::BackendReport> {
+        self.snapshot()
+            .into_iter()
+            .map(|b| powermail_admin::BackendReport {
+                name: b.name.clone(),
+                state: match serde_json::to_value(&b) {
+                    Ok(serde_json::Value::Object(state)) => state,
+                    _ => serde_json::Map::new(),
+                },
+                metrics: Vec::new(),
+                latency: None,
+            })
+            .collect()
+    }
+
     /// The per-backend gauges of a frontend's `/metrics`, from one
     /// snapshot: `<prefix>_backend_up` (1 when `up(health)`, described by
     /// `up_help`), `_backend_latency_seconds` (the EWMA the selection weighs,

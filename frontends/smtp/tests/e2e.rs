@@ -283,8 +283,8 @@ fn single_recipient_k2_over_3_stores_wire_form_on_exactly_two() {
         assert_eq!(String::from_utf8(body).unwrap(), MSG_WIRE);
     }
     let stats: Value = serde_json::from_str(&sys.admin_get("/stats")).unwrap();
-    assert_eq!(stats["messages"], 1, "{stats}");
-    assert!(stats["latencies"]["backend_put"]["count"] == 2, "{stats}");
+    assert_eq!(stats["counters"]["messages"], 1, "{stats}");
+    assert!(stats["latency"]["backend_put"]["count"] == 2, "{stats}");
     // Latency-aware selection: every backend has a latency (its health
     // checks at least) and nothing in flight once the message is stored.
     for i in 0..3 {
