@@ -479,6 +479,12 @@ fn admin_port_requires_the_token_and_reports() {
         metrics.contains("pplistener_puts_total{backend=\"b0\"} 1"),
         "{metrics}"
     );
+    // Every counter and gauge of /stats is in /metrics and vice versa.
+    assert_eq!(
+        powermail_admin::families_in_stats(&v, "pplistener"),
+        powermail_admin::families_in_text(&metrics),
+        "{body}\n{metrics}"
+    );
     let (status, text) = l.admin("POST", "/control/readonly?backend=b1", Some("tok"));
     assert_eq!((status, text.trim()), (200, "b1 ro"));
     assert_eq!(

@@ -302,6 +302,15 @@ fn single_recipient_k2_over_3_stores_wire_form_on_exactly_two() {
         "{metrics}"
     );
     assert!(metrics.contains("powersmtp_messages_total 1"), "{metrics}");
+    // Every counter and gauge of /stats is in /metrics and vice versa (the
+    // backend health gauges come from the backends' state fields).
+    let mut from_text = powermail_admin::families_in_text(&metrics);
+    from_text.retain(|f| !f.starts_with("powersmtp_backend_"));
+    assert_eq!(
+        powermail_admin::families_in_stats(&stats, "powersmtp"),
+        from_text,
+        "{stats}\n{metrics}"
+    );
     assert!(
         metrics.contains("powersmtp_replies_total{class=\"2xx\"}"),
         "{metrics}"
