@@ -213,6 +213,10 @@ pub struct Report {
     pub latency: Latencies,
     /// The Prometheus summary the latencies (process-wide and per backend) go to.
     pub latency_family: &'static str,
+    /// The prefix of the backends' families: the daemon's name for
+    /// pplistener (`pplistener_puts_total{backend=..}`), `<daemon>_backend`
+    /// for a frontend's view of its backends (`powerpop_backend_up{backend=..}`).
+    pub backend_prefix: &'static str,
     /// The backends.
     pub backends: Vec<BackendReport>,
 }
@@ -251,7 +255,7 @@ impl Report {
         self.latency.write_prometheus(p, self.latency_family, "");
         for b in &self.backends {
             let labels = format!("backend=\"{}\"", b.name);
-            write_prometheus(p, self.daemon, &labels, &b.metrics);
+            write_prometheus(p, self.backend_prefix, &labels, &b.metrics);
             if let Some(latency) = &b.latency {
                 latency.write_prometheus(p, self.latency_family, &labels);
             }
@@ -267,11 +271,16 @@ impl Report {
 }
 
 /// The counter and gauge families a `/stats` document names (its
-/// `counters`/`gauges`, and those of each backend), as Prometheus family
-/// names under `prefix`: what a drift test compares with [`families_in_text`].
-pub fn families_in_stats(stats: &serde_json::Value, prefix: &str) -> BTreeSet<String> {
+/// `counters`/`gauges` under `prefix`, and those of each backend under
+/// `backend_prefix`), as Prometheus family names: what a drift test compares
+/// with [`families_in_text`].
+pub fn families_in_stats(
+    stats: &serde_json::Value,
+    prefix: &str,
+    backend_prefix: &str,
+) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    let mut walk = |v: &serde_json::Value| {
+    let mut walk = |v: &serde_json::Value, prefix: &str| {
         for (key, kind) in [("counters", Kind::Counter), ("gauges", Kind::Gauge)] {
             if let Some(map) = v[key].as_object() {
                 for name in map.keys() {
@@ -280,9 +289,9 @@ pub fn families_in_stats(stats: &serde_json::Value, prefix: &str) -> BTreeSet<St
             }
         }
     };
-    walk(stats);
-    if let Some(backends) = stats["backends"].as_array() {
-        backends.iter().for_each(&mut walk);
+    walk(stats, prefix);
+    for b in stats["backends"].as_array().into_iter().flatten() {
+        walk(b, backend_prefix);
     }
     out
 }
@@ -330,6 +339,7 @@ mod tests {
             metrics,
             latency: Latencies::new(),
             latency_family: "testd_latency_seconds",
+            backend_prefix: "testd_backend",
             backends: vec![BackendReport {
                 name: "b0".into(),
                 state,
@@ -399,7 +409,7 @@ mod tests {
             "# TYPE testd_connections_total counter\ntestd_connections_total 5\n",
             "# TYPE testd_connections gauge\ntestd_connections 2\n",
             "testd_replies_total{class=\"2xx\"} 7\ntestd_replies_total{class=\"5xx\"} 1\n",
-            "testd_puts_total{backend=\"b0\"} 9\n",
+            "testd_backend_puts_total{backend=\"b0\"} 9\n",
             "testd_latency_seconds_count{backend=\"b0\",op=\"PUT\"} 1\n",
         ] {
             assert!(text.contains(want), "{want:?} missing from\n{text}");
@@ -410,10 +420,13 @@ mod tests {
     #[test]
     fn stats_and_metrics_name_the_same_families() {
         let r = report();
-        let from_stats = families_in_stats(&r.stats(), "testd");
+        let from_stats = families_in_stats(&r.stats(), "testd", "testd_backend");
         let from_text = families_in_text(&r.prometheus());
         assert_eq!(from_stats, from_text);
-        assert!(from_text.contains("testd_puts_total"), "{from_text:?}");
+        assert!(
+            from_text.contains("testd_backend_puts_total"),
+            "{from_text:?}"
+        );
         assert!(
             !from_text.contains("testd_latency_seconds"),
             "{from_text:?}"

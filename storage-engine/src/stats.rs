@@ -236,6 +236,7 @@ impl Process {
             metrics: Vec::new(),
             latency: Latencies::new(),
             latency_family: "pplistener_latency_seconds",
+            backend_prefix: "pplistener",
             backends: self.backends.iter().map(|b| b.report()).collect(),
         }
     }
@@ -326,7 +327,10 @@ mod tests {
         assert_eq!(json["backends"][0]["latency"]["PUT"]["count"], 1);
         let text = process.metrics();
         let from_text = families_in_text(&text);
-        assert_eq!(families_in_stats(&json, "pplistener"), from_text);
+        assert_eq!(
+            families_in_stats(&json, "pplistener", "pplistener"),
+            from_text
+        );
         for kept in [
             "pplistener_connections",
             "pplistener_connections_total",

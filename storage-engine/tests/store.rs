@@ -481,7 +481,7 @@ fn admin_port_requires_the_token_and_reports() {
     );
     // Every counter and gauge of /stats is in /metrics and vice versa.
     assert_eq!(
-        powermail_admin::families_in_stats(&v, "pplistener"),
+        powermail_admin::families_in_stats(&v, "pplistener", "pplistener"),
         powermail_admin::families_in_text(&metrics),
         "{body}\n{metrics}"
     );

@@ -120,7 +120,12 @@ impl Admin {
             &self.stats,
             self.locks.held(),
             self.journal.owed_count(),
-            self.cluster.reports(),
+            self.cluster.reports("1 if the backend serves reads", |h| {
+                matches!(
+                    h,
+                    powermail_frontend::Health::Up | powermail_frontend::Health::ReadOnly
+                )
+            }),
         )
     }
 }
@@ -158,6 +163,7 @@ pub fn report(
             .unwrap_or_else(|e| e.into_inner())
             .clone(),
         latency_family: "powerpop_command_latency_seconds",
+        backend_prefix: "powerpop_backend",
         backends,
     }
 }
@@ -170,17 +176,7 @@ impl AdminHandler for Admin {
     fn metrics(&self) -> String {
         let mut p = powermail_admin::Prometheus::new();
         self.report().write_prometheus(&mut p);
-        self.cluster.write_backend_metrics(
-            &mut p,
-            "powerpop",
-            "1 if the backend serves reads",
-            |h| {
-                matches!(
-                    h,
-                    powermail_frontend::Health::Up | powermail_frontend::Health::ReadOnly
-                )
-            },
-        );
+        self.cluster.write_backend_latency(&mut p, "powerpop");
         p.finish()
     }
 
@@ -220,7 +216,10 @@ mod tests {
         assert_eq!(json["gauges"]["deletes_owed"], 1);
         let text = r.prometheus();
         let from_text = families_in_text(&text);
-        assert_eq!(families_in_stats(&json, "powerpop"), from_text);
+        assert_eq!(
+            families_in_stats(&json, "powerpop", "powerpop_backend"),
+            from_text
+        );
         for kept in [
             "powerpop_logins_ok_total",
             "powerpop_bytes_spliced_total",

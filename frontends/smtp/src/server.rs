@@ -457,7 +457,11 @@ impl Admin {
             &self.shared.stats,
             &self.shared.undo,
             cache,
-            self.shared.cluster.reports(),
+            self.shared
+                .cluster
+                .reports("1 when the backend is up and writable", |h| {
+                    matches!(h, powermail_frontend::Health::Up)
+                }),
         )
     }
 }
@@ -520,6 +524,7 @@ fn report(
             .unwrap_or_else(|e| e.into_inner())
             .clone(),
         latency_family: "powersmtp_latency_seconds",
+        backend_prefix: "powersmtp_backend",
         backends,
     }
 }
@@ -532,12 +537,9 @@ impl AdminHandler for Admin {
     fn metrics(&self) -> String {
         let mut p = Prometheus::new();
         self.report().write_prometheus(&mut p);
-        self.shared.cluster.write_backend_metrics(
-            &mut p,
-            "powersmtp",
-            "1 when the backend is up and writable",
-            |h| matches!(h, powermail_frontend::Health::Up),
-        );
+        self.shared
+            .cluster
+            .write_backend_latency(&mut p, "powersmtp");
         p.finish()
     }
 
@@ -590,7 +592,10 @@ mod report_tests {
         assert!(json["latency"].is_object(), "{json}");
         let text = r.prometheus();
         let from_text = families_in_text(&text);
-        assert_eq!(families_in_stats(&json, "powersmtp"), from_text);
+        assert_eq!(
+            families_in_stats(&json, "powersmtp", "powersmtp_backend"),
+            from_text
+        );
         for kept in [
             "powersmtp_sessions_total",
             "powersmtp_sessions_refused_total",

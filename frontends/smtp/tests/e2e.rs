@@ -290,7 +290,7 @@ fn single_recipient_k2_over_3_stores_wire_form_on_exactly_two() {
     for i in 0..3 {
         let b = &stats["backends"][i];
         assert!(b["latency_ewma_us"].as_u64().is_some(), "{stats}");
-        assert_eq!(b["in_flight"], 0, "{stats}");
+        assert_eq!(b["gauges"]["in_flight"], 0, "{stats}");
     }
     let metrics = sys.admin_get("/metrics");
     assert!(
@@ -303,11 +303,14 @@ fn single_recipient_k2_over_3_stores_wire_form_on_exactly_two() {
     );
     assert!(metrics.contains("powersmtp_messages_total 1"), "{metrics}");
     // Every counter and gauge of /stats is in /metrics and vice versa (the
-    // backend health gauges come from the backends' state fields).
+    // latency EWMA is each backend's latency_ewma_us, in seconds here).
     let mut from_text = powermail_admin::families_in_text(&metrics);
-    from_text.retain(|f| !f.starts_with("powersmtp_backend_"));
+    assert!(
+        from_text.remove("powersmtp_backend_latency_seconds"),
+        "{metrics}"
+    );
     assert_eq!(
-        powermail_admin::families_in_stats(&stats, "powersmtp"),
+        powermail_admin::families_in_stats(&stats, "powersmtp", "powersmtp_backend"),
         from_text,
         "{stats}\n{metrics}"
     );
