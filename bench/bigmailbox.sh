@@ -84,6 +84,6 @@ echo "-- POP: USER, PASS, STAT, UIDL, QUIT on pop50k@ (50,000 messages, K=2), on
 $B/ppblast pop --server 127.0.0.1:11210 --login pop50k@bench.test:pw --sessions "$SESSIONS" --connections 1 --uidl --quiet
 TOKEN=$(sed -n 's/.*Authorization: Bearer \([0-9a-f]*\).*/\1/p' "$D/up.log" | tail -1)
 curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:18012/stats \
-  | python3 -c 'import json,sys; [print(b["name"], "index_mailboxes", b["index_mailboxes"], "index_entries", b["index_entries"], "index_builds", b["index_builds"]) for b in json.load(sys.stdin)["backends"]]' || true
+  | python3 -c 'import json,sys; [print(b["name"], "index_mailboxes", b["gauges"]["index_mailboxes"], "index_entries", b["gauges"]["index_entries"], "index_builds", b["counters"]["index_builds"]) for b in json.load(sys.stdin)["backends"]]' || true
 down
 trap - EXIT

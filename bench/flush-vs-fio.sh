@@ -82,7 +82,7 @@ TOML
     "$BIN/ppstorebench" put --backend 127.0.0.1:$PORT --secret $SECRET \
         --size-bytes 4096 --inflight 32 --count "$COUNT" --mailboxes 200 | tail -1
     curl -s -H 'Authorization: Bearer tok' "http://127.0.0.1:$((PORT + 1))/stats" |
-        python3 -c 'import json,sys; b=json.load(sys.stdin)["backends"][0]; print("   flushes=%d (fdatasync %d, dir fsync %d, syncfs %d) batches=%d puts/batch=%.1f max=%d" % (b["flushes"], b["flushes_fdatasync"], b["flushes_dir_fsync"], b["flushes_syncfs"], b["batches"], b["puts_per_batch"], b["batch_puts_max"]))'
+        python3 -c 'import json,sys; b=json.load(sys.stdin)["backends"][0]; c=b["counters"]; print("   flushes=%d (fdatasync %d, dir fsync %d, syncfs %d) batches=%d puts/batch=%.1f max=%d" % (c["flushes"], c["flushes_fdatasync"], c["flushes_dir_fsync"], c["flushes_syncfs"], c["batches"], c["batch_puts"] / max(c["batches"], 1), b["gauges"]["batch_puts_max"]))'
     kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
     rm -rf "$data"
 }

@@ -9,6 +9,10 @@
 //! bounded like the mail ports: [`AdminLimits`] caps concurrent connections
 //! (`503` beyond) and the time one request may take (`src/http.rs`).
 //!
+//! [`counters!`] declares a daemon's counters and gauges once; a [`Report`]
+//! renders them, with the latencies and the backends, as both `/stats` (one
+//! layout for every daemon) and `/metrics` (`src/metrics.rs`).
+//!
 //! [`Latencies`] keeps one HdrHistogram per operation and renders the
 //! percentiles operators ask for (p50, p90, p99, p99.9, max).
 //!
@@ -23,6 +27,7 @@ pub mod daemon;
 mod http;
 mod latency;
 mod logfmt;
+mod metrics;
 mod prom;
 mod ready;
 mod settings;
@@ -32,6 +37,10 @@ pub mod systemd;
 pub use http::{default_connections_max, default_request_timeout_ms, AdminLimits};
 pub use latency::{Latencies, Samples, LATENCY_MAX_US, SAMPLES_MAX};
 pub use logfmt::{kv, LogValue, LOG_VALUE_MAX_BYTES};
+pub use metrics::{
+    families_in_stats, families_in_text, insert_json, write_prometheus, BackendReport, Kind,
+    Metric, Report,
+};
 pub use prom::Prometheus;
 pub use ready::{announce_ready, ReadyLine, READY_LISTEN_MAX, READY_ROLE_MAX_BYTES};
 pub use settings::AdminSettings;

@@ -7,63 +7,38 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
-use powermail_admin::{AdminHandler, Latencies, Prometheus};
+use powermail_admin::{AdminHandler, BackendReport, Latencies, Metric, Report};
 
-/// Counters of one backend.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Connections open now.
-    pub connections: AtomicU64,
-    /// Connections accepted since start.
-    pub connections_total: AtomicU64,
-    /// Connections refused by the connection limit.
-    pub connections_refused: AtomicU64,
-    /// Failed authentications.
-    pub auth_failures: AtomicU64,
-    /// Messages stored.
-    pub puts: AtomicU64,
-    /// PUTs refused or failed.
-    pub put_errors: AtomicU64,
-    /// Links created by PUTs.
-    pub links_created: AtomicU64,
-    /// Body bytes stored.
-    pub bytes_in: AtomicU64,
-    /// Messages sent by GET.
-    pub gets: AtomicU64,
-    /// Body bytes sent by GET.
-    pub bytes_out: AtomicU64,
-    /// LIST requests.
-    pub lists: AtomicU64,
-    /// Requests about a mailbox with no directory here, answered from memory.
-    pub empty_fast_path: AtomicU64,
-    /// Messages deleted.
-    pub dels: AtomicU64,
-    /// Protocol errors (bad lines, fatal framing errors).
-    pub protocol_errors: AtomicU64,
-    /// Mailboxes resident in the index now (published each second).
-    pub index_mailboxes: AtomicU64,
-    /// Entries resident in the index now: mailboxes + messages (published each second).
-    pub index_entries: AtomicU64,
-    /// Directory walks that built a mailbox's index (published each second).
-    pub index_builds: AtomicU64,
-    /// Mailboxes evicted from the index to stay under `index_entries_max`.
-    pub index_evictions: AtomicU64,
-    /// Device flushes made for PUTs: the sum of the three below.
-    pub flushes: AtomicU64,
-    /// Body `fdatasync`s (`durability = "file"`, and extra copies past the link limit).
-    pub flushes_fdatasync: AtomicU64,
-    /// Directory `fsync`s after a batch of links (`durability = "file"`).
-    pub flushes_dir_fsync: AtomicU64,
-    /// `syncfs` calls, one per batch (`durability = "syncfs"`).
-    pub flushes_syncfs: AtomicU64,
-    /// Flushes that reported an error (each failed its whole batch).
-    pub flush_errors: AtomicU64,
-    /// Link batches made durable together.
-    pub batches: AtomicU64,
-    /// PUTs in those batches (divided by `batches`: PUTs per batch).
-    pub batch_puts: AtomicU64,
-    /// The most PUTs one batch held.
-    pub batch_puts_max: AtomicU64,
+powermail_admin::counters! {
+    /// Counters and gauges of one backend.
+    pub struct Counters {
+        connections: Gauge = "connections open now",
+        connections_total: Counter = "connections accepted since start",
+        connections_refused: Counter = "connections refused by the connection limit",
+        auth_failures: Counter = "failed authentications",
+        puts: Counter = "messages stored",
+        put_errors: Counter = "PUTs refused or failed",
+        links_created: Counter = "mailbox links created by PUTs",
+        bytes_in: Counter = "body bytes stored",
+        gets: Counter = "messages sent by GET",
+        bytes_out: Counter = "body bytes sent by GET",
+        lists: Counter = "LIST requests",
+        empty_fast_path: Counter = "requests about a mailbox with no directory here, answered from memory",
+        dels: Counter = "messages deleted",
+        protocol_errors: Counter = "protocol errors (bad lines, fatal framing errors)",
+        index_mailboxes: Gauge = "mailboxes resident in the index now (published each second)",
+        index_entries: Gauge = "entries resident in the index now: mailboxes + messages (published each second)",
+        index_builds: Counter = "directory walks that built a mailbox's index (published each second)",
+        index_evictions: Counter = "mailboxes evicted from the index to stay under index_entries_max",
+        flushes: Counter = "device flushes for PUTs (fdatasync, directory fsync, syncfs)",
+        flushes_fdatasync: Counter = "body fdatasyncs (durability = file, and extra copies past the link limit)",
+        flushes_dir_fsync: Counter = "directory fsyncs after link batches (durability = file)",
+        flushes_syncfs: Counter = "syncfs calls, one per batch (durability = syncfs)",
+        flush_errors: Counter = "flushes that reported an error (each failed its whole batch)",
+        batches: Counter = "link batches made durable together",
+        batch_puts: Counter = "PUTs in link batches (divide by batches: PUTs per batch)",
+        batch_puts_max: Gauge = "most PUTs in one batch since start",
+    }
 }
 
 impl Counters {
@@ -176,48 +151,48 @@ impl BackendShared {
         Ok(())
     }
 
-    fn stats(&self) -> serde_json::Value {
-        let c = &self.counters;
-        let l = |a: &AtomicU64| a.load(Relaxed);
-        serde_json::json!({
-            "name": self.name,
-            "listen": self.listen.to_string(),
-            "data_dir": self.data_dir.display().to_string(),
-            "cpu": self.cpu,
-            "mode": self.mode(),
-            "free_bytes": l(&self.free_bytes),
-            "total_bytes": l(&self.total_bytes),
-            "connections": l(&c.connections),
-            "connections_total": l(&c.connections_total),
-            "connections_refused": l(&c.connections_refused),
-            "auth_failures": l(&c.auth_failures),
-            "puts": l(&c.puts),
-            "put_errors": l(&c.put_errors),
-            "links_created": l(&c.links_created),
-            "bytes_in": l(&c.bytes_in),
-            "gets": l(&c.gets),
-            "bytes_out": l(&c.bytes_out),
-            "lists": l(&c.lists),
-            "empty_fast_path": l(&c.empty_fast_path),
-            "dels": l(&c.dels),
-            "protocol_errors": l(&c.protocol_errors),
-            "durability": self.durability.as_str(),
-            "flush_before_link": self.flush_before_link,
-            "flushes": l(&c.flushes),
-            "flushes_fdatasync": l(&c.flushes_fdatasync),
-            "flushes_dir_fsync": l(&c.flushes_dir_fsync),
-            "flushes_syncfs": l(&c.flushes_syncfs),
-            "flush_errors": l(&c.flush_errors),
-            "batches": l(&c.batches),
-            "batch_puts": l(&c.batch_puts),
-            "batch_puts_max": l(&c.batch_puts_max),
-            "puts_per_batch": if l(&c.batches) == 0 { 0.0 } else { l(&c.batch_puts) as f64 / l(&c.batches) as f64 },
-            "index_mailboxes": l(&c.index_mailboxes),
-            "index_entries": l(&c.index_entries),
-            "index_builds": l(&c.index_builds),
-            "index_evictions": l(&c.index_evictions),
-            "latency": self.latencies.lock().map(|l| l.summary()).unwrap_or_default(),
-        })
+    /// Its part of the admin report: what it is, its mode, its counters and
+    /// gauges, its latencies.
+    fn report(&self) -> BackendReport {
+        let mut state = serde_json::Map::new();
+        state.insert("listen".into(), self.listen.to_string().into());
+        state.insert(
+            "data_dir".into(),
+            self.data_dir.display().to_string().into(),
+        );
+        state.insert("cpu".into(), self.cpu.into());
+        state.insert("mode".into(), self.mode().into());
+        state.insert("durability".into(), self.durability.as_str().into());
+        state.insert("flush_before_link".into(), self.flush_before_link.into());
+        let mut metrics = self.counters.metrics();
+        metrics.extend([
+            Metric::gauge(
+                "free_bytes",
+                "free bytes on the data file system",
+                self.free_bytes.load(Relaxed),
+            ),
+            Metric::gauge(
+                "total_bytes",
+                "size of the data file system",
+                self.total_bytes.load(Relaxed),
+            ),
+            Metric::gauge(
+                "readonly",
+                "1 when PUT is refused",
+                u64::from(self.readonly()),
+            ),
+        ]);
+        BackendReport {
+            name: self.name.clone(),
+            state,
+            metrics,
+            latency: Some(
+                self.latencies
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            ),
+        }
     }
 }
 
@@ -251,174 +226,29 @@ impl Process {
     }
 }
 
+impl Process {
+    /// Everything `/stats` and `/metrics` show, read once: pplistener's
+    /// numbers are all per backend.
+    pub fn report(&self) -> Report {
+        Report {
+            daemon: "pplistener",
+            version: env!("CARGO_PKG_VERSION"),
+            metrics: Vec::new(),
+            latency: Latencies::new(),
+            latency_family: "pplistener_latency_seconds",
+            backend_prefix: "pplistener",
+            backends: self.backends.iter().map(|b| b.report()).collect(),
+        }
+    }
+}
+
 impl AdminHandler for Process {
     fn stats(&self) -> serde_json::Value {
-        serde_json::json!({
-            "daemon": "pplistener",
-            "version": env!("CARGO_PKG_VERSION"),
-            "backends": self.backends.iter().map(|b| b.stats()).collect::<Vec<_>>(),
-        })
+        self.report().stats()
     }
 
     fn metrics(&self) -> String {
-        let mut p = Prometheus::new();
-        for b in &self.backends {
-            let labels = format!("backend=\"{}\"", b.name);
-            let c = &b.counters;
-            let l = |a: &AtomicU64| a.load(Relaxed) as f64;
-            for (name, kind, help, v) in [
-                (
-                    "pplistener_connections",
-                    "gauge",
-                    "open connections",
-                    l(&c.connections),
-                ),
-                (
-                    "pplistener_connections_total",
-                    "counter",
-                    "accepted connections",
-                    l(&c.connections_total),
-                ),
-                (
-                    "pplistener_connections_refused_total",
-                    "counter",
-                    "connections over the limit",
-                    l(&c.connections_refused),
-                ),
-                (
-                    "pplistener_auth_failures_total",
-                    "counter",
-                    "failed authentications",
-                    l(&c.auth_failures),
-                ),
-                (
-                    "pplistener_puts_total",
-                    "counter",
-                    "messages stored",
-                    l(&c.puts),
-                ),
-                (
-                    "pplistener_put_errors_total",
-                    "counter",
-                    "PUTs refused or failed",
-                    l(&c.put_errors),
-                ),
-                (
-                    "pplistener_links_created_total",
-                    "counter",
-                    "mailbox links created",
-                    l(&c.links_created),
-                ),
-                (
-                    "pplistener_bytes_in_total",
-                    "counter",
-                    "body bytes stored",
-                    l(&c.bytes_in),
-                ),
-                (
-                    "pplistener_gets_total",
-                    "counter",
-                    "messages sent",
-                    l(&c.gets),
-                ),
-                (
-                    "pplistener_bytes_out_total",
-                    "counter",
-                    "body bytes sent",
-                    l(&c.bytes_out),
-                ),
-                (
-                    "pplistener_lists_total",
-                    "counter",
-                    "LIST requests",
-                    l(&c.lists),
-                ),
-                (
-                    "pplistener_dels_total",
-                    "counter",
-                    "messages deleted",
-                    l(&c.dels),
-                ),
-                (
-                    "pplistener_protocol_errors_total",
-                    "counter",
-                    "protocol errors",
-                    l(&c.protocol_errors),
-                ),
-                (
-                    "pplistener_flushes_total",
-                    "counter",
-                    "device flushes for PUTs (fdatasync, directory fsync, syncfs)",
-                    l(&c.flushes),
-                ),
-                (
-                    "pplistener_flushes_fdatasync_total",
-                    "counter",
-                    "body fdatasyncs",
-                    l(&c.flushes_fdatasync),
-                ),
-                (
-                    "pplistener_flushes_dir_fsync_total",
-                    "counter",
-                    "directory fsyncs after link batches",
-                    l(&c.flushes_dir_fsync),
-                ),
-                (
-                    "pplistener_flushes_syncfs_total",
-                    "counter",
-                    "syncfs calls, one per batch in syncfs mode",
-                    l(&c.flushes_syncfs),
-                ),
-                (
-                    "pplistener_flush_errors_total",
-                    "counter",
-                    "flushes that failed their batch",
-                    l(&c.flush_errors),
-                ),
-                (
-                    "pplistener_batches_total",
-                    "counter",
-                    "link batches made durable together",
-                    l(&c.batches),
-                ),
-                (
-                    "pplistener_batch_puts_total",
-                    "counter",
-                    "PUTs in link batches (divide by batches: PUTs per batch)",
-                    l(&c.batch_puts),
-                ),
-                (
-                    "pplistener_batch_puts_max",
-                    "gauge",
-                    "most PUTs in one batch since start",
-                    l(&c.batch_puts_max),
-                ),
-                (
-                    "pplistener_free_bytes",
-                    "gauge",
-                    "free bytes on the data file system",
-                    l(&b.free_bytes),
-                ),
-                (
-                    "pplistener_total_bytes",
-                    "gauge",
-                    "size of the data file system",
-                    l(&b.total_bytes),
-                ),
-                (
-                    "pplistener_readonly",
-                    "gauge",
-                    "1 when PUT is refused",
-                    if b.readonly() { 1.0 } else { 0.0 },
-                ),
-            ] {
-                p.metric(name, kind, help, &labels, v);
-            }
-            if let Ok(lat) = b.latencies.lock() {
-                lat.write_prometheus(&mut p, "pplistener_latency_seconds", &labels);
-            }
-        }
-        p.finish()
+        self.report().prometheus()
     }
 
     fn config(&self) -> serde_json::Value {
@@ -445,5 +275,97 @@ impl AdminHandler for Process {
             .map(|b| format!("{} {}", b.name, b.mode()))
             .collect::<Vec<_>>()
             .join("\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use powermail_admin::{families_in_stats, families_in_text};
+
+    fn backend(name: &str) -> Arc<BackendShared> {
+        Arc::new(BackendShared {
+            name: name.into(),
+            listen: "127.0.0.1:1".parse().expect("address"),
+            data_dir: PathBuf::from("/nonexistent"),
+            cpu: 0,
+            durability: crate::config::Durability::File,
+            flush_before_link: false,
+            operator_readonly: AtomicBool::new(false),
+            auto_readonly: AtomicBool::new(true),
+            disk_failed: AtomicBool::new(false),
+            free_bytes: AtomicU64::new(7),
+            total_bytes: AtomicU64::new(9),
+            counters: Counters::default(),
+            latencies: Default::default(),
+            readonly_marker: PathBuf::from("/nonexistent/readonly"),
+            connections_max: AtomicU64::new(1),
+            free_bytes_min: AtomicU64::new(0),
+        })
+    }
+
+    /// Every counter and gauge of a backend in `/stats` is in `/metrics` and
+    /// vice versa, under the names dashboards already use, and each family's
+    /// samples for both backends stay together.
+    #[test]
+    fn stats_and_metrics_name_the_same_numbers() {
+        let (b0, b1) = (backend("b0"), backend("b1"));
+        add(&b1.counters.puts, 3);
+        b0.latencies.lock().expect("latencies").record("PUT", 250);
+        let process = Process {
+            backends: vec![b0, b1],
+            config: serde_json::Value::Null,
+        };
+        let json = process.stats();
+        assert_eq!(json["daemon"], "pplistener");
+        let b = &json["backends"][1];
+        assert_eq!(b["name"], "b1");
+        assert_eq!(b["mode"], "ro-auto");
+        assert_eq!(b["counters"]["puts"], 3);
+        assert_eq!(b["gauges"]["free_bytes"], 7);
+        assert_eq!(b["gauges"]["readonly"], 1);
+        assert_eq!(json["backends"][0]["latency"]["PUT"]["count"], 1);
+        let text = process.metrics();
+        let from_text = families_in_text(&text);
+        assert_eq!(
+            families_in_stats(&json, "pplistener", "pplistener"),
+            from_text
+        );
+        for kept in [
+            "pplistener_connections",
+            "pplistener_connections_total",
+            "pplistener_connections_refused_total",
+            "pplistener_auth_failures_total",
+            "pplistener_puts_total",
+            "pplistener_put_errors_total",
+            "pplistener_links_created_total",
+            "pplistener_bytes_in_total",
+            "pplistener_gets_total",
+            "pplistener_bytes_out_total",
+            "pplistener_lists_total",
+            "pplistener_dels_total",
+            "pplistener_protocol_errors_total",
+            "pplistener_flushes_total",
+            "pplistener_flushes_fdatasync_total",
+            "pplistener_flushes_dir_fsync_total",
+            "pplistener_flushes_syncfs_total",
+            "pplistener_flush_errors_total",
+            "pplistener_batches_total",
+            "pplistener_batch_puts_total",
+            "pplistener_batch_puts_max",
+            "pplistener_free_bytes",
+            "pplistener_total_bytes",
+            "pplistener_readonly",
+        ] {
+            assert!(from_text.contains(kept), "{kept} missing: {text}");
+        }
+        assert!(
+            text.contains("pplistener_puts_total{backend=\"b0\"} 0\npplistener_puts_total{backend=\"b1\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pplistener_latency_seconds_count{backend=\"b0\",op=\"PUT\"} 1\n"),
+            "{text}"
+        );
     }
 }

@@ -58,7 +58,11 @@ fn pairs(list: &[ListEntry]) -> Vec<(String, u64)> {
 fn stat(l: &Listener, key: &str) -> u64 {
     let (_, body) = l.admin("GET", "/stats", Some("tok"));
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v["backends"][0][key].as_u64().unwrap()
+    let b = &v["backends"][0];
+    b["counters"][key]
+        .as_u64()
+        .or_else(|| b["gauges"][key].as_u64())
+        .unwrap_or_else(|| panic!("no counter or gauge {key} in {body}"))
 }
 
 /// LIST (every page) and USAGE of each mailbox equal a fresh walk.

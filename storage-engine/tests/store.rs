@@ -469,13 +469,21 @@ fn admin_port_requires_the_token_and_reports() {
     let (status, body) = l.admin("GET", "/stats", Some("tok"));
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["backends"][0]["puts"], 1);
-    assert_eq!(v["backends"][1]["puts"], 0);
+    assert_eq!(v["daemon"], "pplistener", "{body}");
+    assert_eq!(v["backends"][0]["counters"]["puts"], 1, "{body}");
+    assert_eq!(v["backends"][1]["counters"]["puts"], 0, "{body}");
+    assert_eq!(v["backends"][0]["gauges"]["readonly"], 0, "{body}");
     let (status, metrics) = l.admin("GET", "/metrics", Some("tok"));
     assert_eq!(status, 200);
     assert!(
         metrics.contains("pplistener_puts_total{backend=\"b0\"} 1"),
         "{metrics}"
+    );
+    // Every counter and gauge of /stats is in /metrics and vice versa.
+    assert_eq!(
+        powermail_admin::families_in_stats(&v, "pplistener", "pplistener"),
+        powermail_admin::families_in_text(&metrics),
+        "{body}\n{metrics}"
     );
     let (status, text) = l.admin("POST", "/control/readonly?backend=b1", Some("tok"));
     assert_eq!((status, text.trim()), (200, "b1 ro"));
@@ -541,7 +549,9 @@ fn empty_mailboxes_are_answered_from_memory() {
     let fast = |l: &Listener| {
         let (_, body) = l.admin("GET", "/stats", Some("tok"));
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        v["backends"][0]["empty_fast_path"].as_u64().unwrap()
+        v["backends"][0]["counters"]["empty_fast_path"]
+            .as_u64()
+            .unwrap()
     };
     let mut c = l.conn(0);
     assert!(c.list(&mb("nobody@x.org"), 10).unwrap().is_empty());

@@ -529,39 +529,82 @@ impl Cluster {
             .collect()
     }
 
-    /// The per-backend gauges of a frontend's `/metrics`, from one
-    /// snapshot: `<prefix>_backend_up` (1 when `up(health)`, described by
-    /// `up_help`), `_backend_latency_seconds` (the EWMA the selection weighs,
-    /// absent before a sample) and `_backend_in_flight`.
-    pub fn write_backend_metrics(
+    /// The backends as a [`powermail_admin::Report`] shows them, from one
+    /// snapshot: what each is and its state (`id`, `addr`, `group`,
+    /// `priority`, `health`, `last_error`, `disabled`, `latency_ewma_us`)
+    /// and its gauges: `up` (1 when `up(health)`, described by `up_help`),
+    /// `in_flight`, `open_connections`, `idle_connections`, `free_bytes`.
+    /// Under the report's `backend_prefix` `<daemon>_backend` they are
+    /// `<daemon>_backend_up{backend=..}`, ...; the EWMA goes to `/metrics` in
+    /// seconds through [`Cluster::write_backend_latency`].
+    pub fn reports(
         &self,
-        p: &mut powermail_admin::Prometheus,
-        prefix: &str,
-        up_help: &str,
+        up_help: &'static str,
         up: impl Fn(Health) -> bool,
-    ) {
-        let backends = self.snapshot();
-        let label = |b: &BackendSnapshot| format!("backend=\"{}\"", b.name);
-        let name = format!("{prefix}_backend_up");
-        p.header(&name, "gauge", up_help);
-        for b in &backends {
-            p.sample(&name, &label(b), f64::from(u8::from(up(b.health))));
-        }
+    ) -> Vec<powermail_admin::BackendReport> {
+        use powermail_admin::Metric;
+        self.snapshot()
+            .into_iter()
+            .map(|b| {
+                let mut state = serde_json::Map::new();
+                state.insert("id".into(), b.id.into());
+                state.insert("addr".into(), b.addr.clone().into());
+                state.insert("group".into(), b.group.clone().into());
+                state.insert("priority".into(), b.priority.into());
+                state.insert(
+                    "health".into(),
+                    serde_json::to_value(b.health).unwrap_or_default(),
+                );
+                state.insert("last_error".into(), b.last_error.clone().into());
+                state.insert("disabled".into(), b.disabled.into());
+                state.insert("latency_ewma_us".into(), b.latency_ewma_us.into());
+                let gauges = vec![
+                    Metric::gauge("up", up_help, u64::from(up(b.health))),
+                    Metric::gauge(
+                        "in_flight",
+                        "connections to the backend checked out now",
+                        b.in_flight as u64,
+                    ),
+                    Metric::gauge(
+                        "open_connections",
+                        "connections to the backend open for work (idle and in use)",
+                        b.open_connections as u64,
+                    ),
+                    Metric::gauge(
+                        "idle_connections",
+                        "connections to the backend idle in the pool",
+                        b.idle_connections as u64,
+                    ),
+                    Metric::gauge(
+                        "free_bytes",
+                        "free bytes the backend reported in its last STATUS",
+                        b.free_bytes,
+                    ),
+                ];
+                powermail_admin::BackendReport {
+                    name: b.name,
+                    state,
+                    metrics: gauges,
+                    latency: None,
+                }
+            })
+            .collect()
+    }
+
+    /// `<prefix>_backend_latency_seconds{backend=..}`: the round-trip EWMA the
+    /// selection weighs, in seconds (absent before a sample); `/stats` shows
+    /// it as each backend's `latency_ewma_us`.
+    pub fn write_backend_latency(&self, p: &mut powermail_admin::Prometheus, prefix: &str) {
         let name = format!("{prefix}_backend_latency_seconds");
         p.header(
             &name,
             "gauge",
             "round-trip latency EWMA the backend selection weighs (absent before a sample)",
         );
-        for b in &backends {
+        for b in self.snapshot() {
             if let Some(us) = b.latency_ewma_us {
-                p.sample(&name, &label(b), us as f64 / 1e6);
+                p.sample(&name, &format!("backend=\"{}\"", b.name), us as f64 / 1e6);
             }
-        }
-        let name = format!("{prefix}_backend_in_flight");
-        p.header(&name, "gauge", "connections to the backend checked out now");
-        for b in &backends {
-            p.sample(&name, &label(b), b.in_flight as f64);
         }
     }
 
@@ -755,6 +798,45 @@ mod tests {
         assert_eq!(snap[2].latency_ewma_us, None);
         assert!(snap.iter().all(|b| b.in_flight == 0));
         assert_eq!(c.in_flight(1), 0);
+        // The admin view: state fields and gauges; the EWMA in seconds in /metrics.
+        let reports = c.reports("up", |h| h == Health::Up);
+        let report = powermail_admin::Report {
+            daemon: "d",
+            version: "0",
+            metrics: Vec::new(),
+            latency: powermail_admin::Latencies::new(),
+            latency_family: "d_latency_seconds",
+            backend_prefix: "d_backend",
+            backends: reports,
+        };
+        let stats = report.stats();
+        let b0 = &stats["backends"][0];
+        assert_eq!(b0["name"], "b0");
+        assert_eq!(b0["latency_ewma_us"], 2_144_000);
+        assert_eq!(b0["gauges"]["in_flight"], 0);
+        assert_eq!(b0["gauges"]["up"], 0, "{b0}");
+        let mut p = powermail_admin::Prometheus::new();
+        report.write_prometheus(&mut p);
+        c.write_backend_latency(&mut p, "d");
+        let text = p.finish();
+        assert!(
+            text.contains("d_backend_in_flight{backend=\"b1\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("d_backend_latency_seconds{backend=\"b0\"} 2.144\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("d_backend_latency_seconds{backend=\"b2\"}"),
+            "{text}"
+        );
+        let mut families = powermail_admin::families_in_text(&text);
+        assert!(families.remove("d_backend_latency_seconds"));
+        assert_eq!(
+            powermail_admin::families_in_stats(&stats, "d", "d_backend"),
+            families
+        );
         c.stop();
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use powermail_admin::{AdminHandler, Latencies, Prometheus};
+use powermail_admin::{AdminHandler, BackendReport, Latencies, Metric, Report};
 use powermail_frontend::reload::{changes, reload_file, split_live, Reloadable};
 use powermail_frontend::Cluster;
 
@@ -12,43 +12,29 @@ use crate::config::{Config, Limits};
 use crate::journal::Journal;
 use crate::lock::Locks;
 
-macro_rules! counters {
-    ($($name:ident: $help:literal,)*) => {
-        /// Process-wide counters (monotonic unless noted).
-        #[derive(Debug, Default)]
-        pub struct Counters {
-            $(#[doc = $help] pub $name: AtomicU64,)*
-        }
-
-        impl Counters {
-            /// `(name, help, value)` of every counter.
-            pub fn all(&self) -> Vec<(&'static str, &'static str, u64)> {
-                vec![$((stringify!($name), $help, self.$name.load(Ordering::Relaxed)),)*]
-            }
-        }
-    };
-}
-
-counters! {
-    connections_accepted: "connections accepted",
-    connections_refused: "connections refused at connections_max",
-    proxy_refused: "connections refused for a missing, malformed or untrusted PROXY header",
-    sessions: "sessions ended",
-    logins_ok: "successful logins",
-    logins_failed: "failed logins (bad credentials)",
-    logins_locked_out: "logins refused by throttling",
-    logins_in_use: "logins refused because the mailbox was locked",
-    logins_unavailable: "logins refused because the userbase was unavailable",
-    empty_mailbox_logins: "logins that found an empty mailbox",
-    listing_cache_hits: "logins whose big mailbox listing was kept and still held on every backend (one USAGE each, no LIST)",
-    listing_cache_stale: "logins whose kept listing no longer held (a generation or the backends changed) and listed again",
-    messages_retrieved: "RETR and TOP served",
-    bytes_retrieved: "message bytes sent by RETR and TOP",
-    bytes_spliced: "message bytes RETR moved from a backend to a plain client socket with splice(2), never copied",
-    messages_deleted: "messages deleted at QUIT",
-    deletes_journaled: "deletions recorded in the journal for a backend that could not take them",
-    deletes_replayed: "journaled deletions replayed to a backend",
-    idle_timeouts: "sessions closed by the idle time-out",
+powermail_admin::counters! {
+    /// Process-wide counters (monotonic).
+    pub struct Counters {
+        connections_accepted: Counter = "connections accepted",
+        connections_refused: Counter = "connections refused at connections_max",
+        proxy_refused: Counter = "connections refused for a missing, malformed or untrusted PROXY header",
+        sessions: Counter = "sessions ended",
+        logins_ok: Counter = "successful logins",
+        logins_failed: Counter = "failed logins (bad credentials)",
+        logins_locked_out: Counter = "logins refused by throttling",
+        logins_in_use: Counter = "logins refused because the mailbox was locked",
+        logins_unavailable: Counter = "logins refused because the userbase was unavailable",
+        empty_mailbox_logins: Counter = "logins that found an empty mailbox",
+        listing_cache_hits: Counter = "logins whose big mailbox listing was kept and still held on every backend (one USAGE each, no LIST)",
+        listing_cache_stale: Counter = "logins whose kept listing no longer held (a generation or the backends changed) and listed again",
+        messages_retrieved: Counter = "RETR and TOP served",
+        bytes_retrieved: Counter = "message bytes sent by RETR and TOP",
+        bytes_spliced: Counter = "message bytes RETR moved from a backend to a plain client socket with splice(2), never copied",
+        messages_deleted: Counter = "messages deleted at QUIT",
+        deletes_journaled: Counter = "deletions recorded in the journal for a backend that could not take them",
+        deletes_replayed: Counter = "journaled deletions replayed to a backend",
+        idle_timeouts: Counter = "sessions closed by the idle time-out",
+    }
 }
 
 /// Everything the admin port shows.
@@ -127,77 +113,70 @@ impl Admin {
     }
 }
 
-impl AdminHandler for Admin {
-    fn stats(&self) -> serde_json::Value {
-        let mut counters = serde_json::Map::new();
-        for (name, _, v) in self.stats.counters.all() {
-            counters.insert(name.into(), v.into());
-        }
-        let latencies = self
-            .stats
-            .latencies
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .summary();
-        serde_json::json!({
-            "daemon": "powerpop",
-            "connections": self.stats.connections.load(Ordering::Relaxed),
-            "mailboxes_locked": self.locks.held(),
-            "deletes_owed": self.journal.owed_count(),
-            "counters": counters,
-            "latency": latencies,
-            "backends": self.cluster.snapshot(),
-        })
-    }
-
-    fn metrics(&self) -> String {
-        let mut p = Prometheus::new();
-        for (name, help, v) in self.stats.counters.all() {
-            p.metric(
-                &format!("powerpop_{name}_total"),
-                "counter",
-                help,
-                "",
-                v as f64,
-            );
-        }
-        let gauge = |p: &mut Prometheus, name: &str, help: &str, v: f64| {
-            p.metric(name, "gauge", help, "", v)
-        };
-        gauge(
-            &mut p,
-            "powerpop_connections",
-            "connections open",
-            self.stats.connections.load(Ordering::Relaxed) as f64,
-        );
-        gauge(
-            &mut p,
-            "powerpop_mailboxes_locked",
-            "mailboxes locked",
-            self.locks.held() as f64,
-        );
-        gauge(
-            &mut p,
-            "powerpop_deletes_owed",
-            "deletions owed to backends",
-            self.journal.owed_count() as f64,
-        );
-        self.cluster.write_backend_metrics(
-            &mut p,
-            "powerpop",
-            "1 if the backend serves reads",
-            |h| {
+impl Admin {
+    /// Everything `/stats` and `/metrics` show, read once.
+    pub fn report(&self) -> Report {
+        report(
+            &self.stats,
+            self.locks.held(),
+            self.journal.owed_count(),
+            self.cluster.reports("1 if the backend serves reads", |h| {
                 matches!(
                     h,
                     powermail_frontend::Health::Up | powermail_frontend::Health::ReadOnly
                 )
-            },
-        );
-        self.stats
+            }),
+        )
+    }
+}
+
+/// The report of a powerpop with these `stats`, locks held, deletions owed and backends.
+pub fn report(
+    stats: &Stats,
+    mailboxes_locked: usize,
+    deletes_owed: usize,
+    backends: Vec<BackendReport>,
+) -> Report {
+    let mut metrics = stats.counters.metrics();
+    metrics.push(Metric::gauge(
+        "connections",
+        "connections open",
+        stats.connections.load(Ordering::Relaxed),
+    ));
+    metrics.push(Metric::gauge(
+        "mailboxes_locked",
+        "mailboxes locked",
+        mailboxes_locked as u64,
+    ));
+    metrics.push(Metric::gauge(
+        "deletes_owed",
+        "deletions owed to backends",
+        deletes_owed as u64,
+    ));
+    Report {
+        daemon: "powerpop",
+        version: env!("CARGO_PKG_VERSION"),
+        metrics,
+        latency: stats
             .latencies
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .write_prometheus(&mut p, "powerpop_command_latency_seconds", "");
+            .clone(),
+        latency_family: "powerpop_command_latency_seconds",
+        backend_prefix: "powerpop_backend",
+        backends,
+    }
+}
+
+impl AdminHandler for Admin {
+    fn stats(&self) -> serde_json::Value {
+        self.report().stats()
+    }
+
+    fn metrics(&self) -> String {
+        let mut p = powermail_admin::Prometheus::new();
+        self.report().write_prometheus(&mut p);
+        self.cluster.write_backend_latency(&mut p, "powerpop");
         p.finish()
     }
 
@@ -215,5 +194,41 @@ impl AdminHandler for Admin {
                 "unknown action {action:?} (loglevel, disable, enable, reload)"
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use powermail_admin::{families_in_stats, families_in_text};
+
+    /// Every counter and gauge in `/stats` is in `/metrics` and vice versa (the
+    /// backend health gauges, written from the backends' state fields, aside).
+    #[test]
+    fn stats_and_metrics_name_the_same_numbers() {
+        let stats = Stats::new();
+        Stats::inc(&stats.counters.logins_ok);
+        let r = report(&stats, 2, 1, Vec::new());
+        let json = r.stats();
+        assert_eq!(json["daemon"], "powerpop");
+        assert_eq!(json["counters"]["logins_ok"], 1);
+        assert_eq!(json["gauges"]["mailboxes_locked"], 2);
+        assert_eq!(json["gauges"]["deletes_owed"], 1);
+        let text = r.prometheus();
+        let from_text = families_in_text(&text);
+        assert_eq!(
+            families_in_stats(&json, "powerpop", "powerpop_backend"),
+            from_text
+        );
+        for kept in [
+            "powerpop_logins_ok_total",
+            "powerpop_bytes_spliced_total",
+            "powerpop_connections",
+            "powerpop_mailboxes_locked",
+            "powerpop_deletes_owed",
+        ] {
+            assert!(from_text.contains(kept), "{kept} missing: {text}");
+        }
+        assert_eq!(from_text.len(), stats.counters.metrics().len() + 3);
     }
 }

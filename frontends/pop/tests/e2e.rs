@@ -87,7 +87,7 @@ fn dead_backend_is_skipped_and_deletes_are_replayed() {
         b1.has_file(BOB, "0001.t.1"),
         "b1 was down: copy still on disk"
     );
-    assert_eq!(pop.stats()["deletes_owed"], 1);
+    assert_eq!(pop.stats()["gauges"]["deletes_owed"], 1);
 
     b1.restart();
     eventually(TIMEOUT, "b1 listed again", || {
@@ -102,7 +102,7 @@ fn dead_backend_is_skipped_and_deletes_are_replayed() {
         !b1.has_file(BOB, "0001.t.1"),
         "replayed DEL removed the file"
     );
-    assert_eq!(pop.stats()["deletes_owed"], 0);
+    assert_eq!(pop.stats()["gauges"]["deletes_owed"], 0);
     assert!(
         pop.stats()["counters"]["deletes_replayed"]
             .as_u64()
@@ -665,7 +665,7 @@ fn a_trickle_reader_is_cut_off_by_the_send_deadline() {
         trickled + rest.len()
     );
     eventually(TIMEOUT, "no connection left open", || {
-        pop.stats()["connections"] == 0
+        pop.stats()["gauges"]["connections"] == 0
     });
 }
 

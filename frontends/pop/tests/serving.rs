@@ -322,7 +322,9 @@ fn a_backend_cut_mid_splice_ends_the_session_without_update() {
 
 /// Body bytes a backend has sent by GET/GETM (pplistener's `bytes_out`).
 fn bytes_out(b: &Backend) -> u64 {
-    b.stats()["bytes_out"].as_u64().expect("bytes_out")
+    b.stats()["counters"]["bytes_out"]
+        .as_u64()
+        .expect("bytes_out")
 }
 
 #[test]
@@ -356,7 +358,7 @@ fn a_drain_over_two_backends_fetches_each_message_once() {
 
 /// LIST requests a backend has answered (pplistener's `lists`).
 fn lists(b: &Backend) -> u64 {
-    b.stats()["lists"].as_u64().expect("lists")
+    b.stats()["counters"]["lists"].as_u64().expect("lists")
 }
 
 /// The UIDs of a fresh session (logged in, UIDL, QUIT).

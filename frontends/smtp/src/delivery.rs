@@ -502,6 +502,7 @@ impl BackendDelivery {
     fn fail_txn(&mut self, reply: &Reply) {
         self.shared
             .stats
+            .counters
             .messages_failed
             .fetch_add(1, Ordering::Relaxed);
         let started = self.txn_started.take().unwrap_or_else(Instant::now);
@@ -666,15 +667,22 @@ impl Delivery for BackendDelivery {
             for (_, conn) in ok {
                 conn.release();
             }
-            stats.messages.fetch_add(1, Ordering::Relaxed);
+            stats.counters.messages.fetch_add(1, Ordering::Relaxed);
             stats
+                .counters
                 .recipients
                 .fetch_add((txn.rcpts.len() + self.forwarded) as u64, Ordering::Relaxed);
-            stats.bytes.fetch_add(txn.size_bytes, Ordering::Relaxed);
+            stats
+                .counters
+                .bytes
+                .fetch_add(txn.size_bytes, Ordering::Relaxed);
             reply = Reply::new(250, format!("2.0.0 Ok: queued as {}", txn.msgid));
         } else {
             self.undo(&txn, ok);
-            stats.messages_failed.fetch_add(1, Ordering::Relaxed);
+            stats
+                .counters
+                .messages_failed
+                .fetch_add(1, Ordering::Relaxed);
         }
         let started = self.txn_started.take().unwrap_or(eod);
         if let Ok(mut l) = stats.latencies.lock() {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use powermail_admin::signals::{on_sighup, on_sigterm};
-use powermail_admin::{AdminHandler, Prometheus};
+use powermail_admin::{AdminHandler, BackendReport, Metric, Prometheus, Report};
 use powermail_frontend::accept::{self, Event, ListenerSpec, Refusals};
 use powermail_frontend::proxy::{self, Endpoints, ProxyPolicy};
 use powermail_frontend::reload::{changes, reload_file, split_live, Reloadable};
@@ -33,6 +33,7 @@ use powermail_userbase::{CacheConfig, CachedUserbase};
 use crate::config::Config;
 use crate::delivery::{BackendDelivery, Shared};
 use crate::session::{Flow, Session};
+use crate::stats::{Stats, REPLY_CLASSES};
 use crate::undo::Undo;
 use powermail_frontend::journal::Journal;
 
@@ -215,13 +216,16 @@ impl accept::Service for Listener {
         let stats = &self.shared.stats;
         match event {
             Event::RefusedDraining | Event::RefusedFull => {
-                stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .counters
+                    .sessions_refused
+                    .fetch_add(1, Ordering::Relaxed);
             }
             Event::Admitted => {
-                stats.sessions.fetch_add(1, Ordering::Relaxed);
+                stats.counters.sessions.fetch_add(1, Ordering::Relaxed);
             }
             Event::ProxyRefused => {
-                stats.proxy_refused.fetch_add(1, Ordering::Relaxed);
+                stats.counters.proxy_refused.fetch_add(1, Ordering::Relaxed);
             }
             Event::Accepted => {}
         }
@@ -365,7 +369,7 @@ impl Conversation<'_> {
                 // A trusted balancer's header was read before the greeting:
                 // this one comes from a source that may not choose its address.
                 let stats = &self.shared.stats;
-                stats.proxy_refused.fetch_add(1, Ordering::Relaxed);
+                stats.counters.proxy_refused.fetch_add(1, Ordering::Relaxed);
                 log::warn!("connection refused: PROXY header from an untrusted source");
                 let refusal = b"421 4.7.0 PROXY header not accepted from this address\r\n";
                 let _ = stream.write_all_by(refusal, Instant::now() + limits.command_timeout());
@@ -439,109 +443,97 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// Everything `/stats` and `/metrics` show, read once.
+    fn report(&self) -> Report {
+        let cache = self.shared.userbase.stats();
+        report(
+            &self.shared.stats,
+            &self.shared.undo,
+            cache,
+            self.shared
+                .cluster
+                .reports("1 when the backend is up and writable", |h| {
+                    matches!(h, powermail_frontend::Health::Up)
+                }),
+        )
+    }
+}
+
+/// The report of a powersmtp with these `stats`, undo journal, userbase cache
+/// figures and backends.
+fn report(
+    stats: &Stats,
+    undo: &Undo,
+    cache: powermail_userbase::CacheStats,
+    backends: Vec<BackendReport>,
+) -> Report {
+    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let mut metrics = stats.counters.metrics();
+    for (i, class) in REPLY_CLASSES.iter().enumerate() {
+        metrics.push(
+            Metric::counter("replies", "replies by class", l(&stats.replies[i]))
+                .labelled("class", class),
+        );
+    }
+    metrics.extend([
+        Metric::counter(
+            "undo_journaled",
+            "deletions of refused messages' copies recorded in the undo journal",
+            l(&undo.journaled),
+        ),
+        Metric::counter(
+            "undo_acknowledged",
+            "recorded deletions acknowledged by a backend (at once or replayed)",
+            l(&undo.acknowledged),
+        ),
+        Metric::counter(
+            "userbase_cache_hits",
+            "userbase answers served from memory",
+            cache.hits,
+        ),
+        Metric::counter(
+            "userbase_cache_misses",
+            "userbase answers that went to the database (failures included)",
+            cache.misses,
+        ),
+        Metric::gauge(
+            "connections",
+            "SMTP connections open",
+            stats.connections.load(Ordering::Relaxed) as u64,
+        ),
+        Metric::gauge(
+            "undo_owed",
+            "deletions of refused messages' copies not yet acknowledged by a backend",
+            undo.owed_count() as u64,
+        ),
+    ]);
+    Report {
+        daemon: "powersmtp",
+        version: env!("CARGO_PKG_VERSION"),
+        metrics,
+        latency: stats
+            .latencies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
+        latency_family: "powersmtp_latency_seconds",
+        backend_prefix: "powersmtp_backend",
+        backends,
+    }
+}
+
 impl AdminHandler for Admin {
     fn stats(&self) -> serde_json::Value {
-        let s = &self.shared.stats;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let cache = self.shared.userbase.stats();
-        let latencies = s.latencies.lock().map(|l| l.summary()).unwrap_or_default();
-        serde_json::json!({
-            "sessions": l(&s.sessions),
-            "sessions_refused": l(&s.sessions_refused),
-            "proxy_refused": l(&s.proxy_refused),
-            "connections": s.connections.load(Ordering::Relaxed),
-            "messages": l(&s.messages),
-            "messages_failed": l(&s.messages_failed),
-            "undo_owed": self.shared.undo.owed_count(),
-            "undo_journaled": l(&self.shared.undo.journaled),
-            "undo_acknowledged": l(&self.shared.undo.acknowledged),
-            "recipients": l(&s.recipients),
-            "bytes": l(&s.bytes),
-            "replies": {
-                "2xx": l(&s.replies[0]), "3xx": l(&s.replies[1]),
-                "4xx": l(&s.replies[2]), "5xx": l(&s.replies[3]),
-            },
-            "userbase_cache": {"hits": cache.hits, "misses": cache.misses},
-            "latencies": latencies,
-            "backends": self.shared.cluster.snapshot(),
-        })
+        self.report().stats()
     }
 
     fn metrics(&self) -> String {
-        let s = &self.shared.stats;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
         let mut p = Prometheus::new();
-        let counters = [
-            (
-                "powersmtp_sessions_total",
-                "sessions accepted",
-                l(&s.sessions),
-            ),
-            (
-                "powersmtp_sessions_refused_total",
-                "connections refused over the limit",
-                l(&s.sessions_refused),
-            ),
-            (
-                "powersmtp_proxy_refused_total",
-                "connections refused for a missing, malformed or untrusted PROXY header",
-                l(&s.proxy_refused),
-            ),
-            (
-                "powersmtp_messages_total",
-                "messages accepted",
-                l(&s.messages),
-            ),
-            (
-                "powersmtp_messages_failed_total",
-                "messages refused after DATA",
-                l(&s.messages_failed),
-            ),
-            (
-                "powersmtp_recipients_total",
-                "recipients of accepted messages",
-                l(&s.recipients),
-            ),
-            (
-                "powersmtp_bytes_total",
-                "bytes of accepted messages",
-                l(&s.bytes),
-            ),
-        ];
-        for (name, help, v) in counters {
-            p.metric(name, "counter", help, "", v);
-        }
-        p.metric(
-            "powersmtp_undo_owed",
-            "gauge",
-            "deletions of refused messages' copies not yet acknowledged by a backend",
-            "",
-            self.shared.undo.owed_count() as f64,
-        );
-        p.metric(
-            "powersmtp_connections",
-            "gauge",
-            "SMTP connections open",
-            "",
-            s.connections.load(Ordering::Relaxed) as f64,
-        );
-        p.header("powersmtp_replies_total", "counter", "replies by class");
-        for (i, class) in ["2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
-            p.sample(
-                "powersmtp_replies_total",
-                &format!("class=\"{class}\""),
-                l(&s.replies[i]),
-            );
-        }
-        self.shared.cluster.write_backend_metrics(
-            &mut p,
-            "powersmtp",
-            "1 when the backend is up and writable",
-            |h| matches!(h, powermail_frontend::Health::Up),
-        );
-        if let Ok(lat) = s.latencies.lock() {
-            lat.write_prometheus(&mut p, "powersmtp_latency_seconds", "");
-        }
+        self.report().write_prometheus(&mut p);
+        self.shared
+            .cluster
+            .write_backend_latency(&mut p, "powersmtp");
         p.finish()
     }
 
@@ -559,5 +551,62 @@ impl AdminHandler for Admin {
                 "unknown action {action:?} (loglevel, disable, enable, reload)"
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+    use powermail_admin::{families_in_stats, families_in_text};
+
+    /// Every counter and gauge in `/stats` is in `/metrics` and vice versa (the
+    /// backend health gauges, written from the backends' state fields, aside),
+    /// under the names dashboards already use.
+    #[test]
+    fn stats_and_metrics_name_the_same_numbers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal =
+            Journal::open_named(dir.path(), "undo.journal", "undo.lock").expect("journal");
+        let undo = Undo::new(journal);
+        let stats = Stats::default();
+        stats.counters.messages.fetch_add(2, Ordering::Relaxed);
+        stats.replies[3].fetch_add(1, Ordering::Relaxed);
+        let cache = powermail_userbase::CacheStats {
+            hits: 4,
+            misses: 5,
+            login_hits: 0,
+        };
+        let r = report(&stats, &undo, cache, Vec::new());
+        let json = r.stats();
+        assert_eq!(json["daemon"], "powersmtp");
+        assert_eq!(json["counters"]["messages"], 2);
+        assert_eq!(json["counters"]["replies"]["5xx"], 1);
+        assert_eq!(json["counters"]["userbase_cache_hits"], 4);
+        assert_eq!(json["gauges"]["undo_owed"], 0);
+        assert!(json["latency"].is_object(), "{json}");
+        let text = r.prometheus();
+        let from_text = families_in_text(&text);
+        assert_eq!(
+            families_in_stats(&json, "powersmtp", "powersmtp_backend"),
+            from_text
+        );
+        for kept in [
+            "powersmtp_sessions_total",
+            "powersmtp_sessions_refused_total",
+            "powersmtp_proxy_refused_total",
+            "powersmtp_messages_total",
+            "powersmtp_messages_failed_total",
+            "powersmtp_recipients_total",
+            "powersmtp_bytes_total",
+            "powersmtp_replies_total",
+            "powersmtp_undo_owed",
+            "powersmtp_connections",
+        ] {
+            assert!(from_text.contains(kept), "{kept} missing: {text}");
+        }
+        assert!(
+            text.contains("powersmtp_replies_total{class=\"5xx\"} 1\n"),
+            "{text}"
+        );
     }
 }

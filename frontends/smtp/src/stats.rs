@@ -7,26 +7,30 @@ use std::sync::Mutex;
 
 use powermail_admin::Latencies;
 
-/// Process-wide counters, read by the admin port.
+powermail_admin::counters! {
+    /// Process-wide counters (monotonic).
+    pub struct Counters {
+        sessions: Counter = "sessions accepted",
+        sessions_refused: Counter = "connections refused with 421 over connections_max",
+        proxy_refused: Counter = "connections refused for a missing, malformed or untrusted PROXY header",
+        messages: Counter = "messages accepted (250 after DATA)",
+        messages_failed: Counter = "messages refused after DATA began (451/552)",
+        recipients: Counter = "recipients of accepted messages",
+        bytes: Counter = "bytes of accepted messages (one copy, Received header included)",
+    }
+}
+
+/// The reply classes `replies` counts, in its order.
+pub const REPLY_CLASSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
+
+/// Everything the admin port reads.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Sessions accepted.
-    pub sessions: AtomicU64,
-    /// Connections refused with 421 (over `connections_max`).
-    pub sessions_refused: AtomicU64,
-    /// Connections refused for a missing, malformed or untrusted PROXY header.
-    pub proxy_refused: AtomicU64,
+    /// The counters.
+    pub counters: Counters,
     /// Sessions open now.
     pub connections: AtomicUsize,
-    /// Messages accepted (250 after DATA).
-    pub messages: AtomicU64,
-    /// Messages refused after DATA began (451/552).
-    pub messages_failed: AtomicU64,
-    /// Recipients of accepted messages.
-    pub recipients: AtomicU64,
-    /// Bytes of accepted messages (one copy, Received header included).
-    pub bytes: AtomicU64,
-    /// Replies by class: 2xx, 3xx, 4xx, 5xx.
+    /// Replies by class: [`REPLY_CLASSES`].
     pub replies: [AtomicU64; 4],
     /// Latencies: `transaction` (MAIL to final reply), `eod_to_reply`
     /// (end of DATA to the reply), `backend_put` (one PUT, first byte to

@@ -283,14 +283,14 @@ fn single_recipient_k2_over_3_stores_wire_form_on_exactly_two() {
         assert_eq!(String::from_utf8(body).unwrap(), MSG_WIRE);
     }
     let stats: Value = serde_json::from_str(&sys.admin_get("/stats")).unwrap();
-    assert_eq!(stats["messages"], 1, "{stats}");
-    assert!(stats["latencies"]["backend_put"]["count"] == 2, "{stats}");
+    assert_eq!(stats["counters"]["messages"], 1, "{stats}");
+    assert!(stats["latency"]["backend_put"]["count"] == 2, "{stats}");
     // Latency-aware selection: every backend has a latency (its health
     // checks at least) and nothing in flight once the message is stored.
     for i in 0..3 {
         let b = &stats["backends"][i];
         assert!(b["latency_ewma_us"].as_u64().is_some(), "{stats}");
-        assert_eq!(b["in_flight"], 0, "{stats}");
+        assert_eq!(b["gauges"]["in_flight"], 0, "{stats}");
     }
     let metrics = sys.admin_get("/metrics");
     assert!(
@@ -302,6 +302,18 @@ fn single_recipient_k2_over_3_stores_wire_form_on_exactly_two() {
         "{metrics}"
     );
     assert!(metrics.contains("powersmtp_messages_total 1"), "{metrics}");
+    // Every counter and gauge of /stats is in /metrics and vice versa (the
+    // latency EWMA is each backend's latency_ewma_us, in seconds here).
+    let mut from_text = powermail_admin::families_in_text(&metrics);
+    assert!(
+        from_text.remove("powersmtp_backend_latency_seconds"),
+        "{metrics}"
+    );
+    assert_eq!(
+        powermail_admin::families_in_stats(&stats, "powersmtp", "powersmtp_backend"),
+        from_text,
+        "{stats}\n{metrics}"
+    );
     assert!(
         metrics.contains("powersmtp_replies_total{class=\"2xx\"}"),
         "{metrics}"

@@ -108,14 +108,16 @@ impl Listener {
         powermail_testkit::admin_request(self.admin, method, path, token)
     }
 
-    /// One counter of one backend from the admin port's `/stats`.
+    /// One counter or gauge of one backend from the admin port's `/stats`.
     pub fn stat(&self, backend: usize, name: &str) -> u64 {
         let (status, body) = self.admin("GET", "/stats", Some("tok"));
         assert_eq!(status, 200, "{body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        v["backends"][backend][name]
+        let b = &v["backends"][backend];
+        b["counters"][name]
             .as_u64()
-            .unwrap_or_else(|| panic!("no counter {name} in {body}"))
+            .or_else(|| b["gauges"][name].as_u64())
+            .unwrap_or_else(|| panic!("no counter or gauge {name} in {body}"))
     }
 
     /// Waits (bounded) until the admin port reports `n` open connections on `backend`.
@@ -124,7 +126,7 @@ impl Listener {
         powermail_testkit::eventually(TIMEOUT, &what, || {
             let (_, body) = self.admin("GET", "/stats", Some(TOKEN));
             let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            v["backends"][backend]["connections"] == n
+            v["backends"][backend]["gauges"]["connections"] == n
         });
     }
 

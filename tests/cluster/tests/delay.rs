@@ -175,7 +175,9 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
         .map(|l| {
             let v = admin::get_json(&l.admin.to_string(), Some(TOKEN), "/stats")
                 .expect("pplistener /stats");
-            v["backends"][0]["gets"].as_u64().unwrap_or(u64::MAX)
+            v["backends"][0]["counters"]["gets"]
+                .as_u64()
+                .unwrap_or(u64::MAX)
         })
         .collect();
     let not_once = acked

@@ -139,7 +139,7 @@ fn warn_owed_deletes(info: &ClusterInfo) {
         let owed =
             powermail_admin::client::get_json(&d.addr, info.token_for(d).as_deref(), "/stats")
                 .ok()
-                .and_then(|v| v.get("deletes_owed").and_then(serde_json::Value::as_u64))
+                .and_then(|v| v["gauges"]["deletes_owed"].as_u64())
                 .unwrap_or(0);
         if owed > 0 {
             eprintln!(

@@ -31,11 +31,19 @@ fn num(v: &Value, key: &str) -> u64 {
     v.get(key).and_then(Value::as_u64).unwrap_or(0)
 }
 
-/// `{op: summary}` of a stats object (the daemons name the map differently).
+/// `{op: summary}` of a stats object (a daemon's or one of its backends').
 fn latency_map(v: &Value) -> Option<&serde_json::Map<String, Value>> {
-    ["latency", "latencies"]
-        .iter()
-        .find_map(|k| v.get(*k).and_then(Value::as_object))
+    v.get("latency").and_then(Value::as_object)
+}
+
+/// One of a stats object's `counters`, 0 if absent.
+fn counter(v: &Value, key: &str) -> u64 {
+    v.get("counters").map_or(0, |c| num(c, key))
+}
+
+/// One of a stats object's `gauges`, 0 if absent.
+fn gauge(v: &Value, key: &str) -> u64 {
+    v.get("gauges").map_or(0, |g| num(g, key))
 }
 
 /// Sum of every operation's count: the daemon's total operations.
@@ -45,10 +53,10 @@ fn ops(v: &Value) -> u64 {
 
 /// Bytes moved, by what each daemon counts.
 fn bytes(v: &Value) -> u64 {
-    num(v, "bytes")
-        + num(v, "bytes_in")
-        + num(v, "bytes_out")
-        + v.get("counters").map_or(0, |c| num(c, "bytes_retrieved"))
+    ["bytes", "bytes_in", "bytes_out", "bytes_retrieved"]
+        .iter()
+        .map(|k| counter(v, k))
+        .sum()
 }
 
 /// The operation with most samples, and its summary.
@@ -330,7 +338,7 @@ fn daemons_table(sampled: &[Sampled<'_>], interval: Duration) {
                     s.name.to_string(),
                     s.addr.to_string(),
                     "up".into(),
-                    num(v, "connections").to_string(),
+                    gauge(v, "connections").to_string(),
                     ops_s,
                     bytes_s,
                     op.to_string(),
@@ -391,14 +399,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_both_stats_shapes() {
-        let smtp = serde_json::json!({"connections": 2, "bytes": 100,
-            "latencies": {"transaction": {"count": 5, "p50_us": 1500, "p99_us": 9000, "p999_us": 9000}}});
+    fn reads_the_one_stats_layout() {
+        let smtp = serde_json::json!({"counters": {"bytes": 100}, "gauges": {"connections": 2},
+            "latency": {"transaction": {"count": 5, "p50_us": 1500, "p99_us": 9000, "p999_us": 9000}}});
+        let store = serde_json::json!({"counters": {"bytes_in": 5, "bytes_out": 6}});
         let pop = serde_json::json!({"counters": {"bytes_retrieved": 7},
             "latency": {"RETR": {"count": 9}, "USER": {"count": 1}}});
         assert_eq!(ops(&smtp), 5);
         assert_eq!(bytes(&smtp), 100);
         assert_eq!(bytes(&pop), 7);
+        assert_eq!(bytes(&store), 11);
+        assert_eq!(gauge(&smtp, "connections"), 2);
+        // The old powersmtp key is not read any more.
+        assert_eq!(
+            ops(&serde_json::json!({"latencies": {"x": {"count": 1}}})),
+            0
+        );
         assert_eq!(busiest(&pop).unwrap().0, "RETR");
         assert_eq!(
             percentiles(latency_map(&smtp).unwrap().get("transaction")),

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# A 1,000,000-message mailbox over POP3 (issue #14, "1,000,000 messages work"): the
+# PowerMail side only. Not a test (it takes minutes and ~1 GB of directory blocks); what
+# it finds goes to bench/RESULTS.md by hand.
+#
+#   bench/million.sh        env: MESSAGES=1000000, PROFILE=release
+#
+# `powermail up` with 2 backends and K=2; pop1m@ holds MESSAGES messages of 4 KiB on both
+# backends, as hard links made directly in each backend's store while it is stopped (ext4:
+# at most 65,000 links per inode, so one body per 50,000 links). Then, over POP3:
+#   1. the first login (each backend walks the mailbox into its index), STAT, UIDL;
+#   2. four more logins with UIDL (powerpop's listing cache: one USAGE per backend);
+#   3. RETR of the first and the last message, DELE of the first, QUIT;
+#   4. one more login: one message fewer, the deleted id gone from UIDL.
+# and the resident memory of powerpop and of pplistener at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROFILE=${PROFILE:-release}
+MESSAGES=${MESSAGES:-1000000}
+if [ "$PROFILE" = release ]; then
+  cargo build --release -q -p pplistener -p powersmtp -p powerpop -p ppadmin -p powermail
+else
+  cargo build -q -p pplistener -p powersmtp -p powerpop -p ppadmin -p powermail
+fi
+B=$PWD/target/$PROFILE
+D=/tmp/pm-million
+rm -rf "$D"; mkdir -p "$D"
+cat > "$D/up.toml" <<TOML
+smtp_listen = "127.0.0.1:12725"
+pop_listen = "127.0.0.1:11310"
+backend_base_port = 17300
+pplistener_admin = "127.0.0.1:18013"
+smtp_admin = "127.0.0.1:18028"
+pop_admin = "127.0.0.1:18113"
+TOML
+UP=
+up() {
+  : > "$D/up.log"
+  $B/powermail up --data "$D/var" --config "$D/up.toml" --backends 2 --replicas 2 >> "$D/up.log" 2>&1 &
+  UP=$!
+  for _ in $(seq 300); do grep -q "Ctrl-C" "$D/up.log" && return; sleep 0.1; done
+  echo "powermail up did not start:"; cat "$D/up.log"; exit 1
+}
+down() { kill "$UP"; wait "$UP" 2>/dev/null || true; }
+trap 'kill $UP 2>/dev/null || true; rm -rf "$D/var/disks"' EXIT
+up
+$B/ppadmin --data "$D/var" user add pop1m@bench.test --password pw >/dev/null
+down
+echo "== linking $MESSAGES messages into pop1m@ on each backend"
+python3 - "$D/var/disks" "$MESSAGES" <<'PY'
+import hashlib, os, sys
+disks, n = sys.argv[1], int(sys.argv[2])
+body = (b"Subject: stored\r\n\r\n" + b"x" * 4076 + b"\r\n")[:4096]
+mailbox = "pop1m@bench.test"
+h = hashlib.sha256(mailbox.encode()).hexdigest()
+for disk in sorted(os.listdir(disks)):
+    root = os.path.join(disks, disk)
+    d = os.path.join(root, "mbox", h[0:2], h[2:4], mailbox)
+    os.makedirs(d, exist_ok=True)
+    for i in range(n):
+        if i % 50_000 == 0:
+            src = os.path.join(root, f"src-{i}")
+            with open(src, "wb") as f:
+                f.write(body)
+        os.link(src, os.path.join(d, f"{1700000000000000 + i:016x}.bench.{i:x}"))
+    for f in os.listdir(root):
+        if f.startswith("src-"):
+            os.remove(os.path.join(root, f))
+PY
+sync
+up
+echo "== $(nproc) CPUs, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
+python3 - "$MESSAGES" <<'PY'
+import socket, sys, time
+n = int(sys.argv[1])
+
+def session(steps):
+    s = socket.create_connection(("127.0.0.1", 11310), timeout=600)
+    f = s.makefile("rb")
+    assert f.readline().startswith(b"+OK")
+    def cmd(line):
+        s.sendall(line.encode() + b"\r\n")
+        r = f.readline()
+        assert r.startswith(b"+OK"), (line, r)
+        return r
+    def block():
+        data = bytearray()
+        while not data.endswith(b"\r\n.\r\n"):
+            chunk = f.read1(1 << 20)
+            assert chunk, "connection closed in a block"
+            data += chunk
+        return data
+    t0 = time.perf_counter()
+    cmd("USER pop1m@bench.test"); cmd("PASS pw")
+    t1 = time.perf_counter()
+    stat = cmd("STAT").split()
+    cmd("UIDL"); uidl = block()
+    t2 = time.perf_counter()
+    out = steps(cmd, block) if steps else None
+    cmd("QUIT")
+    s.close()
+    return int(stat[1]), uidl, (t1 - t0) * 1000, (t2 - t0) * 1000, out
+
+count, uidl, login, total, _ = session(None)
+print(f"first login (index walks): {count} messages, login {login:.0f} ms, login + STAT + UIDL {total:.0f} ms")
+assert count == n, (count, n)
+first_uid = uidl.split(b"\r\n")[0].split()[1]
+for i in range(4):
+    count, _, login, total, _ = session(None)
+    print(f"login {i + 2} (kept listing): login {login:.1f} ms, login + STAT + UIDL {total:.0f} ms")
+def retr_dele(cmd, block):
+    t = time.perf_counter()
+    cmd("RETR 1"); first = block()
+    cmd(f"RETR {n}"); last = block()
+    cmd("DELE 1")
+    return len(first), len(last), (time.perf_counter() - t) * 1000
+_, _, _, _, (a, b, ms) = session(retr_dele)
+print(f"RETR 1 ({a} bytes) + RETR {n} ({b} bytes) + DELE 1: {ms:.1f} ms")
+count, uidl, login, total, _ = session(None)
+print(f"after the DELE: {count} messages, login {login:.0f} ms, login + STAT + UIDL {total:.0f} ms")
+assert count == n - 1, count
+assert first_uid not in uidl, "the deleted message is still listed"
+print("ok: every step answered, the deletion is seen by the next session")
+PY
+for d in powerpop pplistener; do
+  echo "$d RSS: $(ps -o rss= -C "$d" | awk '{s+=$1} END {printf "%.0f MiB", s/1024}')"
+done
+down
+trap - EXIT
+rm -rf "$D/var/disks"
