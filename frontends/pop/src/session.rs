@@ -77,6 +77,9 @@ pub enum AuthResult {
     InUse,
     /// The userbase could not answer: `-ERR [SYS/TEMP]`.
     Unavailable,
+    /// No backend answered for the mailbox in time (all down, or all slower
+    /// than `listing_timeout_ms`): `-ERR [SYS/TEMP]`, never an empty maildrop.
+    StorageUnavailable,
     /// Not in the userbase, but the fallback (legacy) server accepted the
     /// login: its reply line (without CRLF) goes to the client, then the I/O
     /// loop relays bytes both ways until either side closes.
@@ -88,7 +91,11 @@ impl PartialEq for AuthResult {
         use AuthResult::*;
         match (self, other) {
             (Ok(a), Ok(b)) => a.len() == b.len() && (0..a.len()).all(|i| a.entry(i) == b.entry(i)),
-            (Bad, Bad) | (Locked, Locked) | (InUse, InUse) | (Unavailable, Unavailable) => true,
+            (Bad, Bad)
+            | (Locked, Locked)
+            | (InUse, InUse)
+            | (Unavailable, Unavailable)
+            | (StorageUnavailable, StorageUnavailable) => true,
             (Proxied(a), Proxied(b)) => a == b,
             _ => false,
         }
@@ -545,6 +552,9 @@ impl<S: Store> Session<S> {
             AuthResult::Locked => "[AUTH] too many failed logins, try again later",
             AuthResult::InUse => "[IN-USE] mailbox in use by another session",
             AuthResult::Unavailable => "[SYS/TEMP] user database unavailable, try again later",
+            AuthResult::StorageUnavailable => {
+                "[SYS/TEMP] mailbox storage unavailable, try again later"
+            }
         };
         self.counters.auth_failures += 1;
         self.refuse(out, reply)

@@ -24,6 +24,7 @@ powermail_admin::counters! {
         logins_locked_out: Counter = "logins refused by throttling",
         logins_in_use: Counter = "logins refused because the mailbox was locked",
         logins_unavailable: Counter = "logins refused because the userbase was unavailable",
+        logins_storage_unavailable: Counter = "logins refused because no backend listed the mailbox in time",
         empty_mailbox_logins: Counter = "logins that found an empty mailbox",
         listing_cache_hits: Counter = "logins whose big mailbox listing was kept and still held on every backend (one USAGE each, no LIST)",
         listing_cache_stale: Counter = "logins whose kept listing no longer held (a generation or the backends changed) and listed again",

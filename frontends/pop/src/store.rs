@@ -175,6 +175,16 @@ impl Store for LiveStore {
             limits.listing_max_messages,
             Duration::from_millis(limits.listing_timeout_ms),
         );
+        if listing.listed.is_empty() {
+            // Not one backend answered: an empty maildrop would be a lie.
+            log::warn!(
+                "login {name}: no backend listed the mailbox within {} ms",
+                limits.listing_timeout_ms
+            );
+            Stats::inc(&counters.logins_storage_unavailable);
+            self.lock = None;
+            return AuthResult::StorageUnavailable;
+        }
         Stats::inc(&counters.logins_ok);
         counters
             .deletes_replayed

@@ -817,3 +817,33 @@ fn hostile_user_names_stay_on_one_log_line() {
     );
     assert!(forged[1].contains(r#"user="evil\"forged=1\\"#), "{log}");
 }
+
+#[test]
+fn no_backend_answering_is_a_temporary_error_not_an_empty_maildrop() {
+    let users = Users::new(&[(BOB, "pw")]);
+    let (mut b0, mut b1) = (Backend::start(), Backend::start());
+    b0.put(BOB, "0001.t.1", b"Subject: b0\r\n\r\nx\r\n");
+    b1.put(BOB, "0002.t.1", b"Subject: b1\r\n\r\ny\r\n");
+    let state = tempfile::tempdir().unwrap();
+    let pop = Pop::start(&users, &[&b0, &b1], state.path(), "");
+    assert_eq!(ids(&pop.py(UIDLS)), ["0001.t.1", "0002.t.1"]);
+
+    b0.kill9();
+    b1.kill9();
+    let login = "p.user('bob')\ntry:\n    out(p.pass_('pw').decode())\n\
+                 except poplib.error_proto as e:\n    out(str(e))\np.quit()";
+    let out = pop.py(login);
+    assert!(
+        out.contains("[SYS/TEMP] mailbox storage unavailable"),
+        "no backend listed the mailbox, yet: {out}"
+    );
+    assert!(!out.contains("maildrop has 0"), "{out}");
+    assert!(pop.stats()["counters"]["logins_storage_unavailable"].as_u64() >= Some(1));
+
+    // The refused login held no lock: once storage is back, the mailbox opens whole.
+    b0.restart();
+    b1.restart();
+    eventually(TIMEOUT, "both backends listed again", || {
+        ids(&pop.py(UIDLS)) == ["0001.t.1", "0002.t.1"]
+    });
+}

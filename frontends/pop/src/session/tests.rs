@@ -182,6 +182,10 @@ fn refusals_and_response_codes() {
             AuthResult::Unavailable,
             "-ERR [SYS/TEMP] user database unavailable",
         ),
+        (
+            AuthResult::StorageUnavailable,
+            "-ERR [SYS/TEMP] mailbox storage unavailable",
+        ),
         (AuthResult::Locked, "-ERR [AUTH] too many failed logins"),
     ] {
         let store = || Fake {
