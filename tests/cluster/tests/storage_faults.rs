@@ -20,13 +20,10 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-mod common;
-
-use common::{id_header, id_of, password, start_frontend, start_storage, SECRET};
-use powermail_cluster::{Host, Net};
+use powermail_cluster::{id_header, id_of, password, Tally, Topology, SECRET};
 use powermail_proto::{BackendConn, MailboxName};
 use powermail_testkit::skip_unless_root;
-use powermail_testkit::{eventually, Frontend, Kind, Pop, Smtp};
+use powermail_testkit::{eventually, Smtp};
 
 const USERS: usize = 6;
 const SENDERS: usize = 6;
@@ -102,42 +99,26 @@ fn k2_blast_with_a_storage_fault(fault: Fault) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let messages = env_or("PM_CLUSTER_MESSAGES", 1200) as usize;
     let cut = Duration::from_millis(env_or("PM_CLUSTER_FAULT_MS", 6000));
-    let dir = tempfile::Builder::new()
-        .prefix("cluster-")
-        .tempdir()
-        .expect("tempdir");
-    let root = dir.path();
-    let mut net = Net::new().expect("bridge");
-    let storage: Vec<Host> = (1..=3)
-        .map(|i| net.add_host(&format!("storage{i}")).expect("host"))
-        .collect();
-    let smtp_hosts: Vec<Host> = (1..=2)
-        .map(|i| net.add_host(&format!("smtp{i}")).expect("host"))
-        .collect();
-    let pop_host = net.add_host("pop1").expect("host");
-
-    let url = format!("sqlite://{}", root.join("userbase.db").display());
-    let ub = powermail_userbase::open(&url).expect("userbase");
+    let mut topology = Topology::new("k2")
+        .storage(3)
+        .smtp(2)
+        .pop(1)
+        .smtp_config("replicas = 2\n")
+        // The test's clients are on the cluster network, not loopback: no TLS here.
+        .pop_config("allow_plaintext_auth = true\n");
     for i in 0..USERS {
-        ub.add_mailbox(&user(i), &password(i), 0).expect("mailbox");
+        topology = topology.mailbox(&user(i), &password(i));
     }
-    drop(ub);
-
-    let (mut listeners, backends) = start_storage(root, &storage);
-    let frontend =
-        |kind: Kind, h: &Host, extra: &str| start_frontend(root, kind, h, &url, &backends, extra);
-    let smtps: Vec<Frontend> = smtp_hosts
-        .iter()
-        .map(|h| frontend(Kind::Smtp, h, "replicas = 2\n"))
-        .collect();
-    // The test's clients are on the cluster network, not loopback: no TLS here.
-    let pop = frontend(Kind::Pop, &pop_host, "allow_plaintext_auth = true\n");
+    let mut cluster = topology.start();
+    let root = cluster.root().to_path_buf();
+    let pop = cluster.pop[0].addr;
+    let backends = cluster.backends.clone();
 
     // The blast, from this machine, alternating the SMTP hosts.
     let next = AtomicUsize::new(0);
     let acked = AtomicUsize::new(0);
     let sent: Mutex<Vec<Sent>> = Mutex::new(Vec::new());
-    let smtp_addrs: Vec<SocketAddr> = smtps.iter().map(|s| s.addr).collect();
+    let smtp_addrs = cluster.smtp_addrs();
     let mut cut_window = None;
     std::thread::scope(|s| {
         for _ in 0..SENDERS {
@@ -159,14 +140,15 @@ fn k2_blast_with_a_storage_fault(fault: Fault) {
         let from = Instant::now();
         match fault {
             Fault::Blackhole => {
-                net.blackhole(&storage[0]).expect("blackhole storage1");
+                let storage1 = &cluster.storage_hosts[0];
+                cluster.net.blackhole(storage1).expect("blackhole storage1");
                 std::thread::sleep(cut);
-                net.heal(&storage[0]).expect("heal storage1");
+                cluster.net.heal(storage1).expect("heal storage1");
             }
             Fault::Kill9 => {
-                listeners[0].kill9();
+                cluster.storage[0].kill9();
                 std::thread::sleep(cut);
-                listeners[0].restart();
+                cluster.storage[0].restart();
             }
         }
         cut_window = Some((from, from.elapsed()));
@@ -181,44 +163,20 @@ fn k2_blast_with_a_storage_fault(fault: Fault) {
     let slow = sent.iter().filter(|s| s.3 > SLOW).count();
 
     // Every acknowledged message listed once over POP3, byte for byte.
-    let mut listed: HashMap<usize, usize> = HashMap::new();
-    let mut corrupt = 0;
+    let mut tally = Tally::new();
     for u in 0..USERS {
-        let mut session = None;
-        let mut last = String::new();
-        eventually(WAIT, "POP3 login", || {
-            match Pop::login(pop.addr, &user(u), &password(u)) {
-                Ok(p) => session = Some(p),
-                Err(e) => {
-                    if e.to_string() != last {
-                        eprintln!("POP3 login of {}: {e}", user(u));
-                        last = e.to_string();
-                    }
-                }
-            }
-            session.is_some()
+        tally.retrieve(pop, &user(u), &password(u), WAIT, "cl", |n, raw| {
+            raw.ends_with(&wire(n)) && n % USERS == u
         });
-        let mut p = session.expect("logged in");
-        let count = p.uidl().expect("UIDL").len();
-        for i in 1..=count {
-            let raw = p.retr(i).expect("RETR");
-            match id_of("cl", &raw) {
-                Some(n) => {
-                    *listed.entry(n).or_default() += 1;
-                    corrupt += usize::from(!raw.ends_with(&wire(n)) || n % USERS != u);
-                }
-                None => corrupt += 1,
-            }
-        }
-        p.quit().expect("QUIT");
     }
-    let lost = ok.keys().filter(|n| !listed.contains_key(n)).count();
-    let duplicated = listed.values().filter(|&&c| c > 1).count();
+    let corrupt = tally.corrupt;
+    let lost = tally.lost(ok.keys().copied());
+    let duplicated = tally.duplicated();
 
     // Copies per acknowledged message, before and after ppadmin repair.
     let copies = || {
         let mut c: HashMap<usize, usize> = HashMap::new();
-        for l in &listeners {
+        for l in &cluster.storage {
             let mut conn =
                 BackendConn::connect(l.backends[0], SECRET.as_bytes(), WAIT).expect("backend");
             for u in 0..USERS {
@@ -260,11 +218,12 @@ fn k2_blast_with_a_storage_fault(fault: Fault) {
 
     let (_, cut_len) = cut_window.expect("the cut was made");
     let line = format!(
-        "cluster k2 {fault:?}: sent {}, acknowledged {}, lost {lost}, duplicated {duplicated}, \
-         corrupt {corrupt}, slowest transaction {} ms, over {} s {slow}, under K before repair \
+        "cluster k2 {fault:?}: sent {}, acknowledged {}, retrieved {}, lost {lost}, duplicated \
+         {duplicated}, corrupt {corrupt}, slowest transaction {} ms, over {} s {slow}, under K before repair \
          {short_before}, after repair {short_after}, storage1 out for {} ms",
         sent.len(),
         ok.len(),
+        tally.retrieved(),
         slowest.as_millis(),
         SLOW.as_secs(),
         cut_len.as_millis()
