@@ -21,18 +21,15 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-mod common;
-
-use common::{id_header, id_of, start_frontend, start_storage, SECRET, TOKEN};
-use powermail_cluster::{Host, Net};
+use powermail_cluster::{id_header, id_of, Tally, Topology, SECRET, TOKEN};
 use powermail_proto::{BackendConn, MailboxName};
 use powermail_testkit::skip_unless_root;
-use powermail_testkit::{admin, free_port, DelayProxy, Delays, Frontend, Kind, Pop, Smtp};
+use powermail_testkit::{admin, free_port, DelayProxy, Delays, Pop, Smtp};
 
 const USERS: usize = 4;
 const SENDERS: usize = 8;
@@ -71,48 +68,26 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(600);
-    let dir = tempfile::Builder::new()
-        .prefix("cluster-delay-")
-        .tempdir()
-        .expect("tempdir");
-    let root = dir.path();
-    let mut net = Net::new().expect("bridge");
-    let storage: Vec<Host> = (1..=3)
-        .map(|i| net.add_host(&format!("storage{i}")).expect("host"))
-        .collect();
-    let smtp_hosts: Vec<Host> = (1..=2)
-        .map(|i| net.add_host(&format!("smtp{i}")).expect("host"))
-        .collect();
-    let pop_host = net.add_host("pop1").expect("host");
-
-    let url = format!("sqlite://{}", root.join("userbase.db").display());
-    let ub = powermail_userbase::open(&url).expect("userbase");
+    let mut topology = Topology::new("delay")
+        .storage(3)
+        .smtp(2)
+        .pop(1)
+        .smtp_config("replicas = 2\n")
+        // The test's clients are on the cluster network, not loopback: no TLS here.
+        .pop_config("allow_plaintext_auth = true\n");
     for i in 0..USERS {
-        ub.add_mailbox(&user(i), "pw", 0).expect("mailbox");
+        topology = topology.mailbox(&user(i), "pw");
     }
-    drop(ub);
-
-    let (listeners, direct) = start_storage(root, &storage);
+    let mut cluster = topology.start_storage();
     // storage1 is reached through the proxy, on this machine's address on the
     // cluster network: every frontend's path to it has the delay.
-    let listener = TcpListener::bind((net.client_addr(), free_port())).expect("proxy port");
-    let proxy = DelayProxy::start(listener, direct[0].1, Delays::both(ONE_WAY)).expect("proxy");
-    let mut backends = direct.clone();
-    backends[0].1 = proxy.addr;
-    let smtps: Vec<Frontend> = smtp_hosts
-        .iter()
-        .map(|h| start_frontend(root, Kind::Smtp, h, &url, &backends, "replicas = 2\n"))
-        .collect();
-    let smtp_addrs: Vec<SocketAddr> = smtps.iter().map(|s| s.addr).collect();
-    // The test's clients are on the cluster network, not loopback: no TLS here.
-    let pop = start_frontend(
-        root,
-        Kind::Pop,
-        &pop_host,
-        &url,
-        &backends,
-        "allow_plaintext_auth = true\n",
-    );
+    let listener = TcpListener::bind((cluster.net.client_addr(), free_port())).expect("proxy port");
+    let proxy =
+        DelayProxy::start(listener, cluster.backends[0].1, Delays::both(ONE_WAY)).expect("proxy");
+    cluster.backends[0].1 = proxy.addr;
+    cluster.start_frontends();
+    let smtp_addrs = cluster.smtp_addrs();
+    let (smtps, pop, listeners) = (&cluster.smtp, &cluster.pop[0], &cluster.storage);
 
     let next = AtomicUsize::new(0);
     let sent: Mutex<Vec<(usize, u16, Duration)>> = Mutex::new(Vec::new());
@@ -151,23 +126,17 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
     // What the frontends think of the backends now.
     // Every acknowledged message once over POP3, byte for byte.
     let pop_started = Instant::now();
-    let mut retrieved: HashMap<usize, usize> = HashMap::new();
-    let mut corrupt = 0;
+    let mut tally = Tally::new();
     for u in 0..USERS {
         let mut p = Pop::login(pop.addr, &user(u), "pw").expect("POP3 login");
-        let count = p.uidl().expect("UIDL").len();
-        for i in 1..=count {
-            let raw = p.retr(i).expect("RETR");
-            match id_of("dl", &raw) {
-                Some(n) => {
-                    *retrieved.entry(n).or_default() += 1;
-                    corrupt += usize::from(!raw.ends_with(&wire(n)) || n % USERS != u);
-                }
-                None => corrupt += 1,
-            }
-        }
+        tally
+            .drain(&mut p, "dl", |n, raw| {
+                raw.ends_with(&wire(n)) && n % USERS == u
+            })
+            .expect("UIDL and RETR");
         p.quit().expect("QUIT");
     }
+    let corrupt = tally.corrupt;
     let pop_time = pop_started.elapsed();
     // GETs each pplistener served (nothing else GETs until the count below).
     let gets: Vec<u64> = listeners
@@ -180,11 +149,11 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
         .collect();
     let not_once = acked
         .iter()
-        .filter(|n| retrieved.get(n) != Some(&1))
+        .filter(|n| tally.listed.get(n) != Some(&1))
         .count();
 
     let mut views = Vec::new();
-    for f in smtps.iter().chain([&pop]) {
+    for f in smtps.iter().chain([pop]) {
         let stats =
             admin::get_json(&f.admin.to_string(), Some(TOKEN), "/stats").expect("admin /stats");
         for b in stats["backends"].as_array().cloned().unwrap_or_default() {
@@ -199,7 +168,7 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
     }
     let marked_down: Vec<String> = smtps
         .iter()
-        .chain([&pop])
+        .chain([pop])
         .flat_map(|f| {
             f.daemon
                 .log_text()
@@ -240,13 +209,16 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
     let share = |b: usize| 100.0 * per_backend[b] as f64 / total.max(1) as f64;
     let line = format!(
         "cluster delay {} ms each way on storage1: sent {}, acknowledged {}, codes {codes:?}, \
-         not at K {not_k}, not retrieved once {not_once}, corrupt {corrupt}, POP3 {} ms for \
-         all, GETs served {gets:?}, {:.0} msg/s, p50 {} ms, p99 {} ms, slowest {} ms; copies \
+         not at K {not_k}, retrieved {}, not retrieved once {not_once}, lost {}, duplicated \
+         {}, corrupt {corrupt}, POP3 {} ms for all, GETs served {gets:?}, {:.0} msg/s, p50 {} ms, p99 {} ms, slowest {} ms; copies \
          storage1 {} ({:.1}%), storage2 {} ({:.1}%), storage3 {} ({:.1}%); proxy {} \
          connections; machine shared; frontends see: {}",
         ONE_WAY.as_millis(),
         sent.len(),
         acked.len(),
+        tally.retrieved(),
+        tally.lost(acked.iter().copied()),
+        tally.duplicated(),
         pop_time.as_millis(),
         acked.len() as f64 / elapsed.as_secs_f64(),
         quantile(&times, 0.5).as_millis(),
