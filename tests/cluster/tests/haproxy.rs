@@ -12,12 +12,12 @@
 //! machine (the bridge).
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use powermail_cluster::{id_header, password, place, Tally, Topology};
-use powermail_testkit::{connect, eventually, skip_unless_root, Haproxy, HaproxyRoute, Pop, Smtp};
+use powermail_testkit::{eventually, haproxy, skip_unless_root, Haproxy, HaproxyRoute, Pop, Smtp};
 
 const USERS: usize = 2;
 /// Messages sent through the balancer from each client.
@@ -187,21 +187,7 @@ fn haproxy_in_front_of_the_smtp_and_pop_hosts() {
         .map(|f| (f, "421 "))
         .chain(pops.iter().map(|f| (f, "-ERR ")))
     {
-        let mut s = connect(f.addr).expect("direct connection");
-        let mut greeting = [0u8; 3];
-        s.read_exact(&mut greeting).expect("greeting");
-        s.write_all(forged.as_bytes()).expect("send header");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let mut rest = Vec::new();
-        let _ = s.read_to_end(&mut rest);
-        let rest = String::from_utf8_lossy(&rest);
-        assert!(
-            rest.lines()
-                .any(|l| l.starts_with(refusal) && l.contains("PROXY")),
-            "{}: an untrusted PROXY header was not refused: {rest:?}",
-            f.addr
-        );
+        haproxy::assert_proxy_header_refused(f.addr, &forged, refusal);
         refusals += 1;
     }
     let _ = writeln!(

@@ -2,11 +2,16 @@
 //! frontends, for the PROXY-protocol suites (tests/system `proxy`,
 //! tests/cluster `haproxy`): the configuration is written here once.
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use crate::{connect, eventually, Place, START_TIMEOUT};
+
+/// How long [`assert_proxy_header_refused`] waits for the refusal.
+pub const REFUSAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most routes one [`Haproxy`] carries.
 pub const ROUTES_MAX: usize = 16;
@@ -105,6 +110,27 @@ impl Drop for Haproxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Connects to the frontend at `addr` directly (not through a trusted
+/// balancer), reads the start of its greeting, sends the PROXY `header` and
+/// asserts that the frontend refuses it: a line starting with `refusal`
+/// (`"421 "`, `"-ERR "`) that names PROXY, before it closes.
+pub fn assert_proxy_header_refused(addr: SocketAddr, header: &str, refusal: &str) {
+    let mut s = connect(addr).expect("direct connection");
+    let mut greeting = [0u8; 3];
+    s.read_exact(&mut greeting).expect("greeting");
+    s.write_all(header.as_bytes()).expect("send header");
+    s.set_read_timeout(Some(REFUSAL_TIMEOUT))
+        .expect("read timeout");
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.lines()
+            .any(|l| l.starts_with(refusal) && l.contains("PROXY")),
+        "{addr}: an untrusted PROXY header was not refused: {rest:?}"
+    );
 }
 
 /// The configuration of `routes`: short time-outs, TCP mode, one `listen`

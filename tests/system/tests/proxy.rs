@@ -10,10 +10,9 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use common::*;
-use powermail_testkit::{Haproxy, HaproxyRoute, Place};
+use powermail_testkit::{haproxy, Haproxy, HaproxyRoute, Place};
 
 /// The balancer's source address, the only one trusted.
 const BALANCER: &str = "127.0.0.2";
@@ -119,19 +118,10 @@ fn proxy_protocol_behind_haproxy() {
 
     // An untrusted client (127.0.0.1, directly) that sends a header: refused.
     for (addr, refusal) in [(smtp.addr, "421 "), (pop.addr, "-ERR ")] {
-        let mut s = connect(addr).expect("connect");
-        let mut greeting = [0u8; 3];
-        s.read_exact(&mut greeting).expect("greeting");
-        s.write_all(b"PROXY TCP4 192.0.2.1 192.0.2.2 1234 25\r\n")
-            .expect("send header");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut rest = Vec::new();
-        let _ = s.read_to_end(&mut rest);
-        let rest = String::from_utf8_lossy(&rest);
-        assert!(
-            rest.lines()
-                .any(|l| l.starts_with(refusal) && l.contains("PROXY")),
-            "{addr}: untrusted PROXY header not refused: {rest:?}"
+        haproxy::assert_proxy_header_refused(
+            addr,
+            "PROXY TCP4 192.0.2.1 192.0.2.2 1234 25\r\n",
+            refusal,
         );
     }
     assert!(counter(pop.admin, "proxy_refused") >= 1);
