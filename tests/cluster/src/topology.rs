@@ -69,6 +69,19 @@ impl Topology {
         }
     }
 
+    /// The storage cases' layout: `storage1..3`, `smtp1` and `smtp2` at
+    /// `replicas = 2` (every message on two of the three hosts), `pop1` with
+    /// plaintext logins (the clients are on the cluster network, not
+    /// loopback: no TLS here); SQLite userbase.
+    pub fn k2(name: &str) -> Topology {
+        Topology::new(name)
+            .storage(3)
+            .smtp(2)
+            .pop(1)
+            .smtp_config("replicas = 2\n")
+            .pop_config("allow_plaintext_auth = true\n")
+    }
+
     /// `count` storage hosts, `storage1..`, one pplistener each.
     pub fn storage(mut self, count: usize) -> Topology {
         self.storage = count;
@@ -104,6 +117,12 @@ impl Topology {
     pub fn mailbox(mut self, user: &str, password: &str) -> Topology {
         self.mailboxes
             .push((user.to_string(), password.to_string()));
+        self
+    }
+
+    /// Mailboxes `(user, password)` the userbase has before any daemon starts.
+    pub fn mailboxes(mut self, list: impl IntoIterator<Item = (String, String)>) -> Topology {
+        self.mailboxes.extend(list);
         self
     }
 

@@ -60,16 +60,14 @@ fn database_host_partitioned_under_load() {
         return;
     }
     let _serial = powermail_testkit::serial();
-    let mut topology = Topology::new("db")
+    let topology = Topology::new("db")
+        .mailboxes((0..USERS).map(|u| (user(u), password(u))))
         .database()
         .storage(2)
         .smtp(1)
         .pop(1)
         .smtp_config("replicas = 2\n")
         .pop_config("allow_plaintext_auth = true\n");
-    for i in 0..USERS {
-        topology = topology.mailbox(&user(i), &password(i));
-    }
     // Bound for the whole test: dropping a daemon kills it.
     let cluster = topology.start();
     let (net, db_host) = (&cluster.net, cluster.db_host());

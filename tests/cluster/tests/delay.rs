@@ -68,17 +68,9 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(600);
-    let mut topology = Topology::new("delay")
-        .storage(3)
-        .smtp(2)
-        .pop(1)
-        .smtp_config("replicas = 2\n")
-        // The test's clients are on the cluster network, not loopback: no TLS here.
-        .pop_config("allow_plaintext_auth = true\n");
-    for i in 0..USERS {
-        topology = topology.mailbox(&user(i), "pw");
-    }
-    let mut cluster = topology.start_storage();
+    let mut cluster = Topology::k2("delay")
+        .mailboxes((0..USERS).map(|i| (user(i), "pw".to_string())))
+        .start_storage();
     // storage1 is reached through the proxy, on this machine's address on the
     // cluster network: every frontend's path to it has the delay.
     let listener = TcpListener::bind((cluster.net.client_addr(), free_port())).expect("proxy port");

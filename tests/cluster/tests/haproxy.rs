@@ -59,7 +59,8 @@ fn haproxy_in_front_of_the_smtp_and_pop_hosts() {
         return;
     }
     let _serial = powermail_testkit::serial();
-    let mut topology = Topology::new("lb")
+    let topology = Topology::new("lb")
+        .mailboxes((0..USERS).map(|u| (user(u), password(u))))
         .database()
         .storage(2)
         .smtp(2)
@@ -68,9 +69,6 @@ fn haproxy_in_front_of_the_smtp_and_pop_hosts() {
         .host("client2")
         .smtp_config("replicas = 2\n")
         .pop_config("allow_plaintext_auth = true\n");
-    for u in 0..USERS {
-        topology = topology.mailbox(&user(u), &password(u));
-    }
     let mut cluster = topology.start_storage();
     let (lb, client2) = (cluster.host("lb").clone(), cluster.host("client2").clone());
     let trust = format!(

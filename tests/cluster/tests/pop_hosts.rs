@@ -61,7 +61,8 @@ fn pop_host_lock_spans_hosts_and_a_killed_host_frees_it_within_the_lease() {
         return;
     }
     let _serial = powermail_testkit::serial();
-    let mut topology = Topology::new("pop")
+    let topology = Topology::new("pop")
+        .mailboxes((0..USERS).map(|u| (user(u), password(u))))
         .database()
         .storage(2)
         .smtp(1)
@@ -70,9 +71,6 @@ fn pop_host_lock_spans_hosts_and_a_killed_host_frees_it_within_the_lease() {
         .pop_config(&format!(
             "allow_plaintext_auth = true\nlock_lease_ms = {LEASE_MS}\n"
         ));
-    for u in 0..USERS {
-        topology = topology.mailbox(&user(u), &password(u));
-    }
     let cluster = topology.start();
     let (net, pop_hosts) = (&cluster.net, &cluster.pop_hosts);
     let smtp = &cluster.smtp[0];

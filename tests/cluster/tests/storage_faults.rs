@@ -99,17 +99,9 @@ fn k2_blast_with_a_storage_fault(fault: Fault) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let messages = env_or("PM_CLUSTER_MESSAGES", 1200) as usize;
     let cut = Duration::from_millis(env_or("PM_CLUSTER_FAULT_MS", 6000));
-    let mut topology = Topology::new("k2")
-        .storage(3)
-        .smtp(2)
-        .pop(1)
-        .smtp_config("replicas = 2\n")
-        // The test's clients are on the cluster network, not loopback: no TLS here.
-        .pop_config("allow_plaintext_auth = true\n");
-    for i in 0..USERS {
-        topology = topology.mailbox(&user(i), &password(i));
-    }
-    let mut cluster = topology.start();
+    let mut cluster = Topology::k2("k2")
+        .mailboxes((0..USERS).map(|i| (user(i), password(i))))
+        .start();
     let root = cluster.root().to_path_buf();
     let pop = cluster.pop[0].addr;
     let backends = cluster.backends.clone();
