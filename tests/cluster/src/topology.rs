@@ -11,8 +11,12 @@
 //! then the others by name — so a case's addresses do not depend on how it
 //! asked for them.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
+
+use powermail_proto::{BackendConn, MailboxName};
 
 use powermail_testkit::{
     BackendSpec, Frontend, FrontendSpec, Kind, Mariadb, Place, Pplistener, PplistenerSpec,
@@ -24,6 +28,8 @@ use crate::{Host, Net, HOSTS_MAX};
 pub const SECRET: &str = "cluster-secret-0123456789";
 /// Every admin port's token.
 pub const TOKEN: &str = "cluster-admin-token";
+/// Most messages [`Cluster::copies`] lists in one mailbox of one backend.
+pub const LIST_MAX: usize = 1_000_000;
 /// Most mailboxes a topology creates.
 pub const MAILBOXES_MAX: usize = 10_000;
 
@@ -314,6 +320,34 @@ impl Cluster {
             backends: self.backends.clone(),
         };
         Frontend::start_at(&place(h), self.root(), &h.name, &spec)
+    }
+
+    /// Where the case's messages (numbered with `tag`, see
+    /// [`crate::id_of`]) are stored, straight from every pplistener (LIST and
+    /// GET of each of `mailboxes`, `wait` to connect): message number → the
+    /// index of the storage host of each copy, one entry per copy. Panics on
+    /// a failed request.
+    pub fn copies(
+        &self,
+        tag: &str,
+        mailboxes: &[String],
+        wait: Duration,
+    ) -> HashMap<usize, Vec<usize>> {
+        let mut copies: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (b, l) in self.storage.iter().enumerate() {
+            let mut conn =
+                BackendConn::connect(l.backends[0], SECRET.as_bytes(), wait).expect("backend");
+            for mailbox in mailboxes {
+                let mb = MailboxName::parse(mailbox).expect("mailbox");
+                for e in conn.list(&mb, LIST_MAX).expect("LIST") {
+                    let body = conn.get(&mb, &e.msgid).expect("GET");
+                    if let Some(n) = crate::id_of(tag, &body) {
+                        copies.entry(n).or_default().push(b);
+                    }
+                }
+            }
+        }
+        copies
     }
 
     /// The addresses of the SMTP hosts' powersmtp, in order.

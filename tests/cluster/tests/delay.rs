@@ -26,8 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use powermail_cluster::{id_header, id_of, Tally, Topology, SECRET, TOKEN};
-use powermail_proto::{BackendConn, MailboxName};
+use powermail_cluster::{id_header, Tally, Topology, TOKEN};
 use powermail_testkit::skip_unless_root;
 use powermail_testkit::{admin, free_port, DelayProxy, Delays, Pop, Smtp};
 
@@ -172,21 +171,11 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
         .collect();
 
     // Copies per message and per backend, straight from the pplisteners.
-    let mut copies: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mailboxes: Vec<String> = (0..USERS).map(user).collect();
+    let copies = cluster.copies("dl", &mailboxes, WAIT);
     let mut per_backend = [0usize; 3];
-    for (b, l) in listeners.iter().enumerate() {
-        let mut conn =
-            BackendConn::connect(l.backends[0], SECRET.as_bytes(), WAIT).expect("backend");
-        for u in 0..USERS {
-            let mb = MailboxName::parse(&user(u)).expect("mailbox");
-            for e in conn.list(&mb, 1_000_000).expect("LIST") {
-                let body = conn.get(&mb, &e.msgid).expect("GET");
-                if let Some(n) = id_of("dl", &body) {
-                    copies.entry(n).or_default().push(b);
-                    per_backend[b] += 1;
-                }
-            }
-        }
+    for &b in copies.values().flatten() {
+        per_backend[b] += 1;
     }
     let not_k = acked
         .iter()

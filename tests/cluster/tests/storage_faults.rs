@@ -20,8 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use powermail_cluster::{id_header, id_of, password, Tally, Topology, SECRET};
-use powermail_proto::{BackendConn, MailboxName};
+use powermail_cluster::{id_header, password, Tally, Topology, SECRET};
 use powermail_testkit::skip_unless_root;
 use powermail_testkit::{eventually, Smtp};
 
@@ -166,46 +165,31 @@ fn k2_blast_with_a_storage_fault(fault: Fault) {
     let duplicated = tally.duplicated();
 
     // Copies per acknowledged message, before and after ppadmin repair.
-    let copies = || {
-        let mut c: HashMap<usize, usize> = HashMap::new();
-        for l in &cluster.storage {
-            let mut conn =
-                BackendConn::connect(l.backends[0], SECRET.as_bytes(), WAIT).expect("backend");
-            for u in 0..USERS {
-                let mb = MailboxName::parse(&user(u)).expect("mailbox");
-                for e in conn.list(&mb, 1_000_000).expect("LIST") {
-                    let body = conn.get(&mb, &e.msgid).expect("GET");
-                    if let Some(n) = id_of("cl", &body) {
-                        *c.entry(n).or_default() += 1;
-                    }
-                }
-            }
-        }
-        c
-    };
+    let mailboxes: Vec<String> = (0..USERS).map(user).collect();
+    let copies = || cluster.copies("cl", &mailboxes, WAIT);
     let before = copies();
     let short_before = ok
         .keys()
-        .filter(|n| before.get(n).copied() < Some(2))
+        .filter(|n| before.get(n).map(Vec::len) < Some(2))
         .count();
-    let cluster = root.join("cluster.toml");
+    let cluster_file = root.join("cluster.toml");
     let mut text = format!("replicas = 2\nsecret = \"{SECRET}\"\n");
     for (name, addr, _) in &backends {
         text.push_str(&format!(
             "[[backend]]\nname = \"{name}\"\naddr = \"{addr}\"\n"
         ));
     }
-    std::fs::write(&cluster, text).expect("cluster file");
+    std::fs::write(&cluster_file, text).expect("cluster file");
     let repair = std::process::Command::new(powermail_testkit::bin("ppadmin"))
         .arg("--cluster")
-        .arg(&cluster)
+        .arg(&cluster_file)
         .arg("repair")
         .output()
         .expect("ppadmin repair");
     let after = copies();
     let short_after = ok
         .keys()
-        .filter(|n| after.get(n).copied() < Some(2))
+        .filter(|n| after.get(n).map(Vec::len) < Some(2))
         .count();
 
     let (_, cut_len) = cut_window.expect("the cut was made");
