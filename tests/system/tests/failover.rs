@@ -38,6 +38,11 @@ fn report(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
+/// Sends `body` from the suite's sender to user 0 in session `c`; the code.
+fn send(c: &mut Smtp, body: &[u8]) -> u16 {
+    c.send("a@sender.test", &[&user(0)], body).expect("send")
+}
+
 /// Two backends; b1 sits behind a silenceable [`DelayProxy`] and has the higher priority,
 /// so with K=1 every message goes to it while it is up.
 struct Setup {
@@ -84,6 +89,17 @@ impl Setup {
         )
     }
 
+    /// Stores test message `id` of about `size` bytes for user 0 through a
+    /// powersmtp at K=`k` that is gone afterwards; returns the message.
+    fn store(&self, k: usize, id: &str, size: usize) -> Vec<u8> {
+        let smtp = self.smtp_k(k);
+        let mut c = Smtp::connect(smtp.addr).expect("connect");
+        let body = message(id, size);
+        assert_eq!(send(&mut c, &body), 250, "{}", smtp.log_text());
+        c.quit();
+        body
+    }
+
     fn pop(&self) -> Frontend {
         let refs: Vec<&Backend> = self.backends.iter().collect();
         Frontend::pop(self.dir.path(), &refs, &self.userbase, "", &pool_table())
@@ -99,9 +115,7 @@ fn smtp_transaction_on_a_blackholed_backend_ends_quickly() {
     let s = Setup::start();
     let smtp = s.smtp();
     let mut c = Smtp::connect(smtp.addr).expect("connect");
-    let warm = c
-        .send("a@sender.test", &[&user(0)], &message("before-cut", 800))
-        .expect("send");
+    let warm = send(&mut c, &message("before-cut", 800));
     assert_eq!(warm, 250, "both backends up");
     assert_eq!(c.cmd("MAIL FROM:<a@sender.test>").expect("mail").0, 250);
     assert_eq!(
@@ -127,9 +141,7 @@ fn smtp_transaction_on_a_blackholed_backend_ends_quickly() {
     );
     assert!(code == 250 || code == 451, "{code} {text}");
     // b1 is down now: the next transaction goes to b0.
-    let next = c
-        .send("a@sender.test", &[&user(0)], &message("after-cut", 800))
-        .expect("send");
+    let next = send(&mut c, &message("after-cut", 800));
     assert_eq!(next, 250, "{}", smtp.log_text());
     c.quit();
     report(&format!(
@@ -145,15 +157,8 @@ fn smtp_transaction_on_a_blackholed_backend_ends_quickly() {
 fn pop_retr_and_list_on_a_blackholed_backend_end_quickly() {
     let _g = serial();
     let s = Setup::start();
-    let smtp = s.smtp();
-    let mut c = Smtp::connect(smtp.addr).expect("connect");
     // K=1 with b1 preferred: the message lives on b1 only.
-    let code = c
-        .send("a@sender.test", &[&user(0)], &message("on-b1", 300_000))
-        .expect("send");
-    assert_eq!(code, 250);
-    c.quit();
-    drop(smtp);
+    s.store(1, "on-b1", 300_000);
     let pop = s.pop();
     let mut p = pop_login(pop.addr, 0).expect("login");
     assert_eq!(p.uidl().expect("uidl").len(), 1);
@@ -195,13 +200,7 @@ fn pop_retr_and_list_on_a_blackholed_backend_end_quickly() {
 fn pop_retr_of_a_message_with_a_live_copy_is_served() {
     let _g = serial();
     let s = Setup::start();
-    let smtp = s.smtp_k(2);
-    let mut c = Smtp::connect(smtp.addr).expect("connect");
-    let body = message("on-both", 50_000);
-    let code = c.send("a@sender.test", &[&user(0)], &body).expect("send");
-    assert_eq!(code, 250);
-    c.quit();
-    drop(smtp);
+    let body = s.store(2, "on-both", 50_000);
     let pop = s.pop();
     let mut p = pop_login(pop.addr, 0).expect("login");
     assert_eq!(p.uidl().expect("uidl").len(), 1);
