@@ -20,7 +20,9 @@
 mod mail;
 mod topology;
 
-pub use mail::{id_header, id_of, login_eventually, password, Tally, SESSION_MESSAGES_MAX};
+pub use mail::{
+    id_header, id_of, login_eventually, message, password, Tally, SESSION_MESSAGES_MAX,
+};
 pub use topology::{group, place, BackendEntry, Cluster, Topology, MAILBOXES_MAX, SECRET, TOKEN};
 
 use std::fs::File;

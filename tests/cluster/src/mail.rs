@@ -24,6 +24,16 @@ pub fn id_header(tag: &str, n: usize) -> String {
     format!("X-Cluster-Id: {tag}-{n}\r\n")
 }
 
+/// Short test message `n` of the case tagged `tag`, as sent on the wire: its
+/// [`id_header`], `Subject: TAG N` and one body line.
+pub fn message(tag: &str, n: usize) -> Vec<u8> {
+    format!(
+        "{}Subject: {tag} {n}\r\n\r\nbody of {n}\r\n",
+        id_header(tag, n)
+    )
+    .into_bytes()
+}
+
 /// The number of a retrieved message of the case tagged `tag`.
 pub fn id_of(tag: &str, raw: &[u8]) -> Option<usize> {
     let text = String::from_utf8_lossy(raw);
@@ -141,6 +151,11 @@ mod tests {
         assert_eq!(id_of("cl", raw.as_bytes()), Some(42));
         assert_eq!(id_of("db", raw.as_bytes()), None);
         assert_eq!(id_of("cl", b"X-Cluster-Id: cl-x\r\n"), None);
+        assert_eq!(
+            message("db", 7),
+            b"X-Cluster-Id: db-7\r\nSubject: db 7\r\n\r\nbody of 7\r\n"
+        );
+        assert_eq!(id_of("db", &message("db", 7)), Some(7));
         let mut t = Tally::new();
         t.listed.insert(1, 1);
         t.listed.insert(2, 3);

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use powermail_cluster::{id_header, password, Tally, Topology};
+use powermail_cluster::{message, password, Tally, Topology};
 use powermail_testkit::skip_unless_root;
 use powermail_testkit::{eventually, Pop, Smtp};
 
@@ -43,12 +43,9 @@ fn user(i: usize) -> String {
     format!("d{i}@cluster.test")
 }
 
+/// Message `n` of this case, as sent on the wire.
 fn wire(n: usize) -> Vec<u8> {
-    format!(
-        "{}Subject: db {n}\r\n\r\nbody of {n}\r\n",
-        id_header("db", n)
-    )
-    .into_bytes()
+    message("db", n)
 }
 
 /// One message: (number, user, code, started during the partition, time taken).

@@ -16,7 +16,7 @@ use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use powermail_cluster::{id_header, password, place, Tally, Topology};
+use powermail_cluster::{message, password, place, Tally, Topology};
 use powermail_testkit::{eventually, haproxy, skip_unless_root, Haproxy, HaproxyRoute, Pop, Smtp};
 
 const USERS: usize = 2;
@@ -33,12 +33,9 @@ fn user(i: usize) -> String {
     format!("h{i}@cluster.test")
 }
 
+/// Message `n` of this case, as sent on the wire.
 fn wire(n: usize) -> Vec<u8> {
-    format!(
-        "{}Subject: lb {n}\r\n\r\nbody of {n}\r\n",
-        id_header("lb", n)
-    )
-    .into_bytes()
+    message("lb", n)
 }
 
 /// Sends message `n` to mailbox `n % USERS` through `smtp`; its code.

@@ -14,7 +14,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use powermail_cluster::{id_header, password, Tally, Topology};
+use powermail_cluster::{message, password, Tally, Topology};
 use powermail_testkit::{eventually, skip_unless_root, Frontend, Pop, Smtp};
 
 /// The mailbox the case is about, and one other.
@@ -32,12 +32,9 @@ fn user(i: usize) -> String {
     format!("p{i}@cluster.test")
 }
 
+/// Message `n` of this case, as sent on the wire.
 fn wire(n: usize) -> Vec<u8> {
-    format!(
-        "{}Subject: pop {n}\r\n\r\nbody of {n}\r\n",
-        id_header("pop", n)
-    )
-    .into_bytes()
+    message("pop", n)
 }
 
 /// The error of a login of mailbox `u` at `pop`, or "+OK" (then QUIT).
