@@ -17,8 +17,11 @@
 //! On top of the network: [`Topology`], the one builder of a case's hosts and
 //! daemons (issue #17), and [`Tally`], the one POP3 retrieval loop.
 
+mod blast;
 mod mail;
 mod topology;
+
+pub use blast::{blast, deliver, Progress, Sent, SENDER, SENDERS_MAX};
 
 pub use mail::{
     id_header, id_of, login_eventually, message, password, Tally, SESSION_MESSAGES_MAX,

@@ -22,13 +22,11 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use powermail_cluster::{id_header, Tally, Topology, TOKEN};
+use powermail_cluster::{blast, id_header, Tally, Topology, TOKEN};
 use powermail_testkit::skip_unless_root;
-use powermail_testkit::{admin, free_port, DelayProxy, Delays, Pop, Smtp};
+use powermail_testkit::{admin, free_port, DelayProxy, Delays, Pop};
 
 const USERS: usize = 4;
 const SENDERS: usize = 8;
@@ -80,38 +78,16 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
     let smtp_addrs = cluster.smtp_addrs();
     let (smtps, pop, listeners) = (&cluster.smtp, &cluster.pop[0], &cluster.storage);
 
-    let next = AtomicUsize::new(0);
-    let sent: Mutex<Vec<(usize, u16, Duration)>> = Mutex::new(Vec::new());
-    let blast = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..SENDERS {
-            s.spawn(|| loop {
-                let n = next.fetch_add(1, Relaxed);
-                if n >= messages {
-                    return;
-                }
-                let t = Instant::now();
-                let code = Smtp::connect(smtp_addrs[n % smtp_addrs.len()])
-                    .and_then(|mut c| {
-                        let code = c.send("sender@outside.test", &[&user(n % USERS)], &wire(n))?;
-                        c.quit();
-                        Ok(code)
-                    })
-                    .unwrap_or(0);
-                sent.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((n, code, t.elapsed()));
-            });
-        }
-    });
-    let elapsed = blast.elapsed();
-    let sent = sent.into_inner().unwrap_or_else(|e| e.into_inner());
-    let acked: Vec<usize> = sent.iter().filter(|s| s.1 == 250).map(|s| s.0).collect();
+    let blast_started = Instant::now();
+    let mail = |n: usize| (user(n % USERS), wire(n));
+    let (sent, ()) = blast(&smtp_addrs, SENDERS, messages, mail, |_| ());
+    let elapsed = blast_started.elapsed();
+    let acked: Vec<usize> = sent.iter().filter(|s| s.code == 250).map(|s| s.n).collect();
     let mut codes: HashMap<u16, usize> = HashMap::new();
     for s in &sent {
-        *codes.entry(s.1).or_default() += 1;
+        *codes.entry(s.code).or_default() += 1;
     }
-    let mut times: Vec<Duration> = sent.iter().map(|s| s.2).collect();
+    let mut times: Vec<Duration> = sent.iter().map(|s| s.took).collect();
     times.sort();
 
     // What the frontends think of the backends now.

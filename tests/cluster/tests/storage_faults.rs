@@ -15,14 +15,11 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use powermail_cluster::{id_header, password, Tally, Topology, SECRET};
+use powermail_cluster::{blast, id_header, password, Tally, Topology, SECRET};
+use powermail_testkit::eventually;
 use powermail_testkit::skip_unless_root;
-use powermail_testkit::{eventually, Smtp};
 
 const USERS: usize = 6;
 const SENDERS: usize = 6;
@@ -53,22 +50,6 @@ fn wire(n: usize) -> Vec<u8> {
     m.into_bytes()
 }
 
-/// One sent message: (number, user, final code, how long its transaction took).
-type Sent = (usize, usize, u16, Duration);
-
-fn send_one(smtp: SocketAddr, n: usize) -> Sent {
-    let u = n % USERS;
-    let t = Instant::now();
-    let code = Smtp::connect(smtp)
-        .and_then(|mut c| {
-            let code = c.send("sender@outside.test", &[&user(u)], &wire(n))?;
-            c.quit();
-            Ok(code)
-        })
-        .unwrap_or(0);
-    (n, u, code, t.elapsed())
-}
-
 /// What happens to `storage1` in the middle of the blast.
 #[derive(Clone, Copy, Debug)]
 enum Fault {
@@ -88,14 +69,12 @@ fn k2_blast_with_one_storage_host_killed_and_restarted() {
     k2_blast_with_a_storage_fault(Fault::Kill9);
 }
 
-/// One topology at a time: the cases share the machine.
-static SERIAL: Mutex<()> = Mutex::new(());
-
 fn k2_blast_with_a_storage_fault(fault: Fault) {
     if skip_unless_root(&format!("cluster k2 {fault:?}"), "ip netns, ip link") {
         return;
     }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // One topology at a time: the cases share the machine.
+    let _serial = powermail_testkit::serial();
     let messages = env_or("PM_CLUSTER_MESSAGES", 1200) as usize;
     let cut = Duration::from_millis(env_or("PM_CLUSTER_FAULT_MS", 6000));
     let mut cluster = Topology::k2("k2")
@@ -106,27 +85,11 @@ fn k2_blast_with_a_storage_fault(fault: Fault) {
     let backends = cluster.backends.clone();
 
     // The blast, from this machine, alternating the SMTP hosts.
-    let next = AtomicUsize::new(0);
-    let acked = AtomicUsize::new(0);
-    let sent: Mutex<Vec<Sent>> = Mutex::new(Vec::new());
     let smtp_addrs = cluster.smtp_addrs();
-    let mut cut_window = None;
-    std::thread::scope(|s| {
-        for _ in 0..SENDERS {
-            s.spawn(|| loop {
-                let n = next.fetch_add(1, Relaxed);
-                if n >= messages {
-                    return;
-                }
-                let one = send_one(smtp_addrs[n % smtp_addrs.len()], n);
-                if one.2 == 250 {
-                    acked.fetch_add(1, Relaxed);
-                }
-                sent.lock().unwrap_or_else(|e| e.into_inner()).push(one);
-            });
-        }
+    let mail = |n: usize| (user(n % USERS), wire(n));
+    let (sent, cut_len) = blast(&smtp_addrs, SENDERS, messages, mail, |progress| {
         eventually(WAIT, "a quarter acknowledged before the cut", || {
-            acked.load(Relaxed) >= messages / 4
+            progress.acked() >= messages / 4
         });
         let from = Instant::now();
         match fault {
@@ -142,16 +105,15 @@ fn k2_blast_with_a_storage_fault(fault: Fault) {
                 cluster.storage[0].restart();
             }
         }
-        cut_window = Some((from, from.elapsed()));
+        from.elapsed()
     });
-    let sent = sent.into_inner().unwrap_or_else(|e| e.into_inner());
     let ok: HashMap<usize, usize> = sent
         .iter()
-        .filter(|s| s.2 == 250)
-        .map(|s| (s.0, s.1))
+        .filter(|s| s.code == 250)
+        .map(|s| (s.n, s.n % USERS))
         .collect();
-    let slowest = sent.iter().map(|s| s.3).max().unwrap_or_default();
-    let slow = sent.iter().filter(|s| s.3 > SLOW).count();
+    let slowest = sent.iter().map(|s| s.took).max().unwrap_or_default();
+    let slow = sent.iter().filter(|s| s.took > SLOW).count();
 
     // Every acknowledged message listed once over POP3, byte for byte.
     let mut tally = Tally::new();
@@ -192,7 +154,6 @@ fn k2_blast_with_a_storage_fault(fault: Fault) {
         .filter(|n| after.get(n).map(Vec::len) < Some(2))
         .count();
 
-    let (_, cut_len) = cut_window.expect("the cut was made");
     let line = format!(
         "cluster k2 {fault:?}: sent {}, acknowledged {}, retrieved {}, lost {lost}, duplicated \
          {duplicated}, corrupt {corrupt}, slowest transaction {} ms, over {} s {slow}, under K before repair \
