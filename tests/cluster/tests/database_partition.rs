@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use powermail_cluster::{message, password, Tally, Topology};
+use powermail_cluster::{deliver, message, password, Tally, Topology, SENDER};
 use powermail_testkit::skip_unless_root;
 use powermail_testkit::{eventually, Pop, Smtp};
 
@@ -72,13 +72,7 @@ fn database_host_partitioned_under_load() {
 
     let send = |n: usize, u: usize, during: bool| -> Sent {
         let t = Instant::now();
-        let code = Smtp::connect(smtp.addr)
-            .and_then(|mut c| {
-                let code = c.send("sender@outside.test", &[&user(u)], &wire(n))?;
-                c.quit();
-                Ok(code)
-            })
-            .unwrap_or(0);
+        let code = deliver(smtp.addr, &user(u), &wire(n));
         (n, u, code, during, t.elapsed())
     };
     // Warm the cache: one message to each of the first WARM mailboxes.
@@ -222,7 +216,7 @@ fn frontends_started_while_the_database_host_is_down_serve_once_it_is_back() {
     let t = Instant::now();
     let during = Smtp::connect(smtp.addr)
         .and_then(|mut c| {
-            let code = c.send("sender@outside.test", &[&user(0)], &wire(0))?;
+            let code = c.send(SENDER, &[&user(0)], &wire(0))?;
             c.quit();
             Ok(code)
         })
@@ -244,13 +238,7 @@ fn frontends_started_while_the_database_host_is_down_serve_once_it_is_back() {
     let healed = Instant::now();
     let mut delivered = 0;
     eventually(WAIT, "delivery after the heal", || {
-        let code = Smtp::connect(smtp.addr)
-            .and_then(|mut c| {
-                let code = c.send("sender@outside.test", &[&user(0)], &wire(1))?;
-                c.quit();
-                Ok(code)
-            })
-            .unwrap_or(0);
+        let code = deliver(smtp.addr, &user(0), &wire(1));
         delivered += usize::from(code == 250);
         code == 250
     });
