@@ -16,7 +16,7 @@ use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use powermail_cluster::{message, password, place, Tally, Topology};
+use powermail_cluster::{message, password, place, Tally, Topology, SENDER};
 use powermail_testkit::{eventually, haproxy, skip_unless_root, Haproxy, HaproxyRoute, Pop, Smtp};
 
 const USERS: usize = 2;
@@ -41,9 +41,7 @@ fn wire(n: usize) -> Vec<u8> {
 /// Sends message `n` to mailbox `n % USERS` through `smtp`; its code.
 fn send(smtp: SocketAddr, n: usize) -> u16 {
     let mut c = Smtp::connect(smtp).expect("SMTP through haproxy");
-    let code = c
-        .send("sender@outside.test", &[&user(n % USERS)], &wire(n))
-        .expect("send");
+    let code = c.send(SENDER, &[&user(n % USERS)], &wire(n)).expect("send");
     c.quit();
     code
 }

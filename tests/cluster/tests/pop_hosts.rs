@@ -14,7 +14,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use powermail_cluster::{message, password, Tally, Topology};
+use powermail_cluster::{message, password, Tally, Topology, SENDER};
 use powermail_testkit::{eventually, skip_unless_root, Frontend, Pop, Smtp};
 
 /// The mailbox the case is about, and one other.
@@ -76,10 +76,7 @@ fn pop_host_lock_spans_hosts_and_a_killed_host_frees_it_within_the_lease() {
     let mut acked = Vec::new();
     let mut c = Smtp::connect(smtp.addr).expect("smtp1");
     for n in 0..MESSAGES {
-        if c.send("sender@outside.test", &[&user(0)], &wire(n))
-            .expect("send")
-            == 250
-        {
+        if c.send(SENDER, &[&user(0)], &wire(n)).expect("send") == 250 {
             acked.push(n);
         }
     }
