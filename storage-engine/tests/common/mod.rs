@@ -27,6 +27,10 @@ pub struct Listener {
     pub dir: tempfile::TempDir,
 }
 
+// restart (returns when ready), kill9, signal, wait_exit and the rest of
+// the daemon's methods.
+powermail_testkit::deref_daemon!(Listener, process);
+
 impl Listener {
     /// Starts `n` backends; `extra` is appended to the TOML (e.g. `[limits]`).
     /// Their durability mode comes from `PM_TEST_DURABILITY` (see [`durability_line`]).
@@ -55,27 +59,6 @@ impl Listener {
             process,
             dir,
         }
-    }
-
-    /// (Re)starts the process; returns when it is ready.
-    pub fn restart(&mut self) {
-        self.process.restart();
-    }
-
-    /// `kill -9`.
-    pub fn kill9(&mut self) {
-        self.process.kill9();
-    }
-
-    /// Sends `signal` (e.g. `libc::SIGTERM`) to the running process.
-    pub fn signal(&self, signal: i32) {
-        self.process.signal(signal);
-    }
-
-    /// Waits at most `timeout` for the process to exit: its status (the
-    /// process is then gone, [`Listener::restart`] may follow), or `None`.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        self.process.wait_exit(timeout)
     }
 
     pub fn pid(&self) -> u32 {

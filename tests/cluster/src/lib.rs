@@ -13,6 +13,20 @@
 //! Everything needs root (`ip netns`, `ip link`); the test kit's
 //! `skip_unless_root` says so. Names are unique per [`Net`] so parallel tests never collide, and
 //! [`Drop`] removes every namespace, link and bridge it made.
+//!
+//! On top of the network: [`Topology`], the one builder of a case's hosts and
+//! daemons (issue #17), and [`Tally`], the one POP3 retrieval loop.
+
+mod blast;
+mod mail;
+mod topology;
+
+pub use blast::{blast, deliver, Progress, Sent, SENDER, SENDERS_MAX};
+
+pub use mail::{
+    id_header, id_of, login_eventually, message, password, Tally, SESSION_MESSAGES_MAX,
+};
+pub use topology::{group, place, BackendEntry, Cluster, Topology, MAILBOXES_MAX, SECRET, TOKEN};
 
 use std::fs::File;
 use std::io;

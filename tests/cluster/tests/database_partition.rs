@@ -19,12 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-mod common;
-
-use common::{id_header, id_of, password, start_frontend, start_storage};
-use powermail_cluster::{Host, Net};
+use powermail_cluster::{deliver, message, password, Tally, Topology, SENDER};
 use powermail_testkit::skip_unless_root;
-use powermail_testkit::{eventually, Kind, Mariadb, Pop, Smtp};
+use powermail_testkit::{eventually, Pop, Smtp};
 
 /// Mailboxes `0..WARM` get mail before the partition (cached); the rest not.
 const USERS: usize = 8;
@@ -46,12 +43,9 @@ fn user(i: usize) -> String {
     format!("d{i}@cluster.test")
 }
 
+/// Message `n` of this case, as sent on the wire.
 fn wire(n: usize) -> Vec<u8> {
-    format!(
-        "{}Subject: db {n}\r\n\r\nbody of {n}\r\n",
-        id_header("db", n)
-    )
-    .into_bytes()
+    message("db", n)
 }
 
 /// One message: (number, user, code, started during the partition, time taken).
@@ -63,43 +57,22 @@ fn database_host_partitioned_under_load() {
         return;
     }
     let _serial = powermail_testkit::serial();
-    let dir = tempfile::Builder::new()
-        .prefix("cluster-db-")
-        .tempdir()
-        .expect("tempdir");
-    let root = dir.path();
-    let mut net = Net::new().expect("bridge");
-    let db_host = net.add_host("db").expect("host");
-    let storage: Vec<Host> = (1..=2)
-        .map(|i| net.add_host(&format!("storage{i}")).expect("host"))
-        .collect();
-    let smtp_host = net.add_host("smtp1").expect("host");
-    let pop_host = net.add_host("pop1").expect("host");
-
-    let db = Mariadb::start_at(&common::place(&db_host), "powermail");
-    let ub = powermail_userbase::open(&db.url()).expect("userbase (migrates)");
-    for i in 0..USERS {
-        ub.add_mailbox(&user(i), &password(i), 0).expect("mailbox");
-    }
-    drop(ub);
-
+    let topology = Topology::new("db")
+        .mailboxes((0..USERS).map(|u| (user(u), password(u))))
+        .database()
+        .storage(2)
+        .smtp(1)
+        .pop(1)
+        .smtp_config("replicas = 2\n")
+        .pop_config("allow_plaintext_auth = true\n");
     // Bound for the whole test: dropping a daemon kills it.
-    let (_listeners, backends) = start_storage(root, &storage);
-    let frontend = |kind: Kind, h: &Host, extra: &str| {
-        start_frontend(root, kind, h, &db.url(), &backends, extra)
-    };
-    let smtp = frontend(Kind::Smtp, &smtp_host, "replicas = 2\n");
-    let pop = frontend(Kind::Pop, &pop_host, "allow_plaintext_auth = true\n");
+    let cluster = topology.start();
+    let (net, db_host) = (&cluster.net, cluster.db_host());
+    let (smtp, pop) = (&cluster.smtp[0], &cluster.pop[0]);
 
     let send = |n: usize, u: usize, during: bool| -> Sent {
         let t = Instant::now();
-        let code = Smtp::connect(smtp.addr)
-            .and_then(|mut c| {
-                let code = c.send("sender@outside.test", &[&user(u)], &wire(n))?;
-                c.quit();
-                Ok(code)
-            })
-            .unwrap_or(0);
+        let code = deliver(smtp.addr, &user(u), &wire(n));
         (n, u, code, during, t.elapsed())
     };
     // Warm the cache: one message to each of the first WARM mailboxes.
@@ -130,12 +103,12 @@ fn database_host_partitioned_under_load() {
             });
         }
         std::thread::sleep(Duration::from_secs(2));
-        net.blackhole(&db_host).expect("blackhole db");
+        net.blackhole(db_host).expect("blackhole db");
         partitioned.store(true, Relaxed);
         cut_made.store(true, Relaxed);
         std::thread::sleep(PARTITION);
         partitioned.store(false, Relaxed);
-        net.heal(&db_host).expect("heal db");
+        net.heal(db_host).expect("heal db");
         // After the heal every mailbox gets mail again (the cold ones too).
         eventually(WAIT, "every mailbox served again after the heal", || {
             let sent = sent.lock().unwrap_or_else(|e| e.into_inner());
@@ -174,40 +147,24 @@ fn database_host_partitioned_under_load() {
         .chain((0..WARM).map(|n| (n, n % USERS)))
         .collect();
 
-    let mut listed: HashMap<usize, usize> = HashMap::new();
-    let mut corrupt = 0;
+    let mut tally = Tally::new();
     for u in 0..USERS {
-        let mut session = None;
-        eventually(WAIT, "POP3 login after the heal", || {
-            session = Pop::login(pop.addr, &user(u), &password(u)).ok();
-            session.is_some()
+        tally.retrieve(pop.addr, &user(u), &password(u), WAIT, "db", |n, raw| {
+            raw.ends_with(&wire(n)) && ok.get(&n).copied() == Some(u)
         });
-        let mut p = session.expect("logged in");
-        let count = p.uidl().expect("UIDL").len();
-        for i in 1..=count {
-            let raw = p.retr(i).expect("RETR");
-            match id_of("db", &raw) {
-                Some(n) => {
-                    *listed.entry(n).or_default() += 1;
-                    let expected = ok.get(&n).copied();
-                    corrupt += usize::from(!raw.ends_with(&wire(n)) || expected != Some(u));
-                }
-                None => corrupt += 1,
-            }
-        }
-        p.quit().expect("QUIT");
     }
-    let lost = ok.keys().filter(|n| !listed.contains_key(n)).count();
-    let duplicated = listed.values().filter(|&&c| c > 1).count();
+    let (corrupt, duplicated) = (tally.corrupt, tally.duplicated());
+    let lost = tally.lost(ok.keys().copied());
     let line = format!(
         "cluster database partition: sent {}, acknowledged {}, during the partition: cached \
          recipients 250 {warm_ok_during}, others 4xx {cold_refused_during}; 5xx or no answer \
-         {permanent}, slowest transaction {} ms, over {} s {slow}, lost {lost}, duplicated \
-         {duplicated}, corrupt {corrupt}",
+         {permanent}, slowest transaction {} ms, over {} s {slow}, retrieved {}, lost {lost}, \
+         duplicated {duplicated}, corrupt {corrupt}",
         sent.len() + WARM,
         ok.len(),
         slowest.as_millis(),
-        SLOW.as_secs()
+        SLOW.as_secs(),
+        tally.retrieved()
     );
     let _ = writeln!(std::io::stderr(), "{line}");
     assert_eq!((permanent, slow), (0, 0), "{line}");
@@ -236,38 +193,30 @@ fn frontends_started_while_the_database_host_is_down_serve_once_it_is_back() {
         return;
     }
     let _serial = powermail_testkit::serial();
-    let dir = tempfile::Builder::new()
-        .prefix("cluster-dbstart-")
-        .tempdir()
-        .expect("tempdir");
-    let root = dir.path();
-    let mut net = Net::new().expect("bridge");
-    let db_host = net.add_host("db").expect("host");
-    let storage: Vec<Host> = (1..=2)
-        .map(|i| net.add_host(&format!("storage{i}")).expect("host"))
-        .collect();
-    let smtp_host = net.add_host("smtp1").expect("host");
-    let pop_host = net.add_host("pop1").expect("host");
-    let db = Mariadb::start_at(&common::place(&db_host), "powermail");
-    let ub = powermail_userbase::open(&db.url()).expect("userbase (migrates)");
-    ub.add_mailbox(&user(0), &password(0), 0).expect("mailbox");
-    drop(ub);
-    let (_listeners, backends) = start_storage(root, &storage);
+    let mut cluster = Topology::new("dbstart")
+        .database()
+        .storage(2)
+        .smtp(1)
+        .pop(1)
+        .mailbox(&user(0), &password(0))
+        .smtp_config("replicas = 2\n")
+        .pop_config("allow_plaintext_auth = true\n")
+        .start_storage();
 
     // The database host goes silent before the frontends start.
-    net.blackhole(&db_host).expect("blackhole db");
+    cluster
+        .net
+        .blackhole(cluster.db_host())
+        .expect("blackhole db");
     let started = Instant::now();
-    let frontend = |kind: Kind, h: &Host, extra: &str| {
-        start_frontend(root, kind, h, &db.url(), &backends, extra)
-    };
-    let smtp = frontend(Kind::Smtp, &smtp_host, "replicas = 2\n");
-    let pop = frontend(Kind::Pop, &pop_host, "allow_plaintext_auth = true\n");
+    cluster.start_frontends();
+    let (smtp, pop) = (&cluster.smtp[0], &cluster.pop[0]);
     let ready_after = started.elapsed();
 
     let t = Instant::now();
     let during = Smtp::connect(smtp.addr)
         .and_then(|mut c| {
-            let code = c.send("sender@outside.test", &[&user(0)], &wire(0))?;
+            let code = c.send(SENDER, &[&user(0)], &wire(0))?;
             c.quit();
             Ok(code)
         })
@@ -285,17 +234,11 @@ fn frontends_started_while_the_database_host_is_down_serve_once_it_is_back() {
     let pop_answer = t.elapsed();
     assert!(login.contains("[SYS/TEMP]"), "login while down: {login}");
 
-    net.heal(&db_host).expect("heal db");
+    cluster.net.heal(cluster.db_host()).expect("heal db");
     let healed = Instant::now();
     let mut delivered = 0;
     eventually(WAIT, "delivery after the heal", || {
-        let code = Smtp::connect(smtp.addr)
-            .and_then(|mut c| {
-                let code = c.send("sender@outside.test", &[&user(0)], &wire(1))?;
-                c.quit();
-                Ok(code)
-            })
-            .unwrap_or(0);
+        let code = deliver(smtp.addr, &user(0), &wire(1));
         delivered += usize::from(code == 250);
         code == 250
     });

@@ -21,18 +21,12 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-mod common;
-
-use common::{id_header, id_of, start_frontend, start_storage, SECRET, TOKEN};
-use powermail_cluster::{Host, Net};
-use powermail_proto::{BackendConn, MailboxName};
+use powermail_cluster::{blast, id_header, Tally, Topology, TOKEN};
 use powermail_testkit::skip_unless_root;
-use powermail_testkit::{admin, free_port, DelayProxy, Delays, Frontend, Kind, Pop, Smtp};
+use powermail_testkit::{admin, free_port, DelayProxy, Delays, Pop};
 
 const USERS: usize = 4;
 const SENDERS: usize = 8;
@@ -71,103 +65,45 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(600);
-    let dir = tempfile::Builder::new()
-        .prefix("cluster-delay-")
-        .tempdir()
-        .expect("tempdir");
-    let root = dir.path();
-    let mut net = Net::new().expect("bridge");
-    let storage: Vec<Host> = (1..=3)
-        .map(|i| net.add_host(&format!("storage{i}")).expect("host"))
-        .collect();
-    let smtp_hosts: Vec<Host> = (1..=2)
-        .map(|i| net.add_host(&format!("smtp{i}")).expect("host"))
-        .collect();
-    let pop_host = net.add_host("pop1").expect("host");
-
-    let url = format!("sqlite://{}", root.join("userbase.db").display());
-    let ub = powermail_userbase::open(&url).expect("userbase");
-    for i in 0..USERS {
-        ub.add_mailbox(&user(i), "pw", 0).expect("mailbox");
-    }
-    drop(ub);
-
-    let (listeners, direct) = start_storage(root, &storage);
+    let mut cluster = Topology::k2("delay")
+        .mailboxes((0..USERS).map(|i| (user(i), "pw".to_string())))
+        .start_storage();
     // storage1 is reached through the proxy, on this machine's address on the
     // cluster network: every frontend's path to it has the delay.
-    let listener = TcpListener::bind((net.client_addr(), free_port())).expect("proxy port");
-    let proxy = DelayProxy::start(listener, direct[0].1, Delays::both(ONE_WAY)).expect("proxy");
-    let mut backends = direct.clone();
-    backends[0].1 = proxy.addr;
-    let smtps: Vec<Frontend> = smtp_hosts
-        .iter()
-        .map(|h| start_frontend(root, Kind::Smtp, h, &url, &backends, "replicas = 2\n"))
-        .collect();
-    let smtp_addrs: Vec<SocketAddr> = smtps.iter().map(|s| s.addr).collect();
-    // The test's clients are on the cluster network, not loopback: no TLS here.
-    let pop = start_frontend(
-        root,
-        Kind::Pop,
-        &pop_host,
-        &url,
-        &backends,
-        "allow_plaintext_auth = true\n",
-    );
+    let listener = TcpListener::bind((cluster.net.client_addr(), free_port())).expect("proxy port");
+    let proxy =
+        DelayProxy::start(listener, cluster.backends[0].1, Delays::both(ONE_WAY)).expect("proxy");
+    cluster.backends[0].1 = proxy.addr;
+    cluster.start_frontends();
+    let smtp_addrs = cluster.smtp_addrs();
+    let (smtps, pop, listeners) = (&cluster.smtp, &cluster.pop[0], &cluster.storage);
 
-    let next = AtomicUsize::new(0);
-    let sent: Mutex<Vec<(usize, u16, Duration)>> = Mutex::new(Vec::new());
-    let blast = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..SENDERS {
-            s.spawn(|| loop {
-                let n = next.fetch_add(1, Relaxed);
-                if n >= messages {
-                    return;
-                }
-                let t = Instant::now();
-                let code = Smtp::connect(smtp_addrs[n % smtp_addrs.len()])
-                    .and_then(|mut c| {
-                        let code = c.send("sender@outside.test", &[&user(n % USERS)], &wire(n))?;
-                        c.quit();
-                        Ok(code)
-                    })
-                    .unwrap_or(0);
-                sent.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((n, code, t.elapsed()));
-            });
-        }
-    });
-    let elapsed = blast.elapsed();
-    let sent = sent.into_inner().unwrap_or_else(|e| e.into_inner());
-    let acked: Vec<usize> = sent.iter().filter(|s| s.1 == 250).map(|s| s.0).collect();
+    let blast_started = Instant::now();
+    let mail = |n: usize| (user(n % USERS), wire(n));
+    let (sent, ()) = blast(&smtp_addrs, SENDERS, messages, mail, |_| ());
+    let elapsed = blast_started.elapsed();
+    let acked: Vec<usize> = sent.iter().filter(|s| s.code == 250).map(|s| s.n).collect();
     let mut codes: HashMap<u16, usize> = HashMap::new();
     for s in &sent {
-        *codes.entry(s.1).or_default() += 1;
+        *codes.entry(s.code).or_default() += 1;
     }
-    let mut times: Vec<Duration> = sent.iter().map(|s| s.2).collect();
+    let mut times: Vec<Duration> = sent.iter().map(|s| s.took).collect();
     times.sort();
 
     // What the frontends think of the backends now.
     // Every acknowledged message once over POP3, byte for byte.
     let pop_started = Instant::now();
-    let mut retrieved: HashMap<usize, usize> = HashMap::new();
-    let mut corrupt = 0;
+    let mut tally = Tally::new();
     for u in 0..USERS {
         let mut p = Pop::login(pop.addr, &user(u), "pw").expect("POP3 login");
-        let count = p.uidl().expect("UIDL").len();
-        for i in 1..=count {
-            let raw = p.retr(i).expect("RETR");
-            match id_of("dl", &raw) {
-                Some(n) => {
-                    *retrieved.entry(n).or_default() += 1;
-                    corrupt += usize::from(!raw.ends_with(&wire(n)) || n % USERS != u);
-                }
-                None => corrupt += 1,
-            }
-        }
+        tally
+            .drain(&mut p, "dl", |n, raw| {
+                raw.ends_with(&wire(n)) && n % USERS == u
+            })
+            .expect("UIDL and RETR");
         p.quit().expect("QUIT");
     }
+    let corrupt = tally.corrupt;
     let pop_time = pop_started.elapsed();
     // GETs each pplistener served (nothing else GETs until the count below).
     let gets: Vec<u64> = listeners
@@ -182,11 +118,11 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
         .collect();
     let not_once = acked
         .iter()
-        .filter(|n| retrieved.get(n) != Some(&1))
+        .filter(|n| tally.listed.get(n) != Some(&1))
         .count();
 
     let mut views = Vec::new();
-    for f in smtps.iter().chain([&pop]) {
+    for f in smtps.iter().chain([pop]) {
         let stats =
             admin::get_json(&f.admin.to_string(), Some(TOKEN), "/stats").expect("admin /stats");
         for b in stats["backends"].as_array().cloned().unwrap_or_default() {
@@ -201,7 +137,7 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
     }
     let marked_down: Vec<String> = smtps
         .iter()
-        .chain([&pop])
+        .chain([pop])
         .flat_map(|f| {
             f.daemon
                 .log_text()
@@ -213,21 +149,11 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
         .collect();
 
     // Copies per message and per backend, straight from the pplisteners.
-    let mut copies: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mailboxes: Vec<String> = (0..USERS).map(user).collect();
+    let copies = cluster.copies("dl", &mailboxes, WAIT);
     let mut per_backend = [0usize; 3];
-    for (b, l) in listeners.iter().enumerate() {
-        let mut conn =
-            BackendConn::connect(l.backends[0], SECRET.as_bytes(), WAIT).expect("backend");
-        for u in 0..USERS {
-            let mb = MailboxName::parse(&user(u)).expect("mailbox");
-            for e in conn.list(&mb, 1_000_000).expect("LIST") {
-                let body = conn.get(&mb, &e.msgid).expect("GET");
-                if let Some(n) = id_of("dl", &body) {
-                    copies.entry(n).or_default().push(b);
-                    per_backend[b] += 1;
-                }
-            }
-        }
+    for &b in copies.values().flatten() {
+        per_backend[b] += 1;
     }
     let not_k = acked
         .iter()
@@ -242,13 +168,16 @@ fn k2_blast_with_100ms_added_on_one_storage_path() {
     let share = |b: usize| 100.0 * per_backend[b] as f64 / total.max(1) as f64;
     let line = format!(
         "cluster delay {} ms each way on storage1: sent {}, acknowledged {}, codes {codes:?}, \
-         not at K {not_k}, not retrieved once {not_once}, corrupt {corrupt}, POP3 {} ms for \
-         all, GETs served {gets:?}, {:.0} msg/s, p50 {} ms, p99 {} ms, slowest {} ms; copies \
+         not at K {not_k}, retrieved {}, not retrieved once {not_once}, lost {}, duplicated \
+         {}, corrupt {corrupt}, POP3 {} ms for all, GETs served {gets:?}, {:.0} msg/s, p50 {} ms, p99 {} ms, slowest {} ms; copies \
          storage1 {} ({:.1}%), storage2 {} ({:.1}%), storage3 {} ({:.1}%); proxy {} \
          connections; machine shared; frontends see: {}",
         ONE_WAY.as_millis(),
         sent.len(),
         acked.len(),
+        tally.retrieved(),
+        tally.lost(acked.iter().copied()),
+        tally.duplicated(),
         pop_time.as_millis(),
         acked.len() as f64 / elapsed.as_secs_f64(),
         quantile(&times, 0.5).as_millis(),

@@ -5,7 +5,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use powermail_cluster::Net;
+use powermail_cluster::{Net, Topology};
 use powermail_testkit::skip_unless_root;
 
 const PORT: u16 = 4000;
@@ -119,4 +119,48 @@ fn commands_run_inside_their_host() {
         .filter(|l| l.contains(" inet ") && !l.contains("127.0.0.1"))
         .count();
     assert_eq!(others, 1, "sees only its own address: {text}");
+}
+
+/// The builder adds hosts in one order whatever order it was told (`db`,
+/// storage, SMTP, POP, the others), writes the mailboxes before any daemon
+/// starts, starts no frontend before `start_frontends`, and removes its
+/// directory when dropped.
+#[test]
+fn a_topology_adds_its_hosts_in_one_order_with_its_mailboxes() {
+    if skip_unless_root("cluster topology", "ip netns, ip link") {
+        return;
+    }
+    let cluster = Topology::new("order")
+        .host("client2")
+        .pop(1)
+        .smtp(2)
+        .mailbox("a@cluster.test", "pw-a")
+        .mailboxes([("b@cluster.test".to_string(), "pw-b".to_string())])
+        .start_storage();
+    let names: Vec<&str> = cluster
+        .net
+        .hosts()
+        .iter()
+        .map(|h| h.name.as_str())
+        .collect();
+    assert_eq!(names, ["smtp1", "smtp2", "pop1", "client2"]);
+    assert_eq!(cluster.host("client2").addr, cluster.net.hosts()[3].addr);
+    assert!(cluster.db_host.is_none() && cluster.db.is_none());
+    assert!(cluster.storage.is_empty() && cluster.backends.is_empty());
+    assert!(cluster.smtp.is_empty() && cluster.pop.is_empty());
+    assert!(cluster.url.starts_with("sqlite://"), "{}", cluster.url);
+    let ub = powermail_userbase::open(&cluster.url).expect("userbase");
+    let mut mailboxes: Vec<String> = ub
+        .list_mailboxes()
+        .expect("list")
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    mailboxes.sort();
+    assert_eq!(mailboxes, ["a@cluster.test", "b@cluster.test"]);
+    drop(ub);
+    let root = cluster.root().to_path_buf();
+    assert!(root.exists());
+    drop(cluster);
+    assert!(!root.exists(), "the case's directory outlived it");
 }

@@ -11,15 +11,11 @@
 //! Hosts: `db`, `storage1`, `storage2`, `smtp1` (K=2), `pop1`, `pop2`; the
 //! clients on this machine (the bridge).
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-mod common;
-
-use common::{id_header, id_of, password, place, start_frontend, start_storage};
-use powermail_cluster::{Host, Net};
-use powermail_testkit::{eventually, skip_unless_root, Frontend, Kind, Mariadb, Pop, Smtp};
+use powermail_cluster::{message, password, Tally, Topology, SENDER};
+use powermail_testkit::{eventually, skip_unless_root, Frontend, Pop, Smtp};
 
 /// The mailbox the case is about, and one other.
 const USERS: usize = 2;
@@ -36,12 +32,9 @@ fn user(i: usize) -> String {
     format!("p{i}@cluster.test")
 }
 
+/// Message `n` of this case, as sent on the wire.
 fn wire(n: usize) -> Vec<u8> {
-    format!(
-        "{}Subject: pop {n}\r\n\r\nbody of {n}\r\n",
-        id_header("pop", n)
-    )
-    .into_bytes()
+    message("pop", n)
 }
 
 /// The error of a login of mailbox `u` at `pop`, or "+OK" (then QUIT).
@@ -65,51 +58,25 @@ fn pop_host_lock_spans_hosts_and_a_killed_host_frees_it_within_the_lease() {
         return;
     }
     let _serial = powermail_testkit::serial();
-    let dir = tempfile::Builder::new()
-        .prefix("cluster-pop-")
-        .tempdir()
-        .expect("tempdir");
-    let root = dir.path();
-    let mut net = Net::new().expect("bridge");
-    let db_host = net.add_host("db").expect("host");
-    let storage: Vec<Host> = (1..=2)
-        .map(|i| net.add_host(&format!("storage{i}")).expect("host"))
-        .collect();
-    let smtp_host = net.add_host("smtp1").expect("host");
-    let pop_hosts: Vec<Host> = (1..=2)
-        .map(|i| net.add_host(&format!("pop{i}")).expect("host"))
-        .collect();
-
-    let db = Mariadb::start_at(&place(&db_host), "powermail");
-    let url = db.url();
-    let ub = powermail_userbase::open(&url).expect("userbase (migrates)");
-    for u in 0..USERS {
-        ub.add_mailbox(&user(u), &password(u), 0).expect("mailbox");
-    }
-    drop(ub);
-    let (_listeners, backends) = start_storage(root, &storage);
-    let smtp = start_frontend(
-        root,
-        Kind::Smtp,
-        &smtp_host,
-        &url,
-        &backends,
-        "replicas = 2\n",
-    );
-    let pop_extra = format!("allow_plaintext_auth = true\nlock_lease_ms = {LEASE_MS}\n");
-    let pops: Vec<Frontend> = pop_hosts
-        .iter()
-        .map(|h| start_frontend(root, Kind::Pop, h, &url, &backends, &pop_extra))
-        .collect();
-    let (pop1, pop2) = (&pops[0], &pops[1]);
+    let topology = Topology::new("pop")
+        .mailboxes((0..USERS).map(|u| (user(u), password(u))))
+        .database()
+        .storage(2)
+        .smtp(1)
+        .pop(2)
+        .smtp_config("replicas = 2\n")
+        .pop_config(&format!(
+            "allow_plaintext_auth = true\nlock_lease_ms = {LEASE_MS}\n"
+        ));
+    let cluster = topology.start();
+    let (net, pop_hosts) = (&cluster.net, &cluster.pop_hosts);
+    let smtp = &cluster.smtp[0];
+    let (pop1, pop2) = (&cluster.pop[0], &cluster.pop[1]);
 
     let mut acked = Vec::new();
     let mut c = Smtp::connect(smtp.addr).expect("smtp1");
     for n in 0..MESSAGES {
-        if c.send("sender@outside.test", &[&user(0)], &wire(n))
-            .expect("send")
-            == 250
-        {
+        if c.send(SENDER, &[&user(0)], &wire(n)).expect("send") == 250 {
             acked.push(n);
         }
     }
@@ -158,28 +125,19 @@ fn pop_host_lock_spans_hosts_and_a_killed_host_frees_it_within_the_lease() {
     let mut on_2 = on_2.unwrap_or_else(|| panic!("pop2 never got the mailbox"));
 
     // Every message still there, once, byte for byte.
-    let count = on_2.uidl().expect("UIDL").len();
-    let mut listed: HashMap<usize, usize> = HashMap::new();
-    let mut corrupt = 0;
-    for i in 1..=count {
-        let raw = on_2.retr(i).expect("RETR");
-        match id_of("pop", &raw) {
-            Some(n) => {
-                *listed.entry(n).or_default() += 1;
-                corrupt += usize::from(!raw.ends_with(&wire(n)));
-            }
-            None => corrupt += 1,
-        }
-    }
+    let mut tally = Tally::new();
+    tally
+        .drain(&mut on_2, "pop", |n, raw| raw.ends_with(&wire(n)))
+        .expect("UIDL and RETR");
     assert!(on_2.quit().expect("QUIT").starts_with("+OK"));
-    let lost = acked.iter().filter(|n| !listed.contains_key(n)).count();
-    let duplicated = listed.values().filter(|&&c| c > 1).count();
+    let lost = tally.lost(acked.iter().copied());
+    let (duplicated, corrupt) = (tally.duplicated(), tally.corrupt);
     let line = format!(
         "cluster pop host killed: sent {MESSAGES}, acknowledged {}, retrieved {}, lost {lost}, \
          duplicated {duplicated}, corrupt {corrupt}; {killed} processes killed on pop1, mailbox \
          free on pop2 after {} ms (lease {LEASE_MS} ms)",
         acked.len(),
-        listed.values().sum::<usize>(),
+        tally.retrieved(),
         freed_after.as_millis()
     );
     report(&line);

@@ -15,18 +15,11 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-mod common;
-
-use common::{id_header, id_of, password, start_frontend, start_storage, SECRET};
-use powermail_cluster::{Host, Net};
-use powermail_proto::{BackendConn, MailboxName};
+use powermail_cluster::{blast, id_header, password, Tally, Topology, SECRET};
+use powermail_testkit::eventually;
 use powermail_testkit::skip_unless_root;
-use powermail_testkit::{eventually, Frontend, Kind, Pop, Smtp};
 
 const USERS: usize = 6;
 const SENDERS: usize = 6;
@@ -57,22 +50,6 @@ fn wire(n: usize) -> Vec<u8> {
     m.into_bytes()
 }
 
-/// One sent message: (number, user, final code, how long its transaction took).
-type Sent = (usize, usize, u16, Duration);
-
-fn send_one(smtp: SocketAddr, n: usize) -> Sent {
-    let u = n % USERS;
-    let t = Instant::now();
-    let code = Smtp::connect(smtp)
-        .and_then(|mut c| {
-            let code = c.send("sender@outside.test", &[&user(u)], &wire(n))?;
-            c.quit();
-            Ok(code)
-        })
-        .unwrap_or(0);
-    (n, u, code, t.elapsed())
-}
-
 /// What happens to `storage1` in the middle of the blast.
 #[derive(Clone, Copy, Debug)]
 enum Fault {
@@ -92,179 +69,98 @@ fn k2_blast_with_one_storage_host_killed_and_restarted() {
     k2_blast_with_a_storage_fault(Fault::Kill9);
 }
 
-/// One topology at a time: the cases share the machine.
-static SERIAL: Mutex<()> = Mutex::new(());
-
 fn k2_blast_with_a_storage_fault(fault: Fault) {
     if skip_unless_root(&format!("cluster k2 {fault:?}"), "ip netns, ip link") {
         return;
     }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // One topology at a time: the cases share the machine.
+    let _serial = powermail_testkit::serial();
     let messages = env_or("PM_CLUSTER_MESSAGES", 1200) as usize;
     let cut = Duration::from_millis(env_or("PM_CLUSTER_FAULT_MS", 6000));
-    let dir = tempfile::Builder::new()
-        .prefix("cluster-")
-        .tempdir()
-        .expect("tempdir");
-    let root = dir.path();
-    let mut net = Net::new().expect("bridge");
-    let storage: Vec<Host> = (1..=3)
-        .map(|i| net.add_host(&format!("storage{i}")).expect("host"))
-        .collect();
-    let smtp_hosts: Vec<Host> = (1..=2)
-        .map(|i| net.add_host(&format!("smtp{i}")).expect("host"))
-        .collect();
-    let pop_host = net.add_host("pop1").expect("host");
-
-    let url = format!("sqlite://{}", root.join("userbase.db").display());
-    let ub = powermail_userbase::open(&url).expect("userbase");
-    for i in 0..USERS {
-        ub.add_mailbox(&user(i), &password(i), 0).expect("mailbox");
-    }
-    drop(ub);
-
-    let (mut listeners, backends) = start_storage(root, &storage);
-    let frontend =
-        |kind: Kind, h: &Host, extra: &str| start_frontend(root, kind, h, &url, &backends, extra);
-    let smtps: Vec<Frontend> = smtp_hosts
-        .iter()
-        .map(|h| frontend(Kind::Smtp, h, "replicas = 2\n"))
-        .collect();
-    // The test's clients are on the cluster network, not loopback: no TLS here.
-    let pop = frontend(Kind::Pop, &pop_host, "allow_plaintext_auth = true\n");
+    let mut cluster = Topology::k2("k2")
+        .mailboxes((0..USERS).map(|i| (user(i), password(i))))
+        .start();
+    let root = cluster.root().to_path_buf();
+    let pop = cluster.pop[0].addr;
+    let backends = cluster.backends.clone();
 
     // The blast, from this machine, alternating the SMTP hosts.
-    let next = AtomicUsize::new(0);
-    let acked = AtomicUsize::new(0);
-    let sent: Mutex<Vec<Sent>> = Mutex::new(Vec::new());
-    let smtp_addrs: Vec<SocketAddr> = smtps.iter().map(|s| s.addr).collect();
-    let mut cut_window = None;
-    std::thread::scope(|s| {
-        for _ in 0..SENDERS {
-            s.spawn(|| loop {
-                let n = next.fetch_add(1, Relaxed);
-                if n >= messages {
-                    return;
-                }
-                let one = send_one(smtp_addrs[n % smtp_addrs.len()], n);
-                if one.2 == 250 {
-                    acked.fetch_add(1, Relaxed);
-                }
-                sent.lock().unwrap_or_else(|e| e.into_inner()).push(one);
-            });
-        }
+    let smtp_addrs = cluster.smtp_addrs();
+    let mail = |n: usize| (user(n % USERS), wire(n));
+    let (sent, cut_len) = blast(&smtp_addrs, SENDERS, messages, mail, |progress| {
         eventually(WAIT, "a quarter acknowledged before the cut", || {
-            acked.load(Relaxed) >= messages / 4
+            progress.acked() >= messages / 4
         });
         let from = Instant::now();
         match fault {
             Fault::Blackhole => {
-                net.blackhole(&storage[0]).expect("blackhole storage1");
+                let storage1 = &cluster.storage_hosts[0];
+                cluster.net.blackhole(storage1).expect("blackhole storage1");
                 std::thread::sleep(cut);
-                net.heal(&storage[0]).expect("heal storage1");
+                cluster.net.heal(storage1).expect("heal storage1");
             }
             Fault::Kill9 => {
-                listeners[0].kill9();
+                cluster.storage[0].kill9();
                 std::thread::sleep(cut);
-                listeners[0].restart();
+                cluster.storage[0].restart();
             }
         }
-        cut_window = Some((from, from.elapsed()));
+        from.elapsed()
     });
-    let sent = sent.into_inner().unwrap_or_else(|e| e.into_inner());
     let ok: HashMap<usize, usize> = sent
         .iter()
-        .filter(|s| s.2 == 250)
-        .map(|s| (s.0, s.1))
+        .filter(|s| s.code == 250)
+        .map(|s| (s.n, s.n % USERS))
         .collect();
-    let slowest = sent.iter().map(|s| s.3).max().unwrap_or_default();
-    let slow = sent.iter().filter(|s| s.3 > SLOW).count();
+    let slowest = sent.iter().map(|s| s.took).max().unwrap_or_default();
+    let slow = sent.iter().filter(|s| s.took > SLOW).count();
 
     // Every acknowledged message listed once over POP3, byte for byte.
-    let mut listed: HashMap<usize, usize> = HashMap::new();
-    let mut corrupt = 0;
+    let mut tally = Tally::new();
     for u in 0..USERS {
-        let mut session = None;
-        let mut last = String::new();
-        eventually(WAIT, "POP3 login", || {
-            match Pop::login(pop.addr, &user(u), &password(u)) {
-                Ok(p) => session = Some(p),
-                Err(e) => {
-                    if e.to_string() != last {
-                        eprintln!("POP3 login of {}: {e}", user(u));
-                        last = e.to_string();
-                    }
-                }
-            }
-            session.is_some()
+        tally.retrieve(pop, &user(u), &password(u), WAIT, "cl", |n, raw| {
+            raw.ends_with(&wire(n)) && n % USERS == u
         });
-        let mut p = session.expect("logged in");
-        let count = p.uidl().expect("UIDL").len();
-        for i in 1..=count {
-            let raw = p.retr(i).expect("RETR");
-            match id_of("cl", &raw) {
-                Some(n) => {
-                    *listed.entry(n).or_default() += 1;
-                    corrupt += usize::from(!raw.ends_with(&wire(n)) || n % USERS != u);
-                }
-                None => corrupt += 1,
-            }
-        }
-        p.quit().expect("QUIT");
     }
-    let lost = ok.keys().filter(|n| !listed.contains_key(n)).count();
-    let duplicated = listed.values().filter(|&&c| c > 1).count();
+    let corrupt = tally.corrupt;
+    let lost = tally.lost(ok.keys().copied());
+    let duplicated = tally.duplicated();
 
     // Copies per acknowledged message, before and after ppadmin repair.
-    let copies = || {
-        let mut c: HashMap<usize, usize> = HashMap::new();
-        for l in &listeners {
-            let mut conn =
-                BackendConn::connect(l.backends[0], SECRET.as_bytes(), WAIT).expect("backend");
-            for u in 0..USERS {
-                let mb = MailboxName::parse(&user(u)).expect("mailbox");
-                for e in conn.list(&mb, 1_000_000).expect("LIST") {
-                    let body = conn.get(&mb, &e.msgid).expect("GET");
-                    if let Some(n) = id_of("cl", &body) {
-                        *c.entry(n).or_default() += 1;
-                    }
-                }
-            }
-        }
-        c
-    };
+    let mailboxes: Vec<String> = (0..USERS).map(user).collect();
+    let copies = || cluster.copies("cl", &mailboxes, WAIT);
     let before = copies();
     let short_before = ok
         .keys()
-        .filter(|n| before.get(n).copied() < Some(2))
+        .filter(|n| before.get(n).map(Vec::len) < Some(2))
         .count();
-    let cluster = root.join("cluster.toml");
+    let cluster_file = root.join("cluster.toml");
     let mut text = format!("replicas = 2\nsecret = \"{SECRET}\"\n");
     for (name, addr, _) in &backends {
         text.push_str(&format!(
             "[[backend]]\nname = \"{name}\"\naddr = \"{addr}\"\n"
         ));
     }
-    std::fs::write(&cluster, text).expect("cluster file");
+    std::fs::write(&cluster_file, text).expect("cluster file");
     let repair = std::process::Command::new(powermail_testkit::bin("ppadmin"))
         .arg("--cluster")
-        .arg(&cluster)
+        .arg(&cluster_file)
         .arg("repair")
         .output()
         .expect("ppadmin repair");
     let after = copies();
     let short_after = ok
         .keys()
-        .filter(|n| after.get(n).copied() < Some(2))
+        .filter(|n| after.get(n).map(Vec::len) < Some(2))
         .count();
 
-    let (_, cut_len) = cut_window.expect("the cut was made");
     let line = format!(
-        "cluster k2 {fault:?}: sent {}, acknowledged {}, lost {lost}, duplicated {duplicated}, \
-         corrupt {corrupt}, slowest transaction {} ms, over {} s {slow}, under K before repair \
+        "cluster k2 {fault:?}: sent {}, acknowledged {}, retrieved {}, lost {lost}, duplicated \
+         {duplicated}, corrupt {corrupt}, slowest transaction {} ms, over {} s {slow}, under K before repair \
          {short_before}, after repair {short_after}, storage1 out for {} ms",
         sent.len(),
         ok.len(),
+        tally.retrieved(),
         slowest.as_millis(),
         SLOW.as_secs(),
         cut_len.as_millis()

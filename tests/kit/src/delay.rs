@@ -13,6 +13,12 @@
 //! network namespace of the thread that called [`DelayProxy::start`].
 //! Dropping the proxy stops accepting and ends every relay within
 //! [`POLL`] plus the delay.
+//!
+//! [`DelayProxy::blackhole`] makes the path silent, as a partition does: from
+//! then on every byte read is discarded in both directions and nothing is
+//! closed towards either side (no RST, no FIN); a connection accepted during
+//! the silence never reaches `upstream` (as a lost SYN would not) but is kept
+//! open. [`DelayProxy::heal`] forwards again (what was discarded stays lost).
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -69,6 +75,7 @@ pub struct DelayProxy {
     /// Where it forwards to.
     pub upstream: SocketAddr,
     stop: Arc<AtomicBool>,
+    silent: Arc<AtomicBool>,
     counters: Arc<Counters>,
     acceptor: Option<JoinHandle<()>>,
 }
@@ -84,20 +91,37 @@ impl DelayProxy {
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let silent = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let acceptor = {
-            let (stop, counters) = (stop.clone(), counters.clone());
+            let flags = Flags {
+                stop: stop.clone(),
+                silent: silent.clone(),
+            };
+            let counters = counters.clone();
             thread::Builder::new()
                 .name(format!("delay-proxy-{}", addr.port()))
-                .spawn(move || accept_loop(&listener, upstream, delays, &stop, &counters))?
+                .spawn(move || accept_loop(&listener, upstream, delays, &flags, &counters))?
         };
         Ok(DelayProxy {
             addr,
             upstream,
             stop,
+            silent,
             counters,
             acceptor: Some(acceptor),
         })
+    }
+
+    /// The path goes silent: everything is discarded, nothing closed (see
+    /// the module documentation).
+    pub fn blackhole(&self) {
+        self.silent.store(true, Relaxed);
+    }
+
+    /// Ends a [`DelayProxy::blackhole`]: bytes read from now on are forwarded.
+    pub fn heal(&self) {
+        self.silent.store(false, Relaxed);
     }
 
     /// Connections accepted so far.
@@ -130,14 +154,23 @@ impl Drop for DelayProxy {
     }
 }
 
+/// The switches every thread of one proxy watches.
+#[derive(Debug, Clone)]
+struct Flags {
+    /// The proxy is dropped: every thread ends.
+    stop: Arc<AtomicBool>,
+    /// [`DelayProxy::blackhole`]: discard, close nothing.
+    silent: Arc<AtomicBool>,
+}
+
 fn accept_loop(
     listener: &TcpListener,
     upstream: SocketAddr,
     delays: Delays,
-    stop: &Arc<AtomicBool>,
+    flags: &Flags,
     counters: &Arc<Counters>,
 ) {
-    while !stop.load(Relaxed) {
+    while !flags.stop.load(Relaxed) {
         let client = match listener.accept() {
             Ok((client, _)) => client,
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -155,11 +188,11 @@ fn accept_loop(
             continue;
         }
         counters.open.fetch_add(1, Relaxed);
-        let (stop_c, counters_c) = (stop.clone(), counters.clone());
+        let (flags_c, counters_c) = (flags.clone(), counters.clone());
         let spawned = thread::Builder::new()
             .name("delay-proxy-conn".into())
             .spawn(move || {
-                relay(client, upstream, delays, &stop_c, &counters_c);
+                relay(client, upstream, delays, &flags_c, &counters_c);
                 counters_c.open.fetch_sub(1, Relaxed);
             });
         if spawned.is_err() {
@@ -171,14 +204,20 @@ fn accept_loop(
 }
 
 /// One connection: connects upstream, then pumps both directions until both
-/// are closed.
+/// are closed. During a silence it never connects: it holds the client open,
+/// reading and discarding, until the client closes or the proxy stops.
 fn relay(
     client: TcpStream,
     upstream: SocketAddr,
     delays: Delays,
-    stop: &Arc<AtomicBool>,
+    flags: &Flags,
     counters: &Arc<Counters>,
 ) {
+    if flags.silent.load(Relaxed) {
+        discard(client, &flags.stop);
+        return;
+    }
+    let stop = &flags.stop;
     let server = match TcpStream::connect_timeout(&upstream, CONNECT_TIMEOUT) {
         Ok(s) => s,
         Err(_) => {
@@ -198,15 +237,36 @@ fn relay(
             break;
         };
         let (tx, rx) = sync_channel::<Chunk>(CHUNKS_MAX);
-        let (stop_r, stop_w, c) = (stop.clone(), stop.clone(), counters.clone());
+        let (stop_r, flags_w, c) = (stop.clone(), flags.clone(), counters.clone());
         threads.push(thread::spawn(move || read_side(from, delay, &tx, &stop_r)));
-        threads.push(thread::spawn(move || write_side(to, &rx, &stop_w, &c)));
+        threads.push(thread::spawn(move || write_side(to, &rx, &flags_w, &c)));
     }
     for t in threads {
         let _ = t.join();
     }
     let _ = client.shutdown(Shutdown::Both);
     let _ = server.shutdown(Shutdown::Both);
+}
+
+/// Reads and drops what `from` sends until it closes or `stop` is set.
+fn discard(mut from: TcpStream, stop: &AtomicBool) {
+    if from.set_read_timeout(Some(POLL)).is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if stop.load(Relaxed) {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// A chunk and when it may be written; empty data is the end of the stream.
@@ -237,12 +297,12 @@ fn read_side(mut from: TcpStream, delay: Duration, tx: &SyncSender<Chunk>, stop:
     }
 }
 
-fn write_side(mut to: TcpStream, rx: &Receiver<Chunk>, stop: &AtomicBool, counters: &Counters) {
+fn write_side(mut to: TcpStream, rx: &Receiver<Chunk>, flags: &Flags, counters: &Counters) {
     loop {
         let (due, data) = match rx.recv_timeout(POLL) {
             Ok(chunk) => chunk,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if stop.load(Relaxed) {
+                if flags.stop.load(Relaxed) {
                     let _ = to.shutdown(Shutdown::Both);
                     return;
                 }
@@ -253,6 +313,11 @@ fn write_side(mut to: TcpStream, rx: &Receiver<Chunk>, stop: &AtomicBool, counte
         let now = Instant::now();
         if due > now {
             thread::sleep(due - now);
+        }
+        if flags.silent.load(Relaxed) {
+            // Silence: nothing passes, not even the end of the stream (a
+            // partition sends no FIN).
+            continue;
         }
         if data.is_empty() {
             // The sender closed its side: pass the half-close on.
@@ -338,6 +403,46 @@ mod tests {
         assert_eq!(got.len(), sent.len());
         assert!(got == sent, "bytes differ");
         assert_eq!(p.bytes(), 2 * sent.len() as u64);
+    }
+
+    #[test]
+    fn a_blackhole_discards_both_ways_and_closes_nothing_until_healed() {
+        let p = proxy(Delays::both(Duration::ZERO));
+        let quiet = Duration::from_millis(300);
+        let mut s = TcpStream::connect(p.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut got = [0u8; 4];
+        s.write_all(b"ping").expect("write");
+        s.read_exact(&mut got).expect("echo before the cut");
+        assert_eq!(&got, b"ping");
+        p.blackhole();
+        s.set_read_timeout(Some(quiet)).expect("timeout");
+        s.write_all(b"lost").expect("write into the silence");
+        let e = s
+            .read(&mut got)
+            .expect_err("nothing comes back, not even a close");
+        assert!(
+            matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+            "{e:?}"
+        );
+        // A connection made during the silence is accepted and held, silent.
+        let mut late = TcpStream::connect(p.addr).expect("connect during the cut");
+        late.set_read_timeout(Some(quiet)).expect("timeout");
+        late.write_all(b"late").expect("write");
+        let e = late
+            .read(&mut got)
+            .expect_err("no answer on a new connection");
+        assert!(
+            matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+            "{e:?}"
+        );
+        p.heal();
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(b"back").expect("write after the heal");
+        s.read_exact(&mut got).expect("echo after the heal");
+        assert_eq!(&got, b"back", "what was sent in the silence stays lost");
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //!   kernel has no `netem`);
 //! * [`admin`]: the admin-port client of the admin crate, re-exported;
 //! * [`Mariadb`]: a private MariaDB (loopback or a cluster host);
+//! * [`Haproxy`]: a real HAProxy in TCP mode (the PROXY-protocol suites);
 //! * [`skip_unless_root`]: the one skip of the suites that need root;
 //! * [`frontend_config`]: the configuration checks powersmtp and powerpop share.
 //!
@@ -29,6 +30,7 @@ mod clients;
 mod daemon;
 pub mod delay;
 pub mod frontend_config;
+pub mod haproxy;
 mod launch;
 mod mariadb;
 mod ports;
@@ -37,6 +39,7 @@ mod up;
 pub use clients::{connect, Pop, Smtp};
 pub use daemon::{bin, Daemon, START_TIMEOUT};
 pub use delay::{DelayProxy, Delays};
+pub use haproxy::{Haproxy, Route as HaproxyRoute};
 pub use launch::{
     durability_line, BackendSpec, Frontend, FrontendSpec, Kind, Place, Pplistener, PplistenerSpec,
 };

@@ -4,19 +4,19 @@
 //! use to it (`frontends/common/src/cluster.rs`), so the SMTP transaction gets
 //! its final reply, and a POP RETR its answer, within a couple of seconds.
 //!
-//! The partition is a small TCP proxy in this file between the frontends and
-//! one backend: it forwards both ways until told to blackhole, then reads and
-//! discards everything in both directions without closing anything.
+//! The partition is the test kit's TCP relay ([`DelayProxy`], no delay)
+//! between the frontends and one backend: it forwards both ways until told to
+//! blackhole, then reads and discards everything in both directions without
+//! closing anything.
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::io::Write;
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use common::*;
+use powermail_testkit::{DelayProxy, Delays};
 
 /// The frontends' per-request time-out: long, as for honest slow fsyncs.
 const IO_TIMEOUT_MS: u64 = 60_000;
@@ -38,85 +38,16 @@ fn report(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-/// A TCP proxy that can silently drop everything (see the module docs).
-struct Blackhole {
-    addr: SocketAddr,
-    dropping: Arc<AtomicBool>,
+/// Sends `body` from the suite's sender to user 0 in session `c`; the code.
+fn send(c: &mut Smtp, body: &[u8]) -> u16 {
+    c.send("a@sender.test", &[&user(0)], body).expect("send")
 }
 
-impl Blackhole {
-    fn start(upstream: SocketAddr) -> Blackhole {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-        let addr = listener.local_addr().expect("proxy addr");
-        let dropping = Arc::new(AtomicBool::new(false));
-        let flag = dropping.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { return };
-                let flag = flag.clone();
-                std::thread::spawn(move || Blackhole::serve(client, upstream, flag));
-            }
-        });
-        Blackhole { addr, dropping }
-    }
-
-    /// One proxied connection: two pumps. A connection accepted while
-    /// dropping never reaches the backend (as a SYN lost in a partition would
-    /// not), but is kept open.
-    fn serve(client: TcpStream, upstream: SocketAddr, dropping: Arc<AtomicBool>) {
-        let server = if dropping.load(Ordering::SeqCst) {
-            None
-        } else {
-            TcpStream::connect(upstream).ok()
-        };
-        let Some(server) = server else {
-            Blackhole::pump(client.try_clone().expect("clone"), None, dropping);
-            return;
-        };
-        let (c2, s2) = (
-            client.try_clone().expect("clone"),
-            server.try_clone().expect("clone"),
-        );
-        let d2 = dropping.clone();
-        std::thread::spawn(move || Blackhole::pump(s2, Some(c2), d2));
-        Blackhole::pump(client, Some(server), dropping);
-    }
-
-    /// Copies `from` to `to` while not dropping; discards while dropping.
-    fn pump(mut from: TcpStream, mut to: Option<TcpStream>, dropping: Arc<AtomicBool>) {
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            let n = match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            if dropping.load(Ordering::SeqCst) {
-                continue;
-            }
-            if let Some(to) = to.as_mut() {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-        // Never close towards the other side while dropping: a partition sends no FIN.
-        if !dropping.load(Ordering::SeqCst) {
-            if let Some(to) = to {
-                let _ = to.shutdown(std::net::Shutdown::Write);
-            }
-        }
-    }
-
-    fn cut(&self) {
-        self.dropping.store(true, Ordering::SeqCst);
-    }
-}
-
-/// Two backends; b1 sits behind a [`Blackhole`] and has the higher priority,
+/// Two backends; b1 sits behind a silenceable [`DelayProxy`] and has the higher priority,
 /// so with K=1 every message goes to it while it is up.
 struct Setup {
     backends: Vec<Backend>,
-    proxy: Blackhole,
+    proxy: DelayProxy,
     userbase: String,
     dir: tempfile::TempDir,
 }
@@ -127,7 +58,9 @@ impl Setup {
         let mut backends: Vec<Backend> = (0..2)
             .map(|i| Backend::start(dir.path(), i, dir.path().join(format!("disk{i}")), ""))
             .collect();
-        let proxy = Blackhole::start(backends[1].addr);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let proxy = DelayProxy::start(listener, backends[1].addr, Delays::both(Duration::ZERO))
+            .expect("proxy");
         // The frontends (and the test's own checks) reach b1 through the proxy.
         backends[1].addr = proxy.addr;
         let userbase = sqlite_userbase(dir.path(), 1);
@@ -156,6 +89,17 @@ impl Setup {
         )
     }
 
+    /// Stores test message `id` of about `size` bytes for user 0 through a
+    /// powersmtp at K=`k` that is gone afterwards; returns the message.
+    fn store(&self, k: usize, id: &str, size: usize) -> Vec<u8> {
+        let smtp = self.smtp_k(k);
+        let mut c = Smtp::connect(smtp.addr).expect("connect");
+        let body = message(id, size);
+        assert_eq!(send(&mut c, &body), 250, "{}", smtp.log_text());
+        c.quit();
+        body
+    }
+
     fn pop(&self) -> Frontend {
         let refs: Vec<&Backend> = self.backends.iter().collect();
         Frontend::pop(self.dir.path(), &refs, &self.userbase, "", &pool_table())
@@ -171,9 +115,7 @@ fn smtp_transaction_on_a_blackholed_backend_ends_quickly() {
     let s = Setup::start();
     let smtp = s.smtp();
     let mut c = Smtp::connect(smtp.addr).expect("connect");
-    let warm = c
-        .send("a@sender.test", &[&user(0)], &message("before-cut", 800))
-        .expect("send");
+    let warm = send(&mut c, &message("before-cut", 800));
     assert_eq!(warm, 250, "both backends up");
     assert_eq!(c.cmd("MAIL FROM:<a@sender.test>").expect("mail").0, 250);
     assert_eq!(
@@ -185,7 +127,7 @@ fn smtp_transaction_on_a_blackholed_backend_ends_quickly() {
     let (first, rest) = body.split_at(100_000);
     c.raw(first).expect("first half");
     std::thread::sleep(Duration::from_millis(300));
-    s.proxy.cut();
+    s.proxy.blackhole();
     let cut_at = Instant::now();
     c.raw(rest).expect("second half");
     c.raw(b".\r\n").expect("end of data");
@@ -199,9 +141,7 @@ fn smtp_transaction_on_a_blackholed_backend_ends_quickly() {
     );
     assert!(code == 250 || code == 451, "{code} {text}");
     // b1 is down now: the next transaction goes to b0.
-    let next = c
-        .send("a@sender.test", &[&user(0)], &message("after-cut", 800))
-        .expect("send");
+    let next = send(&mut c, &message("after-cut", 800));
     assert_eq!(next, 250, "{}", smtp.log_text());
     c.quit();
     report(&format!(
@@ -217,19 +157,12 @@ fn smtp_transaction_on_a_blackholed_backend_ends_quickly() {
 fn pop_retr_and_list_on_a_blackholed_backend_end_quickly() {
     let _g = serial();
     let s = Setup::start();
-    let smtp = s.smtp();
-    let mut c = Smtp::connect(smtp.addr).expect("connect");
     // K=1 with b1 preferred: the message lives on b1 only.
-    let code = c
-        .send("a@sender.test", &[&user(0)], &message("on-b1", 300_000))
-        .expect("send");
-    assert_eq!(code, 250);
-    c.quit();
-    drop(smtp);
+    s.store(1, "on-b1", 300_000);
     let pop = s.pop();
     let mut p = pop_login(pop.addr, 0).expect("login");
     assert_eq!(p.uidl().expect("uidl").len(), 1);
-    s.proxy.cut();
+    s.proxy.blackhole();
     let cut_at = Instant::now();
     let retr = p.cmd("RETR 1");
     let waited = cut_at.elapsed();
@@ -267,17 +200,11 @@ fn pop_retr_and_list_on_a_blackholed_backend_end_quickly() {
 fn pop_retr_of_a_message_with_a_live_copy_is_served() {
     let _g = serial();
     let s = Setup::start();
-    let smtp = s.smtp_k(2);
-    let mut c = Smtp::connect(smtp.addr).expect("connect");
-    let body = message("on-both", 50_000);
-    let code = c.send("a@sender.test", &[&user(0)], &body).expect("send");
-    assert_eq!(code, 250);
-    c.quit();
-    drop(smtp);
+    let body = s.store(2, "on-both", 50_000);
     let pop = s.pop();
     let mut p = pop_login(pop.addr, 0).expect("login");
     assert_eq!(p.uidl().expect("uidl").len(), 1);
-    s.proxy.cut();
+    s.proxy.blackhole();
     let cut_at = Instant::now();
     let got = p.retr(1);
     let waited = cut_at.elapsed();

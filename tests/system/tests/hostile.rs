@@ -327,29 +327,14 @@ const POP_THROTTLE: &str =
     "[throttle]\nfailure_delay_ms = 10\nfailures_max = 5\nwindow_ms = 60000\nlockout_ms = 60000\n";
 
 fn system() -> System {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let backends: Vec<Backend> = (0..2)
-        .map(|i| {
-            Backend::start(
-                dir.path(),
-                i,
-                dir.path().join(format!("disk{i}")),
-                BACKEND_LIMITS,
-            )
-        })
-        .collect();
-    let userbase = sqlite_userbase(dir.path(), 4);
-    let refs: Vec<&Backend> = backends.iter().collect();
-    let top = format!("lmtp_listen = \"{}\"", free_addr());
-    let smtp = Frontend::smtp_top(dir.path(), &refs, &userbase, 1, &top, SMTP_LIMITS, "", &[]);
-    let pop = Frontend::pop(dir.path(), &refs, &userbase, POP_LIMITS, POP_THROTTLE);
-    System {
-        backends,
-        smtp,
-        pop,
-        userbase,
-        dir,
-    }
+    let spec = SystemSpec {
+        backend_limits: BACKEND_LIMITS.into(),
+        smtp_limits: SMTP_LIMITS.into(),
+        pop_limits: POP_LIMITS.into(),
+        smtp_top: format!("lmtp_listen = \"{}\"", free_addr()),
+        pop_tables: POP_THROTTLE.into(),
+    };
+    System::start_spec(2, 1, 4, &spec)
 }
 
 /// The start of every test here: one test at a time, a fresh [`system`],

@@ -10,72 +10,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use common::*;
+use powermail_testkit::{haproxy, Haproxy, HaproxyRoute, Place};
 
 /// The balancer's source address, the only one trusted.
 const BALANCER: &str = "127.0.0.2";
-
-/// A running `haproxy -db`, killed on drop.
-struct Haproxy(Child);
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Whether haproxy is installed; under CI it must be (`.ci/run` installs it).
-fn have_haproxy() -> bool {
-    let found = Command::new("haproxy")
-        .arg("-v")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "haproxy is required in CI"
-        );
-        eprintln!("SKIP: haproxy is not installed");
-    }
-    found
-}
-
-/// Starts haproxy with one TCP listener per `(listen, server, server options)`.
-fn haproxy(root: &Path, routes: &[(SocketAddr, SocketAddr, &str)]) -> Haproxy {
-    let mut cfg = String::from(
-        "global\n  maxconn 256\ndefaults\n  mode tcp\n  timeout connect 2s\n  \
-         timeout client 30s\n  timeout server 30s\n",
-    );
-    for (i, (listen, server, opts)) in routes.iter().enumerate() {
-        cfg.push_str(&format!(
-            "frontend f{i}\n  bind {listen}\n  default_backend b{i}\n\
-             backend b{i}\n  server s{i} {server} source {BALANCER} {opts}\n"
-        ));
-    }
-    let path = root.join("haproxy.cfg");
-    std::fs::write(&path, cfg).expect("write haproxy.cfg");
-    let log = std::fs::File::create(root.join("haproxy.log")).expect("haproxy log");
-    let child = Command::new("haproxy")
-        .arg("-db")
-        .arg("-f")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn haproxy");
-    let h = Haproxy(child);
-    for (listen, _, _) in routes {
-        eventually(DEADLINE, "haproxy listens", || connect(*listen).is_ok());
-    }
-    h
-}
 
 /// The trusted-source lines every frontend of this suite gets.
 fn trust() -> String {
@@ -106,7 +46,7 @@ fn counter(admin: SocketAddr, name: &str) -> u64 {
 #[test]
 fn proxy_protocol_behind_haproxy() {
     let _serial = serial();
-    if !have_haproxy() {
+    if !Haproxy::installed("proxy_protocol_behind_haproxy") {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -116,12 +56,14 @@ fn proxy_protocol_behind_haproxy() {
     let smtp = Frontend::smtp(root, &[&backend], &userbase, 1, "", &trust(), &[]);
     let pop = Frontend::pop(root, &[&backend], &userbase, "", &trust());
     let (smtp_v2, pop_v1, smtp_bare) = (free_addr(), free_addr(), free_addr());
-    let _haproxy = haproxy(
+    let source = format!("source {BALANCER}");
+    let _haproxy = Haproxy::start(
+        &Place::default(),
         root,
         &[
-            (smtp_v2, smtp.addr, "send-proxy-v2"),
-            (pop_v1, pop.addr, "send-proxy"),
-            (smtp_bare, smtp.addr, ""),
+            HaproxyRoute::new(smtp_v2, &[smtp.addr], &format!("{source} send-proxy-v2")),
+            HaproxyRoute::new(pop_v1, &[pop.addr], &format!("{source} send-proxy")),
+            HaproxyRoute::new(smtp_bare, &[smtp.addr], &source),
         ],
     );
 
@@ -176,19 +118,10 @@ fn proxy_protocol_behind_haproxy() {
 
     // An untrusted client (127.0.0.1, directly) that sends a header: refused.
     for (addr, refusal) in [(smtp.addr, "421 "), (pop.addr, "-ERR ")] {
-        let mut s = connect(addr).expect("connect");
-        let mut greeting = [0u8; 3];
-        s.read_exact(&mut greeting).expect("greeting");
-        s.write_all(b"PROXY TCP4 192.0.2.1 192.0.2.2 1234 25\r\n")
-            .expect("send header");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut rest = Vec::new();
-        let _ = s.read_to_end(&mut rest);
-        let rest = String::from_utf8_lossy(&rest);
-        assert!(
-            rest.lines()
-                .any(|l| l.starts_with(refusal) && l.contains("PROXY")),
-            "{addr}: untrusted PROXY header not refused: {rest:?}"
+        haproxy::assert_proxy_header_refused(
+            addr,
+            "PROXY TCP4 192.0.2.1 192.0.2.2 1234 25\r\n",
+            refusal,
         );
     }
     assert!(counter(pop.admin, "proxy_refused") >= 1);

@@ -25,6 +25,9 @@ pub struct Backend {
     pub dir: tempfile::TempDir,
 }
 
+// restart, kill9 and the rest of the daemon's methods.
+powermail_testkit::deref_daemon!(Backend, process);
+
 impl Backend {
     pub fn start() -> Backend {
         Backend::start_with("")
@@ -45,14 +48,6 @@ impl Backend {
             process,
             dir,
         }
-    }
-
-    pub fn restart(&mut self) {
-        self.process.restart();
-    }
-
-    pub fn kill9(&mut self) {
-        self.process.kill9();
     }
 
     /// The stats of its one backend (GET /stats of its admin port).

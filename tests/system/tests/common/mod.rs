@@ -297,6 +297,21 @@ pub fn password(i: usize) -> String {
     format!("pw-{i}")
 }
 
+/// The lines a [`System`]'s daemons get beyond the defaults.
+#[derive(Debug, Default, Clone)]
+pub struct SystemSpec {
+    /// Each backend's `[limits]` lines.
+    pub backend_limits: String,
+    /// powersmtp's `[limits]` lines.
+    pub smtp_limits: String,
+    /// powerpop's `[limits]` lines.
+    pub pop_limits: String,
+    /// powersmtp's top-level lines (`lmtp_listen = "..."`).
+    pub smtp_top: String,
+    /// powerpop's other tables (`[throttle]`).
+    pub pop_tables: String,
+}
+
 /// Backends, userbase, powersmtp and powerpop in one temporary directory.
 pub struct System {
     /// Backend processes, `b0`...
@@ -326,6 +341,17 @@ impl System {
         smtp_limits: &str,
         pop_limits: &str,
     ) -> System {
+        let spec = SystemSpec {
+            backend_limits: backend_limits.into(),
+            smtp_limits: smtp_limits.into(),
+            pop_limits: pop_limits.into(),
+            ..SystemSpec::default()
+        };
+        System::start_spec(n, k, users, &spec)
+    }
+
+    /// Like [`System::start`], with every daemon's extra lines in `spec`.
+    pub fn start_spec(n: usize, k: usize, users: usize, spec: &SystemSpec) -> System {
         let dir = tempfile::tempdir().expect("tempdir");
         let backends: Vec<Backend> = (0..n)
             .map(|i| {
@@ -333,14 +359,29 @@ impl System {
                     dir.path(),
                     i,
                     dir.path().join(format!("disk{i}")),
-                    backend_limits,
+                    &spec.backend_limits,
                 )
             })
             .collect();
         let userbase = sqlite_userbase(dir.path(), users);
         let refs: Vec<&Backend> = backends.iter().collect();
-        let smtp = Frontend::smtp(dir.path(), &refs, &userbase, k, smtp_limits, "", &[]);
-        let pop = Frontend::pop(dir.path(), &refs, &userbase, pop_limits, "");
+        let smtp = Frontend::smtp_top(
+            dir.path(),
+            &refs,
+            &userbase,
+            k,
+            &spec.smtp_top,
+            &spec.smtp_limits,
+            "",
+            &[],
+        );
+        let pop = Frontend::pop(
+            dir.path(),
+            &refs,
+            &userbase,
+            &spec.pop_limits,
+            &spec.pop_tables,
+        );
         System {
             backends,
             smtp,
