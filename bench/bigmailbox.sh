@@ -34,42 +34,15 @@ pplistener_admin = "127.0.0.1:18012"
 smtp_admin = "127.0.0.1:18027"
 pop_admin = "127.0.0.1:18112"
 TOML
-UP=
-up() {
-  : > "$D/up.log"
-  $B/powermail up --data "$D/var" --config "$D/up.toml" --backends 2 --replicas 2 >> "$D/up.log" 2>&1 &
-  UP=$!
-  for _ in $(seq 300); do grep -q "Ctrl-C" "$D/up.log" && return; sleep 0.1; done
-  echo "powermail up did not start:"; cat "$D/up.log"; exit 1
-}
-down() { kill "$UP"; wait "$UP" 2>/dev/null || true; }
+. bench/lib/bigmailbox.sh
 trap 'kill $UP 2>/dev/null || true' EXIT
 up
 $B/ppadmin --data "$D/var" user add big@bench.test --password pw --quota-bytes 100000000000 >/dev/null
 $B/ppadmin --data "$D/var" user add empty@bench.test --password pw >/dev/null
 $B/ppadmin --data "$D/var" user add pop50k@bench.test --password pw >/dev/null
 down
-python3 - "$D/var/disks" <<'PY'
-import hashlib, os, sys
-disks = sys.argv[1]
-body = (b"Subject: stored\r\n\r\n" + b"x" * 4076 + b"\r\n")[:4096]
-for disk in sorted(os.listdir(disks)):
-    root = os.path.join(disks, disk)
-    for mailbox, n in (("big@bench.test", 100_000), ("pop50k@bench.test", 50_000)):
-        h = hashlib.sha256(mailbox.encode()).hexdigest()
-        d = os.path.join(root, "mbox", h[0:2], h[2:4], mailbox)
-        os.makedirs(d, exist_ok=True)
-        src = None
-        for i in range(n):
-            if i % 50_000 == 0:
-                src = os.path.join(root, f"src-{mailbox}-{i}")
-                with open(src, "wb") as f:
-                    f.write(body)
-            os.link(src, os.path.join(d, f"{1700000000000000 + i:016x}.bench.{i:x}"))
-        for f in os.listdir(root):
-            if f.startswith("src-"):
-                os.remove(os.path.join(root, f))
-PY
+link_messages big@bench.test 100000
+link_messages pop50k@bench.test 50000
 sync
 up
 sleep 2

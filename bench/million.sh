@@ -36,40 +36,13 @@ pplistener_admin = "127.0.0.1:18013"
 smtp_admin = "127.0.0.1:18028"
 pop_admin = "127.0.0.1:18113"
 TOML
-UP=
-up() {
-  : > "$D/up.log"
-  $B/powermail up --data "$D/var" --config "$D/up.toml" --backends 2 --replicas 2 >> "$D/up.log" 2>&1 &
-  UP=$!
-  for _ in $(seq 300); do grep -q "Ctrl-C" "$D/up.log" && return; sleep 0.1; done
-  echo "powermail up did not start:"; cat "$D/up.log"; exit 1
-}
-down() { kill "$UP"; wait "$UP" 2>/dev/null || true; }
+. bench/lib/bigmailbox.sh
 trap 'kill $UP 2>/dev/null || true; rm -rf "$D/var/disks"' EXIT
 up
 $B/ppadmin --data "$D/var" user add pop1m@bench.test --password pw >/dev/null
 down
 echo "== linking $MESSAGES messages into pop1m@ on each backend"
-python3 - "$D/var/disks" "$MESSAGES" <<'PY'
-import hashlib, os, sys
-disks, n = sys.argv[1], int(sys.argv[2])
-body = (b"Subject: stored\r\n\r\n" + b"x" * 4076 + b"\r\n")[:4096]
-mailbox = "pop1m@bench.test"
-h = hashlib.sha256(mailbox.encode()).hexdigest()
-for disk in sorted(os.listdir(disks)):
-    root = os.path.join(disks, disk)
-    d = os.path.join(root, "mbox", h[0:2], h[2:4], mailbox)
-    os.makedirs(d, exist_ok=True)
-    for i in range(n):
-        if i % 50_000 == 0:
-            src = os.path.join(root, f"src-{i}")
-            with open(src, "wb") as f:
-                f.write(body)
-        os.link(src, os.path.join(d, f"{1700000000000000 + i:016x}.bench.{i:x}"))
-    for f in os.listdir(root):
-        if f.startswith("src-"):
-            os.remove(os.path.join(root, f))
-PY
+link_messages pop1m@bench.test "$MESSAGES"
 sync
 up
 echo "== $(nproc) CPUs, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
