@@ -215,7 +215,8 @@ mod tests {
         assert_eq!(split_url("/stats").1, vec![]);
     }
 
-    struct Nothing;
+    /// A handler with nothing to show (also used by `settings.rs`'s tests).
+    pub(crate) struct Nothing;
 
     impl AdminHandler for Nothing {
         fn stats(&self) -> serde_json::Value {

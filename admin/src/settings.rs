@@ -91,6 +91,7 @@ impl AdminSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::Nothing;
 
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -137,21 +138,6 @@ mod tests {
 
     #[test]
     fn no_listen_no_port() {
-        struct Nothing;
-        impl AdminHandler for Nothing {
-            fn stats(&self) -> serde_json::Value {
-                serde_json::Value::Null
-            }
-            fn metrics(&self) -> String {
-                String::new()
-            }
-            fn config(&self) -> serde_json::Value {
-                serde_json::Value::Null
-            }
-            fn control(&self, _: &str, _: &[(String, String)]) -> Result<String, String> {
-                Err("none".into())
-            }
-        }
         let s = AdminSettings::default();
         assert!(s
             .start(b"x", Arc::new(Nothing))
