@@ -344,28 +344,8 @@ mod tests {
         }
     }
 
-    const EXAMPLE: &str = include_str!("../../../examples/powerpop.toml");
-
-    #[test]
-    fn config_json_hides_every_secret() {
-        powermail_testkit::frontend_config::config_json_hides_every_secret(
-            EXAMPLE,
-            Config::parse,
-            |c| c.secret().expect("secret loads"),
-            |c| c.public_json().to_string(),
-        );
-    }
-
-    #[test]
-    fn duplicate_backend_name_refused() {
-        powermail_testkit::frontend_config::duplicate_backend_name_refused(EXAMPLE, Config::parse);
-    }
-
-    #[test]
-    fn unknown_keys_refused_at_top_and_in_tables() {
-        powermail_testkit::frontend_config::unknown_keys_refused_at_top_and_in_tables(
-            EXAMPLE,
-            Config::parse,
-        );
-    }
+    powermail_testkit::frontend_config_tests!(
+        include_str!("../../../examples/powerpop.toml"),
+        Config
+    );
 }

@@ -85,3 +85,34 @@ pub fn unknown_keys_refused_at_top_and_in_tables<C, E: Display>(
     assert_ne!(typed, example);
     assert!(parse(&typed).is_err(), "a string for a count");
 }
+
+/// The three checks above as `#[test]` functions, for a frontend's `config.rs`
+/// test module: `frontend_config_tests!(EXAMPLE_TEXT, Config)`, where `Config`
+/// has `parse(&str)`, `secret()` and `public_json()`.
+#[macro_export]
+macro_rules! frontend_config_tests {
+    ($example:expr, $config:ty) => {
+        #[test]
+        fn config_json_hides_every_secret() {
+            $crate::frontend_config::config_json_hides_every_secret(
+                $example,
+                <$config>::parse,
+                |c| c.secret().expect("secret loads"),
+                |c| c.public_json().to_string(),
+            );
+        }
+
+        #[test]
+        fn duplicate_backend_name_refused() {
+            $crate::frontend_config::duplicate_backend_name_refused($example, <$config>::parse);
+        }
+
+        #[test]
+        fn unknown_keys_refused_at_top_and_in_tables() {
+            $crate::frontend_config::unknown_keys_refused_at_top_and_in_tables(
+                $example,
+                <$config>::parse,
+            );
+        }
+    };
+}
