@@ -200,8 +200,15 @@ fn list_flags_repair_restores_and_drain_moves_everything() {
         "{out}"
     );
 
-    // A POP3 reader holds the mailbox: repair leaves it alone and says so.
-    let reader = Pop::login(up.pop, mb, pw).expect("POP3 login");
+    // A POP3 reader holds the mailbox: repair leaves it alone and says so. Until
+    // powerpop's health checks see the restarted backends, a login is refused with
+    // [SYS/TEMP] (no backend to list the mailbox), never given an empty maildrop.
+    let mut reader = None;
+    eventually(Duration::from_secs(30), "POP3 login", || {
+        reader = Pop::login(up.pop, mb, pw).ok();
+        reader.is_some()
+    });
+    let reader = reader.expect("POP3 login");
     let out = up.run(2, &["repair", "--lock-wait-ms", "200"]);
     assert!(out.contains("1 busy"), "{out}");
     let still = rows(&up.run(2, &["list", mb]));
