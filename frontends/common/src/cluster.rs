@@ -536,7 +536,7 @@ impl Cluster {
     /// `in_flight`, `open_connections`, `idle_connections`, `free_bytes`.
     /// Under the report's `backend_prefix` `<daemon>_backend` they are
     /// `<daemon>_backend_up{backend=..}`, ...; the EWMA goes to `/metrics` in
-    /// seconds through [`Cluster::write_backend_latency`].
+    /// seconds through [`frontend_metrics`].
     pub fn reports(
         &self,
         up_help: &'static str,
@@ -589,23 +589,6 @@ impl Cluster {
                 }
             })
             .collect()
-    }
-
-    /// `<prefix>_backend_latency_seconds{backend=..}`: the round-trip EWMA the
-    /// selection weighs, in seconds (absent before a sample); `/stats` shows
-    /// it as each backend's `latency_ewma_us`.
-    pub fn write_backend_latency(&self, p: &mut powermail_admin::Prometheus, prefix: &str) {
-        let name = format!("{prefix}_backend_latency_seconds");
-        p.header(
-            &name,
-            "gauge",
-            "round-trip latency EWMA the backend selection weighs (absent before a sample)",
-        );
-        for b in self.snapshot() {
-            if let Some(us) = b.latency_ewma_us {
-                p.sample(&name, &format!("backend=\"{}\"", b.name), us as f64 / 1e6);
-            }
-        }
     }
 
     /// One STATUS round trip on the checker's own connection.
@@ -757,6 +740,27 @@ impl Drop for PooledConn {
     }
 }
 
+/// A frontend's `/metrics` text: every family of `report`, then
+/// `<daemon>_backend_latency_seconds{backend=..}`, the round-trip EWMA the
+/// backend selection weighs, in seconds (absent before a sample), read from
+/// the same snapshot as the rest ([`Cluster::reports`]'s `latency_ewma_us`).
+pub fn frontend_metrics(report: &powermail_admin::Report) -> String {
+    let mut p = powermail_admin::Prometheus::new();
+    report.write_prometheus(&mut p);
+    let name = format!("{}_backend_latency_seconds", report.daemon);
+    p.header(
+        &name,
+        "gauge",
+        "round-trip latency EWMA the backend selection weighs (absent before a sample)",
+    );
+    for b in &report.backends {
+        if let Some(us) = b.state.get("latency_ewma_us").and_then(|v| v.as_u64()) {
+            p.sample(&name, &format!("backend=\"{}\"", b.name), us as f64 / 1e6);
+        }
+    }
+    p.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -815,10 +819,7 @@ mod tests {
         assert_eq!(b0["latency_ewma_us"], 2_144_000);
         assert_eq!(b0["gauges"]["in_flight"], 0);
         assert_eq!(b0["gauges"]["up"], 0, "{b0}");
-        let mut p = powermail_admin::Prometheus::new();
-        report.write_prometheus(&mut p);
-        c.write_backend_latency(&mut p, "d");
-        let text = p.finish();
+        let text = frontend_metrics(&report);
         assert!(
             text.contains("d_backend_in_flight{backend=\"b1\"} 0\n"),
             "{text}"

@@ -175,10 +175,7 @@ impl AdminHandler for Admin {
     }
 
     fn metrics(&self) -> String {
-        let mut p = powermail_admin::Prometheus::new();
-        self.report().write_prometheus(&mut p);
-        self.cluster.write_backend_latency(&mut p, "powerpop");
-        p.finish()
+        powermail_frontend::cluster::frontend_metrics(&self.report())
     }
 
     fn config(&self) -> serde_json::Value {

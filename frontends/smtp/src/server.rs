@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use powermail_admin::signals::{on_sighup, on_sigterm};
-use powermail_admin::{AdminHandler, BackendReport, Metric, Prometheus, Report};
+use powermail_admin::{AdminHandler, BackendReport, Metric, Report};
 use powermail_frontend::accept::{self, Event, ListenerSpec, Refusals};
 use powermail_frontend::proxy::{self, Endpoints, ProxyPolicy};
 use powermail_frontend::reload::{changes, reload_file, split_live, Reloadable};
@@ -529,12 +529,7 @@ impl AdminHandler for Admin {
     }
 
     fn metrics(&self) -> String {
-        let mut p = Prometheus::new();
-        self.report().write_prometheus(&mut p);
-        self.shared
-            .cluster
-            .write_backend_latency(&mut p, "powersmtp");
-        p.finish()
+        powermail_frontend::cluster::frontend_metrics(&self.report())
     }
 
     fn config(&self) -> serde_json::Value {
