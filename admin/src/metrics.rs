@@ -434,7 +434,8 @@ mod tests {
         // A number in one rendering only would show up as a difference.
         let mut p = Prometheus::new();
         r.write_prometheus(&mut p);
-        p.metric("testd_stray", "gauge", "only here", "", 1.0);
+        p.header("testd_stray", "gauge", "only here");
+        p.sample("testd_stray", "", 1.0);
         assert_ne!(families_in_text(&p.finish()), from_stats);
     }
 }

@@ -72,12 +72,6 @@ impl Prometheus {
         }
     }
 
-    /// A counter or gauge in one call.
-    pub fn metric(&mut self, name: &str, kind: &str, help: &str, labels: &str, value: f64) {
-        self.header(name, kind, help);
-        self.sample(name, labels, value);
-    }
-
     /// The finished text.
     pub fn finish(self) -> String {
         self.families
@@ -96,8 +90,10 @@ mod tests {
         let mut p = Prometheus::new();
         for backend in ["a", "b"] {
             let labels = format!("backend=\"{backend}\"");
-            p.metric("x_total", "counter", "x", &labels, 1.0);
-            p.metric("y", "gauge", "y", &labels, 2.0);
+            p.header("x_total", "counter", "x");
+            p.sample("x_total", &labels, 1.0);
+            p.header("y", "gauge", "y");
+            p.sample("y", &labels, 2.0);
             p.header("lat", "summary", "latency");
             p.sample("lat", &format!("{labels},quantile=\"0.5\""), 0.25);
             p.sample("lat_count", &labels, 4.0);
