@@ -421,6 +421,26 @@ impl BackendConn {
         Ok(spliced)
     }
 
+    /// Reads exactly `size_bytes` body bytes of a GET into a new buffer of
+    /// that size: what is already buffered is taken first, the rest is read
+    /// from the socket straight into the buffer (no pass through the reader's
+    /// own buffer, so each byte is copied once, by the kernel).
+    fn read_body_owned(&mut self, size_bytes: u64) -> Result<Vec<u8>> {
+        let size = usize::try_from(size_bytes)
+            .map_err(|_| BackendError::Protocol(format!("body of {size_bytes} bytes")))?;
+        let mut body = Vec::with_capacity(size);
+        let buffered = self.reader.buffer();
+        let head = buffered.len().min(size);
+        body.extend_from_slice(&buffered[..head]);
+        self.reader.consume(head);
+        let rest = (size - head) as u64;
+        let read = self.reader.get_mut().take(rest).read_to_end(&mut body)?;
+        if read as u64 != rest {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short GET body").into());
+        }
+        Ok(body)
+    }
+
     /// Fetches one message into memory (tests and tools; frontends stream).
     pub fn get(&mut self, mailbox: &MailboxName, msgid: &MessageId) -> Result<Vec<u8>> {
         let size = self.get_begin(mailbox, msgid)?;
@@ -479,9 +499,7 @@ impl BackendConn {
                             )));
                         }
                         left -= size;
-                        let mut body = Vec::with_capacity(size as usize);
-                        self.read_body(size, &mut body)?;
-                        each(index, Ok(body));
+                        each(index, Ok(self.read_body_owned(size)?));
                     }
                     // A backend without GETM refuses each line once: read
                     // the other lines' refusals, then fetch one by one.
@@ -498,9 +516,7 @@ impl BackendConn {
                                 }
                                 Ok(size) => {
                                     left -= size;
-                                    let mut body = Vec::with_capacity(size as usize);
-                                    self.read_body(size, &mut body)?;
-                                    each(i, Ok(body));
+                                    each(i, Ok(self.read_body_owned(size)?));
                                 }
                                 Err(e @ BackendError::Refused { .. }) => each(i, Err(e)),
                                 Err(e) => return Err(e),
