@@ -1,6 +1,9 @@
 //! The threaded accept loop powersmtp and powerpop share.
 //!
-//! One std thread per connection, at most [`Service::connections_max`] at once. Each
+//! One std thread per connection, at most [`Service::connections_max`] at once. A thread
+//! whose session ended waits up to [`IDLE_THREAD_MS`] for the next connection instead of
+//! exiting (at most [`ListenerSpec::idle_threads_max`] wait), so a connection costs a
+//! thread start only when none is waiting: sessions stay synchronous, one per thread. Each
 //! admitted connection holds a [`Slot`]: an RAII guard that gives its place back when it
 //! is dropped — when the session thread ends, when the thread cannot be started, and when
 //! the session panics (the guard is dropped while the thread unwinds). Beyond the limit,
@@ -22,6 +25,9 @@ use crate::proxy::{Endpoints, ProxyPolicy};
 
 /// How long a refusal may take to write before the connection is dropped anyway.
 const REFUSAL_WRITE_TIMEOUT_MS: u64 = 1_000;
+
+/// How long a session thread whose session ended waits for the next connection.
+pub const IDLE_THREAD_MS: u64 = 30_000;
 
 /// How often [`drain`] looks at the count of open connections.
 const DRAIN_POLL_MS: u64 = 20;
@@ -114,6 +120,91 @@ pub struct ListenerSpec {
     pub accept_error_pause_ms: u64,
     /// What refused connections are told.
     pub refusals: Refusals,
+    /// Session threads at most kept waiting for the next connection (0: each
+    /// session's thread exits with it).
+    pub idle_threads_max: usize,
+}
+
+/// A session to run on a thread: the PROXY stage, then the daemon's session.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The session threads of one listener that wait for the next connection.
+///
+/// Invariant: threads waiting in [`Threads::wait`] = `idle` + jobs in the channel. The
+/// accept loop hands a job to a waiting thread only after claiming one (`idle` - 1), and
+/// a thread that times out leaves only if it can claim itself the same way; otherwise a
+/// job is already on its way to it. So no job is ever left without a thread.
+struct Threads {
+    jobs: crossbeam::channel::Sender<Job>,
+    waiting: crossbeam::channel::Receiver<Job>,
+    idle: AtomicUsize,
+}
+
+impl Threads {
+    fn new() -> Arc<Threads> {
+        let (jobs, waiting) = crossbeam::channel::unbounded();
+        Arc::new(Threads {
+            jobs,
+            waiting,
+            idle: AtomicUsize::new(0),
+        })
+    }
+
+    /// Takes one waiting thread for a job, if one is unclaimed.
+    fn claim(&self) -> bool {
+        self.idle
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Runs `job` on a waiting thread, or else on a new one (built by `spec`), which then
+    /// waits for more. Returns the job when no thread could be started.
+    fn run(self: &Arc<Self>, job: Job, spec: &ListenerSpec) -> Result<(), std::io::Error> {
+        if self.claim() {
+            // The receiver lives as long as `self`: the send cannot fail.
+            let _ = self.jobs.send(job);
+            return Ok(());
+        }
+        let mut builder = thread::Builder::new().name(spec.thread_name.into());
+        if let Some(size) = spec.stack_size_bytes {
+            builder = builder.stack_size(size);
+        }
+        let threads = self.clone();
+        let idle_max = spec.idle_threads_max;
+        // On failure the closure, and with the job the slot it holds, is dropped.
+        builder
+            .spawn(move || {
+                job();
+                while let Some(next) = threads.wait(idle_max) {
+                    next();
+                }
+            })
+            .map(drop)
+    }
+
+    /// After a session: waits for the next job, or `None` when this thread should end
+    /// (enough threads wait already, or none came within [`IDLE_THREAD_MS`]).
+    fn wait(&self, idle_max: usize) -> Option<Job> {
+        let joined = self
+            .idle
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < idle_max).then_some(n + 1)
+            });
+        if joined.is_err() {
+            return None;
+        }
+        loop {
+            match self
+                .waiting
+                .recv_timeout(Duration::from_millis(IDLE_THREAD_MS))
+            {
+                Ok(job) => return Some(job),
+                Err(_) if self.claim() => return None,
+                // Claimed by the accept loop: its job is in the channel.
+                Err(_) => continue,
+            }
+        }
+    }
 }
 
 /// A place among the open connections; given back when dropped (panics included).
@@ -169,11 +260,21 @@ pub fn refuse(mut stream: TcpStream, reply: &[u8]) {
 }
 
 /// Accepts connections on `listener` until the process ends: each admitted one is
-/// served on a thread of its own holding its [`Slot`].
+/// served on a session thread (a waiting one, or a new one) holding its [`Slot`].
 pub fn accept_loop<S: Service>(listener: &TcpListener, service: &Arc<S>, spec: &ListenerSpec) {
+    accept_with(listener, service, spec, &Threads::new());
+}
+
+/// [`accept_loop`] with its session threads given (the tests watch them).
+fn accept_with<S: Service>(
+    listener: &TcpListener,
+    service: &Arc<S>,
+    spec: &ListenerSpec,
+    threads: &Arc<Threads>,
+) {
     for stream in listener.incoming() {
         match stream {
-            Ok(stream) => start_session(service, stream, spec),
+            Ok(stream) => start_session(service, stream, spec, threads),
             Err(e) => {
                 log::warn!("accept: {e}");
                 thread::sleep(Duration::from_millis(spec.accept_error_pause_ms));
@@ -182,19 +283,20 @@ pub fn accept_loop<S: Service>(listener: &TcpListener, service: &Arc<S>, spec: &
     }
 }
 
-/// Admits `stream` and starts its session thread (PROXY stage, then
-/// [`Service::serve`]); the slot is given back when the thread ends, however it ends.
-pub fn start_session<S: Service>(service: &Arc<S>, stream: TcpStream, spec: &ListenerSpec) {
+/// Admits `stream` and runs its session (PROXY stage, then [`Service::serve`]) on a
+/// session thread; the slot is given back when the session ends, however it ends.
+fn start_session<S: Service>(
+    service: &Arc<S>,
+    stream: TcpStream,
+    spec: &ListenerSpec,
+    threads: &Arc<Threads>,
+) {
     let Some((stream, slot)) = admit(service, stream, &spec.refusals) else {
         return;
     };
-    let mut builder = thread::Builder::new().name(spec.thread_name.into());
-    if let Some(size) = spec.stack_size_bytes {
-        builder = builder.stack_size(size);
-    }
-    // On failure the closure, and with it the slot, is dropped: the place is given back.
-    // A panic in the session drops the slot while the thread unwinds.
-    let spawned = builder.spawn(move || {
+    // A panic in the session drops the slot while the thread unwinds (and that thread
+    // is not reused).
+    let job: Job = Box::new(move || {
         let started = Instant::now();
         let service = slot.service.clone();
         match service.proxy().accept(&stream) {
@@ -206,7 +308,7 @@ pub fn start_session<S: Service>(service: &Arc<S>, stream: TcpStream, spec: &Lis
         }
         drop(slot);
     });
-    if let Err(e) = spawned {
+    if let Err(e) = threads.run(job, spec) {
         log::error!("cannot start a session thread: {e}");
     }
 }
@@ -254,6 +356,10 @@ mod tests {
         refused_full: AtomicU64,
         refused_draining: AtomicU64,
         served: AtomicU64,
+        /// Whether a session panics once its client sends a byte (else it just ends).
+        panics: bool,
+        /// The thread each session ran on, in order.
+        threads: std::sync::Mutex<Vec<thread::ThreadId>>,
     }
 
     impl Panicky {
@@ -266,7 +372,15 @@ mod tests {
                 refused_full: AtomicU64::new(0),
                 refused_draining: AtomicU64::new(0),
                 served: AtomicU64::new(0),
+                panics: true,
+                threads: std::sync::Mutex::new(Vec::new()),
             })
+        }
+
+        fn calm(max: u64) -> Arc<Panicky> {
+            let mut service = Arc::into_inner(Panicky::new(max)).expect("one owner");
+            service.panics = false;
+            Arc::new(service)
         }
     }
 
@@ -291,11 +405,14 @@ mod tests {
             };
         }
         fn serve(self: &Arc<Self>, mut stream: TcpStream, _ends: Endpoints, _started: Instant) {
+            if let Ok(mut threads) = self.threads.lock() {
+                threads.push(thread::current().id());
+            }
             self.served.fetch_add(1, Ordering::SeqCst);
             let mut byte = [0u8; 1];
-            // The client sends one byte: then this session panics.
+            // The client sends one byte (or closes): then this session ends or panics.
             let _ = stream.read(&mut byte);
-            panic!("session handler panics on purpose");
+            assert!(!self.panics, "session handler panics on purpose");
         }
     }
 
@@ -307,14 +424,107 @@ mod tests {
             full: b"FULL\r\n",
             draining: b"DRAINING\r\n",
         },
+        idle_threads_max: 2,
     };
 
     fn start(service: &Arc<Panicky>) -> SocketAddr {
+        start_with(service, SPEC).0
+    }
+
+    fn start_with(service: &Arc<Panicky>, spec: ListenerSpec) -> (SocketAddr, Arc<Threads>) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let service = service.clone();
-        thread::spawn(move || accept_loop(&listener, &service, &SPEC));
-        addr
+        let threads = Threads::new();
+        let watched = threads.clone();
+        thread::spawn(move || accept_with(&listener, &service, &spec, &threads));
+        (addr, watched)
+    }
+
+    fn idle(threads: &Threads) -> usize {
+        threads.idle.load(Ordering::SeqCst)
+    }
+
+    /// Runs `n` sessions one after another (each ends, and its thread waits, before
+    /// the next connects); returns the threads they ran on.
+    fn sequential_sessions(
+        service: &Arc<Panicky>,
+        (addr, threads): (SocketAddr, Arc<Threads>),
+        idle_after: usize,
+        n: u64,
+    ) -> Vec<thread::ThreadId> {
+        for i in 1..=n {
+            let mut client = TcpStream::connect(addr).expect("connect");
+            wait_for("the session", || service.served.load(Ordering::SeqCst) == i);
+            client.write_all(b"x").expect("write");
+            drop(client);
+            wait_for("the session's end", || {
+                service.open.load(Ordering::SeqCst) == 0 && idle(&threads) == idle_after
+            });
+        }
+        service.threads.lock().expect("threads").clone()
+    }
+
+    #[test]
+    fn an_ended_session_thread_serves_the_next_connection() {
+        let service = Panicky::calm(4);
+        let threads = sequential_sessions(&service, start_with(&service, SPEC), 1, 5);
+        assert_eq!(threads.len(), 5);
+        assert!(
+            threads.iter().all(|t| *t == threads[0]),
+            "one thread served all five sessions: {threads:?}"
+        );
+    }
+
+    #[test]
+    fn with_no_idle_threads_each_session_has_a_new_thread() {
+        let service = Panicky::calm(4);
+        let spec = ListenerSpec {
+            idle_threads_max: 0,
+            ..SPEC
+        };
+        let threads = sequential_sessions(&service, start_with(&service, spec), 0, 3);
+        let distinct: std::collections::HashSet<_> = threads.iter().collect();
+        assert_eq!(distinct.len(), 3, "{threads:?}");
+    }
+
+    /// Sessions at once get a thread each; when they end, at most `idle_threads_max`
+    /// threads stay, and they serve the next sessions.
+    #[test]
+    fn concurrent_sessions_and_the_idle_limit() {
+        let service = Panicky::calm(8);
+        let (addr, idle_threads) = start_with(&service, SPEC);
+        let clients: Vec<TcpStream> = (0..4)
+            .map(|_| TcpStream::connect(addr).expect("connect"))
+            .collect();
+        wait_for("four sessions", || {
+            service.served.load(Ordering::SeqCst) == 4
+        });
+        let first: std::collections::HashSet<_> = service
+            .threads
+            .lock()
+            .expect("threads")
+            .iter()
+            .copied()
+            .collect();
+        assert_eq!(first.len(), 4, "four sessions at once, four threads");
+        drop(clients);
+        wait_for("the sessions' end", || {
+            service.open.load(Ordering::SeqCst) == 0 && idle(&idle_threads) == 2
+        });
+        let later: Vec<TcpStream> = (0..4)
+            .map(|_| TcpStream::connect(addr).expect("connect"))
+            .collect();
+        wait_for("four more", || service.served.load(Ordering::SeqCst) == 8);
+        let threads = service.threads.lock().expect("threads").clone();
+        let reused = threads[4..].iter().filter(|t| first.contains(t)).count();
+        assert_eq!(reused, 2, "idle_threads_max = 2 threads kept: {threads:?}");
+        assert_eq!(
+            idle(&idle_threads),
+            0,
+            "both waiting threads took a session"
+        );
+        drop(later);
     }
 
     fn wait_for(what: &str, mut done: impl FnMut() -> bool) {

@@ -188,6 +188,7 @@ const LISTENER: ListenerSpec = ListenerSpec {
         full: b"-ERR [SYS/TEMP] too many connections\r\n",
         draining: b"-ERR [SYS/TEMP] shutting down\r\n",
     },
+    idle_threads_max: 64,
 };
 
 /// One listener (plain POP3 with STLS, or implicit TLS) in the shared accept loop.

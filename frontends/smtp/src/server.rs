@@ -165,6 +165,7 @@ const LISTENER: ListenerSpec = ListenerSpec {
         full: b"421 4.3.2 Too many connections, try again later\r\n",
         draining: b"421 4.3.2 Service shutting down\r\n",
     },
+    idle_threads_max: 64,
 };
 
 /// One listener (SMTP or LMTP) in the shared accept loop.
