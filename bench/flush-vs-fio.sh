@@ -27,9 +27,9 @@ command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteract
 # opt-level 1, dependencies 2) when a release build is too slow to make on a shared machine.
 PROFILE="${PM_BENCH_PROFILE:-release}"
 if [ "$PROFILE" = release ]; then
-    cargo build --release -q -p pplistener -p powermail-bench
+    cargo build --release -q --workspace --bins
 else
-    cargo build -q -p pplistener --bin pplistener -p powermail-bench --bin ppstorebench
+    cargo build -q --workspace --bins
 fi
 BIN="target/$PROFILE"
 
