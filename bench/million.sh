@@ -21,9 +21,9 @@ cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-release}
 MESSAGES=${MESSAGES:-1000000}
 if [ "$PROFILE" = release ]; then
-  cargo build --release -q -p pplistener -p powersmtp -p powerpop -p ppadmin -p powermail
+  cargo build --release -q --workspace --bins
 else
-  cargo build -q -p pplistener -p powersmtp -p powerpop -p ppadmin -p powermail
+  cargo build -q --workspace --bins
 fi
 B=$PWD/target/$PROFILE
 D=/tmp/pm-million

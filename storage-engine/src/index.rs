@@ -180,8 +180,9 @@ pub enum Built {
     Installed,
     /// Larger than the bound on its own: here it is, to answer from once.
     Oversized(MailboxIndex),
-    /// Invalidated while walking: walk again.
-    Stale,
+    /// Invalidated while walking: walk again; the walk's own index (when it
+    /// succeeded) can answer if the walks keep going stale.
+    Stale(Option<MailboxIndex>),
 }
 
 /// Counters of the index, for the admin port.
@@ -264,23 +265,22 @@ impl Index {
     pub fn finish_build(
         &mut self,
         mailbox: &MailboxName,
-        walked: io::Result<Vec<(MessageId, u64)>>,
+        walked: io::Result<MailboxIndex>,
     ) -> io::Result<Built> {
         let (log, stale) = match self.slots.remove(mailbox) {
             Some(Slot::Building { log, stale }) => (log, stale),
             Some(other) => {
                 // Not ours (cannot happen: only one walk per mailbox); keep it.
                 self.slots.insert(mailbox.clone(), other);
-                return Ok(Built::Stale);
+                return Ok(Built::Stale(walked.ok()));
             }
-            None => return Ok(Built::Stale),
+            None => return Ok(Built::Stale(walked.ok())),
         };
-        let walked = walked?;
+        let mut m = walked?;
         self.builds += 1;
         if stale {
-            return Ok(Built::Stale);
+            return Ok(Built::Stale(Some(m)));
         }
-        let mut m = MailboxIndex::from_walk(walked);
         for op in log {
             match op {
                 Op::Add(id, size) => m.add(id, size),
@@ -456,8 +456,10 @@ impl SharedIndex {
     }
 
     /// Answers `f` from the index of `mailbox`, walking it first if it is not
-    /// resident (`walk` lists the directory; it runs at most once per attempt,
-    /// and one walk serves every request waiting for the same mailbox).
+    /// resident (`walk` lists the directory and builds its index, off the
+    /// executor: a walk of 1,000,000 entries must not hold the thread that
+    /// answers every other request; it runs at most once per attempt, and one
+    /// walk serves every request waiting for the same mailbox).
     pub async fn view<T, W, Fut>(
         &self,
         mailbox: &MailboxName,
@@ -466,7 +468,7 @@ impl SharedIndex {
     ) -> io::Result<T>
     where
         W: Fn() -> Fut,
-        Fut: std::future::Future<Output = io::Result<Vec<(MessageId, u64)>>>,
+        Fut: std::future::Future<Output = io::Result<MailboxIndex>>,
     {
         let mut last_walk = None;
         let (mut builds, mut waits) = (0, 0);
@@ -503,7 +505,6 @@ impl SharedIndex {
             };
             let walked = walk().await;
             guard.armed = false;
-            let kept = walked.as_ref().ok().cloned();
             let built = self.index.borrow_mut().finish_build(mailbox, walked);
             self.wake(mailbox);
             match built? {
@@ -513,12 +514,12 @@ impl SharedIndex {
                     }
                 }
                 Built::Oversized(m) => return Ok(f(&m)),
-                Built::Stale => last_walk = kept,
+                Built::Stale(walked) => last_walk = walked,
             }
         }
         match last_walk {
             // As exact as a walk without an index ever was.
-            Some(w) => Ok(f(&MailboxIndex::from_walk(w))),
+            Some(m) => Ok(f(&m)),
             None => Err(io::Error::other("mailbox index kept changing; retry")),
         }
     }
@@ -534,8 +535,10 @@ mod tests {
     fn id(s: &str) -> MessageId {
         MessageId::parse(s).unwrap()
     }
-    fn walk(ids: &[(&str, u64)]) -> io::Result<Vec<(MessageId, u64)>> {
-        Ok(ids.iter().map(|(i, s)| (id(i), *s)).collect())
+    fn walk(ids: &[(&str, u64)]) -> io::Result<MailboxIndex> {
+        Ok(MailboxIndex::from_walk(
+            ids.iter().map(|(i, s)| (id(i), *s)).collect(),
+        ))
     }
     fn usage(ix: &mut Index, m: &MailboxName) -> Option<(u64, u64)> {
         ix.read(m, |m| m.usage())
@@ -657,7 +660,7 @@ mod tests {
         ix.invalidate(&a);
         assert_eq!(
             ix.finish_build(&a, walk(&[("m1", 1)])).unwrap(),
-            Built::Stale
+            Built::Stale(Some(walk(&[("m1", 1)]).unwrap()))
         );
         assert_eq!(ix.state(&a), State::Absent);
         ix.begin_build(&a);
@@ -742,7 +745,10 @@ mod tests {
         let big = mb("big@x");
         ix.begin_build(&big);
         let many: Vec<(MessageId, u64)> = (0..20).map(|i| (id(&format!("b{i}")), 1)).collect();
-        match ix.finish_build(&big, Ok(many)).unwrap() {
+        match ix
+            .finish_build(&big, Ok(MailboxIndex::from_walk(many)))
+            .unwrap()
+        {
             Built::Oversized(m) => assert_eq!(m.usage(), (20, 20)),
             other => panic!("kept an oversized mailbox: {other:?}"),
         }

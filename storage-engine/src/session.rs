@@ -22,12 +22,13 @@ use glommio::net::TcpStream;
 use powermail_proto::reply::{err_line, DELETED, PONG};
 use powermail_proto::{
     auth, BodyHeader, Decoder, DirPage, ErrorCode, Event, Limits, ListEntry, ListPage, MailboxName,
-    MessageId, OkReply, PutReceipt, Removed, Reply, Request, Status, Usage,
+    OkReply, PutReceipt, Removed, Reply, Request, Status, Usage,
 };
 
 use crate::backend::Ctx;
 use crate::config::LimitsConfig;
 use crate::conn_state::{self, Action, ConnState, Owned};
+use crate::index::MailboxIndex;
 use crate::stats::add;
 use crate::store::Store;
 use crate::writer::BodyWriter;
@@ -478,13 +479,18 @@ async fn blocking<T: Send + 'static>(
 fn walker<'a>(
     ctx: &'a Ctx,
     mailbox: &'a MailboxName,
-) -> impl Fn() -> futures_lite::future::BoxedLocal<io::Result<Vec<(MessageId, u64)>>> + 'a {
+) -> impl Fn() -> futures_lite::future::BoxedLocal<io::Result<MailboxIndex>> + 'a {
     move || {
         let store = ctx.store.clone();
         let mailbox = mailbox.clone();
         Box::pin(async move {
+            // The walk and the index's build both run on the blocking pool.
             glommio::executor()
-                .spawn_blocking(move || store.list(&mailbox, usize::MAX))
+                .spawn_blocking(move || {
+                    store
+                        .list(&mailbox, usize::MAX)
+                        .map(MailboxIndex::from_walk)
+                })
                 .await
         })
     }
