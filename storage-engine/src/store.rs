@@ -281,12 +281,27 @@ impl Store {
     }
 
     /// Opens one message for reading; returns the file and its size.
+    ///
+    /// With `O_NOATIME`: under `relatime` the first read of every new message
+    /// would otherwise update its access time (its atime is older than its
+    /// mtime), dirtying an inode that is often unlinked right after (a POP3
+    /// drain) only for it to be written back. The flag needs the file's owner
+    /// or `CAP_FOWNER`; without them (`EPERM`) the file is opened as usual.
     pub fn open_message(
         &self,
         mailbox: &MailboxName,
         msgid: &MessageId,
     ) -> io::Result<(File, u64)> {
-        let file = File::open(self.mailbox_dir(mailbox).join(msgid.as_str()))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.mailbox_dir(mailbox).join(msgid.as_str());
+        let file = match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOATIME)
+            .open(&path)
+        {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => File::open(&path)?,
+            opened => opened?,
+        };
         let size = file.metadata()?.len();
         Ok((file, size))
     }
@@ -549,5 +564,32 @@ mod tests {
         drop(store);
         let (_, removed) = Store::open(dir.path()).unwrap();
         assert_eq!(removed, 1);
+    }
+
+    /// Reading a message leaves its access time alone, where `relatime` would
+    /// have updated it (the atime is set older than the mtime first).
+    #[test]
+    fn reading_a_message_does_not_touch_its_atime() {
+        use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let id = MessageId::parse("m1").unwrap();
+        let a = mb("a@x");
+        store
+            .store_body(b"hello", &id, std::slice::from_ref(&a))
+            .unwrap();
+        let path = store.mailbox_dir(&a).join(id.as_str());
+        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let f = File::options().write(true).open(&path).unwrap();
+        f.set_times(fs::FileTimes::new().set_accessed(old)).unwrap();
+        drop(f);
+        let before = fs::metadata(&path).unwrap().atime();
+        assert_eq!(before, 1_000_000);
+        let (mut file, size) = store.open_message(&a, &id).unwrap();
+        let mut body = Vec::new();
+        file.read_to_end(&mut body).unwrap();
+        assert_eq!((size, body.as_slice()), (5, &b"hello"[..]));
+        assert_eq!(fs::metadata(&path).unwrap().atime(), before);
     }
 }
