@@ -47,6 +47,9 @@ pub struct Config {
     /// Forwarding through an outgoing relay.
     #[serde(default)]
     pub forward: ForwardSettings,
+    /// How quota checks read a mailbox's usage.
+    #[serde(default)]
+    pub quota: QuotaSettings,
     /// STARTTLS; none: not offered.
     #[serde(default)]
     pub tls: Option<TlsSettings>,
@@ -90,6 +93,28 @@ impl Default for ForwardSettings {
         ForwardSettings {
             relay: None,
             timeout_ms: 60_000,
+        }
+    }
+}
+
+/// How quota checks read a mailbox's usage (`usage_cache.rs`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaSettings {
+    /// A mailbox's usage read from the backends is reused this long, plus what
+    /// this process stored there since, to accept a recipient or a message
+    /// without a round trip; a refusal is always checked on a fresh reading.
+    /// 0: every check asks the backends.
+    pub usage_cache_ms: u64,
+    /// Most mailboxes whose usage is kept.
+    pub usage_cache_entries_max: usize,
+}
+
+impl Default for QuotaSettings {
+    fn default() -> Self {
+        QuotaSettings {
+            usage_cache_ms: 1_000,
+            usage_cache_entries_max: 100_000,
         }
     }
 }
@@ -218,6 +243,7 @@ impl Config {
             "shutdown_grace_ms": self.shutdown_grace_ms,
             "limits": self.limits,
             "forward": self.forward,
+            "quota": self.quota,
             "tls": self.tls,
         });
         if let serde_json::Value::Object(own) = own {

@@ -73,6 +73,8 @@ pub struct Shared {
     pub relay_timeout: Duration,
     /// Deletions owed for copies of refused messages.
     pub undo: Arc<crate::undo::Undo>,
+    /// Quota usage kept between transactions.
+    pub usage: crate::usage_cache::UsageCache,
 }
 
 /// One backend receiving a copy.
@@ -102,8 +104,22 @@ struct Txn {
 /// Body bytes sent to the backends (and the relay) in one chunk.
 pub const BACKEND_CHUNK_BYTES: usize = 64 << 10;
 
-/// A local recipient with a quota: (mailbox, quota bytes, bytes used).
-type QuotaUse = (MailboxName, u64, u64);
+/// A local recipient with a quota.
+#[derive(Debug, Clone)]
+struct QuotaUse {
+    mailbox: MailboxName,
+    quota_bytes: u64,
+    used_bytes: u64,
+    /// `used_bytes` came from the usage kept between transactions (it may
+    /// accept, never refuse: it is read again first).
+    kept: bool,
+}
+
+impl QuotaUse {
+    fn over(&self, size_bytes: u64) -> bool {
+        self.used_bytes.saturating_add(size_bytes) > self.quota_bytes
+    }
+}
 
 /// The delivery of one SMTP connection.
 pub struct BackendDelivery {
@@ -179,6 +195,7 @@ impl BackendDelivery {
     /// Backends that do not answer are skipped: a quota is a soft limit,
     /// availability first.
     fn usage_bytes(&self, mailbox: &MailboxName) -> u64 {
+        let now = Instant::now();
         let cluster = &self.shared.cluster;
         let mut asked = Vec::new();
         for id in cluster.readable() {
@@ -200,7 +217,28 @@ impl BackendDelivery {
                 Err(e) => cluster.report_error(id, &e),
             }
         }
-        combined_usage_bytes(&per_backend, self.shared.replicas)
+        let used = combined_usage_bytes(&per_backend, self.shared.replicas);
+        self.shared.usage.put(mailbox, used, now);
+        self.shared
+            .stats
+            .counters
+            .quota_usage_reads
+            .fetch_add(1, Ordering::Relaxed);
+        used
+    }
+
+    /// Reads again, from the backends, every kept usage figure that would
+    /// refuse `size_bytes` more: a refusal is decided on fresh numbers only.
+    fn refresh_kept_over(&mut self, size_bytes: u64) {
+        let stale: Vec<usize> = (0..self.quotas.len())
+            .filter(|&i| self.quotas[i].kept && self.quotas[i].over(size_bytes))
+            .collect();
+        for i in stale {
+            let used = self.usage_bytes(&self.quotas[i].mailbox);
+            let q = &mut self.quotas[i];
+            q.used_bytes = used;
+            q.kept = false;
+        }
     }
 
     /// Quota, then forwards, for an existing, enabled mailbox.
@@ -224,16 +262,32 @@ impl BackendDelivery {
         }
         let mut quota = None;
         if local && mb.quota_bytes > 0 {
-            // Asked once per transaction (a repeated RCPT reuses it).
-            let known = self.quotas.iter().find(|(m, _, _)| *m == name);
-            let used = match known {
-                Some((_, _, used)) => *used,
-                None => self.usage_bytes(&name),
+            // Asked once per transaction (a repeated RCPT reuses it), and
+            // between transactions for quota.usage_cache_ms (usage_cache.rs).
+            let known = self.quotas.iter().find(|q| q.mailbox == name);
+            let (mut used, mut kept) = match known {
+                Some(q) => (q.used_bytes, q.kept),
+                None => match self.shared.usage.get(&name, Instant::now()) {
+                    Some(used) => {
+                        let kept = &self.shared.stats.counters.quota_usage_kept;
+                        kept.fetch_add(1, Ordering::Relaxed);
+                        (used, true)
+                    }
+                    None => (self.usage_bytes(&name), false),
+                },
             };
+            if used >= mb.quota_bytes && kept {
+                (used, kept) = (self.usage_bytes(&name), false);
+            }
             if used >= mb.quota_bytes {
                 return RcptVerdict::OverQuota;
             }
-            quota = Some((name.clone(), mb.quota_bytes, used));
+            quota = Some(QuotaUse {
+                mailbox: name.clone(),
+                quota_bytes: mb.quota_bytes,
+                used_bytes: used,
+                kept,
+            });
         }
         if let (true, Some(addr)) = (forwards, self.shared.relay.as_deref()) {
             if self.relay.is_none() {
@@ -263,9 +317,7 @@ impl BackendDelivery {
 
     /// True when a local recipient would go over its quota with `size_bytes` more.
     fn over_quota(&self, size_bytes: u64) -> bool {
-        self.quotas
-            .iter()
-            .any(|(_, quota, used)| used + size_bytes > *quota)
+        self.quotas.iter().any(|q| q.over(size_bytes))
     }
 
     fn now_us() -> u64 {
@@ -639,10 +691,11 @@ impl Delivery for BackendDelivery {
 
     fn finish(&mut self) -> Reply {
         let eod = Instant::now();
-        let Some(txn) = self.txn.as_ref() else {
+        let Some(size_bytes) = self.txn.as_ref().map(|t| t.size_bytes) else {
             return Reply::new(451, "4.3.0 Internal error: no transaction");
         };
-        if self.over_quota(txn.size_bytes) {
+        self.refresh_kept_over(size_bytes);
+        if self.over_quota(size_bytes) {
             let reply = Reply::new(552, "5.2.2 Mailbox full: message would exceed the quota");
             self.fail_txn(&reply);
             return reply;
@@ -676,6 +729,9 @@ impl Delivery for BackendDelivery {
                 .counters
                 .bytes
                 .fetch_add(txn.size_bytes, Ordering::Relaxed);
+            for q in &self.quotas {
+                self.shared.usage.add(&q.mailbox, txn.size_bytes);
+            }
             reply = Reply::new(250, format!("2.0.0 Ok: queued as {}", txn.msgid));
         } else {
             self.undo(&txn, ok);
@@ -706,16 +762,21 @@ impl Delivery for BackendDelivery {
             return vec![r; rcpts.len()];
         };
         let (msgid, size_bytes) = (txn.msgid.clone(), txn.size_bytes);
+        self.refresh_kept_over(size_bytes);
+        let Some(txn) = self.txn.as_ref() else {
+            let r = Reply::new(451, "4.3.0 Internal error: no transaction");
+            return vec![r; rcpts.len()];
+        };
         let full: Vec<MailboxName> = self
             .quotas
             .iter()
-            .filter(|(_, quota, used)| used + size_bytes > *quota)
-            .map(|(m, _, _)| m.clone())
+            .filter(|q| q.over(size_bytes))
+            .map(|q| q.mailbox.clone())
             .collect();
         let everyone_full = self.forwarded == 0 && txn.rcpts.iter().all(|m| full.contains(m));
         if !everyone_full {
             // Only the others are checked by finish(); the full ones are unlinked.
-            self.quotas.retain(|(m, _, _)| !full.contains(m));
+            self.quotas.retain(|q| !full.contains(&q.mailbox));
         }
         self.stored_on.clear();
         let reply = self.finish();

@@ -19,3 +19,4 @@ pub mod server;
 pub mod session;
 pub mod stats;
 pub mod undo;
+pub mod usage_cache;

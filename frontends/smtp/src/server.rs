@@ -99,6 +99,10 @@ pub fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         counter: AtomicU64::new(0),
         relay: cfg.forward.relay.clone(),
         relay_timeout: Duration::from_millis(cfg.forward.timeout_ms),
+        usage: crate::usage_cache::UsageCache::new(
+            cfg.quota.usage_cache_ms,
+            cfg.quota.usage_cache_entries_max,
+        ),
     });
     let tls = cfg.tls.as_ref().map(|t| t.load()).transpose()?;
     let current = Arc::new(Reloadable::new(cfg));

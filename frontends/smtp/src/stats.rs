@@ -17,6 +17,8 @@ powermail_admin::counters! {
         messages_failed: Counter = "messages refused after DATA began (451/552)",
         recipients: Counter = "recipients of accepted messages",
         bytes: Counter = "bytes of accepted messages (one copy, Received header included)",
+        quota_usage_reads: Counter = "quota checks that asked every backend for USAGE",
+        quota_usage_kept: Counter = "quota checks answered from a usage figure kept less than quota.usage_cache_ms",
     }
 }
 

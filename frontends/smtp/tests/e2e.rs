@@ -605,6 +605,55 @@ fn quota_at_rcpt_and_at_end_of_data() {
     queued_id(&sys.send("a@b.c", &["alice@example.com"], MSG)["data"]);
 }
 
+/// The usage read for a quota is kept between transactions (no USAGE round trip), grows
+/// with what this frontend stores, and never refuses by itself: a kept figure at or
+/// over the quota is read again first, so a deletion behind its back is seen.
+#[test]
+fn kept_quota_usage_accepts_without_asking_and_refuses_only_when_fresh() {
+    let _g = serial();
+    let sys = System::start_with(
+        2,
+        2,
+        "",
+        "[userbase_cache]\npositive_ttl_ms = 0\nnegative_ttl_ms = 0\n\
+         [quota]\nusage_cache_ms = 600000",
+    );
+    let url = format!("sqlite://{}", sys.dir.path().join("userbase.db").display());
+    let ub = powermail_userbase::open(&url).unwrap();
+    ub.set_quota("alice@example.com", 1 << 30).unwrap();
+    let usage_checks = || -> (u64, u64) {
+        let v: Value = serde_json::from_str(&sys.admin_get("/stats")).unwrap();
+        let c = &v["counters"];
+        (
+            c["quota_usage_reads"].as_u64().unwrap(),
+            c["quota_usage_kept"].as_u64().unwrap(),
+        )
+    };
+    for _ in 0..3 {
+        queued_id(&sys.send("a@b.c", &["alice@example.com"], MSG)["data"]);
+    }
+    assert_eq!(usage_checks(), (1, 2), "one USAGE, then the kept figure");
+    let mbox = MailboxName::parse("alice@example.com").unwrap();
+    let listed = sys.backends[0].conn().list(&mbox, 10).unwrap();
+    assert_eq!(listed.len(), 3);
+    let used: u64 = listed.iter().map(|e| e.size_bytes).sum();
+    // The kept figure counts the three messages stored since it was read: with the
+    // quota at what they use, the next RCPT is refused, on a fresh reading.
+    ub.set_quota("alice@example.com", used).unwrap();
+    let r = sys.send("a@b.c", &["alice@example.com", "bob@example.com"], MSG);
+    assert_eq!(r["rcpts"][0][0], 552, "{r}");
+    assert_eq!(usage_checks(), (2, 3));
+    // One message deleted behind the frontend's back (as a POP3 session does): the kept
+    // figure would refuse, so it is read again, and the recipient is accepted.
+    for b in &sys.backends {
+        b.conn().del(&mbox, &listed[0].msgid).unwrap();
+    }
+    let r = sys.send("a@b.c", &["alice@example.com"], MSG);
+    assert_eq!(r["rcpts"][0][0], 250, "{r}");
+    queued_id(&r["data"]);
+    assert_eq!(usage_checks(), (3, 4));
+}
+
 /// Reads the messages the sink accepted: (recipients, bytes).
 fn sunk(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
