@@ -23,7 +23,7 @@ PREFETCH=${PREFETCH:-32}     # serving.prefetch_messages_max on both sides
 B=target/release
 
 log() { echo "== $*" >&2; }
-cargo build --release --quiet -p pplistener -p powerpop -p powersmtp -p powermail -p powermail-bench
+cargo build --release --quiet --workspace --bins
 rm -rf "$W"; mkdir -p "$W/out"
 
 cat > "$W/up.toml" <<TOML

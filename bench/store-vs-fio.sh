@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 W="${1:-/tmp/pm-bench}"
 rm -rf "$W"; mkdir -p "$W/fio"
 command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; }
-cargo build --release -q -p pplistener -p powermail-bench
+cargo build --release -q --workspace --bins
 SECRET=bench-secret-0123456789
 PORT=17000
 cat > "$W/ppl.toml" <<TOML
