@@ -158,7 +158,8 @@ impl Threads {
     }
 
     /// Runs `job` on a waiting thread, or else on a new one (built by `spec`), which then
-    /// waits for more. Returns the job when no thread could be started.
+    /// waits for more. Err when no thread could be started (the job, and with it the
+    /// connection's slot, is dropped).
     fn run(self: &Arc<Self>, job: Job, spec: &ListenerSpec) -> Result<(), std::io::Error> {
         if self.claim() {
             // The receiver lives as long as `self`: the send cannot fail.
