@@ -757,23 +757,23 @@ impl Delivery for BackendDelivery {
     /// [`Delivery::finish`] (250 only with K durable copies), and the full
     /// mailboxes' links are then removed from those copies.
     fn finish_each(&mut self, rcpts: &[Option<MailboxName>]) -> Vec<Reply> {
-        let Some(txn) = self.txn.as_ref() else {
+        let Some((msgid, size_bytes)) = self.txn.as_ref().map(|t| (t.msgid.clone(), t.size_bytes))
+        else {
             let r = Reply::new(451, "4.3.0 Internal error: no transaction");
             return vec![r; rcpts.len()];
         };
-        let (msgid, size_bytes) = (txn.msgid.clone(), txn.size_bytes);
         self.refresh_kept_over(size_bytes);
-        let Some(txn) = self.txn.as_ref() else {
-            let r = Reply::new(451, "4.3.0 Internal error: no transaction");
-            return vec![r; rcpts.len()];
-        };
         let full: Vec<MailboxName> = self
             .quotas
             .iter()
             .filter(|q| q.over(size_bytes))
             .map(|q| q.mailbox.clone())
             .collect();
-        let everyone_full = self.forwarded == 0 && txn.rcpts.iter().all(|m| full.contains(m));
+        let everyone_full = self.forwarded == 0
+            && self
+                .txn
+                .as_ref()
+                .is_some_and(|t| t.rcpts.iter().all(|m| full.contains(m)));
         if !everyone_full {
             // Only the others are checked by finish(); the full ones are unlinked.
             self.quotas.retain(|q| !full.contains(&q.mailbox));
