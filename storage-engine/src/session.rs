@@ -393,7 +393,13 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
         }
     };
     let sync_body = ctx.shared.durability == crate::config::Durability::File;
-    let (file, size_bytes) = match writer.finish(sync_body).await {
+    // The tail may go through the page cache where a flush writes it back
+    // before the link exists (writer.rs, `Tail`).
+    let tail = match sync_body || ctx.shared.flush_before_link {
+        true => crate::writer::Tail::PageCache,
+        false => crate::writer::Tail::PadAndTruncate,
+    };
+    let (file, size_bytes) = match writer.finish(sync_body, tail).await {
         Ok(done) => {
             if sync_body {
                 c.flushed(&c.flushes_fdatasync, 1);
@@ -594,7 +600,7 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                         Err(e) => return Ok(Err(e)),
                     };
                     let header = BodyHeader { size_bytes: size }.encode();
-                    crate::zerocopy::send_all(sock, header.as_bytes(), timeout)?;
+                    crate::zerocopy::send_all(sock, header.as_bytes(), size > 0, timeout)?;
                     crate::zerocopy::sendfile_all(sock, &file, size, timeout)?;
                     Ok(Ok(size))
                 })
@@ -617,6 +623,8 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
             let (gets, bytes) = glommio::executor()
                 .spawn_blocking(move || -> io::Result<(u64, u64)> {
                     let (mut gets, mut bytes) = (0, 0);
+                    // Full segments only until the batch is sent (or fails).
+                    let _cork = crate::zerocopy::Cork::on(sock);
                     // Open the whole batch and start every read first (bodies
                     // are O_DIRECT-written, not cached), then send in order.
                     let opened: Vec<_> = msgids
@@ -633,7 +641,7 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                         match o {
                             Ok((file, size)) => {
                                 let header = BodyHeader { size_bytes: size }.encode();
-                                crate::zerocopy::send_all(sock, header.as_bytes(), timeout)?;
+                                crate::zerocopy::send_all(sock, header.as_bytes(), true, timeout)?;
                                 crate::zerocopy::sendfile_all(sock, &file, size, timeout)?;
                                 gets += 1;
                                 bytes += size;
@@ -644,7 +652,7 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                                 } else {
                                     err_line(ErrorCode::Temp, &format!("{msgid}: {e}"))
                                 };
-                                crate::zerocopy::send_all(sock, line.as_bytes(), timeout)?;
+                                crate::zerocopy::send_all(sock, line.as_bytes(), false, timeout)?;
                             }
                         }
                     }

@@ -8,15 +8,36 @@
 //!
 //! glommio's `DmaStreamWriter` syncs *before* it truncates the padded tail on
 //! close, so a crash could leave a file with NUL padding; this writer keeps
-//! the order the durability contract needs: aligned writes, the tail padded,
-//! the file truncated to its true size, then one `fdatasync` that covers the
-//! data and the size together. Bytes are copied once, from the socket buffer
+//! the order the durability contract needs: aligned writes, the tail written
+//! so that the file has its true size (through the page cache, or padded and
+//! truncated: [`Tail`]), then one `fdatasync` (or the batch's `syncfs`) that
+//! covers the data and the size together. Bytes are copied once, from the socket buffer
 //! into an aligned DMA buffer.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
+
+/// How [`BodyWriter::finish`] writes the tail that does not fill an
+/// `O_DIRECT` alignment unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tail {
+    /// Through the page cache: the file has its true size at once. Safe only
+    /// where the tail's writeback is made durable *before* the body is linked:
+    /// `durability = "file"` (the body's `fdatasync`) and ordered `syncfs`
+    /// (the flush that covers the body writes the page back first). With
+    /// plain `syncfs` on a journaled ext4 or xfs the link can be committed
+    /// while the tail is still delayed allocation, and the power-cut suite
+    /// found messages listed without their tails.
+    PageCache,
+    /// Padded and written with `O_DIRECT`, then the file truncated to size:
+    /// every byte and the size are on the disk, or in the journal, before the
+    /// link, at the cost of a read of the last block.
+    PadAndTruncate,
+}
 
 /// A body being written.
 pub struct BodyWriter {
@@ -85,14 +106,56 @@ impl BodyWriter {
         Ok(())
     }
 
-    /// Writes the padded tail, truncates to the true size and, when `sync`,
-    /// `fdatasync`s. Returns the still open file (link it, then close it)
-    /// and the body size. Every write has completed when this returns `Ok`
-    /// (io_uring completions awaited), so a later `syncfs` covers them;
-    /// with `sync` the body is already durable.
-    pub async fn finish(mut self, sync: bool) -> io::Result<(DmaFile, u64)> {
+    /// Writes what is left and, when `sync`, `fdatasync`s. Returns the still
+    /// open file (link it, then close it) and the body size. Every write has
+    /// completed when this returns `Ok` (io_uring completions awaited), so a
+    /// later `syncfs` covers them; with `sync` the body is already durable.
+    ///
+    /// [`Tail::PageCache`]: the aligned part of what is left goes with
+    /// `O_DIRECT`, and the tail that does not fill an alignment unit through
+    /// the page cache (`O_DIRECT` cleared on the descriptor), so the file has
+    /// its true size at once. [`Tail::PadAndTruncate`]: the tail is padded to
+    /// the alignment, written with `O_DIRECT`, and the file truncated to its
+    /// true size — which makes ext4 zero the rest of the last block in the
+    /// page cache, *reading that block back from the disk* synchronously,
+    /// for every message (7% of pplistener's CPU under `smtp-source`).
+    pub async fn finish(mut self, sync: bool, tail: Tail) -> io::Result<(DmaFile, u64)> {
         let size_bytes = self.pos_bytes + self.fill_bytes as u64;
-        if self.fill_bytes > 0 {
+        let buf = match tail {
+            Tail::PageCache => self.buf.take(),
+            Tail::PadAndTruncate => None,
+        };
+        if let Some(mut buf) = buf {
+            let align = self.file.alignment() as usize;
+            let direct = self.fill_bytes / align * align;
+            let rest = buf.as_bytes()[direct..self.fill_bytes].to_vec();
+            if !rest.is_empty() {
+                allocate(
+                    self.file.as_raw_fd(),
+                    self.pos_bytes,
+                    self.fill_bytes as u64,
+                );
+            }
+            if direct > 0 {
+                buf.trim_to_size(direct);
+                let written = self.file.write_at(buf, self.pos_bytes).await?;
+                if written != direct {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "short O_DIRECT write",
+                    ));
+                }
+            }
+            if !rest.is_empty() {
+                write_through_page_cache(
+                    self.file.as_raw_fd(),
+                    &rest,
+                    self.pos_bytes + direct as u64,
+                )?;
+            }
+            self.pos_bytes += self.fill_bytes as u64;
+            self.fill_bytes = 0;
+        } else if self.fill_bytes > 0 {
             let padded = self.file.align_up(self.fill_bytes as u64) as usize;
             if let Some(buf) = self.buf.as_mut() {
                 buf.as_bytes_mut()[self.fill_bytes..padded].fill(0);
@@ -100,11 +163,11 @@ impl BodyWriter {
             }
             self.flush_buffer().await?;
             // flush_buffer advanced by the true fill, so the position is exact.
-            debug_assert_eq!(self.pos_bytes, size_bytes);
             if !size_bytes.is_multiple_of(self.file.alignment()) {
                 self.file.truncate(size_bytes).await?;
             }
         }
+        debug_assert_eq!(self.pos_bytes, size_bytes);
         if sync {
             self.file.fdatasync().await?;
         }
@@ -114,5 +177,106 @@ impl BodyWriter {
     /// Abandons the body: closing a nameless file frees it.
     pub async fn discard(self) {
         let _ = self.file.close().await;
+    }
+}
+
+/// Clears `O_DIRECT` on `fd` and writes all of `data` at `offset` through the
+/// page cache. Less than one alignment unit, into a block past the end of
+/// the file (allocated by [`allocate`]): a copy into one page, no device I/O
+/// until the flush.
+fn write_through_page_cache(fd: RawFd, data: &[u8], offset: u64) -> io::Result<()> {
+    // SAFETY: fcntl on an open descriptor, no pointers.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Borrowed, not owned: the DmaFile closes the descriptor.
+    // SAFETY: `fd` is open for the duration of the call and not closed here.
+    let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    file.write_all_at(data, offset)
+}
+
+/// Allocates `len_bytes` at `offset` (`fallocate`, size kept) in one call,
+/// so the blocks of a body's last piece are contiguous and one extent: the
+/// `O_DIRECT` part and the page-cache tail written into them after. Left to
+/// itself the tail was allocated apart, at writeback; most messages then had
+/// two extents, and deleting one cost two discards instead of one (the
+/// device counted 25,930 discards for 15,000 messages, and the POP drain
+/// ran 25% slower). Advice in effect: without it the writes still allocate.
+fn allocate(fd: RawFd, offset: u64, len_bytes: u64) {
+    if let (Ok(at), Ok(len)) = (
+        libc::off_t::try_from(offset),
+        libc::off_t::try_from(len_bytes),
+    ) {
+        // SAFETY: fallocate on an open descriptor, no pointers.
+        let _ = unsafe { libc::fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, at, len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes `size` bytes in pieces of `piece`, finishes, and reads the file
+    /// back through its descriptor.
+    fn round_trip(
+        size: usize,
+        piece: usize,
+        unit: usize,
+        tail: Tail,
+    ) -> (u64, u64, Vec<u8>, Vec<u8>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_path_buf();
+        let body: Vec<u8> = (0..size).map(|i| (i * 7 + i / 251) as u8).collect();
+        let sent = body.clone();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let mut w = BodyWriter::create(&path, unit).await.expect("create");
+                for chunk in sent.chunks(piece.max(1)) {
+                    w.write(chunk).await.expect("write");
+                }
+                let (file, reported) = w.finish(false, tail).await.expect("finish");
+                let fd = file.as_raw_fd();
+                // SAFETY: a zeroed stat is a valid out-parameter.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                // SAFETY: open fd, valid out-pointer.
+                assert_eq!(unsafe { libc::fstat(fd, &mut st) }, 0);
+                // A buffered descriptor of its own: this one may still be O_DIRECT.
+                let back = std::fs::read(format!("/proc/self/fd/{fd}")).expect("read back");
+                let _ = file.close().await;
+                (reported, st.st_size as u64, back, sent)
+            })
+            .expect("executor")
+            .join()
+            .expect("join")
+    }
+
+    #[test]
+    fn a_body_has_its_true_size_and_bytes_whatever_its_tail() {
+        for &(size, piece) in &[
+            (0, 1),
+            (1, 1),
+            (100, 7),
+            (511, 100),
+            (512, 512),
+            (513, 1),
+            (4095, 1000),
+            (4096, 4096),
+            (4097, 3),
+            (70_001, 4096),
+            (131_072, 65_536),
+            (200_000, 999),
+        ] {
+            for tail in [Tail::PageCache, Tail::PadAndTruncate] {
+                let (reported, on_disk, back, sent) = round_trip(size, piece, 65_536, tail);
+                assert_eq!(reported, size as u64, "reported size of {size}, {tail:?}");
+                assert_eq!(on_disk, size as u64, "file size of {size}, {tail:?}");
+                assert!(back == sent, "bytes of a {size}-byte body, {tail:?}");
+            }
+        }
     }
 }

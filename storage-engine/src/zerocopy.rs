@@ -60,13 +60,54 @@ pub fn will_need(file: &File, size_bytes: u64) {
     };
 }
 
+/// Holds `TCP_CORK` on a socket while it lives: the kernel sends only full
+/// segments, so a `GETM` batch of small messages (a reply line and a
+/// `sendfile` each) leaves as a few 64 KiB segments instead of two small
+/// ones per message — one wake-up and one read on the frontend per segment,
+/// not per message. Dropping it uncorks, which sends what is left at once.
+/// Best effort: a socket that refuses the option is only slower.
+pub struct Cork(RawFd);
+
+impl Cork {
+    /// Corks `sock` (an open TCP socket that outlives the guard).
+    pub fn on(sock: RawFd) -> Cork {
+        set_cork(sock, 1);
+        Cork(sock)
+    }
+}
+
+impl Drop for Cork {
+    fn drop(&mut self) {
+        set_cork(self.0, 0);
+    }
+}
+
+fn set_cork(sock: RawFd, on: libc::c_int) {
+    // SAFETY: `on` is a valid c_int for the duration of the call; the fd is open.
+    let _ = unsafe {
+        libc::setsockopt(
+            sock,
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
 /// Writes all of `data` to the non-blocking socket `sock`, waiting for
 /// `POLLOUT` on `EAGAIN` (at most `timeout` per wait). For the reply line that
-/// precedes a [`sendfile_all`], from the same blocking-pool call.
-pub fn send_all(sock: RawFd, mut data: &[u8], timeout: Duration) -> io::Result<()> {
+/// precedes a [`sendfile_all`], from the same blocking-pool call. With
+/// `more` (a body follows) it is sent with `MSG_MORE`, so the line leaves in
+/// the body's first segment instead of a segment of its own.
+pub fn send_all(sock: RawFd, mut data: &[u8], more: bool, timeout: Duration) -> io::Result<()> {
+    let flags = match more {
+        true => libc::MSG_NOSIGNAL | libc::MSG_MORE,
+        false => libc::MSG_NOSIGNAL,
+    };
     while !data.is_empty() {
         // SAFETY: `data` is a valid buffer for its length; the fd is open.
-        let n = unsafe { libc::send(sock, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
+        let n = unsafe { libc::send(sock, data.as_ptr().cast(), data.len(), flags) };
         if n > 0 {
             data = &data[n as usize..];
             continue;
