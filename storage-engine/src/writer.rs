@@ -94,6 +94,7 @@ impl BodyWriter {
         };
         let len = buf.len();
         debug_assert_eq!(len as u64 % self.file.alignment(), 0);
+        allocate(self.file.as_raw_fd(), self.pos_bytes, len as u64);
         let written = self.file.write_at(buf, self.pos_bytes).await?;
         if written != len {
             return Err(io::Error::new(
@@ -129,13 +130,11 @@ impl BodyWriter {
             let align = self.file.alignment() as usize;
             let direct = self.fill_bytes / align * align;
             let rest = buf.as_bytes()[direct..self.fill_bytes].to_vec();
-            if !rest.is_empty() {
-                allocate(
-                    self.file.as_raw_fd(),
-                    self.pos_bytes,
-                    self.fill_bytes as u64,
-                );
-            }
+            allocate(
+                self.file.as_raw_fd(),
+                self.pos_bytes,
+                self.fill_bytes as u64,
+            );
             if direct > 0 {
                 buf.trim_to_size(direct);
                 let written = self.file.write_at(buf, self.pos_bytes).await?;
@@ -181,8 +180,8 @@ impl BodyWriter {
 }
 
 /// Clears `O_DIRECT` on `fd` and writes all of `data` at `offset` through the
-/// page cache. Less than one alignment unit, into a block past the end of
-/// the file (allocated by [`allocate`]): a copy into one page, no device I/O
+/// page cache. Less than one alignment unit, into the file's last block
+/// (already allocated by [`allocate`]): a copy into one page, no device I/O
 /// until the flush.
 fn write_through_page_cache(fd: RawFd, data: &[u8], offset: u64) -> io::Result<()> {
     // SAFETY: fcntl on an open descriptor, no pointers.
@@ -200,20 +199,37 @@ fn write_through_page_cache(fd: RawFd, data: &[u8], offset: u64) -> io::Result<(
     file.write_all_at(data, offset)
 }
 
-/// Allocates `len_bytes` at `offset` (`fallocate`, size kept) in one call,
-/// so the blocks of a body's last piece are contiguous and one extent: the
-/// `O_DIRECT` part and the page-cache tail written into them after. Left to
-/// itself the tail was allocated apart, at writeback; most messages then had
-/// two extents, and deleting one cost two discards instead of one (the
-/// device counted 25,930 discards for 15,000 messages, and the POP drain
-/// ran 25% slower). Advice in effect: without it the writes still allocate.
+/// Allocates `len_bytes` at `offset` in one `fallocate`, and extends the
+/// file's size to cover them, before they are written.
+///
+/// * The `O_DIRECT` write that follows is then an overwrite, not an
+///   extending write: ext4 refuses an extending write under `IOCB_NOWAIT`,
+///   so io_uring handed every body write to a worker thread (one
+///   `io_uring_queue_async_work` per PUT, measured with `perf`), with the
+///   wake-ups and task-work that cost. An overwrite of allocated blocks is
+///   issued inline.
+/// * The blocks of a body's last piece are contiguous and one extent: the
+///   `O_DIRECT` part and the page-cache tail written into them after. Left
+///   to itself the tail was allocated apart, at writeback; most messages
+///   then had two extents, and deleting one cost two discards instead of one
+///   (the device counted 25,930 discards for 15,000 messages, and the POP
+///   drain ran 25% slower).
+///
+/// The size is true as soon as the last piece is allocated (callers never
+/// allocate past the body's end but for the `O_DIRECT` padding, which
+/// [`Tail::PadAndTruncate`] truncates), and the file has no name until it is
+/// complete and flushed. Advice in effect: if the file system refuses, the
+/// writes still allocate and extend.
 fn allocate(fd: RawFd, offset: u64, len_bytes: u64) {
+    if len_bytes == 0 {
+        return;
+    }
     if let (Ok(at), Ok(len)) = (
         libc::off_t::try_from(offset),
         libc::off_t::try_from(len_bytes),
     ) {
         // SAFETY: fallocate on an open descriptor, no pointers.
-        let _ = unsafe { libc::fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, at, len) };
+        let _ = unsafe { libc::fallocate(fd, 0, at, len) };
     }
 }
 
