@@ -13,7 +13,7 @@
 //! file; the new `[limits]` apply to sessions accepted from then on (open ones keep theirs
 //! and are never dropped), every other change is logged as needing a restart.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -254,7 +254,6 @@ fn serve(
     ip: &str,
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    stream.set_write_timeout(Some(cfg.limits.command_timeout()))?;
     let mut delivery = BackendDelivery::new(shared.clone(), ip);
     let mut session = match protocol {
         Protocol::Smtp => Session::new(&cfg.hostname, ip, cfg.limits.session()),
@@ -265,8 +264,10 @@ fn serve(
     }
     let mut out = Vec::with_capacity(4096);
     session.greeting(&mut delivery, &mut out);
-    let mut plain = stream.try_clone()?;
-    plain.write_all(&out)?;
+    // Plain TCP is served through a borrow (no descriptor duplicated per
+    // connection); STARTTLS takes its own below.
+    let mut plain = &stream;
+    plain.write_all_by(&out, Instant::now() + cfg.limits.command_timeout())?;
     let mut c = Conversation {
         session,
         delivery,
@@ -286,7 +287,7 @@ fn serve(
         // STARTTLS is only offered with a certificate.
         return Ok(());
     };
-    let mut secure = match powermail_frontend::tls::upgrade(tls, plain) {
+    let mut secure = match powermail_frontend::tls::upgrade(tls, stream.try_clone()?) {
         Ok(secure) => secure,
         Err(e) => {
             c.session.lost(&mut c.delivery);
