@@ -36,6 +36,8 @@ const MMAP_THRESHOLD_BYTES: libc::c_int = 4 << 20;
 /// 64 KiB messages, faults inside `memmove` were the largest cost in
 /// powerpop after the sockets. Keeping up to 64 MiB per arena cut
 /// powerpop's CPU per byte served by 12–19% (bench/RESULTS.md, session 6).
+/// What is kept is memory the arena once used, never more than its peak;
+/// the sessions' own bound (`prefetch_bytes_max` each) is unchanged.
 fn keep_freed_memory() {
     // SAFETY: mallopt takes two integers and changes allocator settings only.
     unsafe {
