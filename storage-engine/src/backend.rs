@@ -114,7 +114,7 @@ async fn run(start: Start) {
             return;
         }
     }
-    let listener = match listen(backend.listen) {
+    let listener = match listen_when_free(backend.listen, &backend.name).await {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(format!(
@@ -220,6 +220,42 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     // SAFETY: the fd is a bound, listening TCP socket that we own and hand
     // over whole.
     Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
+}
+
+/// How long a backend waits at start-up for its port to be let go.
+const BIND_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Between two tries.
+const BIND_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// [`listen`], waiting up to [`BIND_WAIT`] while the port is in use. A
+/// pplistener killed a moment ago still holds its listening sockets after
+/// it has been reaped: the kernel tears a dead process's io_uring down
+/// asynchronously, and a pending accept keeps the socket until then
+/// (measured here: the port was still taken in 37 of 40 restarts right
+/// after `kill -9` and `wait`, for 5–10 ms). A restart by systemd, or by a
+/// test, must not fail on that. A port that another program holds is
+/// reported after the wait, as before.
+async fn listen_when_free(addr: std::net::SocketAddr, name: &str) -> std::io::Result<TcpListener> {
+    let started = std::time::Instant::now();
+    let mut told = false;
+    loop {
+        match listen(addr) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse && started.elapsed() < BIND_WAIT =>
+            {
+                if !told {
+                    log::warn!(
+                        "backend={name} {addr} is still in use (a pplistener that just exited \
+                         keeps it until its io_uring is torn down); retrying for up to {} s",
+                        BIND_WAIT.as_secs()
+                    );
+                    told = true;
+                }
+                glommio::timer::sleep(BIND_RETRY).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 async fn drain(listener: TcpListener, ctx: &Ctx) {

@@ -2,7 +2,8 @@
 //! PowerMail listener (`SO_REUSEADDR`, no `SO_REUSEPORT`). A port some other
 //! program used a moment ago (its connections still in TIME_WAIT) binds at
 //! once; a second pplistener on the same port fails loudly instead of
-//! quietly taking half of the connections.
+//! quietly taking half of the connections; a restart waits a moment for the
+//! port its killed predecessor still holds.
 
 mod common;
 
@@ -109,4 +110,37 @@ fn a_second_pplistener_on_the_same_port_fails_to_start() {
     );
     // The first one still serves.
     l.conn(0).ping().expect("PING on the first instance");
+}
+
+/// A restart finds its port still held for a moment (a pplistener killed a
+/// moment ago keeps its listening socket until the kernel has torn its
+/// io_uring down, after the process was reaped): it waits for the port
+/// instead of failing. The hold is played here by a plain socket, released
+/// 300 ms into the restart.
+#[test]
+fn a_restart_waits_for_a_port_still_held() {
+    let mut l = Listener::start(1, "");
+    let addr = l.backends[0];
+    l.kill9();
+    // Take the port over as soon as the killed process lets it go.
+    let deadline = Instant::now() + TIMEOUT;
+    let holder = loop {
+        match TcpListener::bind(addr) {
+            Ok(h) => break h,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) => panic!("{addr} never freed after kill -9: {e}"),
+        }
+    };
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(holder);
+    });
+    l.restart();
+    release.join().expect("release");
+    l.conn(0).ping().expect("PING after the restart");
+    assert!(
+        l.log_text().contains("still in use"),
+        "the wait is logged:\n{}",
+        l.log_text()
+    );
 }
