@@ -95,15 +95,21 @@ impl BodyWriter {
         let len = buf.len();
         debug_assert_eq!(len as u64 % self.file.alignment(), 0);
         allocate(self.file.as_raw_fd(), self.pos_bytes, len as u64);
-        let written = self.file.write_at(buf, self.pos_bytes).await?;
-        if written != len {
+        self.write_direct(buf, self.pos_bytes).await?;
+        self.pos_bytes += self.fill_bytes as u64;
+        self.fill_bytes = 0;
+        Ok(())
+    }
+
+    /// Writes all of `buf` (an aligned length) at `at` with `O_DIRECT`.
+    async fn write_direct(&self, buf: DmaBuffer, at: u64) -> io::Result<()> {
+        let len = buf.len();
+        if self.file.write_at(buf, at).await? != len {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
                 "short O_DIRECT write",
             ));
         }
-        self.pos_bytes += self.fill_bytes as u64;
-        self.fill_bytes = 0;
         Ok(())
     }
 
@@ -137,13 +143,7 @@ impl BodyWriter {
             );
             if direct > 0 {
                 buf.trim_to_size(direct);
-                let written = self.file.write_at(buf, self.pos_bytes).await?;
-                if written != direct {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "short O_DIRECT write",
-                    ));
-                }
+                self.write_direct(buf, self.pos_bytes).await?;
             }
             if !rest.is_empty() {
                 write_through_page_cache(
