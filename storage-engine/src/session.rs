@@ -627,17 +627,11 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                     let _cork = crate::zerocopy::Cork::on(sock);
                     // Open the whole batch and start every read first (bodies
                     // are O_DIRECT-written, not cached), then send in order.
-                    let opened: Vec<_> = msgids
-                        .iter()
-                        .map(|msgid| {
-                            let o = store.open_message(&mailbox, msgid);
-                            if let Ok((file, size)) = &o {
-                                crate::zerocopy::will_need(file, *size);
-                            }
-                            (msgid, o)
-                        })
-                        .collect();
-                    for (msgid, o) in opened {
+                    let opened = store.open_messages(&mailbox, &msgids);
+                    for (file, size) in opened.iter().flatten() {
+                        crate::zerocopy::will_need(file, *size);
+                    }
+                    for (msgid, o) in msgids.iter().zip(opened) {
                         match o {
                             Ok((file, size)) => {
                                 let header = BodyHeader { size_bytes: size }.encode();
@@ -703,9 +697,19 @@ async fn apply(ctx: &Ctx, conn: &mut Connection, req: Request) -> io::Result<()>
                 }
             }
             match deleted {
-                Ok(n) => {
+                Ok((n, released)) => {
                     add(&c.dels, n);
                     conn.queue(&Removed { count: n }.encode());
+                    // Their removal is durable: answer without waiting for
+                    // their blocks to be freed (and discarded) on close.
+                    if !released.is_empty() {
+                        glommio::spawn_local(async move {
+                            glommio::executor()
+                                .spawn_blocking(move || drop(released))
+                                .await
+                        })
+                        .detach();
+                    }
                 }
                 Err(e) => conn.queue(&io_err_line(&e)),
             }

@@ -306,6 +306,40 @@ impl Store {
         Ok((file, size))
     }
 
+    /// Opens several messages of one mailbox for reading, as
+    /// [`Store::open_message`] does one: the mailbox's directory is opened
+    /// once and each name resolved against it (no path walk per message).
+    /// One result per id, in order.
+    pub fn open_messages(
+        &self,
+        mailbox: &MailboxName,
+        msgids: &[MessageId],
+    ) -> Vec<io::Result<(File, u64)>> {
+        let dir = match File::open(self.mailbox_dir(mailbox)) {
+            Ok(dir) => dir,
+            Err(e) => {
+                let kind = e.kind();
+                return msgids
+                    .iter()
+                    .map(|_| Err(io::Error::new(kind, e.to_string())))
+                    .collect();
+            }
+        };
+        msgids
+            .iter()
+            .map(|msgid| {
+                let file = open_in(&dir, msgid.as_str().as_bytes(), libc::O_NOATIME).or_else(
+                    |e| match e.raw_os_error() {
+                        Some(libc::EPERM) => open_in(&dir, msgid.as_str().as_bytes(), 0),
+                        _ => Err(e),
+                    },
+                )?;
+                let size = file.metadata()?.len();
+                Ok((file, size))
+            })
+            .collect()
+    }
+
     /// Removes one message from one mailbox, durably. `NotFound` if absent.
     pub fn delete(&self, mailbox: &MailboxName, msgid: &MessageId) -> io::Result<()> {
         let mut r = Remover::open(&self.mailbox_dir(mailbox))?;
@@ -314,13 +348,19 @@ impl Store {
     }
 
     /// Removes each of `msgids` that `mailbox` holds, then syncs the directory
-    /// once; returns how many were removed. Missing ids are skipped: a retried
-    /// or replayed deletion is not an error.
-    pub fn delete_many(&self, mailbox: &MailboxName, msgids: &[MessageId]) -> io::Result<u64> {
+    /// once; returns how many were removed, and the removed files, still
+    /// open: their removal is durable, and dropping them frees their blocks
+    /// (see [`Released`]). Missing ids are skipped: a retried or replayed
+    /// deletion is not an error.
+    pub fn delete_many(
+        &self,
+        mailbox: &MailboxName,
+        msgids: &[MessageId],
+    ) -> io::Result<(u64, Released)> {
         let mut r = match Remover::open(&self.mailbox_dir(mailbox)) {
             Ok(r) => r,
             // No directory: none of them is here.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, Released::default())),
             Err(e) => return Err(e),
         };
         let mut removed = 0;
@@ -334,8 +374,7 @@ impl Store {
                 }
             }
         }
-        r.sync()?;
-        Ok(removed)
+        Ok((removed, r.finish()?))
     }
 
     /// `(messages, bytes)` of a mailbox, by a walk (the server answers USAGE
@@ -545,6 +584,15 @@ impl Remover {
         Ok(())
     }
 
+    /// Makes every removal durable (one `fsync` of the directory) and hands
+    /// over the removed files instead of closing them here.
+    fn finish(mut self) -> io::Result<Released> {
+        if !self.pinned.is_empty() {
+            self.dir.sync_all()?;
+        }
+        Ok(Released(std::mem::take(&mut self.pinned)))
+    }
+
     /// Makes every removal so far durable (one `fsync` of the directory),
     /// then lets their blocks go.
     fn sync(&mut self) -> io::Result<()> {
@@ -555,6 +603,41 @@ impl Remover {
         self.pinned.clear();
         Ok(())
     }
+}
+
+/// Removed files whose removal is durable, still open. Dropping them frees
+/// their blocks: the last close of an unlinked file truncates it, and on a
+/// file system mounted with `discard` and no journal it waits for the
+/// device's discard of every extent (measured: the largest part of a POP3
+/// drain's cost in pplistener). Callers answer first and drop these after.
+#[derive(Debug, Default)]
+pub struct Released(Vec<File>);
+
+impl Released {
+    /// Whether none are held.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Opens `name` in `dir` for reading, with `extra` flags (`O_NOFOLLOW`:
+/// message files are never links to elsewhere).
+fn open_in(dir: &File, name: &[u8], extra: libc::c_int) -> io::Result<File> {
+    let name = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a file name"))?;
+    // SAFETY: a valid directory fd and NUL-terminated name; the new fd is owned below.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | extra,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 /// What `statvfs(2)` says of a file system, as this (unprivileged) process sees it.
@@ -715,5 +798,93 @@ mod tests {
         file.read_to_end(&mut body).unwrap();
         assert_eq!((size, body.as_slice()), (5, &b"hello"[..]));
         assert_eq!(fs::metadata(&path).unwrap().atime(), before);
+        let (mut file, _) = store.open_messages(&a, &[id]).pop().unwrap().unwrap();
+        file.read_to_end(&mut Vec::new()).unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().atime(),
+            before,
+            "batch opens too"
+        );
+    }
+
+    /// A batch open answers as one open per message: body and size, or
+    /// `NotFound` for a missing message or mailbox.
+    #[test]
+    fn a_batch_open_answers_as_single_opens_do() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let a = mb("a@x");
+        let ids: Vec<_> = ["m1", "m2", "m3"]
+            .iter()
+            .map(|i| MessageId::parse(i).unwrap())
+            .collect();
+        store
+            .store_body(b"one", &ids[0], std::slice::from_ref(&a))
+            .unwrap();
+        store
+            .store_body(b"three", &ids[2], std::slice::from_ref(&a))
+            .unwrap();
+        let got: Vec<_> = store
+            .open_messages(&a, &ids)
+            .into_iter()
+            .map(|o| {
+                o.map(|(mut f, size)| {
+                    let mut body = Vec::new();
+                    f.read_to_end(&mut body).unwrap();
+                    (size, body)
+                })
+                .map_err(|e| e.kind())
+            })
+            .collect();
+        let single: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                store
+                    .open_message(&a, id)
+                    .map(|(mut f, size)| {
+                        let mut body = Vec::new();
+                        f.read_to_end(&mut body).unwrap();
+                        (size, body)
+                    })
+                    .map_err(|e| e.kind())
+            })
+            .collect();
+        assert_eq!(got, single);
+        assert_eq!(got[0], Ok((3, b"one".to_vec())));
+        assert_eq!(got[1], Err(io::ErrorKind::NotFound));
+        let none = store.open_messages(&mb("nobody@x"), &ids);
+        assert!(none
+            .iter()
+            .all(|o| o.as_ref().unwrap_err().kind() == io::ErrorKind::NotFound));
+    }
+
+    /// A batch delete is durable when it returns and hands back the removed
+    /// files, still open (their blocks are freed when they are dropped).
+    #[test]
+    fn a_batch_delete_hands_back_the_removed_files() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let a = mb("a@x");
+        let ids: Vec<_> = ["m1", "m2", "m3"]
+            .iter()
+            .map(|i| MessageId::parse(i).unwrap())
+            .collect();
+        for id in &ids[..2] {
+            store
+                .store_body(b"x", id, std::slice::from_ref(&a))
+                .unwrap();
+        }
+        let (n, released) = store.delete_many(&a, &ids).unwrap();
+        assert_eq!(n, 2, "the missing one is skipped");
+        assert_eq!(released.0.len(), 2);
+        assert!(released
+            .0
+            .iter()
+            .all(|f| f.metadata().unwrap().nlink() == 0));
+        assert_eq!(store.list(&a, 10).unwrap(), vec![]);
+        let (n, released) = store.delete_many(&mb("nobody@x"), &ids).unwrap();
+        assert_eq!((n, released.is_empty()), (0, true));
     }
 }
