@@ -22,6 +22,15 @@ pub trait DeadlineWrite {
     /// much went out is then unknown and the connection should be closed.
     fn write_all_by(&mut self, data: &[u8], deadline: Instant) -> io::Result<()>;
 
+    /// Writes `first` then `second` as [`write_all_by`](Self::write_all_by)
+    /// does, in one system call where the stream can (a plain socket:
+    /// `sendmsg(2)` with both): a reply's buffered start and a large body
+    /// leave as one send, not two.
+    fn write_two_by(&mut self, first: &[u8], second: &[u8], deadline: Instant) -> io::Result<()> {
+        self.write_all_by(first, deadline)?;
+        self.write_all_by(second, deadline)
+    }
+
     /// True when [`splice_from_by`](Self::splice_from_by) works: bytes can
     /// go to the socket straight from a pipe (plain TCP, not TLS).
     fn can_splice(&self) -> bool {
@@ -82,7 +91,55 @@ fn send_now(sock: &TcpStream, data: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// As [`send_now`], for the two parts of [`DeadlineWrite::write_two_by`].
+fn send_now_two(sock: &TcpStream, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: an all-zero msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // IoSlice is ABI-compatible with struct iovec; sendmsg only reads them.
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len() as _;
+    // SAFETY: `msg` points at `bufs`, valid for the call; the fd is open.
+    let n = unsafe {
+        libc::sendmsg(
+            sock.as_raw_fd(),
+            &msg,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let e = io::Error::last_os_error();
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+        _ => Err(e),
+    }
+}
+
 impl DeadlineWrite for &TcpStream {
+    fn write_two_by(&mut self, first: &[u8], second: &[u8], deadline: Instant) -> io::Result<()> {
+        if first.is_empty() {
+            return self.write_all_by(second, deadline);
+        }
+        if Instant::now() >= deadline {
+            return Err(timed_out_now());
+        }
+        let mut bufs = [io::IoSlice::new(first), io::IoSlice::new(second)];
+        let mut bufs = &mut bufs[..];
+        let sent = send_now_two(self, bufs)?;
+        io::IoSlice::advance_slices(&mut bufs, sent);
+        while !bufs.is_empty() {
+            arm(self, deadline)?;
+            match self.write_vectored(bufs) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(timed_out(e)),
+            }
+        }
+        Ok(())
+    }
+
     fn write_all_by(&mut self, mut data: &[u8], deadline: Instant) -> io::Result<()> {
         if data.is_empty() {
             return Ok(());
@@ -123,6 +180,10 @@ impl DeadlineWrite for &TcpStream {
 impl DeadlineWrite for TcpStream {
     fn write_all_by(&mut self, data: &[u8], deadline: Instant) -> io::Result<()> {
         (&*self).write_all_by(data, deadline)
+    }
+
+    fn write_two_by(&mut self, first: &[u8], second: &[u8], deadline: Instant) -> io::Result<()> {
+        (&*self).write_two_by(first, second, deadline)
     }
 
     fn can_splice(&self) -> bool {
@@ -226,11 +287,17 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(60);
         s.write_all_by(b"250 OK\r\n", deadline).unwrap();
         s.write_all_by(&large, deadline).unwrap();
+        s.write_two_by(b"+OK two\r\n", &large, deadline).unwrap();
+        s.write_two_by(b"", b"+OK", deadline).unwrap();
+        s.write_two_by(b"\r\n", b"", deadline).unwrap();
         s.write_all_by(b"221 bye\r\n", deadline).unwrap();
         drop(s);
         let got = reader.join().unwrap();
         let mut want = b"250 OK\r\n".to_vec();
         want.extend_from_slice(&large);
+        want.extend_from_slice(b"+OK two\r\n");
+        want.extend_from_slice(&large);
+        want.extend_from_slice(b"+OK\r\n");
         want.extend_from_slice(b"221 bye\r\n");
         assert!(
             got == want,

@@ -438,15 +438,28 @@ impl<S: DeadlineWrite> SpliceSink for Out<'_, S> {
     }
 }
 
+/// Of a write too large to buffer, the last bytes kept in the buffer for
+/// what follows (a RETR's terminating line, the next answer).
+const TAIL_KEPT_BYTES: usize = 512;
+
 impl<S: DeadlineWrite> Write for Out<'_, S> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if self.buf.len() + data.len() > OUT_BUFFER_BYTES {
-            Self::send(self.stream, &mut self.deadline, self.send_timeout, self.buf)?;
-            self.buf.clear();
             if data.len() >= OUT_BUFFER_BYTES {
-                Self::send(self.stream, &mut self.deadline, self.send_timeout, data)?;
+                // One send for what is buffered (a RETR's `+OK` line) and
+                // all of `data` but its tail, which waits for what follows:
+                // two sends per large message, not three.
+                let (head, tail) = data.split_at(data.len() - TAIL_KEPT_BYTES);
+                let deadline = *self
+                    .deadline
+                    .get_or_insert_with(|| Instant::now() + self.send_timeout);
+                self.stream.write_two_by(self.buf, head, deadline)?;
+                self.buf.clear();
+                self.buf.extend_from_slice(tail);
                 return Ok(data.len());
             }
+            Self::send(self.stream, &mut self.deadline, self.send_timeout, self.buf)?;
+            self.buf.clear();
         }
         self.buf.extend_from_slice(data);
         Ok(data.len())
