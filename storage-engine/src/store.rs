@@ -825,30 +825,22 @@ mod tests {
         store
             .store_body(b"three", &ids[2], std::slice::from_ref(&a))
             .unwrap();
+        let read = |o: io::Result<(File, u64)>| {
+            o.map(|(mut f, size)| {
+                let mut body = Vec::new();
+                f.read_to_end(&mut body).unwrap();
+                (size, body)
+            })
+            .map_err(|e| e.kind())
+        };
         let got: Vec<_> = store
             .open_messages(&a, &ids)
             .into_iter()
-            .map(|o| {
-                o.map(|(mut f, size)| {
-                    let mut body = Vec::new();
-                    f.read_to_end(&mut body).unwrap();
-                    (size, body)
-                })
-                .map_err(|e| e.kind())
-            })
+            .map(read)
             .collect();
         let single: Vec<_> = ids
             .iter()
-            .map(|id| {
-                store
-                    .open_message(&a, id)
-                    .map(|(mut f, size)| {
-                        let mut body = Vec::new();
-                        f.read_to_end(&mut body).unwrap();
-                        (size, body)
-                    })
-                    .map_err(|e| e.kind())
-            })
+            .map(|id| read(store.open_message(&a, id)))
             .collect();
         assert_eq!(got, single);
         assert_eq!(got[0], Ok((3, b"one".to_vec())));

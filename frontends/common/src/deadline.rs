@@ -67,32 +67,12 @@ fn timed_out(e: io::Error) -> io::Error {
     }
 }
 
-/// Sends what the socket takes at once (`MSG_DONTWAIT`); returns how much.
-/// Most replies fit the send buffer whole, and a send that cannot block needs
-/// no time-out: no `setsockopt` for them (it was one per reply, a tenth of a
-/// frontend's system calls per SMTP transaction).
-fn send_now(sock: &TcpStream, data: &[u8]) -> io::Result<usize> {
-    // SAFETY: `data` is a valid buffer for its length; the fd is open.
-    let n = unsafe {
-        libc::send(
-            sock.as_raw_fd(),
-            data.as_ptr().cast(),
-            data.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if n >= 0 {
-        return Ok(n as usize);
-    }
-    let e = io::Error::last_os_error();
-    match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
-        _ => Err(e),
-    }
-}
-
-/// As [`send_now`], for the two parts of [`DeadlineWrite::write_two_by`].
-fn send_now_two(sock: &TcpStream, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+/// Sends what the socket takes at once of `bufs`, in order (`sendmsg(2)`
+/// with `MSG_DONTWAIT`); returns how much. Most replies fit the send buffer
+/// whole, and a send that cannot block needs no time-out: no `setsockopt`
+/// for them (it was one per reply, a tenth of a frontend's system calls per
+/// SMTP transaction).
+fn send_now(sock: &TcpStream, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
     // SAFETY: an all-zero msghdr is valid (no name, no control data).
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     // IoSlice is ABI-compatible with struct iovec; sendmsg only reads them.
@@ -126,7 +106,7 @@ impl DeadlineWrite for &TcpStream {
         }
         let mut bufs = [io::IoSlice::new(first), io::IoSlice::new(second)];
         let mut bufs = &mut bufs[..];
-        let sent = send_now_two(self, bufs)?;
+        let sent = send_now(self, bufs)?;
         io::IoSlice::advance_slices(&mut bufs, sent);
         while !bufs.is_empty() {
             arm(self, deadline)?;
@@ -147,7 +127,7 @@ impl DeadlineWrite for &TcpStream {
         if Instant::now() >= deadline {
             return Err(timed_out_now());
         }
-        data = &data[send_now(self, data)?..];
+        data = &data[send_now(self, &[io::IoSlice::new(data)])?..];
         while !data.is_empty() {
             arm(self, deadline)?;
             match self.write(data) {
