@@ -677,6 +677,10 @@ mod tests {
         MailboxName::parse(s).unwrap()
     }
 
+    fn msgids(ids: &[&str]) -> Vec<MessageId> {
+        ids.iter().map(|i| MessageId::parse(i).unwrap()).collect()
+    }
+
     #[test]
     fn a_remover_keeps_each_file_until_its_removal_is_synced() {
         use std::os::unix::fs::MetadataExt;
@@ -815,10 +819,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path()).unwrap();
         let a = mb("a@x");
-        let ids: Vec<_> = ["m1", "m2", "m3"]
-            .iter()
-            .map(|i| MessageId::parse(i).unwrap())
-            .collect();
+        let ids = msgids(&["m1", "m2", "m3"]);
         store
             .store_body(b"one", &ids[0], std::slice::from_ref(&a))
             .unwrap();
@@ -859,10 +860,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path()).unwrap();
         let a = mb("a@x");
-        let ids: Vec<_> = ["m1", "m2", "m3"]
-            .iter()
-            .map(|i| MessageId::parse(i).unwrap())
-            .collect();
+        let ids = msgids(&["m1", "m2", "m3"]);
         for id in &ids[..2] {
             store
                 .store_body(b"x", id, std::slice::from_ref(&a))
