@@ -280,30 +280,15 @@ impl Store {
         Ok(out)
     }
 
-    /// Opens one message for reading; returns the file and its size.
-    ///
-    /// With `O_NOATIME`: under `relatime` the first read of every new message
-    /// would otherwise update its access time (its atime is older than its
-    /// mtime), dirtying an inode that is often unlinked right after (a POP3
-    /// drain) only for it to be written back. The flag needs the file's owner
-    /// or `CAP_FOWNER`; without them (`EPERM`) the file is opened as usual.
+    /// Opens one message for reading; returns the file and its size (see
+    /// [`open_for_reading`]).
     pub fn open_message(
         &self,
         mailbox: &MailboxName,
         msgid: &MessageId,
     ) -> io::Result<(File, u64)> {
-        use std::os::unix::fs::OpenOptionsExt;
         let path = self.mailbox_dir(mailbox).join(msgid.as_str());
-        let file = match fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOATIME)
-            .open(&path)
-        {
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => File::open(&path)?,
-            opened => opened?,
-        };
-        let size = file.metadata()?.len();
-        Ok((file, size))
+        open_for_reading(libc::AT_FDCWD, path.as_os_str().as_bytes())
     }
 
     /// Opens several messages of one mailbox for reading, as
@@ -318,25 +303,20 @@ impl Store {
         let dir = match File::open(self.mailbox_dir(mailbox)) {
             Ok(dir) => dir,
             Err(e) => {
-                let kind = e.kind();
                 return msgids
                     .iter()
-                    .map(|_| Err(io::Error::new(kind, e.to_string())))
+                    .map(|_| {
+                        Err(e.raw_os_error().map_or_else(
+                            || io::Error::new(e.kind(), e.to_string()),
+                            io::Error::from_raw_os_error,
+                        ))
+                    })
                     .collect();
             }
         };
         msgids
             .iter()
-            .map(|msgid| {
-                let file = open_in(&dir, msgid.as_str().as_bytes(), libc::O_NOATIME).or_else(
-                    |e| match e.raw_os_error() {
-                        Some(libc::EPERM) => open_in(&dir, msgid.as_str().as_bytes(), 0),
-                        _ => Err(e),
-                    },
-                )?;
-                let size = file.metadata()?.len();
-                Ok((file, size))
-            })
+            .map(|msgid| open_for_reading(dir.as_raw_fd(), msgid.as_str().as_bytes()))
             .collect()
     }
 
@@ -620,24 +600,40 @@ impl Released {
     }
 }
 
-/// Opens `name` in `dir` for reading, with `extra` flags (`O_NOFOLLOW`:
-/// message files are never links to elsewhere).
-fn open_in(dir: &File, name: &[u8], extra: libc::c_int) -> io::Result<File> {
+/// Opens `name` (relative to the directory `dir`, or to the working
+/// directory with `AT_FDCWD`) for reading; returns the file and its size.
+///
+/// With `O_NOATIME`: under `relatime` the first read of every new message
+/// would otherwise update its access time (its atime is older than its
+/// mtime), dirtying an inode that is often unlinked right after (a POP3
+/// drain) only for it to be written back. The flag needs the file's owner
+/// or `CAP_FOWNER`; without them (`EPERM`) the file is opened as usual.
+/// `O_NOFOLLOW`: a message file is never a symbolic link.
+fn open_for_reading(dir: RawFd, name: &[u8]) -> io::Result<(File, u64)> {
     let name = std::ffi::CString::new(name)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a file name"))?;
-    // SAFETY: a valid directory fd and NUL-terminated name; the new fd is owned below.
-    let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | extra,
-        )
+    let open = |extra: libc::c_int| {
+        // SAFETY: `dir` is a directory fd or AT_FDCWD, `name` is NUL-terminated;
+        // the new fd is owned below.
+        let fd = unsafe {
+            libc::openat(
+                dir,
+                name.as_ptr(),
+                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | extra,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        Ok(unsafe { File::from_raw_fd(fd) })
     };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just opened and is owned by nobody else.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    let file = match open(libc::O_NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0)?,
+        opened => opened?,
+    };
+    let size = file.metadata()?.len();
+    Ok((file, size))
 }
 
 /// What `statvfs(2)` says of a file system, as this (unprivileged) process sees it.
