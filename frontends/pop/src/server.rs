@@ -407,15 +407,20 @@ impl<S: DeadlineWrite> Out<'_, S> {
         self.deadline = None;
     }
 
-    /// Writes `data` by the deadline, which the answer's first write sets.
-    fn send(
-        stream: &mut S,
-        deadline: &mut Option<Instant>,
-        send_timeout: Duration,
-        data: &[u8],
-    ) -> io::Result<()> {
-        let deadline = *deadline.get_or_insert_with(|| Instant::now() + send_timeout);
-        stream.write_all_by(data, deadline)
+    /// The current answer's deadline, which its first write to the socket sets.
+    fn deadline(&mut self) -> Instant {
+        let send_timeout = self.send_timeout;
+        *self
+            .deadline
+            .get_or_insert_with(|| Instant::now() + send_timeout)
+    }
+
+    /// Writes what is buffered by the answer's deadline and empties the buffer.
+    fn send_buffered(&mut self) -> io::Result<()> {
+        let deadline = self.deadline();
+        self.stream.write_all_by(self.buf, deadline)?;
+        self.buf.clear();
+        Ok(())
     }
 }
 
@@ -431,9 +436,7 @@ impl<S: DeadlineWrite> SpliceSink for Out<'_, S> {
     }
 
     fn splice_from(&mut self, pipe: RawFd, len: usize) -> io::Result<usize> {
-        let deadline = *self
-            .deadline
-            .get_or_insert_with(|| Instant::now() + self.send_timeout);
+        let deadline = self.deadline();
         self.stream.splice_from_by(pipe, len, deadline)
     }
 }
@@ -450,25 +453,20 @@ impl<S: DeadlineWrite> Write for Out<'_, S> {
                 // all of `data` but its tail, which waits for what follows:
                 // two sends per large message, not three.
                 let (head, tail) = data.split_at(data.len() - TAIL_KEPT_BYTES);
-                let deadline = *self
-                    .deadline
-                    .get_or_insert_with(|| Instant::now() + self.send_timeout);
+                let deadline = self.deadline();
                 self.stream.write_two_by(self.buf, head, deadline)?;
                 self.buf.clear();
                 self.buf.extend_from_slice(tail);
                 return Ok(data.len());
             }
-            Self::send(self.stream, &mut self.deadline, self.send_timeout, self.buf)?;
-            self.buf.clear();
+            self.send_buffered()?;
         }
         self.buf.extend_from_slice(data);
         Ok(data.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        Self::send(self.stream, &mut self.deadline, self.send_timeout, self.buf)?;
-        self.buf.clear();
-        Ok(())
+        self.send_buffered()
     }
 }
 
