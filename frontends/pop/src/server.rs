@@ -29,7 +29,7 @@ use crate::line::LineReader;
 use crate::listing::ListPool;
 use crate::listing_cache::ListingCache;
 use crate::lock::{LeaseConfig, Locks};
-use crate::session::{Session, SessionLimits};
+use crate::session::{Session, SessionLimits, Store};
 use crate::stats::{Admin, Stats};
 use crate::store::LiveStore;
 use crate::throttle::Throttle;
@@ -470,12 +470,31 @@ impl<S: DeadlineWrite> Write for Out<'_, S> {
     }
 }
 
+/// Drives a session with [`drive_commands`] and frees its mailbox when it ends.
+fn drive<S: Read + Write + DeadlineWrite>(
+    shared: &Shared,
+    session: &mut Session<LiveStore>,
+    stream: &mut S,
+    latencies: &mut Samples<'_>,
+    greet: bool,
+) -> io::Result<Ended> {
+    let ended = drive_commands(shared, session, stream, latencies, greet);
+    // However the session ended (QUIT released it already; a time-out, an
+    // I/O error or a backend cut mid-body did not), the mailbox is free
+    // before the caller drops the socket: a client that sees the connection
+    // close and logs in again at once never finds its own mailbox in use.
+    if !matches!(ended, Ok(Ended::StartTls)) {
+        session.store_mut().release();
+    }
+    ended
+}
+
 /// The read-parse-answer loop. Replies are flushed when no complete command
 /// is left in the input (PIPELINING: one write for a batch of commands).
 /// Each command's answer must be written within `send_timeout_ms` of its first
 /// write to the socket (a pipelined batch's buffered answers go with the
 /// answer that sends them).
-fn drive<S: Read + Write + DeadlineWrite>(
+fn drive_commands<S: Read + Write + DeadlineWrite>(
     shared: &Shared,
     session: &mut Session<LiveStore>,
     stream: &mut S,
