@@ -400,6 +400,7 @@ mod tests {
             cpu: 0,
             durability,
             flush_before_link,
+            page_cache_body_max_bytes: 0,
             operator_readonly: AtomicBool::new(false),
             auto_readonly: AtomicBool::new(false),
             disk_failed: AtomicBool::new(false),

@@ -56,6 +56,17 @@ pub struct Config {
     /// once. Keep systemd's `TimeoutStopSec` above it.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// Bodies up to this many bytes are written through the page cache in
+    /// one write instead of with `O_DIRECT`, on backends whose flush writes a
+    /// body's page-cache tail back before its link anyway (`durability =
+    /// "file"`, or `syncfs` on ext4 without a journal); 0: every body with
+    /// `O_DIRECT`. At most [`crate::writer::WRITE_UNIT_BYTES`].
+    #[serde(default = "default_page_cache_body_max_bytes")]
+    pub page_cache_body_max_bytes: usize,
+}
+
+fn default_page_cache_body_max_bytes() -> usize {
+    32 << 10
 }
 
 /// The longest `shutdown_grace_ms` accepted (one hour): a stop must end.
@@ -190,6 +201,12 @@ impl Config {
             "shutdown_grace_ms {}: at most {SHUTDOWN_GRACE_MAX_MS}",
             cfg.shutdown_grace_ms
         );
+        anyhow::ensure!(
+            cfg.page_cache_body_max_bytes <= crate::writer::WRITE_UNIT_BYTES,
+            "page_cache_body_max_bytes {}: at most {}",
+            cfg.page_cache_body_max_bytes,
+            crate::writer::WRITE_UNIT_BYTES
+        );
         Ok(cfg)
     }
 
@@ -282,6 +299,26 @@ mod tests {
         assert_eq!(c.limits.message_max_bytes, 64 << 20);
         assert_eq!(b[0].durability, Durability::File);
         assert_eq!(c.shutdown_grace_ms, 10_000);
+    }
+
+    #[test]
+    fn the_example_parses_and_page_cache_bodies_are_bounded() {
+        let c = Config::parse(include_str!("../../examples/pplistener.toml")).unwrap();
+        assert_eq!(c.page_cache_body_max_bytes, 32 << 10);
+        let base = "secret = \"0123456789abcdef\"\n";
+        let c = Config::parse(&format!("{base}page_cache_body_max_bytes = 0\n")).unwrap();
+        assert_eq!(
+            c.page_cache_body_max_bytes, 0,
+            "0: every body with O_DIRECT"
+        );
+        let over = format!(
+            "{base}page_cache_body_max_bytes = {}\n",
+            crate::writer::WRITE_UNIT_BYTES + 1
+        );
+        assert!(
+            Config::parse(&over).is_err(),
+            "beyond the write unit: refused"
+        );
     }
 
     #[test]

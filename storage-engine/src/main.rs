@@ -266,6 +266,7 @@ fn run(cfg: config::Config, args: powermail_admin::daemon::Invocation) -> anyhow
             cpu: b.cpu,
             durability: b.durability,
             flush_before_link: b.flush_before_link,
+            page_cache_body_max_bytes: cfg.page_cache_body_max_bytes,
             operator_readonly: AtomicBool::new(marker.exists()),
             auto_readonly: AtomicBool::new(false),
             disk_failed: AtomicBool::new(false),

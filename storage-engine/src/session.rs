@@ -36,9 +36,6 @@ use crate::writer::BodyWriter;
 /// Size of a connection's read buffer; it must hold a full line.
 const READ_BUF_BYTES: usize = 64 << 10;
 
-/// Aligned unit in which bodies are written.
-const WRITE_UNIT_BYTES: usize = 128 << 10;
-
 /// The socket and its buffers.
 struct Connection {
     stream: TcpStream,
@@ -335,7 +332,7 @@ async fn open_body(ctx: &Ctx) -> Result<Body, (ErrorCode, String)> {
             format!("backend is read-only ({})", ctx.shared.mode()),
         ));
     }
-    match BodyWriter::create(ctx.store.tmp_dir(), WRITE_UNIT_BYTES).await {
+    match BodyWriter::create(ctx.store.tmp_dir(), crate::writer::WRITE_UNIT_BYTES).await {
         Ok(writer) => Ok(Body {
             writer: Box::new(writer),
             started: Instant::now(),
@@ -396,7 +393,9 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
     // The tail may go through the page cache where a flush writes it back
     // before the link exists (writer.rs, `Tail`).
     let tail = match sync_body || ctx.shared.flush_before_link {
-        true => crate::writer::Tail::PageCache,
+        true => crate::writer::Tail::PageCache {
+            whole_body_max_bytes: ctx.shared.page_cache_body_max_bytes,
+        },
         false => crate::writer::Tail::PadAndTruncate,
     };
     let (file, size_bytes) = match writer.finish(sync_body, tail).await {

@@ -78,6 +78,9 @@ pub struct BackendShared {
     /// `syncfs` mode only: bodies are flushed before they are linked (a file
     /// system that does not order data before metadata).
     pub flush_before_link: bool,
+    /// Bodies up to this size are written through the page cache where the
+    /// tail may be (`page_cache_body_max_bytes`).
+    pub page_cache_body_max_bytes: usize,
     /// An operator made it read-only (persisted by a marker file).
     pub operator_readonly: AtomicBool,
     /// Free space or inodes fell under a floor, or a write hit ENOSPC/EDQUOT
@@ -164,6 +167,10 @@ impl BackendShared {
         state.insert("mode".into(), self.mode().into());
         state.insert("durability".into(), self.durability.as_str().into());
         state.insert("flush_before_link".into(), self.flush_before_link.into());
+        state.insert(
+            "page_cache_body_max_bytes".into(),
+            self.page_cache_body_max_bytes.into(),
+        );
         let mut metrics = self.counters.metrics();
         metrics.extend([
             Metric::gauge(
@@ -291,6 +298,7 @@ mod tests {
             cpu: 0,
             durability: crate::config::Durability::File,
             flush_before_link: false,
+            page_cache_body_max_bytes: 0,
             operator_readonly: AtomicBool::new(false),
             auto_readonly: AtomicBool::new(true),
             disk_failed: AtomicBool::new(false),

@@ -32,12 +32,29 @@ pub enum Tail {
     /// plain `syncfs` on a journaled ext4 or xfs the link can be committed
     /// while the tail is still delayed allocation, and the power-cut suite
     /// found messages listed without their tails.
-    PageCache,
+    ///
+    /// Where the tail may go through the page cache, so may a whole body that
+    /// is small: one that fits `whole_body_max_bytes` and was never flushed
+    /// by [`BodyWriter::write`] (so at most [`WRITE_UNIT_BYTES`]) is written
+    /// in one `pwrite` through the page cache and no byte of it with
+    /// `O_DIRECT`. The flush that covers it writes it back in one device
+    /// write (with `O_DIRECT` a small body cost two: its aligned part at
+    /// once, its tail's page at the flush), and it stays cached for the POP
+    /// fetch that usually follows. 0: every body with `O_DIRECT`.
+    PageCache {
+        /// Largest body written wholly through the page cache, in bytes.
+        whole_body_max_bytes: usize,
+    },
     /// Padded and written with `O_DIRECT`, then the file truncated to size:
     /// every byte and the size are on the disk, or in the journal, before the
     /// link, at the cost of a read of the last block.
     PadAndTruncate,
 }
+
+/// The aligned unit in which [`BodyWriter::write`] writes a body with
+/// `O_DIRECT` as it arrives: a larger body has been partly written when it
+/// ends, so no larger one can go wholly through the page cache.
+pub const WRITE_UNIT_BYTES: usize = 128 << 10;
 
 /// A body being written.
 pub struct BodyWriter {
@@ -121,7 +138,7 @@ impl BodyWriter {
     /// [`Tail::PageCache`]: the aligned part of what is left goes with
     /// `O_DIRECT`, and the tail that does not fill an alignment unit through
     /// the page cache (`O_DIRECT` cleared on the descriptor), so the file has
-    /// its true size at once. [`Tail::PadAndTruncate`]: the tail is padded to
+    /// its true size at once; a small body goes through the page cache whole. [`Tail::PadAndTruncate`]: the tail is padded to
     /// the alignment, written with `O_DIRECT`, and the file truncated to its
     /// true size — which makes ext4 zero the rest of the last block in the
     /// page cache, *reading that block back from the disk* synchronously,
@@ -129,12 +146,21 @@ impl BodyWriter {
     pub async fn finish(mut self, sync: bool, tail: Tail) -> io::Result<(DmaFile, u64)> {
         let size_bytes = self.pos_bytes + self.fill_bytes as u64;
         let buf = match tail {
-            Tail::PageCache => self.buf.take(),
+            Tail::PageCache { .. } => self.buf.take(),
             Tail::PadAndTruncate => None,
+        };
+        let whole_body_max = match tail {
+            Tail::PageCache {
+                whole_body_max_bytes,
+            } => whole_body_max_bytes,
+            Tail::PadAndTruncate => 0,
         };
         if let Some(mut buf) = buf {
             let align = self.file.alignment() as usize;
-            let direct = self.fill_bytes / align * align;
+            let direct = match self.pos_bytes == 0 && self.fill_bytes <= whole_body_max {
+                true => 0,
+                false => self.fill_bytes / align * align,
+            };
             let rest = buf.as_bytes()[direct..self.fill_bytes].to_vec();
             allocate(
                 self.file.as_raw_fd(),
@@ -244,7 +270,7 @@ mod tests {
         piece: usize,
         unit: usize,
         tail: Tail,
-    ) -> (u64, u64, Vec<u8>, Vec<u8>) {
+    ) -> (u64, u64, Vec<u8>, Vec<u8>, bool) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().to_path_buf();
         let body: Vec<u8> = (0..size).map(|i| (i * 7 + i / 251) as u8).collect();
@@ -262,9 +288,11 @@ mod tests {
                 // SAFETY: open fd, valid out-pointer.
                 assert_eq!(unsafe { libc::fstat(fd, &mut st) }, 0);
                 // A buffered descriptor of its own: this one may still be O_DIRECT.
-                let back = std::fs::read(format!("/proc/self/fd/{fd}")).expect("read back");
+                let path = format!("/proc/self/fd/{fd}");
+                let first_block_cached = size > 0 && cached(&path, 0);
+                let back = std::fs::read(&path).expect("read back");
                 let _ = file.close().await;
-                (reported, st.st_size as u64, back, sent)
+                (reported, st.st_size as u64, back, sent, first_block_cached)
             })
             .expect("executor")
             .join()
@@ -287,12 +315,65 @@ mod tests {
             (131_072, 65_536),
             (200_000, 999),
         ] {
-            for tail in [Tail::PageCache, Tail::PadAndTruncate] {
-                let (reported, on_disk, back, sent) = round_trip(size, piece, 65_536, tail);
+            for tail in [
+                Tail::PageCache {
+                    whole_body_max_bytes: 0,
+                },
+                Tail::PageCache {
+                    whole_body_max_bytes: WRITE_UNIT_BYTES,
+                },
+                Tail::PadAndTruncate,
+            ] {
+                let (reported, on_disk, back, sent, _) = round_trip(size, piece, 65_536, tail);
                 assert_eq!(reported, size as u64, "reported size of {size}, {tail:?}");
                 assert_eq!(on_disk, size as u64, "file size of {size}, {tail:?}");
                 assert!(back == sent, "bytes of a {size}-byte body, {tail:?}");
             }
+        }
+    }
+
+    /// Whether the byte at `offset` of the file at `path` is in the page
+    /// cache: a read that may not wait for the disk (`RWF_NOWAIT`) gets it.
+    fn cached(path: &str, offset: i64) -> bool {
+        let f = std::fs::File::open(path).expect("open");
+        let mut byte = [0u8; 1];
+        let iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        // SAFETY: one valid iovec over a live buffer; the fd is open.
+        let n = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+        n == 1
+    }
+
+    #[test]
+    fn a_small_body_goes_through_the_page_cache_whole_a_larger_one_with_o_direct() {
+        let small = Tail::PageCache {
+            whole_body_max_bytes: 32 << 10,
+        };
+        let none = Tail::PageCache {
+            whole_body_max_bytes: 0,
+        };
+        // (size, tail, first block left in the page cache)
+        for &(size, tail, in_cache) in &[
+            (4396, small, true),
+            (32 << 10, small, true),
+            ((32 << 10) + 1, small, false),
+            (4396, none, false),
+            (4396, Tail::PadAndTruncate, false),
+            (200_000, small, false),
+        ] {
+            let (reported, on_disk, back, sent, cached) = round_trip(size, 1000, 65_536, tail);
+            assert_eq!(
+                (reported, on_disk),
+                (size as u64, size as u64),
+                "{size}, {tail:?}"
+            );
+            assert!(back == sent, "bytes of a {size}-byte body, {tail:?}");
+            assert_eq!(
+                cached, in_cache,
+                "first block of a {size}-byte body cached, {tail:?}"
+            );
         }
     }
 }
