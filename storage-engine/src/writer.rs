@@ -36,11 +36,12 @@ pub enum Tail {
     /// Where the tail may go through the page cache, so may a whole body that
     /// is small: one that fits `whole_body_max_bytes` and was never flushed
     /// by [`BodyWriter::write`] (so at most [`WRITE_UNIT_BYTES`]) is written
-    /// in one `pwrite` through the page cache and no byte of it with
-    /// `O_DIRECT`. The flush that covers it writes it back in one device
-    /// write (with `O_DIRECT` a small body cost two: its aligned part at
-    /// once, its tail's page at the flush), and it stays cached for the POP
-    /// fetch that usually follows. 0: every body with `O_DIRECT`.
+    /// in one `pwrite` through the page cache, with no `fallocate` and no
+    /// byte of it with `O_DIRECT`. The flush that covers it allocates it in
+    /// one extent and writes it back in one device write (with `O_DIRECT` a
+    /// small body cost two: its aligned part at once, its tail's page at the
+    /// flush), and it stays cached for the POP fetch that usually follows.
+    /// 0: every body with `O_DIRECT`.
     PageCache {
         /// Largest body written wholly through the page cache, in bytes.
         whole_body_max_bytes: usize,
@@ -156,27 +157,26 @@ impl BodyWriter {
             Tail::PadAndTruncate => 0,
         };
         if let Some(mut buf) = buf {
-            let align = self.file.alignment() as usize;
-            let direct = match self.pos_bytes == 0 && self.fill_bytes <= whole_body_max {
-                true => 0,
-                false => self.fill_bytes / align * align,
-            };
-            let rest = buf.as_bytes()[direct..self.fill_bytes].to_vec();
-            allocate(
-                self.file.as_raw_fd(),
-                self.pos_bytes,
-                self.fill_bytes as u64,
-            );
-            if direct > 0 {
-                buf.trim_to_size(direct);
-                self.write_direct(buf, self.pos_bytes).await?;
-            }
-            if !rest.is_empty() {
-                write_through_page_cache(
-                    self.file.as_raw_fd(),
-                    &rest,
-                    self.pos_bytes + direct as u64,
-                )?;
+            let fd = self.file.as_raw_fd();
+            if self.pos_bytes == 0 && self.fill_bytes <= whole_body_max {
+                // No `fallocate`: delayed allocation places the whole body at
+                // the flush, in one extent, already written (no unwritten
+                // extent to convert after the write-back).
+                if self.fill_bytes > 0 {
+                    write_through_page_cache(fd, &buf.as_bytes()[..self.fill_bytes], 0)?;
+                }
+            } else {
+                let align = self.file.alignment() as usize;
+                let direct = self.fill_bytes / align * align;
+                let rest = buf.as_bytes()[direct..self.fill_bytes].to_vec();
+                allocate(fd, self.pos_bytes, self.fill_bytes as u64);
+                if direct > 0 {
+                    buf.trim_to_size(direct);
+                    self.write_direct(buf, self.pos_bytes).await?;
+                }
+                if !rest.is_empty() {
+                    write_through_page_cache(fd, &rest, self.pos_bytes + direct as u64)?;
+                }
             }
             self.pos_bytes += self.fill_bytes as u64;
             self.fill_bytes = 0;
