@@ -139,11 +139,12 @@ impl BodyWriter {
     /// [`Tail::PageCache`]: the aligned part of what is left goes with
     /// `O_DIRECT`, and the tail that does not fill an alignment unit through
     /// the page cache (`O_DIRECT` cleared on the descriptor), so the file has
-    /// its true size at once; a small body goes through the page cache whole. [`Tail::PadAndTruncate`]: the tail is padded to
-    /// the alignment, written with `O_DIRECT`, and the file truncated to its
-    /// true size — which makes ext4 zero the rest of the last block in the
-    /// page cache, *reading that block back from the disk* synchronously,
-    /// for every message (7% of pplistener's CPU under `smtp-source`).
+    /// its true size at once; a small body goes through the page cache
+    /// whole. [`Tail::PadAndTruncate`]: the tail is padded to the alignment,
+    /// written with `O_DIRECT`, and the file truncated to its true size —
+    /// which makes ext4 zero the rest of the last block in the page cache,
+    /// *reading that block back from the disk* synchronously, for every
+    /// message (7% of pplistener's CPU under `smtp-source`).
     pub async fn finish(mut self, sync: bool, tail: Tail) -> io::Result<(DmaFile, u64)> {
         let size_bytes = self.pos_bytes + self.fill_bytes as u64;
         let buf = match tail {
