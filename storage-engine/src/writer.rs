@@ -147,15 +147,11 @@ impl BodyWriter {
     /// message (7% of pplistener's CPU under `smtp-source`).
     pub async fn finish(mut self, sync: bool, tail: Tail) -> io::Result<(DmaFile, u64)> {
         let size_bytes = self.pos_bytes + self.fill_bytes as u64;
-        let buf = match tail {
-            Tail::PageCache { .. } => self.buf.take(),
-            Tail::PadAndTruncate => None,
-        };
-        let whole_body_max = match tail {
+        let (buf, whole_body_max) = match tail {
             Tail::PageCache {
                 whole_body_max_bytes,
-            } => whole_body_max_bytes,
-            Tail::PadAndTruncate => 0,
+            } => (self.buf.take(), whole_body_max_bytes),
+            Tail::PadAndTruncate => (None, 0),
         };
         if let Some(mut buf) = buf {
             let fd = self.file.as_raw_fd();
