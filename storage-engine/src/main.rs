@@ -257,7 +257,15 @@ fn run(cfg: config::Config, args: powermail_admin::daemon::Invocation) -> anyhow
             .with_context(|| format!("scanning {}", b.data_dir.display()))?
             .into_iter()
             .collect();
-        log::info!("backend={} holds {} mailboxes", b.name, known.len());
+        log::info!(
+            "backend={} holds {} mailboxes; bodies named by {}",
+            b.name,
+            known.len(),
+            match store.links_with_empty_path() {
+                true => "linkat(AT_EMPTY_PATH)",
+                false => "linkat(/proc/self/fd/N)",
+            }
+        );
         let marker = store.readonly_marker();
         let shared = Arc::new(stats::BackendShared {
             name: b.name.clone(),

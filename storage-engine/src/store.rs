@@ -21,6 +21,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use powermail_proto::{MailboxName, MessageId};
 use sha2::{Digest, Sha256};
@@ -34,13 +36,19 @@ pub struct Store {
     root: PathBuf,
     tmp: PathBuf,
     mbox: PathBuf,
+    /// `linkat(fd, "", AT_EMPTY_PATH)` names a nameless body here (since
+    /// Linux 6.10 for a file this process opened, or with
+    /// `CAP_DAC_READ_SEARCH`); otherwise, or once it has been refused,
+    /// `/proc/self/fd/N` is used.
+    empty_path_link: Arc<AtomicBool>,
 }
 
 /// One durable body waiting to be linked into its mailboxes.
 #[derive(Debug, Clone)]
 pub struct LinkJob {
     /// The durable body: an open `O_TMPFILE`, nameless until linked
-    /// (through `/proc/self/fd/N`). The caller keeps it open until linked.
+    /// (`AT_EMPTY_PATH`, or `/proc/self/fd/N`). The caller keeps it open
+    /// until linked.
     pub fd: RawFd,
     /// Its id.
     pub msgid: MessageId,
@@ -67,6 +75,7 @@ impl Store {
             root: root.to_path_buf(),
             tmp: root.join("tmp"),
             mbox: root.join("mbox"),
+            empty_path_link: Arc::new(AtomicBool::new(false)),
         };
         fs::create_dir_all(&store.tmp)?;
         fs::create_dir_all(&store.mbox)?;
@@ -75,6 +84,8 @@ impl Store {
             fs::remove_file(entry?.path())?;
             removed += 1;
         }
+        let empty_path = store.probe_empty_path_link();
+        store.empty_path_link.store(empty_path, Ordering::Relaxed);
         if removed > 0 {
             sync_dir(&store.tmp)?;
         }
@@ -87,6 +98,31 @@ impl Store {
         }
         sync_dir(root)?;
         Ok((store, removed))
+    }
+
+    /// Whether `linkat(AT_EMPTY_PATH)` can name a nameless file this
+    /// process made: links one into `tmp/` and removes the name again.
+    fn probe_empty_path_link(&self) -> bool {
+        use std::os::unix::fs::OpenOptionsExt;
+        let Ok(file) = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open(&self.tmp)
+        else {
+            return false;
+        };
+        let name = self.tmp.join(".linkat-probe");
+        let linked = link_fd(file.as_raw_fd(), &name, true).is_ok();
+        if linked {
+            let _ = fs::remove_file(&name);
+        }
+        linked
+    }
+
+    /// Whether bodies are named with `AT_EMPTY_PATH` (see [`Store::open`]).
+    pub fn links_with_empty_path(&self) -> bool {
+        self.empty_path_link.load(Ordering::Relaxed)
     }
 
     /// The data directory.
@@ -195,25 +231,35 @@ impl Store {
         temps: &mut Vec<PathBuf>,
     ) -> io::Result<LinkOutcome> {
         let mut out = LinkOutcome::default();
-        let mut source = PathBuf::from(format!("/proc/self/fd/{}", job.fd));
-        let mut follow = true;
+        // Past the link limit, linking goes on from a named copy.
+        let mut copy: Option<PathBuf> = None;
         for mailbox in &job.mailboxes {
             let dir = self.mailbox_dir(mailbox);
-            self.ensure_dir(&dir, dirs)?;
             let target = dir.join(job.msgid.as_str());
             loop {
-                match hard_link(&source, &target, follow) {
+                // The mailbox's directory is created only when a link into
+                // it fails for want of it: no lookup per link.
+                let linked = match self.link_body(job.fd, copy.as_deref(), &target) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        self.ensure_dir(&dir, dirs)?;
+                        self.link_body(job.fd, copy.as_deref(), &target)
+                    }
+                    linked => linked,
+                };
+                match linked {
                     Ok(()) => out.created += 1,
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => out.existing += 1,
                     Err(e) if e.raw_os_error() == Some(libc::EMLINK) => {
-                        let copy = self.temp_path(&job.msgid);
-                        fs::copy(&source, &copy)?;
+                        let next = self.temp_path(&job.msgid);
+                        match &copy {
+                            Some(from) => fs::copy(from, &next)?,
+                            None => fs::copy(proc_fd_path(job.fd), &next)?,
+                        };
                         if sync_copies {
-                            File::open(&copy)?.sync_data()?;
+                            File::open(&next)?.sync_data()?;
                         }
-                        temps.push(copy.clone());
-                        source = copy;
-                        follow = false;
+                        temps.push(next.clone());
+                        copy = Some(next);
                         out.extra_copies += 1;
                         continue;
                     }
@@ -224,6 +270,37 @@ impl Store {
             dirs.insert(dir);
         }
         Ok(out)
+    }
+
+    /// Gives the body `dst` as a name: from its named `copy` if there is
+    /// one, else from the open nameless file `fd`, with `AT_EMPTY_PATH`
+    /// where the probe found it allowed and through `/proc/self/fd/N`
+    /// otherwise. `AT_EMPTY_PATH` is refused with `ENOENT`, as a missing
+    /// directory is; where the directory exists, that refusal turns it off.
+    fn link_body(&self, fd: RawFd, copy: Option<&Path>, dst: &Path) -> io::Result<()> {
+        if let Some(from) = copy {
+            return fs::hard_link(from, dst);
+        }
+        if !self.links_with_empty_path() {
+            return link_fd(fd, dst, false);
+        }
+        match link_fd(fd, dst, true) {
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    && dst.parent().is_some_and(Path::is_dir) =>
+            {
+                let by_proc = link_fd(fd, dst, false);
+                if by_proc.is_ok() {
+                    log::warn!(
+                        "{}: linkat(AT_EMPTY_PATH) refused; naming bodies through /proc/self/fd",
+                        self.root.display()
+                    );
+                    self.empty_path_link.store(false, Ordering::Relaxed);
+                }
+                by_proc
+            }
+            linked => linked,
+        }
     }
 
     /// Creates `dir` and any missing parents under `mbox/`. The parent of
@@ -457,26 +534,43 @@ impl Store {
     }
 }
 
-/// `link(2)`, following `src` if it is a symbolic link (needed to give an
-/// `O_TMPFILE` a name through `/proc/self/fd/N` without privileges).
-fn hard_link(src: &Path, dst: &Path, follow: bool) -> io::Result<()> {
-    if !follow {
-        return fs::hard_link(src, dst);
-    }
-    let cstr = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes())
+/// `/proc/self/fd/N`: the path that names an open file, nameless or not.
+fn proc_fd_path(fd: RawFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{fd}"))
+}
+
+/// Gives the open file `fd` the name `dst` (`linkat(2)`): with
+/// `AT_EMPTY_PATH` on the descriptor itself, or through `/proc/self/fd/N`
+/// with `AT_SYMLINK_FOLLOW`, which needs no privilege on any kernel.
+fn link_fd(fd: RawFd, dst: &Path, empty_path: bool) -> io::Result<()> {
+    let cstr = |p: &[u8]| {
+        std::ffi::CString::new(p)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
     };
-    let (s, d) = (cstr(src)?, cstr(dst)?);
-    // SAFETY: two valid C strings; AT_FDCWD for both directories.
-    let r = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            s.as_ptr(),
-            libc::AT_FDCWD,
-            d.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
+    let d = cstr(dst.as_os_str().as_bytes())?;
+    let r = if empty_path {
+        // SAFETY: a valid C string and an empty one; `fd` is open.
+        unsafe {
+            libc::linkat(
+                fd,
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                d.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            )
+        }
+    } else {
+        let s = cstr(proc_fd_path(fd).as_os_str().as_bytes())?;
+        // SAFETY: two valid C strings; AT_FDCWD for both directories.
+        unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                s.as_ptr(),
+                libc::AT_FDCWD,
+                d.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        }
     };
     if r == 0 {
         Ok(())
@@ -755,6 +849,63 @@ mod tests {
         assert_eq!(store.nuke(&boxes[2]).unwrap(), 1);
         assert_eq!(store.list(&boxes[2], 10).unwrap(), vec![]);
         assert_eq!(store.link_count(&boxes[1], &id).unwrap(), 1);
+    }
+
+    /// Both ways of naming a nameless body give the same tree: into a new
+    /// mailbox (its directory made, and the parents of what was made listed
+    /// for the batch fsync) and into an existing one (its directory listed).
+    #[test]
+    fn bodies_are_named_the_same_with_or_without_empty_path() {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        for empty_path in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, _) = Store::open(dir.path()).unwrap();
+            if !store.links_with_empty_path() {
+                assert!(empty_path, "only the probe turns it off");
+                eprintln!("linkat(AT_EMPTY_PATH) refused here: the /proc path only");
+                continue;
+            }
+            store.empty_path_link.store(empty_path, Ordering::Relaxed);
+            let (old, new) = (mb("old@x"), mb("new@x"));
+            store
+                .store_body(
+                    b"first",
+                    &MessageId::parse("m0").unwrap(),
+                    std::slice::from_ref(&old),
+                )
+                .unwrap();
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_TMPFILE)
+                .mode(0o600)
+                .open(store.tmp_dir())
+                .unwrap();
+            file.write_all(b"second").unwrap();
+            let id = MessageId::parse("m1").unwrap();
+            let job = LinkJob {
+                fd: file.as_raw_fd(),
+                msgid: id.clone(),
+                mailboxes: vec![old.clone(), new.clone()],
+            };
+            let (results, dirs) = store.link_batch(std::slice::from_ref(&job), true);
+            let out = results.into_iter().next().unwrap().unwrap();
+            assert_eq!((out.created, out.existing, out.extra_copies), (2, 0, 0));
+            assert_eq!(store.links_with_empty_path(), empty_path, "not turned off");
+            let new_dir = store.mailbox_dir(&new);
+            let mut want: BTreeSet<PathBuf> = [store.mailbox_dir(&old), new_dir.clone()].into();
+            want.insert(new_dir.parent().unwrap().to_path_buf());
+            assert!(
+                dirs.iter()
+                    .cloned()
+                    .collect::<BTreeSet<_>>()
+                    .is_superset(&want),
+                "{dirs:?} lacks some of {want:?}"
+            );
+            assert_eq!(store.list(&new, 10).unwrap(), vec![(id.clone(), 6)]);
+            assert_eq!(store.link_count(&old, &id).unwrap(), 2);
+            assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
+        }
     }
 
     #[test]
