@@ -5,12 +5,14 @@
 #   bench/ab.sh WORKLOAD DIR_A DIR_B [TIMES]
 #
 # WORKLOAD: smtp   smtp-source, 20 sessions, 4 KiB, a new connection per message (M=10000)
+#           r10    the same with 10 recipients per message (M messages; deliveries/s)
 #           drain  POP3 RETR + DELE of 50 mailboxes x 100 x 4 KiB (filled by ppblast)
 #           retr   POP3 RETR of 20 mailboxes x 50 x 64 KiB, 100 sessions (SESS)
 # DIR_A, DIR_B: directories holding powermail, pplistener, powersmtp, powerpop, ppblast
 # (copies of target/release of two commits). Each run is a fresh `powermail up` (K=1, two
 # backends) on ports 12525/11110, ROUNDS rounds (default 3) on it; the two builds
-# alternate TIMES times (default 3). Extra environment: M, SESS, ROUNDS, K.
+# alternate TIMES times (default 3). Extra environment: M, SESS, ROUNDS, K, L (message
+# size for smtp and r10, default 4096).
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,13p' "$0"; exit 2; }
 workload=$1 a=$2 b=$3 times=${4:-3}
@@ -34,7 +36,7 @@ TOML
     python3 - "$d/var/userbase.db" <<'PY'
 import sqlite3, sys
 db = sqlite3.connect(sys.argv[1])
-names = ["s@bench.test"] + [f"d{i}@bench.test" for i in range(50)]
+names = ["s@bench.test"] + [f"{i}s@bench.test" for i in range(11)] + [f"d{i}@bench.test" for i in range(50)]
 db.executemany("INSERT INTO mailboxes (name, password) VALUES (?, ?)", [(n, "{PLAIN}pw") for n in names])
 db.commit()
 PY
@@ -64,9 +66,15 @@ PY
             smtp)
                 local t0 t1 m=${M:-10000}
                 t0=$(date +%s.%N)
-                smtp-source -f b@sender.test -s 20 -l 4096 -m "$m" -t s@bench.test 127.0.0.1:12525 > /dev/null
+                smtp-source -f b@sender.test -s 20 -l "${L:-4096}" -m "$m" -t s@bench.test 127.0.0.1:12525 > /dev/null
                 t1=$(date +%s.%N)
                 fig=$(awk -v m="$m" -v a="$t0" -v b="$t1" 'BEGIN{printf "%.0f msgs/s", m/(b-a)}') ;;
+            r10)
+                local t0 t1 m=${M:-2000}
+                t0=$(date +%s.%N)
+                smtp-source -f b@sender.test -s 20 -l "${L:-4096}" -m "$m" -r 10 -t s@bench.test 127.0.0.1:12525 > /dev/null
+                t1=$(date +%s.%N)
+                fig=$(awk -v m="$m" -v a="$t0" -v b="$t1" 'BEGIN{printf "%.0f deliveries/s", 10*m/(b-a)}') ;;
             drain)
                 fig=$("$B/ppblast" pop --server 127.0.0.1:11110 --login-file "$d/logins" --sessions 50 \
                     --connections 20 --retr --dele --quiet 2>&1 | grep -o '= [0-9.]* ops/s' | tr -d '=') ;;
