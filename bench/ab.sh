@@ -14,7 +14,7 @@
 # alternate TIMES times (default 3). Extra environment: M, SESS, ROUNDS, K, L (message
 # size for smtp and r10, default 4096).
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n '2,13p' "$0"; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,15p' "$0"; exit 2; }
 workload=$1 a=$2 b=$3 times=${4:-3}
 W=${W:-/tmp/pm-ab}
 mkdir -p "$W"
