@@ -403,7 +403,8 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
             if sync_body {
                 c.flushed(&c.flushes_fdatasync, 1);
             }
-            done
+            add(&c.bytes_in_direct, done.direct_bytes);
+            (done.file, done.size_bytes)
         }
         Err(e) => {
             note_io_error(ctx, &e);

@@ -20,6 +20,7 @@ powermail_admin::counters! {
         put_errors: Counter = "PUTs refused or failed",
         links_created: Counter = "mailbox links created by PUTs",
         bytes_in: Counter = "body bytes stored",
+        bytes_in_direct: Counter = "of bytes_in, those written with O_DIRECT (the rest went through the page cache)",
         gets: Counter = "messages sent by GET",
         bytes_out: Counter = "body bytes sent by GET",
         lists: Counter = "LIST requests",
