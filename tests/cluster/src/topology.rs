@@ -325,8 +325,9 @@ impl Cluster {
     /// Where the case's messages (numbered with `tag`, see
     /// [`crate::id_of`]) are stored, straight from every pplistener (LIST and
     /// GET of each of `mailboxes`, `wait` to connect): message number → the
-    /// index of the storage host of each copy, one entry per copy. Panics on
-    /// a failed request.
+    /// index of the storage host of each copy, one entry per copy. A message
+    /// listed but gone by its GET (`NOTFOUND`) is not counted; any other
+    /// failed request panics.
     pub fn copies(
         &self,
         tag: &str,
