@@ -1,21 +1,25 @@
 //! The threaded accept loop powersmtp and powerpop share.
 //!
-//! One std thread per connection, at most [`Service::connections_max`] at once. A thread
-//! whose session ended waits up to [`IDLE_THREAD_MS`] for the next connection instead of
-//! exiting (at most [`ListenerSpec::idle_threads_max`] wait), so a connection costs a
-//! thread start only when none is waiting: sessions stay synchronous, one per thread. Each
-//! admitted connection holds a [`Slot`]: an RAII guard that gives its place back when it
-//! is dropped — when the session thread ends, when the thread cannot be started, and when
-//! the session panics (the guard is dropped while the thread unwinds). Beyond the limit,
-//! and while the daemon drains after `SIGTERM`, a connection gets the daemon's own refusal
-//! bytes ([`Refusals`]) and is closed. On its thread a connection first passes the PROXY
-//! protocol stage ([`ProxyPolicy::accept`]), then the daemon's [`Service::serve`] runs.
+//! One std thread per connection, at most [`Service::connections_max`] at once. Session
+//! threads accept their own connections (leader/follower): each waits in `accept(2)` on
+//! the listening socket, serves the connection it got on itself, then waits in `accept`
+//! again (at most [`ListenerSpec::idle_threads_max`] wait; the others end, as does a
+//! thread that waited [`IDLE_THREAD_MS`] in vain while another waits too). So a
+//! connection wakes one thread, and costs a thread start only when no other thread waits
+//! to accept the next one: sessions stay synchronous, one per thread. Each admitted
+//! connection holds a [`Slot`]: an RAII guard that gives its place back when it is
+//! dropped — when the session ends, and when it panics (the guard is dropped while the
+//! thread unwinds). Beyond the limit, and while the daemon drains after `SIGTERM`, a
+//! connection gets the daemon's own refusal bytes ([`Refusals`]) and is closed. A
+//! connection first passes the PROXY protocol stage ([`ProxyPolicy::accept`]), then the
+//! daemon's [`Service::serve`] runs.
 //!
 //! [`drain`] is the shared half of a graceful stop: no new sessions, then wait up to the
 //! grace period for the open ones.
 
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -125,84 +129,111 @@ pub struct ListenerSpec {
     pub idle_threads_max: usize,
 }
 
-/// A session to run on a thread: the PROXY stage, then the daemon's session.
-type Job = Box<dyn FnOnce() + Send>;
-
-/// The session threads of one listener that wait for the next connection.
+/// The session threads of one listener.
 ///
-/// Invariant: threads waiting in [`Threads::wait`] = `idle` + jobs in the channel. The
-/// accept loop hands a job to a waiting thread only after claiming one (`idle` - 1), and
-/// a thread that times out leaves only if it can claim itself the same way; otherwise a
-/// job is already on its way to it. So no job is ever left without a thread.
+/// Each thread accepts its own connections (leader/follower): it waits in `accept(2)`
+/// on the listening socket, serves what it accepted on itself, and goes back to
+/// `accept`. So a connection is not handed from an accept thread to a session thread
+/// (no wake-up of a second thread, no channel) — the kernel wakes one waiting thread.
+///
+/// Invariant: while the listener lives, at least one thread waits in `accept` (or is
+/// about to). A thread that accepts an admitted connection when no other waits starts
+/// one first; a thread whose session ended goes back only while fewer than
+/// `idle_threads_max` (at least one) wait, else it ends; a thread that waited
+/// [`IDLE_THREAD_MS`] in vain ends only if it is not the last one waiting.
 struct Threads {
-    jobs: crossbeam::channel::Sender<Job>,
-    waiting: crossbeam::channel::Receiver<Job>,
+    /// Threads waiting in `accept`, or started to.
     idle: AtomicUsize,
+    /// Threads started so far (the tests count them).
+    started: AtomicUsize,
 }
 
 impl Threads {
     fn new() -> Arc<Threads> {
-        let (jobs, waiting) = crossbeam::channel::unbounded();
         Arc::new(Threads {
-            jobs,
-            waiting,
             idle: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
         })
     }
 
-    /// Takes one waiting thread for a job, if one is unclaimed.
-    fn claim(&self) -> bool {
-        self.idle
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-    }
-
-    /// Runs `job` on a waiting thread, or else on a new one (built by `spec`), which then
-    /// waits for more. Err when no thread could be started (the job, and with it the
-    /// connection's slot, is dropped).
-    fn run(self: &Arc<Self>, job: Job, spec: &ListenerSpec) -> Result<(), std::io::Error> {
-        if self.claim() {
-            // The receiver lives as long as `self`: the send cannot fail.
-            let _ = self.jobs.send(job);
-            return Ok(());
-        }
+    /// Starts one more thread waiting in `accept`. Err when none could be started.
+    fn start<S: Service>(
+        self: &Arc<Self>,
+        listener: &Arc<TcpListener>,
+        service: &Arc<S>,
+        spec: &ListenerSpec,
+    ) -> Result<(), std::io::Error> {
         let mut builder = thread::Builder::new().name(spec.thread_name.into());
         if let Some(size) = spec.stack_size_bytes {
             builder = builder.stack_size(size);
         }
-        let threads = self.clone();
-        let idle_max = spec.idle_threads_max;
-        // On failure the closure, and with the job the slot it holds, is dropped.
-        builder
-            .spawn(move || {
-                job();
-                while let Some(next) = threads.wait(idle_max) {
-                    next();
-                }
-            })
-            .map(drop)
+        self.idle.fetch_add(1, Ordering::SeqCst);
+        let (threads, listener, service, spec2) = (
+            self.clone(),
+            listener.clone(),
+            service.clone(),
+            spec.clone(),
+        );
+        match builder.spawn(move || threads.accept_and_serve(&listener, &service, &spec2)) {
+            Ok(_) => {
+                self.started.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                self.idle.fetch_sub(1, Ordering::SeqCst);
+                Err(e)
+            }
+        }
     }
 
-    /// After a session: waits for the next job, or `None` when this thread should end
-    /// (enough threads wait already, or none came within [`IDLE_THREAD_MS`]).
-    fn wait(&self, idle_max: usize) -> Option<Job> {
-        let joined = self
-            .idle
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < idle_max).then_some(n + 1)
-            });
-        if joined.is_err() {
-            return None;
-        }
+    /// A session thread's life: accept, serve, and again, until it is not needed.
+    /// Counted in `idle` when it starts.
+    fn accept_and_serve<S: Service>(
+        self: &Arc<Self>,
+        listener: &Arc<TcpListener>,
+        service: &Arc<S>,
+        spec: &ListenerSpec,
+    ) {
         loop {
-            match self
-                .waiting
-                .recv_timeout(Duration::from_millis(IDLE_THREAD_MS))
-            {
-                Ok(job) => return Some(job),
-                Err(_) if self.claim() => return None,
-                // Claimed by the accept loop: its job is in the channel.
-                Err(_) => continue,
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let others = self.idle.fetch_sub(1, Ordering::SeqCst) - 1;
+                    if let Some((stream, slot)) = admit(service, stream, &spec.refusals) {
+                        if others == 0 {
+                            if let Err(e) = self.start(listener, service, spec) {
+                                // This thread accepts again after its session.
+                                log::error!("cannot start a session thread: {e}");
+                            }
+                        }
+                        // A panic in the session drops the slot while this thread
+                        // unwinds (and the thread is not reused).
+                        serve_one(service, stream, slot);
+                    }
+                    let back = self
+                        .idle
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                            (n < spec.idle_threads_max.max(1)).then_some(n + 1)
+                        });
+                    if back.is_err() {
+                        return;
+                    }
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    // Waited IDLE_THREAD_MS: leave, unless this is the last thread waiting.
+                    let left = self
+                        .idle
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                            (n > 1).then(|| n - 1)
+                        });
+                    if left.is_ok() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("accept: {e}");
+                    thread::sleep(Duration::from_millis(spec.accept_error_pause_ms));
+                }
             }
         }
     }
@@ -260,8 +291,9 @@ pub fn refuse(mut stream: TcpStream, reply: &[u8]) {
     let _ = stream.shutdown(Shutdown::Both);
 }
 
-/// Accepts connections on `listener` until the process ends: each admitted one is
-/// served on a session thread (a waiting one, or a new one) holding its [`Slot`].
+/// Serves `listener` until the process ends: session threads accept and serve its
+/// connections (see [`Threads`]), each admitted one holding its [`Slot`]. The calling
+/// thread only starts the first of them, then waits.
 pub fn accept_loop<S: Service>(listener: &TcpListener, service: &Arc<S>, spec: &ListenerSpec) {
     accept_with(listener, service, spec, &Threads::new());
 }
@@ -273,45 +305,61 @@ fn accept_with<S: Service>(
     spec: &ListenerSpec,
     threads: &Arc<Threads>,
 ) {
-    for stream in listener.incoming() {
-        match stream {
-            Ok(stream) => start_session(service, stream, spec, threads),
+    let listener = loop {
+        match share(listener) {
+            Ok(l) => break Arc::new(l),
             Err(e) => {
-                log::warn!("accept: {e}");
-                thread::sleep(Duration::from_millis(spec.accept_error_pause_ms));
+                log::error!("cannot share the listening socket: {e}");
+                thread::sleep(Duration::from_millis(spec.accept_error_pause_ms.max(100)));
             }
         }
+    };
+    while let Err(e) = threads.start(&listener, service, spec) {
+        log::error!("cannot start a session thread: {e}");
+        thread::sleep(Duration::from_millis(spec.accept_error_pause_ms.max(100)));
+    }
+    loop {
+        thread::park();
     }
 }
 
-/// Admits `stream` and runs its session (PROXY stage, then [`Service::serve`]) on a
-/// session thread; the slot is given back when the session ends, however it ends.
-fn start_session<S: Service>(
-    service: &Arc<S>,
-    stream: TcpStream,
-    spec: &ListenerSpec,
-    threads: &Arc<Threads>,
-) {
-    let Some((stream, slot)) = admit(service, stream, &spec.refusals) else {
-        return;
+/// A handle on `listener` for the session threads, its `accept` timing out after
+/// [`IDLE_THREAD_MS`] (`SO_RCVTIMEO`), so that waiting threads beyond the first end.
+fn share(listener: &TcpListener) -> std::io::Result<TcpListener> {
+    let shared = listener.try_clone()?;
+    let tv = libc::timeval {
+        tv_sec: (IDLE_THREAD_MS / 1000) as libc::time_t,
+        tv_usec: ((IDLE_THREAD_MS % 1000) * 1000) as libc::suseconds_t,
     };
-    // A panic in the session drops the slot while the thread unwinds (and that thread
-    // is not reused).
-    let job: Job = Box::new(move || {
-        let started = Instant::now();
-        let service = slot.service.clone();
-        match service.proxy().accept(&stream) {
-            Ok(ends) => service.serve(stream, ends, started),
-            Err(e) => {
-                service.count(Event::ProxyRefused);
-                log::warn!("connection refused: {e}");
-            }
-        }
-        drop(slot);
-    });
-    if let Err(e) = threads.run(job, spec) {
-        log::error!("cannot start a session thread: {e}");
+    // SAFETY: setsockopt on an open socket with a pointer to a timeval that lives
+    // across the call and the matching length.
+    let rc = unsafe {
+        libc::setsockopt(
+            shared.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(shared)
+}
+
+/// Runs an admitted connection's session on this thread: the PROXY stage, then
+/// [`Service::serve`]; the slot is given back when the session ends, however it ends.
+fn serve_one<S: Service>(service: &Arc<S>, stream: TcpStream, slot: Slot<S>) {
+    let started = Instant::now();
+    match service.proxy().accept(&stream) {
+        Ok(ends) => service.serve(stream, ends, started),
+        Err(e) => {
+            service.count(Event::ProxyRefused);
+            log::warn!("connection refused: {e}");
+        }
+    }
+    drop(slot);
 }
 
 /// The first half of a graceful stop: sets `draining` (new connections are refused),
@@ -466,14 +514,26 @@ mod tests {
         service.threads.lock().expect("threads").clone()
     }
 
+    fn started(threads: &Threads) -> usize {
+        threads.started.load(Ordering::SeqCst)
+    }
+
     #[test]
-    fn an_ended_session_thread_serves_the_next_connection() {
+    fn ended_sessions_threads_serve_the_next_connections() {
         let service = Panicky::calm(4);
-        let threads = sequential_sessions(&service, start_with(&service, SPEC), 1, 5);
-        assert_eq!(threads.len(), 5);
+        let (addr, threads) = start_with(&service, SPEC);
+        // The first session's thread started one to accept meanwhile; both wait after it.
+        let ran_on = sequential_sessions(&service, (addr, threads.clone()), 2, 5);
+        assert_eq!(ran_on.len(), 5);
+        let distinct: std::collections::HashSet<_> = ran_on.iter().collect();
         assert!(
-            threads.iter().all(|t| *t == threads[0]),
-            "one thread served all five sessions: {threads:?}"
+            distinct.len() <= 2,
+            "two threads served all five sessions: {ran_on:?}"
+        );
+        assert_eq!(
+            started(&threads),
+            2,
+            "no thread started after the first session"
         );
     }
 
@@ -484,7 +544,8 @@ mod tests {
             idle_threads_max: 0,
             ..SPEC
         };
-        let threads = sequential_sessions(&service, start_with(&service, spec), 0, 3);
+        // One thread always waits in accept: the one started by the last session.
+        let threads = sequential_sessions(&service, start_with(&service, spec), 1, 3);
         let distinct: std::collections::HashSet<_> = threads.iter().collect();
         assert_eq!(distinct.len(), 3, "{threads:?}");
     }
@@ -494,7 +555,7 @@ mod tests {
     #[test]
     fn concurrent_sessions_and_the_idle_limit() {
         let service = Panicky::calm(8);
-        let (addr, idle_threads) = start_with(&service, SPEC);
+        let (addr, threads) = start_with(&service, SPEC);
         let clients: Vec<TcpStream> = (0..4)
             .map(|_| TcpStream::connect(addr).expect("connect"))
             .collect();
@@ -509,21 +570,29 @@ mod tests {
             .copied()
             .collect();
         assert_eq!(first.len(), 4, "four sessions at once, four threads");
+        // Each accepting thread that left none waiting started one: five in all.
+        wait_for("a thread waiting to accept", || idle(&threads) == 1);
+        assert_eq!(started(&threads), 5);
         drop(clients);
         wait_for("the sessions' end", || {
-            service.open.load(Ordering::SeqCst) == 0 && idle(&idle_threads) == 2
+            service.open.load(Ordering::SeqCst) == 0 && idle(&threads) == 2
         });
         let later: Vec<TcpStream> = (0..4)
             .map(|_| TcpStream::connect(addr).expect("connect"))
             .collect();
         wait_for("four more", || service.served.load(Ordering::SeqCst) == 8);
-        let threads = service.threads.lock().expect("threads").clone();
-        let reused = threads[4..].iter().filter(|t| first.contains(t)).count();
-        assert_eq!(reused, 2, "idle_threads_max = 2 threads kept: {threads:?}");
+        let ran_on = service.threads.lock().expect("threads").clone();
+        let distinct: std::collections::HashSet<_> = ran_on[4..].iter().collect();
         assert_eq!(
-            idle(&idle_threads),
-            0,
-            "both waiting threads took a session"
+            distinct.len(),
+            4,
+            "four sessions at once, four threads: {ran_on:?}"
+        );
+        wait_for("a thread waiting to accept", || idle(&threads) == 1);
+        assert_eq!(
+            started(&threads),
+            8,
+            "idle_threads_max = 2 threads were waiting: two took sessions, three were started"
         );
         drop(later);
     }
