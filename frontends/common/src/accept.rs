@@ -9,7 +9,7 @@
 //! to accept the next one: sessions stay synchronous, one per thread. Each admitted
 //! connection holds a [`Slot`]: an RAII guard that gives its place back when it is
 //! dropped — when the session ends, and when it panics (the guard is dropped while the
-//! thread unwinds). Beyond the limit, and while the daemon drains after `SIGTERM`, a
+//! session unwinds; the thread then goes on). Beyond the limit, and while the daemon drains after `SIGTERM`, a
 //! connection gets the daemon's own refusal bytes ([`Refusals`]) and is closed. A
 //! connection first passes the PROXY protocol stage ([`ProxyPolicy::accept`]), then the
 //! daemon's [`Service::serve`] runs.
@@ -20,6 +20,7 @@
 use std::io::{ErrorKind, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -125,7 +126,7 @@ pub struct ListenerSpec {
     /// What refused connections are told.
     pub refusals: Refusals,
     /// Session threads at most kept waiting for the next connection (0: each
-    /// session's thread exits with it).
+    /// session's thread exits with it; one thread always waits in `accept`).
     pub idle_threads_max: usize,
 }
 
@@ -205,9 +206,14 @@ impl Threads {
                                 log::error!("cannot start a session thread: {e}");
                             }
                         }
-                        // A panic in the session drops the slot while this thread
-                        // unwinds (and the thread is not reused).
-                        serve_one(service, stream, slot);
+                        // A panic in the session drops the slot while it unwinds; the
+                        // thread then goes on, so the listener never lacks one.
+                        let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            serve_one(service, stream, slot)
+                        }));
+                        if served.is_err() {
+                            log::error!("a session panicked; its connection is closed");
+                        }
                     }
                     let back = self
                         .idle
@@ -617,7 +623,7 @@ mod tests {
     #[test]
     fn slot_is_given_back_after_a_panic_and_after_a_refusal() {
         let service = Panicky::new(1);
-        let addr = start(&service);
+        let (addr, threads) = start_with(&service, SPEC);
         let mut first = TcpStream::connect(addr).expect("connect");
         wait_for("the first session", || {
             service.served.load(Ordering::SeqCst) == 1
@@ -633,6 +639,9 @@ mod tests {
         wait_for("the panicked session's slot", || {
             service.open.load(Ordering::SeqCst) == 0
         });
+        // Its thread went on: it and the one it started wait in accept again.
+        wait_for("both threads waiting", || idle(&threads) == 2);
+        assert_eq!(started(&threads), 2);
         // And the place is usable again.
         let _third = TcpStream::connect(addr).expect("connect");
         wait_for("the third session", || {
