@@ -9,17 +9,16 @@
 //! to accept the next one: sessions stay synchronous, one per thread. Each admitted
 //! connection holds a [`Slot`]: an RAII guard that gives its place back when it is
 //! dropped — when the session ends, and when it panics (the guard is dropped while the
-//! session unwinds; the thread then goes on). Beyond the limit, and while the daemon drains after `SIGTERM`, a
-//! connection gets the daemon's own refusal bytes ([`Refusals`]) and is closed. A
-//! connection first passes the PROXY protocol stage ([`ProxyPolicy::accept`]), then the
-//! daemon's [`Service::serve`] runs.
+//! session unwinds; the thread then goes on). Beyond the limit, and while the daemon
+//! drains after `SIGTERM`, a connection gets the daemon's own refusal bytes
+//! ([`Refusals`]) and is closed. A connection first passes the PROXY protocol stage
+//! ([`ProxyPolicy::accept`]), then the daemon's [`Service::serve`] runs.
 //!
 //! [`drain`] is the shared half of a graceful stop: no new sessions, then wait up to the
 //! grace period for the open ones.
 
 use std::io::{ErrorKind, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -311,18 +310,19 @@ fn accept_with<S: Service>(
     spec: &ListenerSpec,
     threads: &Arc<Threads>,
 ) {
+    let retry = Duration::from_millis(spec.accept_error_pause_ms.max(100));
     let listener = loop {
         match share(listener) {
             Ok(l) => break Arc::new(l),
             Err(e) => {
                 log::error!("cannot share the listening socket: {e}");
-                thread::sleep(Duration::from_millis(spec.accept_error_pause_ms.max(100)));
+                thread::sleep(retry);
             }
         }
     };
     while let Err(e) = threads.start(&listener, service, spec) {
         log::error!("cannot start a session thread: {e}");
-        thread::sleep(Duration::from_millis(spec.accept_error_pause_ms.max(100)));
+        thread::sleep(retry);
     }
     loop {
         thread::park();
@@ -333,24 +333,8 @@ fn accept_with<S: Service>(
 /// [`IDLE_THREAD_MS`] (`SO_RCVTIMEO`), so that waiting threads beyond the first end.
 fn share(listener: &TcpListener) -> std::io::Result<TcpListener> {
     let shared = listener.try_clone()?;
-    let tv = libc::timeval {
-        tv_sec: (IDLE_THREAD_MS / 1000) as libc::time_t,
-        tv_usec: ((IDLE_THREAD_MS % 1000) * 1000) as libc::suseconds_t,
-    };
-    // SAFETY: setsockopt on an open socket with a pointer to a timeval that lives
-    // across the call and the matching length.
-    let rc = unsafe {
-        libc::setsockopt(
-            shared.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    socket2::SockRef::from(&shared)
+        .set_read_timeout(Some(Duration::from_millis(IDLE_THREAD_MS)))?;
     Ok(shared)
 }
 
@@ -664,6 +648,16 @@ mod tests {
         assert_eq!(service.open.load(Ordering::SeqCst), 1);
         open.write_all(b"x").expect("write");
         assert_eq!(wait_drained(&service.open, grace, "test"), 0);
+    }
+
+    #[test]
+    fn the_shared_listener_times_out_accept_after_the_idle_time() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let shared = share(&listener).expect("share");
+        let timeout = socket2::SockRef::from(&shared)
+            .read_timeout()
+            .expect("SO_RCVTIMEO");
+        assert_eq!(timeout, Some(Duration::from_millis(IDLE_THREAD_MS)));
     }
 
     #[test]
