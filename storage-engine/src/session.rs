@@ -248,7 +248,7 @@ async fn act(
                 .record(verb, started.elapsed().as_micros() as u64);
         }
         Action::StartPut(msgid, mailboxes) => {
-            let opened = open_body(ctx).await;
+            let opened = open_body(ctx);
             state.begin_put(Some((msgid, mailboxes)), opened);
         }
         Action::FinishPut(put) => {
@@ -324,24 +324,22 @@ fn owned_event(e: Event<'_>) -> Owned {
     }
 }
 
-/// Opens the nameless body file of a PUT, or says why it is refused.
-async fn open_body(ctx: &Ctx) -> Result<Body, (ErrorCode, String)> {
+/// Starts the body of a PUT (its file is opened when needed: writer.rs), or
+/// says why it is refused.
+fn open_body(ctx: &Ctx) -> Result<Body, (ErrorCode, String)> {
     if ctx.shared.readonly() {
         return Err((
             ErrorCode::ReadOnly,
             format!("backend is read-only ({})", ctx.shared.mode()),
         ));
     }
-    match BodyWriter::create(ctx.store.tmp_dir(), crate::writer::WRITE_UNIT_BYTES).await {
-        Ok(writer) => Ok(Body {
-            writer: Box::new(writer),
-            started: Instant::now(),
-        }),
-        Err(e) => {
-            note_io_error(ctx, &e);
-            Err((ErrorCode::Temp, format!("cannot create body file: {e}")))
-        }
-    }
+    Ok(Body {
+        writer: Box::new(BodyWriter::new(
+            ctx.store.tmp_dir(),
+            crate::writer::WRITE_UNIT_BYTES,
+        )),
+        started: Instant::now(),
+    })
 }
 
 /// A full disk turns the backend read-only by itself.
@@ -409,7 +407,7 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
         Err(e) => {
             note_io_error(ctx, &e);
             add(&c.put_errors, 1);
-            return err_line(ErrorCode::Temp, &format!("sync failed: {e}"));
+            return err_line(ErrorCode::Temp, &format!("body write or sync failed: {e}"));
         }
     };
     let job = crate::store::LinkJob {
@@ -431,7 +429,7 @@ async fn finish_put(ctx: &Ctx, put: Put, peer: &str) -> String {
     // drops this handle (or, if linking failed, frees the nameless body).
     let linked_mailboxes = job.mailboxes.clone();
     let linked = ctx.committer.link(job).await;
-    let _ = file.close().await;
+    file.close().await;
     for m in &linked_mailboxes {
         match &linked {
             // Linked now, or already (a retry), in every mailbox.
