@@ -351,12 +351,7 @@ const PROBE_WRITE_BYTES: usize = 4096;
 /// this write can.
 fn probe_write(store: &Store) -> bool {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_TMPFILE)
-        .mode(0o600)
-        .open(store.tmp_dir())
+    let written = crate::store::create_nameless(store.tmp_dir())
         .and_then(|mut f| f.write_all(&[0u8; PROBE_WRITE_BYTES]));
     written.is_ok()
 }

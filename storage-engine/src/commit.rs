@@ -382,7 +382,6 @@ mod tests {
     use crate::stats::Counters;
     use powermail_proto::{MailboxName, MessageId};
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
     /// PUTs queued before the committer first runs: one batch.
@@ -427,12 +426,8 @@ mod tests {
                 let committer = Committer::start(store.clone(), s).expect("committer");
                 let bodies: Vec<File> = (0..PUTS)
                     .map(|i| {
-                        let mut f = std::fs::OpenOptions::new()
-                            .write(true)
-                            .custom_flags(libc::O_TMPFILE)
-                            .mode(0o600)
-                            .open(store.tmp_dir())
-                            .expect("O_TMPFILE");
+                        let mut f =
+                            crate::store::create_nameless(store.tmp_dir()).expect("O_TMPFILE");
                         f.write_all(format!("body {i}").as_bytes()).expect("write");
                         if durability == Durability::File {
                             f.sync_data().expect("fdatasync");

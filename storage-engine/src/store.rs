@@ -103,13 +103,7 @@ impl Store {
     /// Whether `linkat(AT_EMPTY_PATH)` can name a nameless file this
     /// process made: links one into `tmp/` and removes the name again.
     fn probe_empty_path_link(&self) -> bool {
-        use std::os::unix::fs::OpenOptionsExt;
-        let Ok(file) = fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_TMPFILE)
-            .mode(0o600)
-            .open(&self.tmp)
-        else {
+        let Ok(file) = create_nameless(&self.tmp) else {
             return false;
         };
         let name = self.tmp.join(".linkat-probe");
@@ -171,12 +165,7 @@ impl Store {
     ) -> io::Result<LinkOutcome> {
         use std::io::Write;
         use std::os::fd::AsRawFd;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_TMPFILE)
-            .mode(0o600)
-            .open(&self.tmp)?;
+        let mut file = create_nameless(&self.tmp)?;
         file.write_all(body)?;
         file.sync_data()?;
         let job = LinkJob {
@@ -579,6 +568,20 @@ fn link_fd(fd: RawFd, dst: &Path, empty_path: bool) -> io::Result<()> {
     }
 }
 
+/// The mode of every message file: the mail is for its owner only.
+pub const BODY_MODE: libc::mode_t = 0o600;
+
+/// Creates a nameless file (`O_TMPFILE`, [`BODY_MODE`]) in `dir`, open for
+/// writing: a body, or a probe, that vanishes on close unless linked.
+pub fn create_nameless(dir: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(BODY_MODE)
+        .open(dir)
+}
+
 /// Makes a directory's entries durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -857,7 +860,6 @@ mod tests {
     #[test]
     fn bodies_are_named_the_same_with_or_without_empty_path() {
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         for empty_path in [true, false] {
             let dir = tempfile::tempdir().unwrap();
             let (store, _) = Store::open(dir.path()).unwrap();
@@ -875,12 +877,7 @@ mod tests {
                     std::slice::from_ref(&old),
                 )
                 .unwrap();
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_TMPFILE)
-                .mode(0o600)
-                .open(store.tmp_dir())
-                .unwrap();
+            let mut file = create_nameless(store.tmp_dir()).unwrap();
             file.write_all(b"second").unwrap();
             let id = MessageId::parse("m1").unwrap();
             let job = LinkJob {

@@ -127,9 +127,6 @@ pub struct Finished {
 /// (and its own alignment known): a multiple of any block size up to a page.
 const PRE_OPEN_ALIGNMENT: usize = 4096;
 
-/// The mode of a body file: the mail is for its owner only.
-const BODY_MODE: libc::mode_t = 0o600;
-
 impl BodyWriter {
     /// A body to be written to an anonymous, linkable file on the file
     /// system of `dir`, in units of `buf_bytes` (rounded up to the file's
@@ -160,7 +157,7 @@ impl BodyWriter {
             .read(true)
             .tmpfile(true)
             .tmpfile_linkable(true)
-            .mode(BODY_MODE)
+            .mode(crate::store::BODY_MODE)
             .dma_open(&self.dir)
             .await?;
         self.buf_bytes = file.align_up(self.buf_bytes as u64) as usize;
@@ -331,13 +328,7 @@ impl BodyWriter {
     /// device). No `fallocate`: delayed allocation places the whole body at
     /// the flush, in one extent.
     fn finish_buffered(self) -> io::Result<Finished> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_TMPFILE)
-            .mode(BODY_MODE)
-            .open(&self.dir)?;
+        let file = crate::store::create_nameless(&self.dir)?;
         file.write_all_at(&self.pending, 0)?;
         Ok(Finished {
             file: BodyFile::Buffered(file),
