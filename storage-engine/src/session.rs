@@ -248,7 +248,7 @@ async fn act(
                 .record(verb, started.elapsed().as_micros() as u64);
         }
         Action::StartPut(msgid, mailboxes) => {
-            let opened = open_body(ctx);
+            let opened = start_body(ctx);
             state.begin_put(Some((msgid, mailboxes)), opened);
         }
         Action::FinishPut(put) => {
@@ -326,7 +326,7 @@ fn owned_event(e: Event<'_>) -> Owned {
 
 /// Starts the body of a PUT (its file is opened when needed: writer.rs), or
 /// says why it is refused.
-fn open_body(ctx: &Ctx) -> Result<Body, (ErrorCode, String)> {
+fn start_body(ctx: &Ctx) -> Result<Body, (ErrorCode, String)> {
     if ctx.shared.readonly() {
         return Err((
             ErrorCode::ReadOnly,

@@ -174,9 +174,7 @@ impl BodyWriter {
 
     /// The file opened by [`BodyWriter::open_direct`].
     fn dma(&self) -> io::Result<&DmaFile> {
-        self.file
-            .as_ref()
-            .ok_or_else(|| io::Error::other("body file not open"))
+        self.file.as_ref().ok_or_else(not_open)
     }
 
     /// Appends `data`.
@@ -189,9 +187,8 @@ impl BodyWriter {
             self.open_direct().await?;
         }
         while !data.is_empty() {
-            let Some(file) = self.file.as_ref() else {
-                return Err(io::Error::other("body file not open"));
-            };
+            // Not `dma()`: that would borrow all of `self` beside `self.buf`.
+            let file = self.file.as_ref().ok_or_else(not_open)?;
             let buf = self
                 .buf
                 .get_or_insert_with(|| file.alloc_dma_buffer(self.buf_bytes));
@@ -308,10 +305,7 @@ impl BodyWriter {
             }
         }
         debug_assert_eq!(self.pos_bytes, size_bytes);
-        let file = self
-            .file
-            .take()
-            .ok_or_else(|| io::Error::other("body file not open"))?;
+        let file = self.file.take().ok_or_else(not_open)?;
         if sync {
             file.fdatasync().await?;
         }
@@ -343,6 +337,11 @@ impl BodyWriter {
             let _ = file.close().await;
         }
     }
+}
+
+/// The error of a `DmaFile` step before [`BodyWriter::open_direct`] (a bug).
+fn not_open() -> io::Error {
+    io::Error::other("body file not open")
 }
 
 /// Clears `O_DIRECT` on `fd` and writes all of `data` at `offset` through the
