@@ -12,15 +12,16 @@
 # (copies of target/release of two commits). Each run is a fresh `powermail up` (K=1, two
 # backends) on ports 12525/11110, ROUNDS rounds (default 3) on it; the two builds
 # alternate TIMES times (default 3). Extra environment: M, SESS, ROUNDS, K, L (message
-# size for smtp and r10, default 4096).
+# size for smtp and r10, default 4096), BACKENDS (default 2), BACKENDS_A and BACKENDS_B
+# (one side's backends: DIR_A and DIR_B may then be the same build).
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,15p' "$0"; exit 2; }
 workload=$1 a=$2 b=$3 times=${4:-3}
 W=${W:-/tmp/pm-ab}
 mkdir -p "$W"
 
-one_run() { # BIN
-    local B=$1 d
+one_run() { # BIN BACKENDS
+    local B=$1 backends=$2 d
     d=$(mktemp -d "$W/run.XXXX")
     cat > "$d/up.toml" <<TOML
 smtp_listen = "127.0.0.1:12525"
@@ -30,7 +31,7 @@ pplistener_admin = "127.0.0.1:18010"
 smtp_admin = "127.0.0.1:18025"
 pop_admin = "127.0.0.1:18110"
 TOML
-    "$B/powermail" up --data "$d/var" --config "$d/up.toml" --backends 2 --replicas "${K:-1}" > "$d/up.log" 2>&1 &
+    "$B/powermail" up --data "$d/var" --config "$d/up.toml" --backends "$backends" --replicas "${K:-1}" > "$d/up.log" 2>&1 &
     local up=$!
     for _ in $(seq 300); do grep -q "Ctrl-C" "$d/up.log" && break; sleep 0.1; done
     python3 - "$d/var/userbase.db" <<'PY'
@@ -84,7 +85,7 @@ PY
             *) echo "unknown workload $workload" >&2; kill $up; exit 2 ;;
         esac
         c1=$(cpu)
-        echo "$(basename "$B") round $r: $fig; CPU s pplistener/powersmtp/powerpop" \
+        echo "$(basename "$B") ($backends backends) round $r: $fig; CPU s pplistener/powersmtp/powerpop" \
             "$(paste -d' ' <(echo $c0) <(echo $c1) | awk '{printf "%.2f/%.2f/%.2f", ($4-$1)/100, ($5-$2)/100, ($6-$3)/100}')"
     done
     kill $up; wait $up 2>/dev/null || true
@@ -92,6 +93,6 @@ PY
 }
 
 for _ in $(seq "$times"); do
-    one_run "$a"
-    one_run "$b"
+    one_run "$a" "${BACKENDS_A:-${BACKENDS:-2}}"
+    one_run "$b" "${BACKENDS_B:-${BACKENDS:-2}}"
 done

@@ -77,6 +77,8 @@ pub struct Start {
     pub known: std::collections::HashSet<powermail_proto::MailboxName>,
     /// The process-wide stop request (SIGTERM): this executor drains on it.
     pub stop: Arc<crate::drain::Stop>,
+    /// `durability = syncfs`: the commit thread of its file system.
+    pub fs_committer: Option<Arc<crate::commit::FsCommitter>>,
 }
 
 /// Starts the executor thread of one backend.
@@ -100,6 +102,7 @@ async fn run(start: Start) {
         ready,
         known,
         stop,
+        fs_committer,
         ..
     } = start;
     // glommio probes polled-I/O support on the first DmaFile it opens; an empty
@@ -124,17 +127,14 @@ async fn run(start: Start) {
             return;
         }
     };
-    let committer = match crate::commit::Committer::start(store.clone(), shared.clone()) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = ready.send(Err(format!(
-                "{}: opening {} for syncfs: {e}",
-                backend.name,
-                backend.data_dir.display()
-            )));
-            return;
-        }
-    };
+    let committer =
+        match crate::commit::Committer::start(store.clone(), shared.clone(), fs_committer) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = ready.send(Err(format!("{}: {e}", backend.name)));
+                return;
+            }
+        };
     let index = crate::index::SharedIndex::new(limits.index_entries_max);
     let ctx = Rc::new(Ctx {
         shared: shared.clone(),

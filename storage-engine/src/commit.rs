@@ -1,37 +1,21 @@
 //! Group commit of the link stage, and the durability of each batch.
 //!
-//! Finished bodies queue here, and one task per executor links everything
-//! queued in one blocking call. What makes the batch durable depends on the
-//! backend's `durability`:
+//! Finished bodies queue here and are linked into their mailboxes in
+//! batches. What makes a batch durable depends on the backend's
+//! `durability`:
 //!
 //! * `file` (default): each PUT made its own body durable (its `fdatasync`
-//!   runs concurrently with everyone else's through io_uring); after the
-//!   links, each touched directory is fsynced once for the whole batch, all
-//!   of them concurrently through io_uring.
-//! * `syncfs`: bodies were written (and their writes completed) without a
-//!   sync; after the links, in the same blocking call, one `syncfs(2)` of the
-//!   backend's file system makes every body, link and directory of the batch
-//!   durable at once. The file descriptor it is called on is opened when the
-//!   committer starts, before any PUT, so the file system's writeback error
-//!   sequence (Linux >= 5.8) reports to it any error since the previous call:
-//!   such an error fails the whole batch, nothing of it acknowledged.
-//! * `syncfs` on a file system that does not order data before metadata
-//!   (ext4 without a journal, where pplistener switches to this mode at
-//!   start-up, `flush_before_link`): a body may be linked only after a
-//!   `syncfs` that *started* after its write completed, so no link can reach
-//!   the media ahead of its body; and a link is durable only after two
-//!   `syncfs` calls that started after it (ext4 writes the block device's
-//!   buffers — directory blocks, bitmaps, group descriptors — after its own
-//!   device flush, so the second call is the flush that makes them durable).
-//!   One batch alone costs three flushes (bodies, links, trailing). Under
-//!   load the flushes are pipelined ([`Ordered`]): each `syncfs` is at once
-//!   the trailing flush of the links made two calls before, the flush of the
-//!   links made just before it, and the body flush of every PUT queued before
-//!   it started — one flush per batch in steady state, never fewer flushes
-//!   per message than the order needs.
-//!
-//! The committer also runs one `syncfs` when it starts, so the directories
-//! the store just created are durable before the first PUT.
+//!   runs concurrently with everyone else's through io_uring); one task per
+//!   executor links everything queued in one blocking call, then fsyncs each
+//!   directory the batch touched once, all of them concurrently.
+//! * `syncfs`: bodies are written without a sync, and one `syncfs(2)` makes
+//!   every body, link and directory of a batch durable at once. As the call
+//!   flushes the whole file system, the `syncfs` backends on one file
+//!   system share one commit thread ([`FsCommitter`]), which links the
+//!   PUTs of all of them and flushes once for all: two backends on one disk
+//!   pay one device flush per batch, not one each. On a file system that
+//!   does not order data before metadata (ext4 without a journal) the
+//!   flushes are ordered and pipelined as [`FsCommitter`] describes.
 //!
 //! Durability per message, cost per batch. A PUT's reply waits for the batch
 //! that holds its links. The queue is bounded by the connection limit: each
@@ -42,8 +26,10 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex};
 
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 
@@ -54,12 +40,13 @@ use crate::store::{LinkJob, LinkOutcome, Store};
 /// Most messages linked in one blocking call.
 const BATCH_MAX: usize = 256;
 
+/// A PUT queued on an executor's own link task (`durability = file`).
 struct Waiting {
     job: LinkJob,
     done: LocalSender<io::Result<LinkOutcome>>,
 }
 
-/// A linked PUT and its result, waiting for the flushes that make it durable.
+/// A linked PUT and its result.
 type Linked = (
     LocalSender<io::Result<LinkOutcome>>,
     io::Result<LinkOutcome>,
@@ -106,6 +93,12 @@ impl<Q, L> Ordered<Q, L> {
         self.queued.drain(..n).map(|(_, q)| q).collect()
     }
 
+    /// Every PUT in the pipeline: queued or covered, and linked.
+    fn pending(&self) -> (impl Iterator<Item = &Q>, impl Iterator<Item = &L>) {
+        let waiting = self.queued.iter().map(|(_, q)| q).chain(&self.covered);
+        (waiting, self.linked.iter())
+    }
+
     /// Nothing queued, covered or waiting: no flush is due.
     fn idle(&self) -> bool {
         self.queued.is_empty() && self.covered.is_empty() && self.linked.is_empty()
@@ -143,131 +136,92 @@ impl<Q, L> Ordered<Q, L> {
     }
 }
 
-/// The per-executor link queue.
-pub struct Committer {
-    state: RefCell<Ordered<Waiting, Linked>>,
-    doorbell: LocalSender<()>,
+/// The link stage of one backend, as its executor sees it.
+pub struct Committer(Kind);
+
+enum Kind {
+    /// `durability = file`: a task on this executor links each batch and
+    /// fsyncs the directories it touched.
+    Local {
+        /// PUTs waiting for the next batch.
+        state: RefCell<Ordered<Waiting, Linked>>,
+        /// Wakes the task.
+        doorbell: LocalSender<()>,
+    },
+    /// `durability = syncfs`: the commit thread of the backend's file
+    /// system links and flushes, shared with every other `syncfs` backend
+    /// on that file system.
+    Shared {
+        /// The file system's commit thread.
+        fs: Arc<FsCommitter>,
+        /// This backend's store, where its PUTs are linked.
+        store: Store,
+        /// This backend's counters.
+        shared: Arc<BackendShared>,
+    },
 }
 
 impl Committer {
-    /// Creates the queue and starts its task on the current executor. In
-    /// `syncfs` mode this opens the data directory for the batch's `syncfs`.
-    pub fn start(store: Store, shared: Arc<BackendShared>) -> io::Result<Rc<Committer>> {
-        let syncfs_on = match shared.durability {
-            Durability::File => None,
-            Durability::Syncfs => {
-                let f = File::open(store.root())?;
-                syncfs(&f)?;
-                Some(Arc::new(f))
+    /// Creates the link stage of a backend on the current executor: a local
+    /// task in `file` mode, or a handle on `fs` (the commit thread of its
+    /// file system, which `syncfs` mode requires).
+    pub fn start(
+        store: Store,
+        shared: Arc<BackendShared>,
+        fs: Option<Arc<FsCommitter>>,
+    ) -> io::Result<Rc<Committer>> {
+        match (shared.durability, fs) {
+            (Durability::Syncfs, Some(fs)) => {
+                Ok(Rc::new(Committer(Kind::Shared { fs, store, shared })))
             }
-        };
-        let (doorbell, ring) = local_channel::new_bounded(1);
-        let c = Rc::new(Committer {
-            state: RefCell::new(Ordered::new()),
-            doorbell,
-        });
-        match syncfs_on {
-            Some(f) if shared.flush_before_link => {
-                glommio::spawn_local(run_ordered(store, shared, f, c.clone(), ring)).detach();
-            }
-            f => {
-                glommio::spawn_local(run(store, shared, f, c.clone(), ring)).detach();
+            (Durability::Syncfs, None) => Err(io::Error::other(
+                "durability = syncfs without a commit thread for the file system",
+            )),
+            (Durability::File, _) => {
+                let (doorbell, ring) = local_channel::new_bounded(1);
+                let c = Rc::new(Committer(Kind::Local {
+                    state: RefCell::new(Ordered::new()),
+                    doorbell,
+                }));
+                glommio::spawn_local(run_file(store, shared, c.clone(), ring)).detach();
+                Ok(c)
             }
         }
-        Ok(c)
     }
 
     /// Links `job` as part of the next batch; returns once its links are durable.
     pub async fn link(&self, job: LinkJob) -> io::Result<LinkOutcome> {
-        let (done, result) = local_channel::new_bounded(1);
-        self.state.borrow_mut().push(Waiting { job, done });
-        // Full means the task is already due to wake: nothing to add.
-        let _ = self.doorbell.try_send(());
-        result
-            .recv()
-            .await
-            .unwrap_or_else(|| Err(io::Error::other("link task stopped")))
-    }
-}
-
-/// The ordered pipeline (`flush_before_link`): one `syncfs` after another
-/// while anything waits, each preceded by the links of the PUTs the one
-/// before it covered, in one trip to the blocking pool.
-async fn run_ordered(
-    store: Store,
-    shared: Arc<BackendShared>,
-    fs: Arc<File>,
-    c: Rc<Committer>,
-    ring: LocalReceiver<()>,
-) {
-    let counters = &shared.counters;
-    loop {
-        if c.state.borrow().idle() {
-            if ring.recv().await.is_none() {
-                return;
+        match &self.0 {
+            Kind::Local { state, doorbell } => {
+                let (done, result) = local_channel::new_bounded(1);
+                state.borrow_mut().push(Waiting { job, done });
+                // Full means the task is already due to wake: nothing to add.
+                let _ = doorbell.try_send(());
+                result
+                    .recv()
+                    .await
+                    .unwrap_or_else(|| Err(io::Error::other("link task stopped")))
             }
-            continue;
-        }
-        let batch = c.state.borrow_mut().start(BATCH_MAX);
-        let (jobs, done): (Vec<LinkJob>, Vec<_>) =
-            batch.into_iter().map(|w| (w.job, w.done)).unzip();
-        if !jobs.is_empty() {
-            counters.batch(jobs.len() as u64);
-        }
-        let s = store.clone();
-        let f = fs.clone();
-        let (results, synced) = glommio::executor()
-            .spawn_blocking(move || {
-                // A copy made past the link limit is a new body: it gets
-                // its own fdatasync, as no earlier flush covered it.
-                (s.link_batch(&jobs, true).0, syncfs(&f))
-            })
-            .await;
-        counters.flushed(&counters.flushes_syncfs, 1);
-        debug_assert_eq!(results.len(), done.len());
-        let linked: Vec<Linked> = done.into_iter().zip(results).collect();
-        let e = match synced {
-            Ok(()) => {
-                let durable = c.state.borrow_mut().done(linked);
-                for (d, r) in durable {
-                    let _ = d.try_send(r);
-                }
-                continue;
-            }
-            Err(e) => e,
-        };
-        crate::stats::add(&counters.flush_errors, 1);
-        let (linked, uncovered) = c.state.borrow_mut().failed(linked);
-        log::error!(
-            "backend={} syncfs failed, {} linked and {} queued PUTs refused: {e}",
-            shared.name,
-            linked.len(),
-            uncovered.len()
-        );
-        for (d, r) in linked {
-            let _ = d.try_send(r.and_then(|_| Err(flush_error("syncfs", &e))));
-        }
-        for w in uncovered {
-            let _ = w
-                .done
-                .try_send(Err(flush_error("syncfs before linking", &e)));
+            Kind::Shared { fs, store, shared } => fs.link(store, shared, job).await,
         }
     }
 }
 
-/// The batch modes (`file`, and `syncfs` where the file system orders data
-/// before metadata): link everything queued, then make it durable.
-async fn run(
+/// `durability = file`: link everything queued, then fsync each directory
+/// the batch touched once (bodies were fdatasynced by their PUTs).
+async fn run_file(
     store: Store,
     shared: Arc<BackendShared>,
-    syncfs_on: Option<Arc<File>>,
     c: Rc<Committer>,
     ring: LocalReceiver<()>,
 ) {
+    let Kind::Local { state, .. } = &c.0 else {
+        return;
+    };
     let counters = &shared.counters;
     while ring.recv().await.is_some() {
         loop {
-            let batch = c.state.borrow_mut().take_queued(BATCH_MAX);
+            let batch = state.borrow_mut().take_queued(BATCH_MAX);
             if batch.is_empty() {
                 break;
             }
@@ -275,42 +229,22 @@ async fn run(
                 batch.into_iter().map(|w| (w.job, w.done)).unzip();
             counters.batch(jobs.len() as u64);
             let s = store.clone();
-            let fs = syncfs_on.clone();
-            // Links, then (syncfs mode) the flush, in one trip to the pool.
-            let (mut results, dirs, synced) = glommio::executor()
-                .spawn_blocking(move || {
-                    let (results, dirs) = s.link_batch(&jobs, fs.is_none());
-                    let synced = match &fs {
-                        Some(f) if results.iter().any(|r| r.is_ok()) => Some(syncfs(f)),
-                        _ => None,
-                    };
-                    (results, dirs, synced)
-                })
+            let (mut results, dirs) = glommio::executor()
+                .spawn_blocking(move || s.link_batch(&jobs, true))
                 .await;
             debug_assert_eq!(results.len(), done.len());
-            let flushed = match synced {
-                Some(r) => {
-                    counters.flushed(&counters.flushes_syncfs, 1);
-                    r.map_err(|e| ("syncfs", e))
-                }
-                None if syncfs_on.is_none() => {
-                    let copies: u64 = results.iter().flatten().map(|o| o.extra_copies).sum();
-                    counters.flushed(&counters.flushes_fdatasync, copies);
-                    counters.flushed(&counters.flushes_dir_fsync, dirs.len() as u64);
-                    sync_dirs(dirs).await.map_err(|e| ("directory fsync", e))
-                }
-                // syncfs mode and nothing linked: nothing to make durable.
-                None => Ok(()),
-            };
-            if let Err((what, e)) = flushed {
+            let copies: u64 = results.iter().flatten().map(|o| o.extra_copies).sum();
+            counters.flushed(&counters.flushes_fdatasync, copies);
+            counters.flushed(&counters.flushes_dir_fsync, dirs.len() as u64);
+            if let Err(e) = sync_dirs(dirs).await {
                 crate::stats::add(&counters.flush_errors, 1);
                 log::error!(
-                    "backend={} {what} failed, batch of {} refused: {e}",
+                    "backend={} directory fsync failed, batch of {} refused: {e}",
                     shared.name,
                     done.len()
                 );
                 for r in results.iter_mut().filter(|r| r.is_ok()) {
-                    *r = Err(flush_error(what, &e));
+                    *r = Err(flush_error("directory fsync", &e));
                 }
             }
             for (d, r) in done.into_iter().zip(results) {
@@ -318,6 +252,304 @@ async fn run(
             }
         }
     }
+}
+
+/// Where a PUT's result goes: back to the task of its connection, on its
+/// backend's executor.
+type Reply = flume::Sender<io::Result<LinkOutcome>>;
+
+/// A PUT queued on a file system's commit thread.
+struct FsJob {
+    store: Store,
+    shared: Arc<BackendShared>,
+    job: LinkJob,
+    reply: Reply,
+}
+
+/// A PUT the commit thread linked, waiting for the flush that makes it durable.
+struct FsLinked {
+    shared: Arc<BackendShared>,
+    reply: Reply,
+    result: io::Result<LinkOutcome>,
+}
+
+/// What the commit thread and the executors share.
+struct FsState {
+    ordered: Ordered<FsJob, FsLinked>,
+    /// Every handle is gone: end once nothing waits.
+    stop: bool,
+    /// Tests: queue without starting a flush.
+    paused: bool,
+}
+
+struct FsInner {
+    /// Names the group in logs: its backends, `+`-joined.
+    label: String,
+    /// Opened before any PUT: `syncfs` on it reports every writeback error
+    /// on the file system since its previous call (Linux >= 5.8).
+    fs: File,
+    flush_before_link: bool,
+    state: Mutex<FsState>,
+    wake: Condvar,
+    /// `syncfs` calls made (the initial one not counted).
+    flushes: AtomicU64,
+}
+
+/// The commit thread of one file system: links the PUTs of every
+/// `durability = syncfs` backend whose data directory is on it and makes
+/// them durable together, one `syncfs(2)` per batch — the call flushes the
+/// whole file system anyway, so two backends on one disk each running
+/// their own would pay two device flushes where one covers both.
+///
+/// * A file system that orders data before metadata (journaled ext4, xfs):
+///   the bodies were written (their writes completed) without a sync; the
+///   thread links everything queued, then one `syncfs` makes every body,
+///   link and directory of the batch durable at once.
+/// * One that does not (ext4 without a journal, `flush_before_link`): a body
+///   may be linked only after a `syncfs` that *started* after its write
+///   completed, so no link can reach the media ahead of its body; and a
+///   link is durable only after two `syncfs` calls that started after it
+///   (ext4 writes the block device's buffers — directory blocks, bitmaps,
+///   group descriptors — after its own device flush, so the second call is
+///   the flush that makes them durable). One batch alone costs three
+///   flushes (bodies, links, trailing); under load they are pipelined
+///   ([`Ordered`]): each `syncfs` is at once the trailing flush of the links
+///   made two calls before, the flush of the links made just before it,
+///   and the body flush of every PUT queued before it started.
+///
+/// A writeback error reported by a flush fails everything the flush was to
+/// make durable or to cover, whichever backend it came from: nothing of it
+/// is acknowledged.
+pub struct FsCommitter {
+    inner: Arc<FsInner>,
+}
+
+impl FsCommitter {
+    /// Opens `dir` (any directory on the file system), runs one `syncfs` so
+    /// that what the stores just created is durable before the first PUT,
+    /// and starts the thread. `label` names the group in logs.
+    pub fn start(dir: &Path, flush_before_link: bool, label: &str) -> io::Result<Arc<FsCommitter>> {
+        let fs = File::open(dir)?;
+        syncfs(&fs)?;
+        let inner = Arc::new(FsInner {
+            label: label.to_string(),
+            fs,
+            flush_before_link,
+            state: Mutex::new(FsState {
+                ordered: Ordered::new(),
+                stop: false,
+                paused: false,
+            }),
+            wake: Condvar::new(),
+            flushes: AtomicU64::new(0),
+        });
+        let t = inner.clone();
+        std::thread::Builder::new()
+            .name(format!("ppl-commit-{label}"))
+            .spawn(move || t.run())?;
+        Ok(Arc::new(FsCommitter { inner }))
+    }
+
+    /// Queues a PUT of the backend owning `store` and `shared`; returns once
+    /// its links are durable.
+    async fn link(
+        &self,
+        store: &Store,
+        shared: &Arc<BackendShared>,
+        job: LinkJob,
+    ) -> io::Result<LinkOutcome> {
+        let (reply, result) = flume::bounded(1);
+        self.inner.lock().ordered.push(FsJob {
+            store: store.clone(),
+            shared: shared.clone(),
+            job,
+            reply,
+        });
+        self.inner.wake.notify_one();
+        result
+            .recv_async()
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("commit thread stopped")))
+    }
+
+    /// `syncfs` calls made for PUTs so far, for all the group's backends.
+    #[cfg(test)]
+    fn flushes(&self) -> u64 {
+        self.inner.flushes.load(Relaxed)
+    }
+
+    /// Tests: while paused, PUTs queue and no flush starts.
+    #[cfg(test)]
+    fn pause(&self, on: bool) {
+        self.inner.lock().paused = on;
+        self.inner.wake.notify_one();
+    }
+
+    /// Tests: PUTs queued and not yet taken by a flush.
+    #[cfg(test)]
+    fn queued(&self) -> usize {
+        self.inner.lock().ordered.queued.len()
+    }
+}
+
+impl Drop for FsCommitter {
+    fn drop(&mut self) {
+        self.inner.lock().stop = true;
+        self.inner.wake.notify_one();
+    }
+}
+
+impl FsInner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FsState> {
+        // The state holds no invariant a panic could break half-way.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The thread: one step per flush while anything waits.
+    fn run(&self) {
+        loop {
+            let (jobs, involved) = {
+                let mut s = self.lock();
+                while s.paused || s.ordered.idle() {
+                    if s.stop && s.ordered.idle() {
+                        return;
+                    }
+                    s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+                }
+                if self.flush_before_link {
+                    // Everything in the pipeline is served by this flush.
+                    let mut involved = Vec::new();
+                    let (waiting, linked) = s.ordered.pending();
+                    waiting.for_each(|j| note(&mut involved, &j.shared));
+                    linked.for_each(|l| note(&mut involved, &l.shared));
+                    (s.ordered.start(BATCH_MAX), involved)
+                } else {
+                    (s.ordered.take_queued(BATCH_MAX), Vec::new())
+                }
+            };
+            if self.flush_before_link {
+                self.step_ordered(jobs, involved);
+            } else {
+                self.step_batch(jobs);
+            }
+        }
+    }
+
+    /// `syncfs`, counted on the group and on each backend it served.
+    fn flush(&self, involved: &[Arc<BackendShared>]) -> io::Result<()> {
+        let r = syncfs(&self.fs);
+        self.flushes.fetch_add(1, Relaxed);
+        for b in involved {
+            b.counters.flushed(&b.counters.flushes_syncfs, 1);
+            if r.is_err() {
+                crate::stats::add(&b.counters.flush_errors, 1);
+            }
+        }
+        r
+    }
+
+    /// Batch mode: link everything taken, then one flush if anything linked.
+    fn step_batch(&self, jobs: Vec<FsJob>) {
+        let (mut linked, involved) = link_all(jobs, false);
+        if linked.iter().any(|l| l.result.is_ok()) {
+            if let Err(e) = self.flush(&involved) {
+                log::error!(
+                    "commit={} syncfs failed, batch of {} refused: {e}",
+                    self.label,
+                    linked.len()
+                );
+                for l in linked.iter_mut().filter(|l| l.result.is_ok()) {
+                    l.result = Err(flush_error("syncfs", &e));
+                }
+            }
+        }
+        for l in linked {
+            let _ = l.reply.try_send(l.result);
+        }
+    }
+
+    /// Ordered mode: link what earlier flushes covered, then one flush.
+    fn step_ordered(&self, jobs: Vec<FsJob>, mut involved: Vec<Arc<BackendShared>>) {
+        // A copy made past the link limit is a new body: it gets its own
+        // fdatasync, as no earlier flush covered it.
+        let (linked, linking) = link_all(jobs, true);
+        for b in &linking {
+            note(&mut involved, b);
+        }
+        let synced = self.flush(&involved);
+        let mut s = self.lock();
+        let e = match synced {
+            Ok(()) => {
+                let durable = s.ordered.done(linked);
+                drop(s);
+                for l in durable {
+                    let _ = l.reply.try_send(l.result);
+                }
+                return;
+            }
+            Err(e) => e,
+        };
+        let (linked, uncovered) = s.ordered.failed(linked);
+        drop(s);
+        log::error!(
+            "commit={} syncfs failed, {} linked and {} queued PUTs refused: {e}",
+            self.label,
+            linked.len(),
+            uncovered.len()
+        );
+        for l in linked {
+            let _ = l
+                .reply
+                .try_send(l.result.and_then(|_| Err(flush_error("syncfs", &e))));
+        }
+        for j in uncovered {
+            let _ = j
+                .reply
+                .try_send(Err(flush_error("syncfs before linking", &e)));
+        }
+    }
+}
+
+/// Adds `b` to `list` once.
+fn note(list: &mut Vec<Arc<BackendShared>>, b: &Arc<BackendShared>) {
+    if !list.iter().any(|x| Arc::ptr_eq(x, b)) {
+        list.push(b.clone());
+    }
+}
+
+/// Links `jobs`, one `link_batch` per backend (each batch counted on its
+/// backend); returns the results and the backends that had any.
+fn link_all(jobs: Vec<FsJob>, sync_copies: bool) -> (Vec<FsLinked>, Vec<Arc<BackendShared>>) {
+    let mut backends: Vec<Arc<BackendShared>> = Vec::new();
+    for j in &jobs {
+        note(&mut backends, &j.shared);
+    }
+    let mut out = Vec::with_capacity(jobs.len());
+    let mut rest = jobs;
+    for b in &backends {
+        let (mine, others): (Vec<FsJob>, Vec<FsJob>) =
+            rest.into_iter().partition(|j| Arc::ptr_eq(&j.shared, b));
+        rest = others;
+        let Some(store) = mine.first().map(|j| j.store.clone()) else {
+            continue;
+        };
+        b.counters.batch(mine.len() as u64);
+        let (links, replies): (Vec<LinkJob>, Vec<Reply>) =
+            mine.into_iter().map(|j| (j.job, j.reply)).unzip();
+        let (results, _dirs) = store.link_batch(&links, sync_copies);
+        debug_assert_eq!(results.len(), replies.len());
+        out.extend(
+            replies
+                .into_iter()
+                .zip(results)
+                .map(|(reply, result)| FsLinked {
+                    shared: b.clone(),
+                    reply,
+                    result,
+                }),
+        );
+    }
+    (out, backends)
 }
 
 /// The error a PUT gets when its batch's flush failed: the OS error itself
@@ -414,57 +646,94 @@ mod tests {
     }
 
     /// Queues `PUTS` bodies (written like the writer does in this mode) to
-    /// one new mailbox at once and returns the counters afterwards.
-    fn batch_of_puts(durability: Durability, flush_before_link: bool) -> Arc<BackendShared> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (store, _) = Store::open(dir.path()).expect("open store");
-        let shared = shared(durability, flush_before_link, dir.path());
-        let s = shared.clone();
+    /// one new mailbox at once on each of `backends` backends (their stores
+    /// on one file system) and returns their counters afterwards, with the
+    /// `syncfs` calls of their commit thread (`syncfs` mode).
+    fn batch_of_puts_on(
+        durability: Durability,
+        flush_before_link: bool,
+        backends: usize,
+    ) -> (Vec<Arc<BackendShared>>, u64) {
+        let dirs: Vec<_> = (0..backends)
+            .map(|_| tempfile::tempdir().expect("tempdir"))
+            .collect();
+        let stores: Vec<Store> = dirs
+            .iter()
+            .map(|d| Store::open(d.path()).expect("open store").0)
+            .collect();
+        let all: Vec<_> = dirs
+            .iter()
+            .map(|d| shared(durability, flush_before_link, d.path()))
+            .collect();
+        let fs = match durability {
+            Durability::Syncfs => Some(
+                FsCommitter::start(dirs[0].path(), flush_before_link, "t").expect("commit thread"),
+            ),
+            Durability::File => None,
+        };
+        let s = all.clone();
+        let f = fs.clone();
         glommio::LocalExecutorBuilder::default()
             .blocking_thread_pool_placement(glommio::PoolPlacement::Unbound(1))
             .spawn(move || async move {
-                let committer = Committer::start(store.clone(), s).expect("committer");
-                let bodies: Vec<File> = (0..PUTS)
-                    .map(|i| {
-                        let mut f =
+                if let Some(fs) = &f {
+                    fs.pause(true);
+                }
+                let mut bodies = Vec::new();
+                let mut tasks = Vec::new();
+                for (store, shared) in stores.iter().zip(s) {
+                    let committer =
+                        Committer::start(store.clone(), shared, f.clone()).expect("committer");
+                    for i in 0..PUTS {
+                        let mut body =
                             crate::store::create_nameless(store.tmp_dir()).expect("O_TMPFILE");
-                        f.write_all(format!("body {i}").as_bytes()).expect("write");
+                        body.write_all(format!("body {i}").as_bytes())
+                            .expect("write");
                         if durability == Durability::File {
-                            f.sync_data().expect("fdatasync");
+                            body.sync_data().expect("fdatasync");
                         }
-                        f
-                    })
-                    .collect();
-                // Every link() queues before the committer task first runs.
-                let tasks: Vec<_> = bodies
-                    .iter()
-                    .enumerate()
-                    .map(|(i, f)| {
                         let job = LinkJob {
-                            fd: f.as_raw_fd(),
+                            fd: body.as_raw_fd(),
                             msgid: MessageId::parse(&format!("m{i}")).expect("id"),
                             mailboxes: vec![MailboxName::parse("a@x").expect("name")],
                         };
+                        bodies.push(body);
                         let c = committer.clone();
-                        glommio::spawn_local(async move { c.link(job).await })
-                    })
-                    .collect();
+                        tasks.push(glommio::spawn_local(async move { c.link(job).await }));
+                    }
+                }
+                // Every link() queues before a flush starts: the local task
+                // first runs after them, the commit thread once unpaused.
+                if let Some(fs) = &f {
+                    while fs.queued() < tasks.len() {
+                        futures_lite::future::yield_now().await;
+                    }
+                    fs.pause(false);
+                }
                 for t in tasks {
                     assert_eq!(t.await.expect("linked").created, 1);
                 }
-                let listed = store
-                    .list(&MailboxName::parse("a@x").expect("name"), 100)
-                    .expect("list");
-                assert_eq!(listed.len(), PUTS);
+                for store in &stores {
+                    let listed = store
+                        .list(&MailboxName::parse("a@x").expect("name"), 100)
+                        .expect("list");
+                    assert_eq!(listed.len(), PUTS);
+                }
                 drop(bodies);
             })
             .expect("executor")
             .join()
             .expect("join");
-        shared
+        (all, fs.map_or(0, |f| f.flushes()))
     }
 
-    /// Runs flushes until nothing waits, as `run_ordered` does, with every
+    /// [`batch_of_puts_on`] one backend: its counters.
+    fn batch_of_puts(durability: Durability, flush_before_link: bool) -> Arc<BackendShared> {
+        let (mut all, _) = batch_of_puts_on(durability, flush_before_link, 1);
+        all.remove(0)
+    }
+
+    /// Runs flushes until nothing waits, as the commit thread does, with every
     /// PUT linked as soon as it may be; returns the flushes it took and what
     /// each flush made durable.
     fn drain(o: &mut Ordered<u32, u32>) -> Vec<Vec<u32>> {
@@ -585,6 +854,34 @@ mod tests {
         assert_eq!(c.flushes_dir_fsync.load(Relaxed), 4);
         // Body fdatasyncs are counted by the session, not here.
         assert_eq!(c.flushes.load(Relaxed), 4);
+    }
+
+    #[test]
+    fn two_backends_on_one_file_system_share_one_syncfs_per_batch() {
+        let (all, flushes) = batch_of_puts_on(Durability::Syncfs, false, 2);
+        assert_eq!(flushes, 1, "one syncfs for both backends' {PUTS} PUTs");
+        for s in &all {
+            let c = &s.counters;
+            assert_eq!(c.batches.load(Relaxed), 1);
+            assert_eq!(c.batch_puts.load(Relaxed), PUTS as u64);
+            assert_eq!(
+                c.flushes_syncfs.load(Relaxed),
+                1,
+                "the shared flush served it"
+            );
+            assert_eq!(c.flush_errors.load(Relaxed), 0);
+        }
+    }
+
+    #[test]
+    fn two_backends_share_the_ordered_flushes_too() {
+        let (all, flushes) = batch_of_puts_on(Durability::Syncfs, true, 2);
+        assert_eq!(flushes, 3, "bodies, links, trailing: for both backends");
+        for s in &all {
+            let c = &s.counters;
+            assert_eq!(c.batches.load(Relaxed), 1);
+            assert_eq!(c.flushes_syncfs.load(Relaxed), 3);
+        }
     }
 
     #[test]

@@ -50,10 +50,10 @@ fn raise_fd_limit() {
 }
 
 /// Fits each backend's durability to its file system, then warns about each
-/// `syncfs` backend whose data directory shares its file system with `/` or
-/// with another backend (its `syncfs` then also flushes everything else
-/// written there: correct, but slower and unfair to the others; each backend
-/// on its own file system is the intended deployment).
+/// `syncfs` backend whose data directory shares its file system with `/`
+/// (its `syncfs` then also flushes everything else written there: correct,
+/// but slower and unfair to the others; each backend on its own file system
+/// is the intended deployment).
 ///
 /// An ext4 without a journal orders nothing: `fsync` of a file and of its
 /// directory writes neither the allocation bitmaps nor the group descriptors
@@ -96,7 +96,7 @@ fn adapt_to_file_systems(backends: &mut [config::Backend]) {
         }
     }
     let root = dev(std::path::Path::new("/"));
-    for (i, b) in backends.iter().enumerate() {
+    for b in backends.iter() {
         if b.durability != config::Durability::Syncfs {
             continue;
         }
@@ -111,17 +111,50 @@ fn adapt_to_file_systems(backends: &mut [config::Backend]) {
                 b.data_dir.display()
             );
         }
-        for (j, other) in backends.iter().enumerate() {
-            if i != j && dev(&other.data_dir) == Some(mine) {
-                log::warn!(
-                    "backend={} durability=syncfs shares its file system with backend={}: \
-                     each one's syncfs flushes the other's writes too",
-                    b.name,
-                    other.name
-                );
-            }
+    }
+}
+
+/// Starts one commit thread per file system holding `durability = syncfs`
+/// backends, shared by all of them (one `syncfs` per batch for the whole
+/// file system, not one per backend); returns each backend's, in order.
+fn start_commit_threads(
+    backends: &[config::Backend],
+) -> anyhow::Result<Vec<Option<Arc<commit::FsCommitter>>>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut groups: Vec<(u64, Vec<usize>)> = Vec::new();
+    for (i, b) in backends.iter().enumerate() {
+        if b.durability != config::Durability::Syncfs {
+            continue;
+        }
+        let dev = std::fs::metadata(&b.data_dir)
+            .with_context(|| format!("stat {}", b.data_dir.display()))?
+            .dev();
+        match groups.iter_mut().find(|(d, _)| *d == dev) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((dev, vec![i])),
         }
     }
+    let mut out = vec![None; backends.len()];
+    for (_, members) in groups {
+        let names: Vec<&str> = members.iter().map(|&i| backends[i].name.as_str()).collect();
+        let label = names.join("+");
+        let first = &backends[members[0]];
+        // The same file system: the same answer for every member.
+        let ordered = members.iter().any(|&i| backends[i].flush_before_link);
+        let c = commit::FsCommitter::start(&first.data_dir, ordered, &label)
+            .with_context(|| format!("opening {} for syncfs", first.data_dir.display()))?;
+        if members.len() > 1 {
+            log::info!(
+                "backends {} share one file system: one commit thread links their PUTs and \
+                 one syncfs per batch flushes them all",
+                names.join(", ")
+            );
+        }
+        for &i in &members {
+            out[i] = Some(c.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// Whether the file system on device `dev` is mounted with online discard,
@@ -243,9 +276,10 @@ fn run(cfg: config::Config, args: powermail_admin::daemon::Invocation) -> anyhow
     }
     // After the stores exist: their directories name the file systems.
     adapt_to_file_systems(&mut backends);
+    let commit_threads = start_commit_threads(&backends)?;
     let mut shared_all = Vec::new();
     let mut handles = Vec::new();
-    for (b, (store, removed)) in backends.iter().zip(stores) {
+    for ((b, (store, removed)), fs_committer) in backends.iter().zip(stores).zip(commit_threads) {
         if removed > 0 {
             log::warn!(
                 "backend={} removed {removed} temporary files left by a crash",
@@ -297,6 +331,7 @@ fn run(cfg: config::Config, args: powermail_admin::daemon::Invocation) -> anyhow
             ready: ready_tx.clone(),
             known,
             stop: stop.clone(),
+            fs_committer,
         })?);
     }
     for _ in &backends {

@@ -119,11 +119,6 @@ impl Store {
         self.empty_path_link.load(Ordering::Relaxed)
     }
 
-    /// The data directory.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// The probe file the executor opens first.
     pub fn probe_path(&self) -> PathBuf {
         self.root.join(".probe")

@@ -378,12 +378,17 @@ impl Durability {
     }
 }
 
-/// One `pplistener` process with one backend (the test kit's launcher).
+/// One `pplistener` process with one backend or more (the test kit's
+/// launcher).
 pub struct Listener {
-    /// PPL/1 address.
+    /// The first backend's PPL/1 address.
     pub addr: SocketAddr,
-    /// The backend's data directory.
+    /// The first backend's data directory.
     pub data: PathBuf,
+    /// Every backend's PPL/1 address, in order.
+    pub addrs: Vec<SocketAddr>,
+    /// Every backend's data directory, in order.
+    pub datas: Vec<PathBuf>,
     process: Pplistener,
 }
 
@@ -391,25 +396,49 @@ impl Listener {
     /// Writes a config for backend `name` on `data` (under `root`) and
     /// starts it; returns once it is ready.
     pub fn start(root: &Path, name: &str, data: &Path, durability: Durability) -> Listener {
+        Listener::start_backends(root, name, &[data.to_path_buf()], durability)
+    }
+
+    /// One process with a backend on each of `datas`, named `name`, then
+    /// `name1`, `name2`...: on one file system they share its commit thread.
+    pub fn start_backends(
+        root: &Path,
+        name: &str,
+        datas: &[PathBuf],
+        durability: Durability,
+    ) -> Listener {
         let mode = match durability {
             // The default; written out only when asked for, so the suite
             // also runs against builds that predate the setting.
             Durability::File => String::new(),
             Durability::Syncfs => "durability = \"syncfs\"\n".to_string(),
         };
+        let backends = datas
+            .iter()
+            .enumerate()
+            .map(|(i, data)| {
+                let named = match i {
+                    0 => name.to_string(),
+                    _ => format!("{name}{i}"),
+                };
+                BackendSpec {
+                    extra: format!("cpu = 0\n{mode}"),
+                    ..BackendSpec::named(&named, data.clone())
+                }
+            })
+            .collect();
         let spec = PplistenerSpec {
             secret: SECRET.into(),
             admin_token: "powercut-admin-token".into(),
             extra: "blocking_threads = 8\n[limits]\nfree_bytes_min = 0\n".into(),
-            backends: vec![BackendSpec {
-                extra: format!("cpu = 0\n{mode}"),
-                ..BackendSpec::named(name, data.to_path_buf())
-            }],
+            backends,
         };
         let process = Pplistener::start(root, &format!("pplistener-{name}"), &spec);
         Listener {
             addr: process.backends[0],
-            data: data.to_path_buf(),
+            data: datas[0].clone(),
+            addrs: process.backends.clone(),
+            datas: datas.to_vec(),
             process,
         }
     }
@@ -419,16 +448,26 @@ impl Listener {
         self.process.pid().unwrap_or(0)
     }
 
-    /// An authenticated connection.
+    /// An authenticated connection to the first backend.
     pub fn conn(&self) -> BackendConn {
-        BackendConn::connect(self.addr, SECRET.as_bytes(), IO_TIMEOUT).expect("backend connect")
+        self.conn_to(0)
     }
 
-    /// Entries left in the data directory's `tmp/`.
+    /// An authenticated connection to backend `i`.
+    pub fn conn_to(&self, i: usize) -> BackendConn {
+        BackendConn::connect(self.addrs[i], SECRET.as_bytes(), IO_TIMEOUT).expect("backend connect")
+    }
+
+    /// Entries left in the data directories' `tmp/`.
     pub fn temp_files(&self) -> usize {
-        std::fs::read_dir(self.data.join("tmp"))
-            .map(|rd| rd.count())
-            .unwrap_or(0)
+        self.datas
+            .iter()
+            .map(|d| {
+                std::fs::read_dir(d.join("tmp"))
+                    .map(|rd| rd.count())
+                    .unwrap_or(0)
+            })
+            .sum()
     }
 
     /// The log so far.

@@ -45,8 +45,12 @@ pub fn cut_modes() -> Vec<String> {
 pub struct RunConfig {
     /// The file system.
     pub fs: FsKind,
-    /// The backend's durability mode.
+    /// The backends' durability mode.
     pub durability: Durability,
+    /// Backends in the one pplistener, all on the crash disk's file system
+    /// (each with its own clients and model); more than one shares one
+    /// commit thread and one `syncfs` per batch in `syncfs` mode.
+    pub backends: usize,
     /// Power cuts to make.
     pub cuts: usize,
     /// Seed of every random choice (printed, so a failure can be re-run).
@@ -135,8 +139,12 @@ pub fn run(cfg: &RunConfig) -> Report {
         fuse: dir.path().join("fuse"),
         mnt: dir.path().join("fs"),
     };
+    let backends = cfg.backends.max(1);
     let mut report = Report {
-        name: format!("{}/{}", cfg.fs.name(), cfg.durability.name()),
+        name: match backends {
+            1 => format!("{}/{}", cfg.fs.name(), cfg.durability.name()),
+            n => format!("{}/{} x{n} backends", cfg.fs.name(), cfg.durability.name()),
+        },
         ..Report::default()
     };
     eprintln!(
@@ -147,7 +155,14 @@ pub fn run(cfg: &RunConfig) -> Report {
     );
     format(cfg.fs, &paths);
     let modes = cut_modes();
-    let shared = Arc::new(Shared::default());
+    // One model per backend: each has its own store and its own clients.
+    let models: Vec<Arc<Shared>> = (0..backends).map(|_| Arc::default()).collect();
+    let datas: Vec<PathBuf> = (0..backends)
+        .map(|i| match i {
+            0 => paths.mnt.join("data"),
+            _ => paths.mnt.join(format!("data{i}")),
+        })
+        .collect();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     for cycle in 0..=cfg.cuts {
         let mode = modes[cycle % modes.len()].clone();
@@ -162,10 +177,16 @@ pub fn run(cfg: &RunConfig) -> Report {
         let recovery = cfg.fs.recover(&lo.dev, &paths.mnt);
         report.repairs += usize::from(recovery.repaired);
         cfg.fs.mount(&lo.dev, &paths.mnt);
-        let mut listener =
-            Listener::start(&paths.root, "b0", &paths.mnt.join("data"), cfg.durability);
+        let mut listener = Listener::start_backends(&paths.root, "b0", &datas, cfg.durability);
         report.temporaries += listener.temp_files();
         disk.freeze_at_cut(listener.pid());
+        if backends > 1 && cfg.durability == Durability::Syncfs {
+            let log = listener.log_text();
+            assert!(
+                log.contains("share one file system"),
+                "pplistener did not give its backends one commit thread:\n{log}"
+            );
+        }
         if cfg.fs == FsKind::Ext4NoJournal {
             let log = listener.log_text();
             assert!(
@@ -173,23 +194,25 @@ pub fn run(cfg: &RunConfig) -> Report {
                 "pplistener did not switch to ordered syncfs on ext4 without a journal:\n{log}"
             );
         }
-        let found = shared
-            .model()
-            .check(&mut listener.conn())
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{} cycle {cycle}: check failed: {e}\n{}",
-                    report.name,
-                    listener.log_text()
-                )
-            });
-        add(&mut report.findings, &found);
-        if !found.clean() {
-            let before = &modes[(cycle + modes.len() - 1) % modes.len()];
-            eprintln!(
-                "{} cycle {cycle} (after a {before} cut): {found:?}",
-                report.name
-            );
+        for (i, shared) in models.iter().enumerate() {
+            let found = shared
+                .model()
+                .check(&mut listener.conn_to(i))
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{} cycle {cycle} backend {i}: check failed: {e}\n{}",
+                        report.name,
+                        listener.log_text()
+                    )
+                });
+            add(&mut report.findings, &found);
+            if !found.clean() {
+                let before = &modes[(cycle + modes.len() - 1) % modes.len()];
+                eprintln!(
+                    "{} cycle {cycle} backend {i} (after a {before} cut): {found:?}",
+                    report.name
+                );
+            }
         }
         if cycle == cfg.cuts {
             listener.kill9();
@@ -204,12 +227,19 @@ pub fn run(cfg: &RunConfig) -> Report {
             WRITERS
         };
         let at_flush = cycle % 2 == 0;
-        {
+        for shared in &models {
             let mut model = shared.model();
             model.cycle = cycle;
             model.cut = false;
         }
-        let load = Workload::start(shared.clone(), listener.addr, writers, cycle, rng.gen());
+        let loads: Vec<Workload> = models
+            .iter()
+            .zip(&listener.addrs)
+            .map(|(shared, addr)| {
+                let each = writers.div_ceil(backends);
+                Workload::start(shared.clone(), *addr, each, cycle, rng.gen())
+            })
+            .collect();
         let load_started = Instant::now();
         if at_flush {
             disk.arm(sweep_flush(cycle / 2));
@@ -221,7 +251,9 @@ pub fn run(cfg: &RunConfig) -> Report {
         }
         let cut_by_flush = disk.status().cut;
         disk.cut();
-        shared.model().cut = true;
+        for shared in &models {
+            shared.model().cut = true;
+        }
         let status = disk.status();
         eprintln!(
             "{} cycle {cycle}: {writers} writer(s), cut ({mode}) after {} flushes, {} writes lost",
@@ -231,7 +263,9 @@ pub fn run(cfg: &RunConfig) -> Report {
         report.cuts += 1;
         std::thread::sleep(AFTER_CUT);
         listener.kill9();
-        load.stop();
+        for load in loads {
+            load.stop();
+        }
         unmount(&paths.mnt);
         lo.detach();
         disk.stop();
@@ -240,10 +274,12 @@ pub fn run(cfg: &RunConfig) -> Report {
         let kept = dir.keep();
         eprintln!("powercut: kept {}", kept.display());
     }
-    let model = shared.model();
-    report.acked_puts = model.acked_puts;
-    report.acked_links = model.acked_links;
-    report.acked_dels = model.acked_dels;
+    for shared in &models {
+        let model = shared.model();
+        report.acked_puts += model.acked_puts;
+        report.acked_links += model.acked_links;
+        report.acked_dels += model.acked_dels;
+    }
     report.elapsed = started.elapsed();
     report
 }

@@ -55,9 +55,14 @@ fn durabilities() -> Vec<Durability> {
 
 /// Cuts the power under one file system, in each durability mode in turn.
 fn cut_the_power(fs: FsKind) {
-    let modes = durabilities();
+    cut_the_power_under(fs, durabilities(), 1, cuts());
+}
+
+/// Cuts the power under `backends` backends of one pplistener on one file
+/// system, `cuts` times spread over `modes`.
+fn cut_the_power_under(fs: FsKind, modes: Vec<Durability>, backends: usize, cuts: usize) {
     for durability in modes.iter().copied() {
-        let test = format!("powercut {}/{}", fs.name(), durability.name());
+        let test = format!("powercut {}/{} x{backends}", fs.name(), durability.name());
         if powermail_testkit::skip_unless_root(&test, "FUSE, losetup, mount") {
             return;
         }
@@ -65,7 +70,8 @@ fn cut_the_power(fs: FsKind) {
         let cfg = RunConfig {
             fs,
             durability,
-            cuts: cuts().div_ceil(modes.len()),
+            backends,
+            cuts: cuts.div_ceil(modes.len()),
             seed: seed(),
         };
         let report = suite::run(&cfg);
@@ -110,6 +116,27 @@ fn ext4_with_journal() {
 #[test]
 fn xfs() {
     cut_the_power(FsKind::Xfs);
+}
+
+/// Two backends of one pplistener on one ext4 without a journal, each with
+/// its own clients: they share one commit thread, whose ordered `syncfs`
+/// pipeline links and flushes the PUTs of both — the cut must find every
+/// acknowledged message of either backend whole.
+#[test]
+fn two_backends_on_one_ext4_without_journal() {
+    cut_the_power_under(
+        FsKind::Ext4NoJournal,
+        vec![Durability::Syncfs],
+        2,
+        cuts().div_ceil(2),
+    );
+}
+
+/// Two backends of one pplistener on one xfs, `durability = syncfs`: one
+/// batch `syncfs` of their shared commit thread covers both.
+#[test]
+fn two_backends_on_one_xfs() {
+    cut_the_power_under(FsKind::Xfs, vec![Durability::Syncfs], 2, cuts().div_ceil(2));
 }
 
 /// A disk that dies while the host keeps running (no freeze): the first
