@@ -280,6 +280,11 @@ struct FsState {
     stop: bool,
     /// Tests: queue without starting a flush.
     paused: bool,
+    /// The thread has ended: nothing queued would ever be served.
+    ended: bool,
+    /// Tests: the thread panics at its next step.
+    #[cfg(test)]
+    panic_next: bool,
 }
 
 struct FsInner {
@@ -339,6 +344,9 @@ impl FsCommitter {
                 ordered: Ordered::new(),
                 stop: false,
                 paused: false,
+                ended: false,
+                #[cfg(test)]
+                panic_next: false,
             }),
             wake: Condvar::new(),
             flushes: AtomicU64::new(0),
@@ -359,12 +367,18 @@ impl FsCommitter {
         job: LinkJob,
     ) -> io::Result<LinkOutcome> {
         let (reply, result) = flume::bounded(1);
-        self.inner.lock().ordered.push(FsJob {
-            store: store.clone(),
-            shared: shared.clone(),
-            job,
-            reply,
-        });
+        {
+            let mut s = self.inner.lock();
+            if s.ended {
+                return Err(io::Error::other("commit thread stopped"));
+            }
+            s.ordered.push(FsJob {
+                store: store.clone(),
+                shared: shared.clone(),
+                job,
+                reply,
+            });
+        }
         self.inner.wake.notify_one();
         result
             .recv_async()
@@ -383,6 +397,12 @@ impl FsCommitter {
     fn pause(&self, on: bool) {
         self.inner.lock().paused = on;
         self.inner.wake.notify_one();
+    }
+
+    /// Tests: the thread panics at its next step.
+    #[cfg(test)]
+    fn panic_next(&self) {
+        self.inner.lock().panic_next = true;
     }
 
     /// Tests: PUTs queued and not yet taken by a flush.
@@ -405,8 +425,26 @@ impl FsInner {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The thread: one step per flush while anything waits.
+    /// The thread: one step per flush while anything waits. However it
+    /// ends (a panic included), what waits fails and later PUTs are refused
+    /// at once rather than queued for nobody.
     fn run(&self) {
+        struct Ended<'a>(&'a FsInner);
+        impl Drop for Ended<'_> {
+            fn drop(&mut self) {
+                let mut s = self.0.lock();
+                s.ended = true;
+                if !s.stop {
+                    log::error!(
+                        "commit={} thread ended; its backends refuse PUTs",
+                        self.0.label
+                    );
+                }
+                // Dropping the replies fails their PUTs ("commit thread stopped").
+                s.ordered = Ordered::new();
+            }
+        }
+        let _ended = Ended(self);
         loop {
             let (jobs, involved) = {
                 let mut s = self.lock();
@@ -415,6 +453,11 @@ impl FsInner {
                         return;
                     }
                     s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+                }
+                #[cfg(test)]
+                if std::mem::take(&mut s.panic_next) {
+                    drop(s);
+                    panic!("test: commit thread panics");
                 }
                 if self.flush_before_link {
                     // Everything in the pipeline is served by this flush.
@@ -882,6 +925,40 @@ mod tests {
             assert_eq!(c.batches.load(Relaxed), 1);
             assert_eq!(c.flushes_syncfs.load(Relaxed), 3);
         }
+    }
+
+    #[test]
+    fn puts_fail_rather_than_wait_once_the_commit_thread_has_died() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("open store");
+        let s = shared(Durability::Syncfs, false, dir.path());
+        let fs = FsCommitter::start(dir.path(), false, "t").expect("commit thread");
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let committer = Committer::start(store.clone(), s, Some(fs.clone())).expect("c");
+                let job = |i: usize, f: &File| LinkJob {
+                    fd: f.as_raw_fd(),
+                    msgid: MessageId::parse(&format!("m{i}")).expect("id"),
+                    mailboxes: vec![MailboxName::parse("a@x").expect("name")],
+                };
+                let body = crate::store::create_nameless(store.tmp_dir()).expect("O_TMPFILE");
+                fs.panic_next();
+                let first = committer.link(job(0, &body)).await;
+                assert!(first.is_err(), "the PUT waiting on the dead thread fails");
+                let later = committer.link(job(1, &body)).await;
+                assert!(
+                    later.is_err(),
+                    "a later PUT is refused, not queued for nobody"
+                );
+                let listed = store.list(&MailboxName::parse("a@x").expect("name"), 10);
+                assert!(
+                    listed.map(|l| l.is_empty()).unwrap_or(true),
+                    "nothing linked"
+                );
+            })
+            .expect("executor")
+            .join()
+            .expect("join");
     }
 
     #[test]
