@@ -392,6 +392,11 @@ impl FsCommitter {
         self.inner.flushes.load(Relaxed)
     }
 
+    /// The backends it serves, `+`-joined.
+    pub fn label(&self) -> &str {
+        &self.inner.label
+    }
+
     /// Tests: while paused, PUTs queue and no flush starts.
     #[cfg(test)]
     fn pause(&self, on: bool) {
@@ -674,6 +679,7 @@ mod tests {
             cpu: 0,
             durability,
             flush_before_link,
+            commit_group: "t".into(),
             page_cache_body_max_bytes: 0,
             operator_readonly: AtomicBool::new(false),
             auto_readonly: AtomicBool::new(false),

@@ -308,6 +308,10 @@ fn run(cfg: config::Config, args: powermail_admin::daemon::Invocation) -> anyhow
             cpu: b.cpu,
             durability: b.durability,
             flush_before_link: b.flush_before_link,
+            commit_group: fs_committer
+                .as_ref()
+                .map(|c| c.label().to_string())
+                .unwrap_or_default(),
             page_cache_body_max_bytes: cfg.page_cache_body_max_bytes,
             operator_readonly: AtomicBool::new(marker.exists()),
             auto_readonly: AtomicBool::new(false),

@@ -79,6 +79,10 @@ pub struct BackendShared {
     /// `syncfs` mode only: bodies are flushed before they are linked (a file
     /// system that does not order data before metadata).
     pub flush_before_link: bool,
+    /// `syncfs` mode: the backends whose PUTs one commit thread links and
+    /// flushes together (those on this file system), `+`-joined; empty in
+    /// `file` mode.
+    pub commit_group: String,
     /// Bodies up to this size are written through the page cache where the
     /// tail may be (`page_cache_body_max_bytes`).
     pub page_cache_body_max_bytes: usize,
@@ -168,6 +172,7 @@ impl BackendShared {
         state.insert("mode".into(), self.mode().into());
         state.insert("durability".into(), self.durability.as_str().into());
         state.insert("flush_before_link".into(), self.flush_before_link.into());
+        state.insert("commit_group".into(), self.commit_group.clone().into());
         state.insert(
             "page_cache_body_max_bytes".into(),
             self.page_cache_body_max_bytes.into(),
@@ -299,6 +304,7 @@ mod tests {
             cpu: 0,
             durability: crate::config::Durability::File,
             flush_before_link: false,
+            commit_group: String::new(),
             page_cache_body_max_bytes: 0,
             operator_readonly: AtomicBool::new(false),
             auto_readonly: AtomicBool::new(true),

@@ -717,3 +717,28 @@ fn file_mode_costs_one_fdatasync_per_put_and_one_dir_fsync_per_batch() {
     );
     assert_eq!(flushes, N as u64 + batches);
 }
+
+/// Two `syncfs` backends on one file system share one commit thread: the
+/// admin port names the group on both, and PUTs to either are linked,
+/// flushed (the flush counted on the backend it served) and listed.
+#[test]
+fn syncfs_backends_on_one_file_system_share_a_commit_thread() {
+    let l = Listener::start_in(2, "", "durability = \"syncfs\"\n");
+    let (status, body) = l.admin("GET", "/stats", Some("tok"));
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let group = v["backends"][0]["commit_group"].as_str().unwrap_or("");
+    let names: Vec<&str> = (0..2)
+        .map(|i| v["backends"][i]["name"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(group, names.join("+"), "{body}");
+    assert_eq!(v["backends"][1]["commit_group"], group, "{body}");
+    for b in 0..2 {
+        let before = l.stat(b, "flushes_syncfs");
+        let mut c = l.conn(b);
+        c.put(&id(&format!("g{b}")), &[mb("g@x.org")], b"shared\r\n")
+            .unwrap();
+        assert_eq!(c.list(&mb("g@x.org"), 10).unwrap().len(), 1);
+        assert!(l.stat(b, "flushes_syncfs") > before, "backend {b} flushed");
+    }
+}
