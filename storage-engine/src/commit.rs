@@ -154,8 +154,9 @@ enum Kind {
     Shared {
         /// The file system's commit thread.
         fs: Arc<FsCommitter>,
-        /// This backend's store, where its PUTs are linked.
-        store: Store,
+        /// This backend's store, where its PUTs are linked (shared with
+        /// each queued PUT without copying its paths).
+        store: Arc<Store>,
         /// This backend's counters.
         shared: Arc<BackendShared>,
     },
@@ -171,9 +172,11 @@ impl Committer {
         fs: Option<Arc<FsCommitter>>,
     ) -> io::Result<Rc<Committer>> {
         match (shared.durability, fs) {
-            (Durability::Syncfs, Some(fs)) => {
-                Ok(Rc::new(Committer(Kind::Shared { fs, store, shared })))
-            }
+            (Durability::Syncfs, Some(fs)) => Ok(Rc::new(Committer(Kind::Shared {
+                fs,
+                store: Arc::new(store),
+                shared,
+            }))),
             (Durability::Syncfs, None) => Err(io::Error::other(
                 "durability = syncfs without a commit thread for the file system",
             )),
@@ -260,7 +263,7 @@ type Reply = flume::Sender<io::Result<LinkOutcome>>;
 
 /// A PUT queued on a file system's commit thread.
 struct FsJob {
-    store: Store,
+    store: Arc<Store>,
     shared: Arc<BackendShared>,
     job: LinkJob,
     reply: Reply,
@@ -362,7 +365,7 @@ impl FsCommitter {
     /// its links are durable.
     async fn link(
         &self,
-        store: &Store,
+        store: &Arc<Store>,
         shared: &Arc<BackendShared>,
         job: LinkJob,
     ) -> io::Result<LinkOutcome> {
