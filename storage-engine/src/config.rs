@@ -30,8 +30,9 @@ pub struct Config {
     /// others need a restart.
     #[serde(default)]
     pub limits: LimitsConfig,
-    /// Threads per backend for blocking file-system calls (link, readdir,
-    /// sendfile); bounds how many GETs one backend streams at once.
+    /// Threads per backend for blocking file-system calls (link in `file`
+    /// mode, readdir, sendfile); bounds how many GETs one backend streams at
+    /// once.
     #[serde(default = "default_blocking_threads")]
     pub blocking_threads: usize,
     /// The backends. When empty, one per online CPU is made from
