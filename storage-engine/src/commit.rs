@@ -46,12 +46,6 @@ struct Waiting {
     done: LocalSender<io::Result<LinkOutcome>>,
 }
 
-/// A linked PUT and its result.
-type Linked = (
-    LocalSender<io::Result<LinkOutcome>>,
-    io::Result<LinkOutcome>,
-);
-
 /// The ordered pipeline's bookkeeping, apart from any I/O.
 ///
 /// Each PUT is stamped with the number of flushes started when it queued.
@@ -143,8 +137,9 @@ enum Kind {
     /// `durability = file`: a task on this executor links each batch and
     /// fsyncs the directories it touched.
     Local {
-        /// PUTs waiting for the next batch.
-        state: RefCell<Ordered<Waiting, Linked>>,
+        /// PUTs waiting for the next batch (only queued: no flush orders
+        /// them here).
+        state: RefCell<Ordered<Waiting, ()>>,
         /// Wakes the task.
         doorbell: LocalSender<()>,
     },
@@ -520,13 +515,11 @@ impl FsInner {
     }
 
     /// Ordered mode: link what earlier flushes covered, then one flush.
-    fn step_ordered(&self, jobs: Vec<FsJob>, mut involved: Vec<Arc<BackendShared>>) {
+    fn step_ordered(&self, jobs: Vec<FsJob>, involved: Vec<Arc<BackendShared>>) {
         // A copy made past the link limit is a new body: it gets its own
-        // fdatasync, as no earlier flush covered it.
-        let (linked, linking) = link_all(jobs, true);
-        for b in &linking {
-            note(&mut involved, b);
-        }
+        // fdatasync, as no earlier flush covered it. The backends of `jobs`
+        // (covered PUTs) are already among `involved`.
+        let (linked, _) = link_all(jobs, true);
         let synced = self.flush(&involved);
         let mut s = self.lock();
         let e = match synced {
