@@ -50,11 +50,12 @@ struct Waiting {
 ///
 /// Each PUT is stamped with the number of flushes started when it queued.
 /// A flush that starts later covers its body: once it ends, the PUT may be
-/// linked before the next flush. What was linked before a flush is durable
-/// when the flush after that one ends. Flushes run one at a time, in order.
-/// In the batch modes only [`Ordered::push`] and [`Ordered::take_queued`]
-/// are used.
-struct Ordered<Q, L> {
+/// linked before the next flush, and what was linked before a flush is
+/// durable when that flush ends (a flush here is a `syncfs` and the device
+/// flush after it: see [`FsCommitter`]). Flushes run one at a time, in
+/// order. In the batch modes only [`Ordered::push`] and
+/// [`Ordered::take_queued`] are used.
+struct Ordered<Q> {
     /// Flushes started so far.
     flushes_started: u64,
     /// Bodies not yet covered by a flush, each with the count of flushes
@@ -62,17 +63,14 @@ struct Ordered<Q, L> {
     queued: VecDeque<(u64, Q)>,
     /// Bodies a finished flush covered: may be linked.
     covered: VecDeque<Q>,
-    /// Linked before the last finished flush: durable after the next one.
-    linked: Vec<L>,
 }
 
-impl<Q, L> Ordered<Q, L> {
+impl<Q> Ordered<Q> {
     fn new() -> Self {
         Ordered {
             flushes_started: 0,
             queued: VecDeque::new(),
             covered: VecDeque::new(),
-            linked: Vec::new(),
         }
     }
 
@@ -87,15 +85,14 @@ impl<Q, L> Ordered<Q, L> {
         self.queued.drain(..n).map(|(_, q)| q).collect()
     }
 
-    /// Every PUT in the pipeline: queued or covered, and linked.
-    fn pending(&self) -> (impl Iterator<Item = &Q>, impl Iterator<Item = &L>) {
-        let waiting = self.queued.iter().map(|(_, q)| q).chain(&self.covered);
-        (waiting, self.linked.iter())
+    /// Every PUT in the pipeline: queued or covered.
+    fn pending(&self) -> impl Iterator<Item = &Q> {
+        self.queued.iter().map(|(_, q)| q).chain(&self.covered)
     }
 
-    /// Nothing queued, covered or waiting: no flush is due.
+    /// Nothing queued or covered: no flush is due.
     fn idle(&self) -> bool {
-        self.queued.is_empty() && self.covered.is_empty() && self.linked.is_empty()
+        self.queued.is_empty() && self.covered.is_empty()
     }
 
     /// A flush is about to start: returns up to `max` covered PUTs, to be
@@ -113,19 +110,18 @@ impl<Q, L> Ordered<Q, L> {
         self.queued.drain(..n).map(|(_, q)| q).collect()
     }
 
-    /// The flush started last ended well; `linked` was linked before it.
-    /// Returns the PUTs now durable (linked before the previous flush).
-    fn done(&mut self, linked: Vec<L>) -> Vec<L> {
+    /// The flush started last ended well; `linked` was linked before it
+    /// and is returned: durable now. The bodies it covered may be linked.
+    fn done<L>(&mut self, linked: Vec<L>) -> Vec<L> {
         let covered = self.take_covered_by_last();
         self.covered.extend(covered);
-        std::mem::replace(&mut self.linked, linked)
+        linked
     }
 
     /// The flush started last failed; `linked` was linked before it. Returns
-    /// every linked PUT it was to make durable and every body it was to
+    /// `linked`, which it was to make durable, and every body it was to
     /// cover: all of them fail (the error may have been theirs).
-    fn failed(&mut self, mut linked: Vec<L>) -> (Vec<L>, Vec<Q>) {
-        linked.append(&mut self.linked);
+    fn failed<L>(&mut self, linked: Vec<L>) -> (Vec<L>, Vec<Q>) {
         (linked, self.take_covered_by_last())
     }
 }
@@ -139,7 +135,7 @@ enum Kind {
     Local {
         /// PUTs waiting for the next batch (only queued: no flush orders
         /// them here).
-        state: RefCell<Ordered<Waiting, ()>>,
+        state: RefCell<Ordered<Waiting>>,
         /// Wakes the task.
         doorbell: LocalSender<()>,
     },
@@ -266,14 +262,13 @@ struct FsJob {
 
 /// A PUT the commit thread linked, waiting for the flush that makes it durable.
 struct FsLinked {
-    shared: Arc<BackendShared>,
     reply: Reply,
     result: io::Result<LinkOutcome>,
 }
 
 /// What the commit thread and the executors share.
 struct FsState {
-    ordered: Ordered<FsJob, FsLinked>,
+    ordered: Ordered<FsJob>,
     /// Every handle is gone: end once nothing waits.
     stop: bool,
     /// Tests: queue without starting a flush.
@@ -308,17 +303,18 @@ struct FsInner {
 ///   the bodies were written (their writes completed) without a sync; the
 ///   thread links everything queued, then one `syncfs` makes every body,
 ///   link and directory of the batch durable at once.
-/// * One that does not (ext4 without a journal, `flush_before_link`): a body
-///   may be linked only after a `syncfs` that *started* after its write
-///   completed, so no link can reach the media ahead of its body; and a
-///   link is durable only after two `syncfs` calls that started after it
-///   (ext4 writes the block device's buffers — directory blocks, bitmaps,
-///   group descriptors — after its own device flush, so the second call is
-///   the flush that makes them durable). One batch alone costs three
-///   flushes (bodies, links, trailing); under load they are pipelined
-///   ([`Ordered`]): each `syncfs` is at once the trailing flush of the links
-///   made two calls before, the flush of the links made just before it,
-///   and the body flush of every PUT queued before it started.
+/// * One that does not (ext4 without a journal, `flush_before_link`): ext4
+///   writes the block device's buffers — directory blocks, inode tables,
+///   bitmaps, group descriptors — at the end of `syncfs`, after its own
+///   device flush, so each `syncfs` here is followed by an `fsync` of the
+///   directory held open, whose device flush makes them durable (ext4
+///   without a journal ends every `fsync` with one). A body may be linked
+///   only after such a flush that *started* after its write completed, so
+///   no link can reach the media ahead of its body; links are durable when
+///   the flush after them ends. One batch alone costs two flushes (bodies,
+///   then links); under load they are pipelined ([`Ordered`]): each flush
+///   makes durable the links made just before it and covers the body of
+///   every PUT queued before it started.
 ///
 /// A writeback error reported by a flush fails everything the flush was to
 /// make durable or to cover, whichever backend it came from: nothing of it
@@ -465,9 +461,9 @@ impl FsInner {
                 if self.flush_before_link {
                     // Everything in the pipeline is served by this flush.
                     let mut involved = Vec::new();
-                    let (waiting, linked) = s.ordered.pending();
-                    waiting.for_each(|j| note(&mut involved, &j.shared));
-                    linked.for_each(|l| note(&mut involved, &l.shared));
+                    s.ordered
+                        .pending()
+                        .for_each(|j| note(&mut involved, &j.shared));
                     (s.ordered.start(BATCH_MAX), involved)
                 } else {
                     (s.ordered.take_queued(BATCH_MAX), Vec::new())
@@ -481,12 +477,23 @@ impl FsInner {
         }
     }
 
-    /// `syncfs`, counted on the group and on each backend it served.
+    /// `syncfs`, counted on the group and on each backend it served. On a
+    /// file system that does not order metadata (`flush_before_link`), an
+    /// `fsync` of the directory held open follows it: ext4 without a journal
+    /// always ends that call with a device flush, which makes durable what
+    /// `syncfs` wrote after its own flush (see [`FsCommitter`]).
     fn flush(&self, involved: &[Arc<BackendShared>]) -> io::Result<()> {
-        let r = syncfs(&self.fs);
+        let mut r = syncfs(&self.fs);
         self.flushes.fetch_add(1, Relaxed);
+        let trailing = self.flush_before_link && r.is_ok();
+        if trailing {
+            r = self.fs.sync_all();
+        }
         for b in involved {
             b.counters.flushed(&b.counters.flushes_syncfs, 1);
+            if trailing {
+                b.counters.flushed(&b.counters.flushes_trailing, 1);
+            }
             if r.is_err() {
                 crate::stats::add(&b.counters.flush_errors, 1);
             }
@@ -586,11 +593,7 @@ fn link_all(jobs: Vec<FsJob>, sync_copies: bool) -> (Vec<FsLinked>, Vec<Arc<Back
             replies
                 .into_iter()
                 .zip(results)
-                .map(|(reply, result)| FsLinked {
-                    shared: b.clone(),
-                    reply,
-                    result,
-                }),
+                .map(|(reply, result)| FsLinked { reply, result }),
         );
     }
     (out, backends)
@@ -781,7 +784,7 @@ mod tests {
     /// Runs flushes until nothing waits, as the commit thread does, with every
     /// PUT linked as soon as it may be; returns the flushes it took and what
     /// each flush made durable.
-    fn drain(o: &mut Ordered<u32, u32>) -> Vec<Vec<u32>> {
+    fn drain(o: &mut Ordered<u32>) -> Vec<Vec<u32>> {
         let mut out = Vec::new();
         while !o.idle() {
             let linked = o.start(usize::MAX);
@@ -791,37 +794,35 @@ mod tests {
     }
 
     #[test]
-    fn one_put_alone_takes_three_flushes_in_order() {
-        let mut o: Ordered<u32, u32> = Ordered::new();
+    fn one_put_alone_takes_two_flushes_in_order() {
+        let mut o: Ordered<u32> = Ordered::new();
         o.push(1);
         // Flush 1 covers the body; nothing may be linked before it.
         assert!(o.start(8).is_empty());
-        assert!(o.done(vec![]).is_empty());
-        // Linked before flush 2, durable only after flush 3.
+        assert!(o.done(Vec::<u32>::new()).is_empty());
+        // Linked before flush 2, durable once it ends.
         assert_eq!(o.start(8), vec![1]);
-        assert!(o.done(vec![10]).is_empty());
-        assert!(o.start(8).is_empty());
-        assert_eq!(o.done(vec![]), vec![10]);
+        assert_eq!(o.done(vec![10]), vec![10]);
         assert!(o.idle());
     }
 
     #[test]
     fn a_put_queued_during_a_flush_is_not_covered_by_it() {
-        let mut o: Ordered<u32, u32> = Ordered::new();
+        let mut o: Ordered<u32> = Ordered::new();
         o.push(1);
         assert!(o.start(8).is_empty());
         o.push(2); // after flush 1 started: its body is not covered by it
-        assert!(o.done(vec![]).is_empty());
+        assert!(o.done(Vec::<u32>::new()).is_empty());
         assert_eq!(o.start(8), vec![1], "only 1 may be linked before flush 2");
-        assert!(o.done(vec![10]).is_empty());
+        assert_eq!(o.done(vec![10]), vec![10]);
         assert_eq!(o.start(8), vec![2]);
-        assert_eq!(o.done(vec![20]), vec![10]);
-        assert_eq!(drain(&mut o), vec![vec![20]]);
+        assert_eq!(o.done(vec![20]), vec![20]);
+        assert!(o.idle());
     }
 
     #[test]
-    fn under_load_each_flush_serves_three_batches() {
-        let mut o: Ordered<u32, u32> = Ordered::new();
+    fn under_load_each_flush_serves_two_batches() {
+        let mut o: Ordered<u32> = Ordered::new();
         let mut flushes = 0;
         let mut durable = Vec::new();
         // Ten batches of 4, each queued while the previous flush runs.
@@ -836,44 +837,42 @@ mod tests {
         let tail = drain(&mut o);
         flushes += tail.len();
         durable.extend(tail.into_iter().flatten());
-        // 10 flushes in the loop (the first one had nothing to do) + 3 to
-        // empty the pipe: 13 for 10 batches, against 30 one batch at a time.
-        assert_eq!(flushes, 13);
+        // 10 flushes in the loop (the first one had nothing to do) + 2 to
+        // empty the pipe: 12 for 10 batches, against 20 one batch at a time.
+        assert_eq!(flushes, 12);
         let want: Vec<u32> = (0..40).collect();
         assert_eq!(durable, want, "every PUT durable, in order, once");
     }
 
     #[test]
     fn start_links_at_most_max_and_keeps_the_rest_covered() {
-        let mut o: Ordered<u32, u32> = Ordered::new();
+        let mut o: Ordered<u32> = Ordered::new();
         for i in 0..5 {
             o.push(i);
         }
         assert!(o.start(2).is_empty());
-        assert!(o.done(vec![]).is_empty());
+        assert!(o.done(Vec::<u32>::new()).is_empty());
         assert_eq!(o.start(2), vec![0, 1]);
-        assert!(o.done(vec![]).is_empty());
+        assert!(o.done(Vec::<u32>::new()).is_empty());
         assert_eq!(o.start(2), vec![2, 3]);
-        assert!(o.done(vec![]).is_empty());
+        assert!(o.done(Vec::<u32>::new()).is_empty());
         assert_eq!(o.start(2), vec![4]);
     }
 
     #[test]
     fn a_failed_flush_fails_what_it_was_to_make_durable_or_cover() {
-        let mut o: Ordered<u32, u32> = Ordered::new();
+        let mut o: Ordered<u32> = Ordered::new();
         o.push(1);
         assert!(o.start(8).is_empty());
-        assert!(o.done(vec![]).is_empty());
-        assert_eq!(o.start(8), vec![1]);
-        assert!(o.done(vec![10]).is_empty());
-        o.push(2); // queued before flush 3: flush 3 is to cover it
-        assert!(o.start(8).is_empty());
-        o.push(3); // queued during flush 3: a later flush covers it
-        let (linked, uncovered) = o.failed(vec![]);
+        assert!(o.done(Vec::<u32>::new()).is_empty());
+        o.push(2); // queued before flush 2 starts: flush 2 is to cover it
+        assert_eq!(o.start(8), vec![1], "1 is linked before flush 2");
+        o.push(3); // queued during flush 2: a later flush covers it
+        let (linked, uncovered) = o.failed(vec![10]);
         assert_eq!(linked, vec![10]);
         assert_eq!(uncovered, vec![2]);
-        // 3 still goes through: flush, link, flush, flush.
-        assert_eq!(drain(&mut o), vec![vec![], vec![], vec![3u32]]);
+        // 3 still goes through: flush, link, flush.
+        assert_eq!(drain(&mut o), vec![vec![], vec![3u32]]);
         assert!(o.idle());
     }
 
@@ -921,11 +920,12 @@ mod tests {
     #[test]
     fn two_backends_share_the_ordered_flushes_too() {
         let (all, flushes) = batch_of_puts_on(Durability::Syncfs, true, 2);
-        assert_eq!(flushes, 3, "bodies, links, trailing: for both backends");
+        assert_eq!(flushes, 2, "bodies, then links: for both backends");
         for s in &all {
             let c = &s.counters;
             assert_eq!(c.batches.load(Relaxed), 1);
-            assert_eq!(c.flushes_syncfs.load(Relaxed), 3);
+            assert_eq!(c.flushes_syncfs.load(Relaxed), 2);
+            assert_eq!(c.flushes_trailing.load(Relaxed), 2);
         }
     }
 
@@ -969,8 +969,13 @@ mod tests {
         let c = &s.counters;
         assert_eq!(c.batches.load(Relaxed), 1);
         assert_eq!(c.batch_puts.load(Relaxed), PUTS as u64);
-        assert_eq!(c.flushes_syncfs.load(Relaxed), 3, "bodies, links, trailing");
-        assert_eq!(c.flushes.load(Relaxed), 3, "three flushes for {PUTS} PUTs");
+        assert_eq!(c.flushes_syncfs.load(Relaxed), 2, "bodies, then links");
+        assert_eq!(c.flushes_trailing.load(Relaxed), 2, "one after each syncfs");
+        assert_eq!(
+            c.flushes.load(Relaxed),
+            4,
+            "four device flushes for {PUTS} PUTs"
+        );
         assert_eq!(c.flushes_dir_fsync.load(Relaxed), 0);
         assert_eq!(c.flush_errors.load(Relaxed), 0);
     }

@@ -63,8 +63,8 @@ fn raise_fd_limit() {
 /// back before a batch's flush can reach the media before the bodies it
 /// points to (partial messages after a cut, with `syncfs` alone). There a
 /// backend runs `syncfs` with its bodies flushed before they are linked and
-/// one more flush after the links' `syncfs` (which writes the block device's
-/// buffers after its own device flush): three flushes per batch, and nothing
+/// a trailing device flush after each `syncfs` (which writes the block
+/// device's buffers after its own flush): two steps per batch, and nothing
 /// acknowledged or visible before it is whole on the media.
 fn adapt_to_file_systems(backends: &mut [config::Backend]) {
     use std::os::unix::fs::MetadataExt;
@@ -74,7 +74,7 @@ fn adapt_to_file_systems(backends: &mut [config::Backend]) {
             log::warn!(
                 "backend={} data_dir {} is an ext4 without a journal: durability={} cannot make \
                  new files durable there; using syncfs with bodies flushed before they are \
-                 linked (three flushes per batch; kernel-notes/README.md)",
+                 linked (two syncfs steps per batch; kernel-notes/README.md)",
                 b.name,
                 b.data_dir.display(),
                 b.durability.as_str()

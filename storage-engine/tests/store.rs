@@ -610,8 +610,9 @@ fn orders_by_itself(l: &Listener) -> bool {
 
 /// Sends `n` PUTs of 4 KiB to one existing mailbox on `n` connections at
 /// once (bodies first, then every end marker, then the replies) and returns
-/// the deltas of (puts, batches, batch_puts, flushes, fdatasync, dir fsync, syncfs).
-fn concurrent_puts(l: &Listener, n: usize, tag: &str) -> [u64; 7] {
+/// the deltas of (puts, batches, batch_puts, flushes, fdatasync, dir fsync,
+/// syncfs, trailing flushes).
+fn concurrent_puts(l: &Listener, n: usize, tag: &str) -> [u64; 8] {
     let names = [
         "puts",
         "batches",
@@ -620,6 +621,7 @@ fn concurrent_puts(l: &Listener, n: usize, tag: &str) -> [u64; 7] {
         "flushes_fdatasync",
         "flushes_dir_fsync",
         "flushes_syncfs",
+        "flushes_trailing",
     ];
     let mut c = l.conn(0);
     // The mailbox exists before counting: no parent directory is created.
@@ -643,8 +645,8 @@ fn concurrent_puts(l: &Listener, n: usize, tag: &str) -> [u64; 7] {
         assert_eq!(c.put_reply().unwrap().links_created, 1);
     }
     let after = names.map(|s| l.stat(0, s));
-    let mut d = [0; 7];
-    for k in 0..7 {
+    let mut d = [0; 8];
+    for k in 0..8 {
         d[k] = after[k] - before[k];
     }
     assert_eq!(d[0], n as u64, "every PUT counted");
@@ -658,18 +660,19 @@ fn concurrent_puts(l: &Listener, n: usize, tag: &str) -> [u64; 7] {
     d
 }
 
-/// Ordered syncfs (an ext4 without a journal): every batch is behind three
-/// flushes (bodies, links, trailing), shared between batches when they
-/// follow each other: at most three per batch, and at least one per batch
-/// plus the first batch's body flush and the last one's trailing flush.
-fn assert_ordered_flushes(syncfs: u64, batches: u64) {
+/// Ordered syncfs (an ext4 without a journal): every batch is behind two
+/// steps (bodies, then links), each a `syncfs` and a trailing device flush,
+/// shared between batches when they follow each other: at most two steps
+/// per batch, and at least one per batch plus the first batch's body step.
+fn assert_ordered_flushes(syncfs: u64, trailing: u64, batches: u64) {
+    assert_eq!(trailing, syncfs, "a trailing flush after every syncfs");
     assert!(
-        syncfs <= 3 * batches,
-        "{syncfs} flushes for {batches} batches: more than 3 per batch"
+        syncfs <= 2 * batches,
+        "{syncfs} syncfs steps for {batches} batches: more than 2 per batch"
     );
     assert!(
-        syncfs >= batches + 2,
-        "{syncfs} flushes for {batches} batches: fewer than the order needs"
+        syncfs > batches,
+        "{syncfs} syncfs steps for {batches} batches: fewer than the order needs"
     );
 }
 
@@ -677,13 +680,19 @@ fn assert_ordered_flushes(syncfs: u64, batches: u64) {
 fn syncfs_mode_costs_one_flush_per_batch_of_concurrent_puts() {
     const N: usize = 32;
     let l = Listener::start_in(1, "", "durability = \"syncfs\"\n");
-    let [_, batches, _, flushes, fdatasync, dir_fsync, syncfs] = concurrent_puts(&l, N, "s");
+    let [_, batches, _, flushes, fdatasync, dir_fsync, syncfs, trailing] =
+        concurrent_puts(&l, N, "s");
     assert_eq!((fdatasync, dir_fsync), (0, 0), "no per-file flush");
-    assert_eq!(flushes, syncfs, "syncfs is the only flush");
+    assert_eq!(
+        flushes,
+        syncfs + trailing,
+        "syncfs and its trailing flush only"
+    );
     if orders_by_itself(&l) {
-        assert_ordered_flushes(syncfs, batches);
+        assert_ordered_flushes(syncfs, trailing, batches);
     } else {
         assert_eq!(syncfs, batches, "one syncfs per batch, not per PUT");
+        assert_eq!(trailing, 0, "a journaled file system orders its own writes");
     }
     // 32 end markers arrive while the first batch's syncfs runs: they share.
     assert!(batches < N as u64, "{N} PUTs made {batches} batches");
@@ -700,16 +709,21 @@ fn syncfs_mode_costs_one_flush_per_batch_of_concurrent_puts() {
 fn file_mode_costs_one_fdatasync_per_put_and_one_dir_fsync_per_batch() {
     const N: usize = 32;
     let l = Listener::start_in(1, "", "durability = \"file\"\n");
-    let [_, batches, _, flushes, fdatasync, dir_fsync, syncfs] = concurrent_puts(&l, N, "f");
+    let [_, batches, _, flushes, fdatasync, dir_fsync, syncfs, trailing] =
+        concurrent_puts(&l, N, "f");
     if orders_by_itself(&l) {
         // An ext4 without a journal (this machine's root): file mode cannot
         // be durable there, so the backend runs ordered syncfs instead.
         assert_eq!((fdatasync, dir_fsync), (0, 0));
-        assert_eq!(flushes, syncfs, "syncfs is the only flush");
-        assert_ordered_flushes(syncfs, batches);
+        assert_eq!(
+            flushes,
+            syncfs + trailing,
+            "syncfs and its trailing flush only"
+        );
+        assert_ordered_flushes(syncfs, trailing, batches);
         return;
     }
-    assert_eq!(syncfs, 0);
+    assert_eq!((syncfs, trailing), (0, 0));
     assert_eq!(fdatasync, N as u64, "one body fdatasync per PUT");
     assert_eq!(
         dir_fsync, batches,
