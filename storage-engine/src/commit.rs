@@ -95,12 +95,26 @@ impl<Q> Ordered<Q> {
         self.queued.is_empty() && self.covered.is_empty()
     }
 
-    /// A flush is about to start: returns up to `max` covered PUTs, to be
-    /// linked before it (in the same blocking call).
-    fn start(&mut self, max: usize) -> Vec<Q> {
-        self.flushes_started += 1;
+    /// Returns up to `max` covered PUTs, to be linked before the next flush.
+    fn take_covered(&mut self, max: usize) -> Vec<Q> {
         let n = self.covered.len().min(max);
         self.covered.drain(..n).collect()
+    }
+
+    /// A flush is about to start (the links before it are made): it covers
+    /// every body queued so far, those queued while the links were being
+    /// made included.
+    fn begin(&mut self) {
+        self.flushes_started += 1;
+    }
+
+    /// Tests: [`take_covered`](Self::take_covered), then
+    /// [`begin`](Self::begin), as if linking took no time.
+    #[cfg(test)]
+    fn start(&mut self, max: usize) -> Vec<Q> {
+        let linked = self.take_covered(max);
+        self.begin();
+        linked
     }
 
     /// Bodies queued before the flush started last: what it covers.
@@ -314,7 +328,8 @@ struct FsInner {
 ///   the flush after them ends. One batch alone costs two flushes (bodies,
 ///   then links); under load they are pipelined ([`Ordered`]): each flush
 ///   makes durable the links made just before it and covers the body of
-///   every PUT queued before it started.
+///   every PUT queued before it started, while those links were being made
+///   included.
 ///
 /// A writeback error reported by a flush fails everything the flush was to
 /// make durable or to cover, whichever backend it came from: nothing of it
@@ -445,7 +460,7 @@ impl FsInner {
         }
         let _ended = Ended(self);
         loop {
-            let (jobs, involved) = {
+            let jobs = {
                 let mut s = self.lock();
                 while s.paused || s.ordered.idle() {
                     if s.stop && s.ordered.idle() {
@@ -459,18 +474,13 @@ impl FsInner {
                     panic!("test: commit thread panics");
                 }
                 if self.flush_before_link {
-                    // Everything in the pipeline is served by this flush.
-                    let mut involved = Vec::new();
-                    s.ordered
-                        .pending()
-                        .for_each(|j| note(&mut involved, &j.shared));
-                    (s.ordered.start(BATCH_MAX), involved)
+                    s.ordered.take_covered(BATCH_MAX)
                 } else {
-                    (s.ordered.take_queued(BATCH_MAX), Vec::new())
+                    s.ordered.take_queued(BATCH_MAX)
                 }
             };
             if self.flush_before_link {
-                self.step_ordered(jobs, involved);
+                self.step_ordered(jobs);
             } else {
                 self.step_batch(jobs);
             }
@@ -521,12 +531,20 @@ impl FsInner {
         }
     }
 
-    /// Ordered mode: link what earlier flushes covered, then one flush.
-    fn step_ordered(&self, jobs: Vec<FsJob>, involved: Vec<Arc<BackendShared>>) {
+    /// Ordered mode: link what earlier flushes covered, then one flush,
+    /// which also covers every body queued until it starts.
+    fn step_ordered(&self, jobs: Vec<FsJob>) {
         // A copy made past the link limit is a new body: it gets its own
-        // fdatasync, as no earlier flush covered it. The backends of `jobs`
-        // (covered PUTs) are already among `involved`.
-        let (linked, _) = link_all(jobs, true);
+        // fdatasync, as no earlier flush covered it.
+        let (linked, mut involved) = link_all(jobs, true);
+        {
+            // Everything still in the pipeline is served by this flush too.
+            let mut s = self.lock();
+            s.ordered.begin();
+            s.ordered
+                .pending()
+                .for_each(|j| note(&mut involved, &j.shared));
+        }
         let synced = self.flush(&involved);
         let mut s = self.lock();
         let e = match synced {
@@ -816,6 +834,25 @@ mod tests {
         assert_eq!(o.start(8), vec![1], "only 1 may be linked before flush 2");
         assert_eq!(o.done(vec![10]), vec![10]);
         assert_eq!(o.start(8), vec![2]);
+        assert_eq!(o.done(vec![20]), vec![20]);
+        assert!(o.idle());
+    }
+
+    #[test]
+    fn a_put_queued_while_links_are_made_is_covered_by_the_flush_after_them() {
+        let mut o: Ordered<u32> = Ordered::new();
+        o.push(1);
+        assert!(o.start(8).is_empty());
+        assert!(o.done(Vec::<u32>::new()).is_empty());
+        assert_eq!(o.take_covered(8), vec![1]);
+        o.push(2); // while 1 is being linked, before flush 2 starts
+        o.begin();
+        assert_eq!(o.done(vec![10]), vec![10]);
+        assert_eq!(
+            o.start(8),
+            vec![2],
+            "flush 2 covered 2: linked before flush 3"
+        );
         assert_eq!(o.done(vec![20]), vec![20]);
         assert!(o.idle());
     }

@@ -26,6 +26,12 @@ fn wait_until_refused(addr: SocketAddr) {
     while Instant::now() < deadline {
         match TcpStream::connect(addr) {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+            // A handshake caught by the listener's close: not yet refused.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+                ) => {}
             Err(e) => panic!("connect {addr}: unexpected error {e}"),
             Ok(s) => drop(s),
         }
